@@ -1,0 +1,3 @@
+DROP TABLE registry_config;
+DROP TABLE registry_subject_versions;
+DROP TABLE registry_schemas;

@@ -1,0 +1,2 @@
+DROP TABLE ferrybox_dead_letters;
+DROP TABLE ferrybox_inbox;

@@ -1,0 +1,159 @@
+//! Avro payloads in the Confluent wire format, with schemas kept in a Confluent-API schema
+//! registry.
+//!
+//! Subjects use the *topic-record-name* strategy (`<topic>-<record full name>`): several event
+//! types share one topic, and each type evolves under its own subject and compatibility rules.
+
+use std::collections::BTreeMap;
+
+use apache_avro::types::Value;
+use chrono::Utc;
+use schema_registry_converter::async_impl::easy_avro::{EasyAvroDecoder, EasyAvroEncoder};
+use schema_registry_converter::async_impl::schema_registry::SrSettings;
+use schema_registry_converter::error::SRCError;
+use schema_registry_converter::schema_registry_common::{
+    SchemaType, SubjectNameStrategy, SuppliedSchema,
+};
+use serde::de::DeserializeOwned;
+
+use crate::message::{Event, MessageId, OutgoingMessage};
+
+/// Why a payload could not be encoded or decoded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CodecError {
+    /// The schema registry refused or failed a request (unknown schema id, incompatible schema,
+    /// unreachable registry, ...).
+    #[error("schema registry: {message}")]
+    Registry {
+        /// The registry client's description.
+        message: String,
+        /// Whether trying again may help (the registry was unreachable, say).
+        retryable: bool,
+    },
+    /// The value does not fit its schema, or the bytes are not Avro of the writer's schema.
+    #[error("avro: {0}")]
+    Avro(String),
+}
+
+impl CodecError {
+    /// Whether the same call may succeed later.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            CodecError::Registry {
+                retryable: true,
+                ..
+            }
+        )
+    }
+}
+
+impl From<SRCError> for CodecError {
+    fn from(e: SRCError) -> Self {
+        let message = match &e.cause {
+            Some(cause) => format!("{}: {cause}", e.error),
+            None => e.error.clone(),
+        };
+        CodecError::Registry {
+            message,
+            retryable: e.retriable,
+        }
+    }
+}
+
+/// A decoded payload: the writer's record name and the Avro value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decoded {
+    /// The writer schema's full name, when it is a named type.
+    pub name: Option<String>,
+    /// The value, as written.
+    pub value: Value,
+}
+
+impl Decoded {
+    /// Deserializes the value into a Rust type.
+    pub fn into_typed<T: DeserializeOwned>(self) -> Result<T, CodecError> {
+        apache_avro::from_value::<T>(&self.value).map_err(|e| CodecError::Avro(e.to_string()))
+    }
+}
+
+/// Encodes events and decodes payloads against a schema registry. Cheap to clone; caches
+/// schemas and ids, so only the first use of a schema talks to the registry.
+#[derive(Clone, Debug)]
+pub struct AvroCodec {
+    encoder: EasyAvroEncoder,
+    decoder: EasyAvroDecoder,
+}
+
+impl AvroCodec {
+    /// A codec for the registry at `registry_url`.
+    pub fn new(registry_url: &str) -> Self {
+        let settings = SrSettings::new(registry_url.trim_end_matches('/').to_owned());
+        Self {
+            encoder: EasyAvroEncoder::new(settings.clone()),
+            decoder: EasyAvroDecoder::new(settings),
+        }
+    }
+
+    /// The subject an event type is registered under for `topic`.
+    pub fn subject<E: Event>(topic: &str) -> String {
+        format!("{topic}-{}", E::MESSAGE_TYPE)
+    }
+
+    fn strategy<E: Event>(topic: &str) -> SubjectNameStrategy {
+        SubjectNameStrategy::TopicRecordNameStrategyWithSchema(
+            topic.to_owned(),
+            SuppliedSchema::new(
+                Some(E::MESSAGE_TYPE.to_owned()),
+                SchemaType::Avro,
+                E::SCHEMA.to_owned(),
+            ),
+        )
+    }
+
+    /// Registers `E`'s schema for `topic` (or finds it registered) and returns its id.
+    /// Producers call this at start-up, so an incompatible schema stops them there.
+    pub async fn register<E: Event>(&self, topic: &str) -> Result<u32, CodecError> {
+        let schema = self
+            .encoder
+            .get_schema_and_id(&Self::subject::<E>(topic), Self::strategy::<E>(topic))
+            .await?;
+        Ok(schema.id)
+    }
+
+    /// Encodes an event into Avro in the Confluent wire format.
+    pub async fn encode<E: Event>(&self, topic: &str, event: &E) -> Result<Vec<u8>, CodecError> {
+        Ok(self
+            .encoder
+            .encode_struct(event, &Self::strategy::<E>(topic))
+            .await?)
+    }
+
+    /// Encodes an event and wraps it in an envelope for the outbox.
+    pub async fn message<E: Event>(
+        &self,
+        topic: &str,
+        event: &E,
+    ) -> Result<OutgoingMessage, CodecError> {
+        Ok(OutgoingMessage {
+            id: MessageId::new(),
+            topic: topic.to_owned(),
+            key: event.key(),
+            message_type: E::MESSAGE_TYPE.to_owned(),
+            entity_version: event.entity_version(),
+            occurred_at: Utc::now(),
+            payload: self.encode(topic, event).await?,
+            headers: BTreeMap::new(),
+        })
+    }
+
+    /// Decodes a Confluent wire-format payload with the writer's schema from the registry.
+    pub async fn decode(&self, payload: &[u8]) -> Result<Decoded, CodecError> {
+        let decoded = self.decoder.decode(Some(payload)).await?;
+        Ok(Decoded {
+            name: decoded.name.map(|n| n.fullname(None)),
+            value: decoded.value,
+        })
+    }
+}

@@ -1,0 +1,242 @@
+//! Configuration structs shared by services built on Ferrybox.
+//!
+//! They are plain serde structs with defaults, meant to be layered by the service (file, then
+//! environment). Kafka client settings pass through as strings, so anything librdkafka
+//! understands can be set without a new release of Ferrybox. Secrets are wrapped so they never
+//! reach a log line or a `Debug` print.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Where the database is and how many connections to keep.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// A `postgres://` URL. May contain a password: it is kept secret.
+    pub url: SecretString,
+    /// The largest number of pooled connections.
+    pub max_connections: usize,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: SecretString::from("postgres://postgres@127.0.0.1:5432/postgres"),
+            max_connections: 10,
+        }
+    }
+}
+
+impl DatabaseConfig {
+    /// A config for `url` with default settings otherwise.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: SecretString::from(url.into()),
+            ..Self::default()
+        }
+    }
+
+    /// Checks the settings make sense.
+    pub fn validate(&self) -> Result<()> {
+        let url = self.url.expose_secret();
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(Error::Config(
+                "database.url must start with postgres:// or postgresql://".into(),
+            ));
+        }
+        if self.max_connections == 0 {
+            return Err(Error::Config(
+                "database.max_connections must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// How to reach Kafka. Every key in `settings` is passed to librdkafka unchanged.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers`.
+    pub bootstrap_servers: String,
+    /// Extra librdkafka settings (security, timeouts, ...), applied to every client.
+    pub settings: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            bootstrap_servers: "127.0.0.1:9092".into(),
+            settings: BTreeMap::new(),
+        }
+    }
+}
+
+impl KafkaConfig {
+    /// A config for `bootstrap_servers` with no extra settings.
+    pub fn new(bootstrap_servers: impl Into<String>) -> Self {
+        Self {
+            bootstrap_servers: bootstrap_servers.into(),
+            settings: BTreeMap::new(),
+        }
+    }
+
+    /// Checks the settings make sense.
+    pub fn validate(&self) -> Result<()> {
+        if self.bootstrap_servers.trim().is_empty() {
+            return Err(Error::Config("kafka.bootstrap_servers is empty".into()));
+        }
+        Ok(())
+    }
+
+    /// A librdkafka client config with the bootstrap servers and pass-through settings.
+    pub fn client_config(&self) -> rdkafka::ClientConfig {
+        self.client_config_with_defaults(&[])
+    }
+
+    /// Like [`KafkaConfig::client_config`], with `defaults` applied first so pass-through
+    /// settings override them.
+    pub fn client_config_with_defaults(&self, defaults: &[(&str, &str)]) -> rdkafka::ClientConfig {
+        let mut config = rdkafka::ClientConfig::new();
+        config.set("bootstrap.servers", &self.bootstrap_servers);
+        for (key, value) in defaults {
+            config.set(*key, *value);
+        }
+        for (key, value) in &self.settings {
+            config.set(key, value);
+        }
+        config
+    }
+}
+
+/// A topic a service publishes to or reads from, created at start-up when missing.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TopicConfig {
+    /// The topic's name.
+    pub name: String,
+    /// Partitions to create it with; keys map to partitions by librdkafka's default hash.
+    pub partitions: i32,
+    /// Replication factor to create it with.
+    pub replication_factor: i32,
+}
+
+impl Default for TopicConfig {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            partitions: 3,
+            replication_factor: 1,
+        }
+    }
+}
+
+impl TopicConfig {
+    /// A topic called `name` with default settings.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Checks the settings make sense.
+    pub fn validate(&self) -> Result<()> {
+        if self.name.is_empty() {
+            return Err(Error::Config("topic name is empty".into()));
+        }
+        if self.partitions < 1 || self.replication_factor < 1 {
+            return Err(Error::Config(format!(
+                "topic {}: partitions and replication_factor must be at least 1",
+                self.name
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Serde support for durations written as milliseconds.
+pub mod duration_ms {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Writes a duration as whole milliseconds.
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    /// Reads a duration from whole milliseconds.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
+}
+
+/// A bounded exponential backoff: `initial`, doubled each attempt, never above `max`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Backoff {
+    /// The first delay.
+    #[serde(with = "duration_ms", rename = "initial_ms")]
+    pub initial: Duration,
+    /// The largest delay.
+    #[serde(with = "duration_ms", rename = "max_ms")]
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Backoff {
+    /// The delay before retry number `attempt` (1 is the first retry).
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let factor = 2u32.saturating_pow(attempt.saturating_sub(1));
+        self.initial.saturating_mul(factor).min(self.max)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let b = Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_millis(1000),
+        };
+        assert_eq!(b.delay(1), Duration::from_millis(100));
+        assert_eq!(b.delay(2), Duration::from_millis(200));
+        assert_eq!(b.delay(4), Duration::from_millis(800));
+        assert_eq!(b.delay(5), Duration::from_millis(1000));
+        assert_eq!(b.delay(60), Duration::from_millis(1000));
+    }
+
+    #[test]
+    fn database_url_is_not_printed() {
+        let c = DatabaseConfig::new("postgres://app:hunter2@db/app");
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn validation_rejects_nonsense() {
+        assert!(DatabaseConfig::new("mysql://x").validate().is_err());
+        assert!(KafkaConfig::new(" ").validate().is_err());
+        assert!(TopicConfig::new("").validate().is_err());
+        let mut t = TopicConfig::new("t");
+        t.partitions = 0;
+        assert!(t.validate().is_err());
+        assert!(TopicConfig::new("t").validate().is_ok());
+    }
+}

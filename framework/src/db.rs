@@ -1,0 +1,53 @@
+//! Database access: the connection pool type and the framework's embedded migrations.
+
+use diesel_async::pooled_connection::AsyncDieselConnectionManager;
+use diesel_async::pooled_connection::deadpool::{Object, Pool};
+use diesel_async::{AsyncMigrationHarness, AsyncPgConnection};
+use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+use secrecy::ExposeSecret;
+
+use crate::config::DatabaseConfig;
+use crate::error::{Error, Result};
+
+/// The pool every Ferrybox component takes connections from.
+pub type PgPool = Pool<AsyncPgConnection>;
+
+/// A connection borrowed from a [`PgPool`].
+pub type PooledConnection = Object<AsyncPgConnection>;
+
+/// The framework's own tables (outbox, inbox, dead letters).
+pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
+
+/// Builds a pool; connections are opened lazily.
+pub fn pool(config: &DatabaseConfig) -> Result<PgPool> {
+    config.validate()?;
+    let manager =
+        AsyncDieselConnectionManager::<AsyncPgConnection>::new(config.url.expose_secret());
+    Pool::builder(manager)
+        .max_size(config.max_connections)
+        .build()
+        .map_err(|e| Error::Pool(e.to_string()))
+}
+
+/// Takes a connection from the pool.
+pub async fn connection(pool: &PgPool) -> Result<PooledConnection> {
+    pool.get().await.map_err(|e| Error::Pool(e.to_string()))
+}
+
+/// Runs `migrations` (the framework's [`MIGRATIONS`] or a service's own) that have not run yet.
+///
+/// Several sets can share a database: each migration is recorded by its version, so the sets
+/// only need distinct version names.
+pub async fn run_migrations(pool: &PgPool, migrations: EmbeddedMigrations) -> Result<()> {
+    let conn = connection(pool).await?;
+    // The harness drives diesel's synchronous migration code; keep it off the async workers.
+    tokio::task::spawn_blocking(move || {
+        let mut harness = AsyncMigrationHarness::new(conn);
+        harness
+            .run_pending_migrations(migrations)
+            .map(|_| ())
+            .map_err(|e| Error::Migration(e.to_string()))
+    })
+    .await
+    .map_err(|e| Error::Migration(e.to_string()))?
+}

@@ -1,0 +1,106 @@
+//! What a consumer implements: a [`Handler`] that applies one message inside the inbox
+//! transaction, and the [`HandlerError`] that says whether a failure is worth retrying.
+
+use std::future::Future;
+
+use apache_avro::types::Value;
+use diesel_async::AsyncPgConnection;
+use serde::de::DeserializeOwned;
+
+use crate::error::{BoxError, database_error_is_retryable};
+use crate::message::IncomingMessage;
+
+/// A message handed to a [`Handler`]: its envelope and its decoded Avro value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReceivedMessage {
+    /// Id, type, key, entity version, origin and headers.
+    pub envelope: IncomingMessage,
+    /// The payload decoded with the writer's schema.
+    pub value: Value,
+}
+
+impl ReceivedMessage {
+    /// Deserializes the payload into `T`; a mismatch is a permanent error.
+    pub fn body<T: DeserializeOwned>(&self) -> Result<T, HandlerError> {
+        apache_avro::from_value::<T>(&self.value).map_err(|e| {
+            HandlerError::permanent(format!(
+                "{} payload does not fit the consumer's type: {e}",
+                self.envelope.message_type
+            ))
+        })
+    }
+}
+
+/// Why a handler did not apply a message.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HandlerError {
+    /// Trying again later may work (a dependency is down, a lock timed out). The partition
+    /// waits and the message is retried with backoff.
+    #[error("retryable: {0}")]
+    Retryable(#[source] BoxError),
+    /// Trying again cannot work (bad data, unknown type, a bug). The message is dead-lettered
+    /// and the consumer moves on.
+    #[error("permanent: {0}")]
+    Permanent(#[source] BoxError),
+}
+
+impl HandlerError {
+    /// A failure worth retrying.
+    pub fn retryable(e: impl Into<BoxError>) -> Self {
+        Self::Retryable(e.into())
+    }
+
+    /// A failure not worth retrying.
+    pub fn permanent(e: impl Into<BoxError>) -> Self {
+        Self::Permanent(e.into())
+    }
+
+    /// Whether this failure is worth retrying.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Retryable(_))
+    }
+}
+
+impl From<diesel::result::Error> for HandlerError {
+    fn from(e: diesel::result::Error) -> Self {
+        if database_error_is_retryable(&e) {
+            Self::Retryable(e.into())
+        } else {
+            Self::Permanent(e.into())
+        }
+    }
+}
+
+/// Applies messages to the consumer's own tables.
+///
+/// `handle` runs inside the inbox transaction on `conn`: whatever it writes commits together
+/// with the message id, or not at all. It runs only for message ids the inbox has not seen.
+///
+/// ```
+/// use diesel_async::AsyncPgConnection;
+/// use ferrybox::inbox::{Handler, HandlerError, ReceivedMessage};
+///
+/// struct Audit;
+///
+/// impl Handler for Audit {
+///     async fn handle(
+///         &self,
+///         _conn: &mut AsyncPgConnection,
+///         message: &ReceivedMessage,
+///     ) -> Result<(), HandlerError> {
+///         match message.envelope.message_type.as_str() {
+///             "com.example.AccountOpened" => Ok(()),
+///             other => Err(HandlerError::permanent(format!("unknown message type {other}"))),
+///         }
+///     }
+/// }
+/// ```
+pub trait Handler: Send + Sync + 'static {
+    /// Applies one message.
+    fn handle(
+        &self,
+        conn: &mut AsyncPgConnection,
+        message: &ReceivedMessage,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send;
+}

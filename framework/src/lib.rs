@@ -1,0 +1,49 @@
+//! # Ferrybox
+//!
+//! Move data between services through Kafka with nothing lost and nothing applied twice.
+//!
+//! The pieces, in the order a message meets them:
+//!
+//! - [`message`]: the envelope. Every message has a stable [`MessageId`] (UUIDv7), a type, an
+//!   entity key and a per-entity version, and travels with CloudEvents headers. Typed messages
+//!   implement [`Event`].
+//! - [`codec`]: Avro payloads in the Confluent wire format, schemas in a Confluent-API schema
+//!   registry ([`AvroCodec`]).
+//! - [`outbox`]: the producer side. [`Outbox::enqueue`] writes the message in the caller's
+//!   business transaction; the [`Relay`] publishes committed rows with an idempotent,
+//!   `acks=all` producer and marks them published only after the broker acknowledged them.
+//! - [`inbox`]: the consumer side. An [`InboxConsumer`] deduplicates by message id, runs the
+//!   [`Handler`] in the same database transaction, and stores Kafka offsets only after that
+//!   transaction committed. Failures are retried or dead-lettered, never dropped.
+//! - [`db`], [`kafka`], [`config`], [`error`]: the plumbing: connection pool and embedded
+//!   migrations, durable Kafka clients and topic creation, layered configuration, typed errors.
+//! - [`shutdown`]: SIGTERM and Ctrl-C as a cancellation token for binaries.
+//! - `testing` (feature `test-util`): isolated databases and topics for tests against the real
+//!   PostgreSQL and broker.
+//!
+//! Every long-running piece takes a [`CancellationToken`] and drains before it returns.
+
+pub mod codec;
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod inbox;
+pub mod kafka;
+pub mod message;
+pub mod outbox;
+pub mod shutdown;
+#[cfg(feature = "test-util")]
+pub mod testing;
+
+pub use codec::AvroCodec;
+pub use config::{DatabaseConfig, KafkaConfig, TopicConfig};
+pub use error::{Error, Result};
+pub use inbox::{Handler, HandlerError, InboxConfig, InboxConsumer, ReceivedMessage};
+pub use message::{Event, IncomingMessage, MessageId, OutgoingMessage};
+pub use outbox::{Outbox, Relay, RelayConfig};
+pub use tokio_util::sync::CancellationToken;
+
+// Re-exported so services use the same versions the framework was built with.
+pub use apache_avro;
+pub use diesel;
+pub use diesel_async;

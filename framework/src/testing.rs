@@ -1,0 +1,180 @@
+//! Test helpers (feature `test-util`): a fresh database and fresh topics per test, against the
+//! real PostgreSQL and broker, and a condition-based wait.
+//!
+//! Where things are comes from the environment, with the local defaults:
+//! `FERRYBOX_TEST_DATABASE_URL` (an admin URL, default `postgres://postgres@127.0.0.1:5432/postgres`),
+//! `FERRYBOX_TEST_KAFKA` (default `127.0.0.1:9092`) and `FERRYBOX_TEST_REGISTRY`
+//! (default `http://127.0.0.1:8081`).
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use rand::Rng;
+
+use crate::config::{DatabaseConfig, KafkaConfig, TopicConfig};
+use crate::db::{self, PgPool};
+
+/// The admin database URL tests create their databases from.
+pub fn admin_database_url() -> String {
+    std::env::var("FERRYBOX_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// The broker tests use.
+pub fn kafka() -> KafkaConfig {
+    KafkaConfig::new(
+        std::env::var("FERRYBOX_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".into()),
+    )
+}
+
+/// The schema registry tests use.
+pub fn registry_url() -> String {
+    std::env::var("FERRYBOX_TEST_REGISTRY").unwrap_or_else(|_| "http://127.0.0.1:8081".into())
+}
+
+/// A short random suffix for names.
+pub fn unique(prefix: &str) -> String {
+    let n: u64 = rand::rng().random();
+    format!("{prefix}_{n:016x}")
+}
+
+/// A database of its own for one test, dropped when the value is dropped.
+#[derive(Debug)]
+pub struct TestDatabase {
+    name: String,
+    url: String,
+}
+
+impl TestDatabase {
+    /// Creates an empty database with a random name.
+    pub async fn create() -> Self {
+        let admin = admin_database_url();
+        let name = unique("fbtest");
+        let mut conn = AsyncPgConnection::establish(&admin)
+            .await
+            .unwrap_or_else(|e| panic!("cannot reach PostgreSQL at {admin}: {e}"));
+        diesel::sql_query(format!("CREATE DATABASE {name}"))
+            .execute(&mut conn)
+            .await
+            .expect("create test database");
+        let url = replace_database(&admin, &name);
+        Self { name, url }
+    }
+
+    /// Creates a database and runs the framework's migrations in it.
+    pub async fn with_framework_tables() -> (Self, PgPool) {
+        let database = Self::create().await;
+        let pool = database.pool();
+        db::run_migrations(&pool, db::MIGRATIONS)
+            .await
+            .expect("framework migrations");
+        (database, pool)
+    }
+
+    /// The database's URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// A [`DatabaseConfig`] for it.
+    pub fn config(&self) -> DatabaseConfig {
+        DatabaseConfig::new(self.url.clone())
+    }
+
+    /// A pool for it.
+    pub fn pool(&self) -> PgPool {
+        db::pool(&self.config()).expect("pool")
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let admin = admin_database_url();
+        let name = self.name.clone();
+        // Drop runs outside any async context we could use: do it on a thread of its own.
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            runtime.block_on(async {
+                let mut conn = AsyncPgConnection::establish(&admin).await.ok()?;
+                diesel::sql_query(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .execute(&mut conn)
+                    .await
+                    .ok()
+            })
+        })
+        .join();
+        if !matches!(dropped, Ok(Some(_))) {
+            eprintln!("warning: test database {} was not dropped", self.name);
+        }
+    }
+}
+
+fn replace_database(url: &str, database: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let base = match base.rfind('/') {
+        Some(i) if i > "postgres://".len() => &base[..i],
+        _ => base,
+    };
+    match query {
+        Some(q) => format!("{base}/{database}?{q}"),
+        None => format!("{base}/{database}"),
+    }
+}
+
+/// Creates a topic with a random name and `partitions` partitions on the test broker.
+pub async fn create_topic(partitions: i32) -> String {
+    let name = unique("fbtest").replace('_', "-");
+    let topic = TopicConfig {
+        name: name.clone(),
+        partitions,
+        replication_factor: 1,
+    };
+    crate::kafka::ensure_topics(&kafka(), &[topic])
+        .await
+        .expect("create test topic");
+    name
+}
+
+/// Waits until `condition` returns true, checking every 20 ms; panics with `what` after
+/// `timeout`. Tests wait on conditions like this, never on fixed sleeps.
+pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    loop {
+        if condition().await {
+            return;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::replace_database;
+
+    #[test]
+    fn database_name_is_replaced() {
+        assert_eq!(
+            replace_database("postgres://u@h:5432/postgres", "x"),
+            "postgres://u@h:5432/x"
+        );
+        assert_eq!(
+            replace_database("postgres://u@h/db?sslmode=disable", "x"),
+            "postgres://u@h/x?sslmode=disable"
+        );
+    }
+}

@@ -1,0 +1,6 @@
+//! Integration tests against the real broker, schema registry and PostgreSQL. Each test gets its
+//! own database and topic.
+
+mod inbox;
+mod outbox;
+mod support;

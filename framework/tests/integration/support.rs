@@ -1,0 +1,144 @@
+use std::time::Duration;
+
+use diesel::QueryableByName;
+use diesel::sql_types::{BigInt, Text};
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use ferrybox::testing::{self, TestDatabase};
+use ferrybox::{AvroCodec, Event, Outbox, RelayConfig};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Headers, Message};
+use serde::{Deserialize, Serialize};
+
+pub(crate) const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A small event for tests.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct ThingChanged {
+    pub(crate) thing_id: String,
+    pub(crate) version: i64,
+    pub(crate) label: String,
+}
+
+impl Event for ThingChanged {
+    const MESSAGE_TYPE: &'static str = "com.ferrybox.test.ThingChanged";
+    const SCHEMA: &'static str = r#"{"type":"record","name":"ThingChanged","namespace":"com.ferrybox.test",
+        "fields":[{"name":"thing_id","type":"string"},{"name":"version","type":"long"},{"name":"label","type":"string"}]}"#;
+    fn key(&self) -> String {
+        self.thing_id.clone()
+    }
+    fn entity_version(&self) -> i64 {
+        self.version
+    }
+}
+
+/// A database with the framework's tables and a business table `things`, a topic, a codec.
+pub(crate) struct Fixture {
+    pub(crate) db: TestDatabase,
+    pub(crate) pool: ferrybox::db::PgPool,
+    pub(crate) topic: String,
+    pub(crate) codec: AvroCodec,
+    pub(crate) outbox: Outbox,
+}
+
+impl Fixture {
+    pub(crate) async fn new(partitions: i32) -> Self {
+        let (db, pool) = TestDatabase::with_framework_tables().await;
+        let mut conn = ferrybox::db::connection(&pool).await.unwrap();
+        diesel::sql_query("CREATE TABLE things (id TEXT PRIMARY KEY, label TEXT NOT NULL)")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        diesel::sql_query(
+            "CREATE TABLE applied (message_id UUID PRIMARY KEY, thing_id TEXT NOT NULL, version BIGINT NOT NULL, seq BIGSERIAL)",
+        )
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+        let topic = testing::create_topic(partitions).await;
+        let codec = AvroCodec::new(&testing::registry_url());
+        codec.register::<ThingChanged>(&topic).await.unwrap();
+        Self {
+            db,
+            pool,
+            topic,
+            codec,
+            outbox: Outbox::new("integration-test"),
+        }
+    }
+
+    /// Commits one business change and its event.
+    pub(crate) async fn change(&self, thing_id: &str, version: i64) -> ferrybox::MessageId {
+        let event = ThingChanged {
+            thing_id: thing_id.into(),
+            version,
+            label: format!("v{version}"),
+        };
+        let message = self.codec.message(&self.topic, &event).await.unwrap();
+        let mut conn = ferrybox::db::connection(&self.pool).await.unwrap();
+        let outbox = self.outbox.clone();
+        let id = message.id;
+        conn.transaction::<_, ferrybox::Error, _>(async |tx| {
+            diesel::sql_query(
+                "INSERT INTO things (id, label) VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET label = EXCLUDED.label",
+            )
+            .bind::<Text, _>(thing_id)
+            .bind::<Text, _>(&event.label)
+            .execute(tx)
+            .await?;
+            outbox.enqueue(tx, &message).await
+        })
+        .await
+        .unwrap();
+        id
+    }
+
+    pub(crate) fn relay_config() -> RelayConfig {
+        RelayConfig {
+            poll_interval: Duration::from_millis(20),
+            ..RelayConfig::default()
+        }
+    }
+
+    pub(crate) async fn count(&self, sql: &str) -> i64 {
+        #[derive(QueryableByName)]
+        struct N {
+            #[diesel(sql_type = BigInt)]
+            n: i64,
+        }
+        let mut conn = AsyncPgConnection::establish(self.db.url()).await.unwrap();
+        diesel::sql_query(sql)
+            .get_result::<N>(&mut conn)
+            .await
+            .unwrap()
+            .n
+    }
+}
+
+/// Reads `n` records from the start of `topic` with a plain consumer: (partition, offset, ce_id).
+pub(crate) async fn read_records(topic: &str, n: usize) -> Vec<(i32, i64, String)> {
+    let consumer: StreamConsumer = testing::kafka()
+        .client_config()
+        .set("group.id", testing::unique("reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let mut out = Vec::new();
+    while out.len() < n {
+        let m = tokio::time::timeout(TIMEOUT, consumer.recv())
+            .await
+            .expect("records arrive")
+            .unwrap();
+        let id = m
+            .headers()
+            .and_then(|h| {
+                h.iter()
+                    .find(|h| h.key == "ce_id")
+                    .and_then(|h| h.value.map(|v| String::from_utf8_lossy(v).into_owned()))
+            })
+            .unwrap_or_default();
+        out.push((m.partition(), m.offset(), id));
+    }
+    out
+}
