@@ -1,1 +1,226 @@
-use crate::support::Fixture;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use diesel::sql_types::{BigInt, Text, Uuid};
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use ferrybox::inbox::{Handler, HandlerError, InboxStats, ReceivedMessage};
+use ferrybox::testing::{self, wait_until};
+use ferrybox::{CancellationToken, InboxConfig, InboxConsumer, Relay};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::support::{Fixture, TIMEOUT, ThingChanged};
+
+/// Records each applied message in `applied`; fails while `failures_left` is above zero.
+#[derive(Clone, Default)]
+struct Recorder {
+    failures_left: Arc<AtomicU32>,
+    calls: Arc<AtomicU32>,
+}
+
+impl Handler for Recorder {
+    async fn handle(
+        &self,
+        conn: &mut AsyncPgConnection,
+        message: &ReceivedMessage,
+    ) -> Result<(), HandlerError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if self
+            .failures_left
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(HandlerError::retryable("downstream unavailable"));
+        }
+        let body: ThingChanged = message.body()?;
+        diesel::sql_query(
+            "INSERT INTO applied (message_id, thing_id, version) VALUES ($1, $2, $3)",
+        )
+        .bind::<Uuid, _>(message.envelope.id.0)
+        .bind::<Text, _>(&body.thing_id)
+        .bind::<BigInt, _>(body.version)
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+}
+
+fn inbox_config(fx: &Fixture, group: &str) -> InboxConfig {
+    InboxConfig {
+        group_id: group.into(),
+        topics: vec![fx.topic.clone()],
+        backoff: ferrybox::config::Backoff {
+            initial: std::time::Duration::from_millis(20),
+            max: std::time::Duration::from_millis(200),
+        },
+        max_attempts: 1_000,
+        ..InboxConfig::default()
+    }
+}
+
+struct Running {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<ferrybox::Result<()>>,
+    stats: Arc<InboxStats>,
+}
+
+impl Running {
+    async fn stop(self) {
+        self.stop.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+fn start(fx: &Fixture, group: &str, handler: Recorder) -> Running {
+    let consumer = InboxConsumer::new(
+        fx.pool.clone(),
+        &testing::kafka(),
+        fx.codec.clone(),
+        handler,
+        inbox_config(fx, group),
+    )
+    .unwrap();
+    let stats = consumer.stats();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(consumer.run(stop.clone()));
+    Running { stop, task, stats }
+}
+
+async fn publish_all(fx: &Fixture) {
+    let relay = Relay::new(fx.db.config(), &testing::kafka(), Fixture::relay_config()).unwrap();
+    let mut conn = AsyncPgConnection::establish(fx.db.url()).await.unwrap();
+    let outcome = relay.publish_batch(&mut conn).await.unwrap();
+    assert_eq!(outcome.failed, 0);
+}
+
+/// The committed offset of partition 0 for `group`, if any.
+fn committed_offset(topic: &str, group: &str) -> Option<i64> {
+    let consumer: BaseConsumer = testing::kafka()
+        .client_config()
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, 0);
+    let committed = consumer
+        .committed_offsets(tpl, std::time::Duration::from_secs(10))
+        .unwrap();
+    match committed.find_partition(topic, 0).map(|p| p.offset()) {
+        Some(Offset::Offset(o)) => Some(o),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_delivered_twice_is_applied_once() {
+    let fx = Fixture::new(1).await;
+    fx.change("a", 1).await;
+    publish_all(&fx).await;
+    // The relay crashed after the broker's ack but before marking: the row goes out again,
+    // with the same message id.
+    let mut conn = AsyncPgConnection::establish(fx.db.url()).await.unwrap();
+    diesel::sql_query("UPDATE ferrybox_outbox SET published_at = NULL")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    publish_all(&fx).await;
+
+    let group = testing::unique("group");
+    let running = start(&fx, &group, Recorder::default());
+    wait_until(TIMEOUT, "both deliveries processed", || async {
+        let s = running.stats.snapshot();
+        s.applied + s.duplicates == 2
+    })
+    .await;
+    let stats = running.stats.snapshot();
+    running.stop().await;
+    assert_eq!((stats.applied, stats.duplicates), (1, 1));
+    assert_eq!(fx.count("SELECT count(*) AS n FROM applied").await, 1);
+    assert_eq!(
+        fx.count("SELECT count(*) AS n FROM ferrybox_inbox").await,
+        1
+    );
+    // Both offsets were stored after the commits and committed on shutdown.
+    assert_eq!(committed_offset(&fx.topic, &group), Some(2));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_handler_stores_no_offset_and_the_message_is_redelivered() {
+    let fx = Fixture::new(1).await;
+    fx.change("a", 1).await;
+    publish_all(&fx).await;
+    let group = testing::unique("group");
+
+    // A handler that keeps failing: the consumer retries, applies nothing, stores nothing.
+    let failing = Recorder {
+        failures_left: Arc::new(AtomicU32::new(u32::MAX)),
+        ..Recorder::default()
+    };
+    let running = start(&fx, &group, failing.clone());
+    wait_until(TIMEOUT, "several failed attempts", || async {
+        AtomicU32::load(&failing.calls, Ordering::SeqCst) >= 3
+    })
+    .await;
+    let stats = running.stats.snapshot();
+    running.stop().await;
+    assert_eq!(stats.applied, 0);
+    assert!(stats.retries >= 2);
+    assert_eq!(fx.count("SELECT count(*) AS n FROM applied").await, 0);
+    assert_eq!(
+        fx.count("SELECT count(*) AS n FROM ferrybox_inbox").await,
+        0,
+        "the inbox row rolled back"
+    );
+    assert_eq!(committed_offset(&fx.topic, &group), None);
+
+    // A new consumer in the same group gets the same message again and applies it once.
+    let fixed = Recorder::default();
+    let running = start(&fx, &group, fixed.clone());
+    wait_until(TIMEOUT, "redelivered message applied", || async {
+        running.stats.snapshot().applied == 1
+    })
+    .await;
+    running.stop().await;
+    assert_eq!(fx.count("SELECT count(*) AS n FROM applied").await, 1);
+    assert_eq!(committed_offset(&fx.topic, &group), Some(1));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn undecodable_messages_are_dead_lettered_and_later_ones_still_flow() {
+    let fx = Fixture::new(1).await;
+    fx.change("a", 1).await;
+    // A row whose payload is not Avro in the wire format at all.
+    let mut conn = AsyncPgConnection::establish(fx.db.url()).await.unwrap();
+    diesel::sql_query("UPDATE ferrybox_outbox SET payload = '\\xdeadbeef'::bytea")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    fx.change("b", 1).await;
+    publish_all(&fx).await;
+
+    let group = testing::unique("group");
+    let running = start(&fx, &group, Recorder::default());
+    wait_until(
+        TIMEOUT,
+        "good message applied after the bad one",
+        || async { running.stats.snapshot().applied == 1 },
+    )
+    .await;
+    let stats = running.stats.snapshot();
+    running.stop().await;
+    assert_eq!(stats.dead_lettered, 1);
+    assert_eq!(
+        fx.count(
+            "SELECT count(*) AS n FROM ferrybox_dead_letters \
+             WHERE error_kind = 'decode' AND message_key = 'a' AND payload = '\\xdeadbeef'::bytea AND kafka_offset = 0"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        fx.count("SELECT count(*) AS n FROM applied WHERE thing_id = 'b'")
+            .await,
+        1
+    );
+    assert_eq!(committed_offset(&fx.topic, &group), Some(2));
+}
