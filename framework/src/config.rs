@@ -64,7 +64,10 @@ impl DatabaseConfig {
 pub struct KafkaConfig {
     /// `bootstrap.servers`.
     pub bootstrap_servers: String,
-    /// Extra librdkafka settings (security, timeouts, ...), applied to every client.
+    /// Extra librdkafka settings (security, timeouts, ...), applied to every client. Keys may
+    /// use `_` for `.` (`message_timeout_ms`), so they can be set from the environment.
+    /// Numbers and booleans are accepted and passed on as text.
+    #[serde(deserialize_with = "scalar_map")]
     pub settings: BTreeMap<String, String>,
 }
 
@@ -108,10 +111,30 @@ impl KafkaConfig {
             config.set(*key, *value);
         }
         for (key, value) in &self.settings {
-            config.set(key, value);
+            // librdkafka names never contain '_': accept it for '.', which environment
+            // variables cannot carry (`..._KAFKA__SETTINGS__MESSAGE_TIMEOUT_MS`).
+            config.set(key.replace('_', "."), value);
         }
         config
     }
+}
+
+/// Reads a map whose values may be strings, numbers or booleans, as text.
+fn scalar_map<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, String>, D::Error> {
+    use serde::de::Error as _;
+    let raw = BTreeMap::<String, serde_json::Value>::deserialize(d)?;
+    raw.into_iter()
+        .map(|(key, value)| match value {
+            serde_json::Value::String(s) => Ok((key, s)),
+            serde_json::Value::Number(n) => Ok((key, n.to_string())),
+            serde_json::Value::Bool(b) => Ok((key, b.to_string())),
+            other => Err(D::Error::custom(format!(
+                "kafka setting {key} must be a string, number or boolean, not {other}"
+            ))),
+        })
+        .collect()
 }
 
 /// A topic a service publishes to or reads from, created at start-up when missing.
@@ -238,5 +261,89 @@ mod tests {
         t.partitions = 0;
         assert!(t.validate().is_err());
         assert!(TopicConfig::new("t").validate().is_ok());
+    }
+}
+
+/// Loads a service's settings: the struct's serde defaults, then the TOML file (when given),
+/// then environment variables named `<PREFIX>SECTION__KEY` (for example
+/// `USER_SERVICE_DATABASE__URL`).
+pub fn load<T: serde::de::DeserializeOwned>(
+    file: Option<&std::path::Path>,
+    env_prefix: &str,
+) -> Result<T> {
+    use figment::Figment;
+    use figment::providers::{Env, Format, Toml};
+    let mut figment = Figment::new();
+    if let Some(path) = file {
+        if !path.exists() {
+            return Err(Error::Config(format!(
+                "configuration file {} does not exist",
+                path.display()
+            )));
+        }
+        figment = figment.merge(Toml::file(path));
+    }
+    figment
+        .merge(Env::prefixed(env_prefix).split("__"))
+        .extract()
+        .map_err(|e| Error::Config(e.to_string()))
+}
+
+#[cfg(test)]
+mod load_tests {
+    use super::*;
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(default, deny_unknown_fields)]
+    struct Settings {
+        database: DatabaseConfig,
+        kafka: KafkaConfig,
+        name: String,
+    }
+
+    #[test]
+    fn file_then_environment_override_defaults() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "svc.toml",
+                "name = \"from-file\"\n[kafka]\nbootstrap_servers = \"file:9092\"\n",
+            )?;
+            jail.set_env("SVC_KAFKA__BOOTSTRAP_SERVERS", "env:9092");
+            jail.set_env("SVC_DATABASE__URL", "postgres://u:pw@h/db");
+            jail.set_env("SVC_KAFKA__SETTINGS__MESSAGE_TIMEOUT_MS", "1500");
+            let s: Settings =
+                load(Some(std::path::Path::new("svc.toml")), "SVC_").map_err(|e| e.to_string())?;
+            assert_eq!(s.name, "from-file");
+            assert_eq!(s.kafka.bootstrap_servers, "env:9092");
+            assert_eq!(s.database.url.expose_secret(), "postgres://u:pw@h/db");
+            assert_eq!(
+                s.kafka
+                    .settings
+                    .get("message_timeout_ms")
+                    .map(String::as_str),
+                Some("1500")
+            );
+            assert_eq!(
+                s.kafka.client_config().get("message.timeout.ms"),
+                Some("1500")
+            );
+            assert_eq!(s.database.max_connections, 10);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_missing_file_or_unknown_key_is_an_error_without_secrets() {
+        assert!(
+            load::<Settings>(Some(std::path::Path::new("/nonexistent.toml")), "NOPE_").is_err()
+        );
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("SVC2_DATABASE__URL", "postgres://u:hunter2@h/db");
+            jail.set_env("SVC2_DATABSE__URL", "typo");
+            let err = load::<Settings>(None, "SVC2_").unwrap_err().to_string();
+            assert!(err.contains("databse"), "{err}");
+            assert!(!err.contains("hunter2"), "{err}");
+            Ok(())
+        });
     }
 }

@@ -20,7 +20,11 @@ const DURABLE_PRODUCER: &[(&str, &str)] = &[("acks", "all"), ("enable.idempotenc
 /// `enable.idempotence=false`).
 pub fn durable_producer(config: &KafkaConfig) -> Result<FutureProducer> {
     for (key, required) in DURABLE_PRODUCER {
-        if let Some(value) = config.settings.get(*key) {
+        let given = config
+            .settings
+            .iter()
+            .find(|(k, _)| k.replace('_', ".") == *key);
+        if let Some((_, value)) = given {
             let ok = value == required || (*key == "acks" && value == "-1");
             if !ok {
                 return Err(Error::Config(format!(

@@ -27,11 +27,13 @@ pub mod codec;
 pub mod config;
 pub mod db;
 pub mod error;
+pub mod http;
 pub mod inbox;
 pub mod kafka;
 pub mod message;
 pub mod outbox;
 pub mod shutdown;
+pub mod telemetry;
 #[cfg(feature = "test-util")]
 pub mod testing;
 

@@ -37,6 +37,13 @@ pub mod headers {
     pub const AVRO_CONTENT_TYPE: &str = "application/avro";
 }
 
+/// The current time at the precision PostgreSQL and the headers keep (microseconds), so a
+/// time survives the round trip through the outbox unchanged.
+pub fn now() -> DateTime<Utc> {
+    use chrono::SubsecRound;
+    Utc::now().trunc_subsecs(6)
+}
+
 /// A message's identity: a UUIDv7, so ids sort roughly by creation time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -249,7 +256,7 @@ mod tests {
             key: "k1".into(),
             message_type: "com.example.Thing".into(),
             entity_version: 7,
-            occurred_at: Utc::now(),
+            occurred_at: now(),
             payload: vec![0, 0, 0, 0, 1, 2],
             headers: BTreeMap::from([("traceparent".into(), "00-abc".into())]),
         }

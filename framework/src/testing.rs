@@ -178,3 +178,92 @@ mod tests {
         );
     }
 }
+
+/// A service binary running as a child process, for tests and demos that exercise the real
+/// executable (start-up, SIGTERM handling).
+#[derive(Debug)]
+pub struct ServiceProcess {
+    child: tokio::process::Child,
+    /// The base URL the service printed on its `listening on <url>` line.
+    pub url: String,
+}
+
+impl ServiceProcess {
+    /// Starts `program` with `args` and extra environment `env`, and waits (up to `timeout`) for
+    /// it to print `listening on <url>` on stdout. Its stderr (logs) is inherited.
+    pub async fn start(
+        program: &std::path::Path,
+        args: &[&str],
+        env: &[(String, String)],
+        timeout: Duration,
+    ) -> std::io::Result<Self> {
+        use tokio::io::{AsyncBufReadExt, BufReader};
+        let mut child = tokio::process::Command::new(program)
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| std::io::Error::other("no stdout"))?;
+        let mut lines = BufReader::new(stdout).lines();
+        let found = tokio::time::timeout(timeout, async {
+            while let Some(line) = lines.next_line().await? {
+                if let Some(url) = line.strip_prefix("listening on ") {
+                    return Ok(Some(url.trim().to_owned()));
+                }
+            }
+            Ok::<_, std::io::Error>(None)
+        })
+        .await;
+        let url = match found {
+            Ok(Ok(Some(url))) => url,
+            Ok(Ok(None)) => {
+                let status = child.wait().await?;
+                return Err(std::io::Error::other(format!(
+                    "{} exited ({status}) before listening",
+                    program.display()
+                )));
+            }
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                return Err(std::io::Error::other(format!(
+                    "{} did not start within {timeout:?}",
+                    program.display()
+                )));
+            }
+        };
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(Self { child, url })
+    }
+
+    /// Sends SIGTERM and waits (up to `timeout`) for the process to exit; returns its status.
+    pub async fn terminate(
+        mut self,
+        timeout: Duration,
+    ) -> std::io::Result<std::process::ExitStatus> {
+        let pid = self
+            .child
+            .id()
+            .ok_or_else(|| std::io::Error::other("process already exited"))?;
+        let sent = tokio::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .await?;
+        if !sent.success() {
+            return Err(std::io::Error::other(format!("kill -TERM {pid} failed")));
+        }
+        match tokio::time::timeout(timeout, self.child.wait()).await {
+            Ok(status) => status,
+            Err(_) => {
+                self.child.kill().await?;
+                Err(std::io::Error::other(format!(
+                    "process {pid} ignored SIGTERM for {timeout:?}; killed"
+                )))
+            }
+        }
+    }
+}

@@ -1,1 +1,191 @@
+//! Helpers shared by the end-to-end tests and the demo: both reference services running
+//! against the real broker, registry and PostgreSQL, each with its own database and a topic of
+//! its own, and a small HTTP client for their APIs.
 
+use std::time::Duration;
+
+use ferrybox::CancellationToken;
+use ferrybox::testing::{self, TestDatabase};
+use serde_json::{Value, json};
+
+/// How long a test waits for the flow to converge before failing.
+pub const CONVERGE: Duration = Duration::from_secs(60);
+
+/// user-service and auth-service running in this process, wired to one fresh topic.
+pub struct Stack {
+    /// user-service's base URL.
+    pub user_url: String,
+    /// auth-service's base URL.
+    pub auth_url: String,
+    /// user-service's database.
+    pub user_db: TestDatabase,
+    /// auth-service's database.
+    pub auth_db: TestDatabase,
+    /// The users topic.
+    pub topic: String,
+    shutdown: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+/// user-service settings for a test: port 0, its own database, `topic`, quick polling.
+pub fn user_settings(db: &TestDatabase, topic: &str) -> user_service::Settings {
+    let mut s = user_service::Settings::default();
+    s.listen = ([127, 0, 0, 1], 0).into();
+    s.database = db.config();
+    s.kafka = testing::kafka();
+    s.schema_registry_url = testing::registry_url();
+    s.users_topic.name = topic.to_owned();
+    s.relay.poll_interval = Duration::from_millis(20);
+    s
+}
+
+/// auth-service settings for a test: port 0, its own database and consumer group, `topic`.
+pub fn auth_settings(db: &TestDatabase, topic: &str) -> auth_service::Settings {
+    let mut s = auth_service::Settings::default().with_users_topic(topic);
+    s.listen = ([127, 0, 0, 1], 0).into();
+    s.database = db.config();
+    s.kafka = testing::kafka();
+    s.schema_registry_url = testing::registry_url();
+    s.inbox.group_id = testing::unique("auth");
+    s
+}
+
+impl Stack {
+    /// Starts both services in-process.
+    pub async fn start() -> anyhow::Result<Self> {
+        let topic = testing::create_topic(3).await;
+        let user_db = TestDatabase::create().await;
+        let auth_db = TestDatabase::create().await;
+        let user = user_service::Application::build(user_settings(&user_db, &topic)).await?;
+        let auth = auth_service::Application::build(auth_settings(&auth_db, &topic)).await?;
+        let user_url = format!("http://{}", user.local_addr()?);
+        let auth_url = format!("http://{}", auth.local_addr()?);
+        let shutdown = CancellationToken::new();
+        let tasks = vec![
+            tokio::spawn(user.run(shutdown.child_token())),
+            tokio::spawn(auth.run(shutdown.child_token())),
+        ];
+        Ok(Self {
+            user_url,
+            auth_url,
+            user_db,
+            auth_db,
+            topic,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// Stops both services and waits for them to drain.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        for task in self.tasks {
+            task.await??;
+        }
+        Ok(())
+    }
+}
+
+/// A JSON HTTP client for the services' APIs.
+#[derive(Clone, Default)]
+pub struct Api {
+    http: reqwest::Client,
+}
+
+/// A response's status and JSON body (`Value::Null` when empty or not JSON).
+#[derive(Debug, Clone)]
+pub struct Reply {
+    /// HTTP status code.
+    pub status: u16,
+    /// Parsed body.
+    pub body: Value,
+}
+
+impl Reply {
+    /// The error code of a Ferrybox error body.
+    pub fn error_code(&self) -> Option<&str> {
+        self.body["error"]["code"].as_str()
+    }
+}
+
+impl Api {
+    /// Sends a request with an optional JSON body.
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        url: &str,
+        body: Option<Value>,
+        bearer: Option<&str>,
+    ) -> anyhow::Result<Reply> {
+        let mut request = self.http.request(method, url);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        if let Some(token) = bearer {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await?;
+        let status = response.status().as_u16();
+        let bytes = response.bytes().await?;
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Ok(Reply { status, body })
+    }
+
+    /// GET.
+    pub async fn get(&self, url: &str) -> anyhow::Result<Reply> {
+        self.send(reqwest::Method::GET, url, None, None).await
+    }
+
+    /// POST with a JSON body.
+    pub async fn post(&self, url: &str, body: Value) -> anyhow::Result<Reply> {
+        self.send(reqwest::Method::POST, url, Some(body), None)
+            .await
+    }
+
+    /// Registers a user; returns its JSON.
+    pub async fn register(
+        &self,
+        user_url: &str,
+        email: &str,
+        name: &str,
+        password: &str,
+    ) -> anyhow::Result<Value> {
+        let reply = self
+            .post(
+                &format!("{user_url}/users"),
+                json!({ "email": email, "name": name, "password": password }),
+            )
+            .await?;
+        anyhow::ensure!(reply.status == 201, "register {email}: {reply:?}");
+        Ok(reply.body)
+    }
+
+    /// Logs in; the reply as is.
+    pub async fn login(
+        &self,
+        auth_url: &str,
+        email: &str,
+        password: &str,
+    ) -> anyhow::Result<Reply> {
+        self.post(
+            &format!("{auth_url}/login"),
+            json!({ "email": email, "password": password }),
+        )
+        .await
+    }
+
+    /// auth-service's cached view of a user, when it has one at `version` or later.
+    pub async fn cached_version(&self, auth_url: &str, id: &str) -> anyhow::Result<Option<i64>> {
+        let reply = self.get(&format!("{auth_url}/users/{id}")).await?;
+        Ok(if reply.status == 200 {
+            reply.body["version"].as_i64()
+        } else {
+            None
+        })
+    }
+
+    /// auth-service's inbox counters.
+    pub async fn inbox_stats(&self, auth_url: &str) -> anyhow::Result<Value> {
+        Ok(self.get(&format!("{auth_url}/inbox/stats")).await?.body)
+    }
+}

@@ -7,7 +7,6 @@
 use std::collections::BTreeMap;
 
 use apache_avro::types::Value;
-use chrono::Utc;
 use schema_registry_converter::async_impl::easy_avro::{EasyAvroDecoder, EasyAvroEncoder};
 use schema_registry_converter::async_impl::schema_registry::SrSettings;
 use schema_registry_converter::error::SRCError;
@@ -142,7 +141,7 @@ impl AvroCodec {
             key: event.key(),
             message_type: E::MESSAGE_TYPE.to_owned(),
             entity_version: event.entity_version(),
-            occurred_at: Utc::now(),
+            occurred_at: crate::message::now(),
             payload: self.encode(topic, event).await?,
             headers: BTreeMap::new(),
         })

@@ -184,8 +184,8 @@ impl<H: Handler> InboxConsumer<H> {
         config.validate()?;
         if kafka
             .settings
-            .get("enable.auto.offset.store")
-            .is_some_and(|v| v != "false")
+            .iter()
+            .any(|(k, v)| k.replace('_', ".") == "enable.auto.offset.store" && v != "false")
         {
             return Err(Error::Config(
                 "enable.auto.offset.store must stay false: offsets are stored after the inbox commit"

@@ -240,10 +240,12 @@ where
         };
         let level = effective_level(tx, subject).await?;
         check(level, &existing)?;
+        // DO UPDATE (not DO NOTHING) so the row comes back even when a concurrent
+        // registration of the same text under another subject inserted it first.
         let id: Num = diesel::sql_query(
-            "WITH ins AS (INSERT INTO registry_schemas (schema, schema_type) VALUES ($1, $2) \
-                          ON CONFLICT (schema) DO NOTHING RETURNING id) \
-             SELECT id AS n FROM ins UNION ALL SELECT id AS n FROM registry_schemas WHERE schema = $1 LIMIT 1",
+            "INSERT INTO registry_schemas (schema, schema_type) VALUES ($1, $2) \
+             ON CONFLICT (md5(schema)) DO UPDATE SET schema_type = EXCLUDED.schema_type \
+             RETURNING id AS n",
         )
         .bind::<Text, _>(schema)
         .bind::<Text, _>(schema_type)

@@ -2,8 +2,10 @@
 CREATE TABLE registry_schemas (
     id          SERIAL PRIMARY KEY,
     schema_type TEXT NOT NULL DEFAULT 'AVRO',
-    schema      TEXT NOT NULL UNIQUE
+    schema      TEXT NOT NULL
 );
+-- A unique index on the text itself would fail for schemas over a few kilobytes.
+CREATE UNIQUE INDEX registry_schemas_text ON registry_schemas (md5(schema));
 
 CREATE TABLE registry_subject_versions (
     subject    TEXT    NOT NULL,

@@ -1,0 +1,85 @@
+//! auth-service settings: defaults, then a TOML file, then `AUTH_SERVICE_*` variables.
+
+use std::net::SocketAddr;
+
+use ferrybox::{DatabaseConfig, InboxConfig, KafkaConfig, TopicConfig};
+use serde::Deserialize;
+
+/// Everything auth-service can be configured with.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// HTTP listen address.
+    pub listen: SocketAddr,
+    /// The service's own database (cache, sessions, inbox).
+    pub database: DatabaseConfig,
+    /// The Kafka cluster.
+    pub kafka: KafkaConfig,
+    /// A Confluent-API schema registry.
+    pub schema_registry_url: String,
+    /// The topic user events come from.
+    pub users_topic: TopicConfig,
+    /// The inbox consumer; its topics are always `users_topic`.
+    pub inbox: InboxConfig,
+    /// How long a login session lasts, in seconds.
+    pub session_ttl_secs: i64,
+    /// Log JSON lines instead of text.
+    pub log_json: bool,
+    /// Largest request body accepted, in bytes.
+    pub max_body_bytes: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8082)),
+            database: DatabaseConfig::new("postgres://postgres@127.0.0.1:5432/auth_service"),
+            kafka: KafkaConfig::default(),
+            schema_registry_url: "http://127.0.0.1:8081".into(),
+            users_topic: TopicConfig::new("users"),
+            inbox: InboxConfig {
+                group_id: "auth-service".into(),
+                ..InboxConfig::default()
+            },
+            session_ttl_secs: 3600,
+            log_json: false,
+            max_body_bytes: 16 * 1024,
+        }
+    }
+}
+
+impl Settings {
+    /// Loads settings from `file` (optional) and the environment.
+    pub fn load(file: Option<&std::path::Path>) -> ferrybox::Result<Self> {
+        let mut settings: Self = ferrybox::config::load(file, "AUTH_SERVICE_")?;
+        settings.inbox.topics = vec![settings.users_topic.name.clone()];
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks every section.
+    pub fn validate(&self) -> ferrybox::Result<()> {
+        self.database.validate()?;
+        self.kafka.validate()?;
+        self.users_topic.validate()?;
+        self.inbox.validate()?;
+        if self.inbox.topics != [self.users_topic.name.clone()] {
+            return Err(ferrybox::Error::Config(
+                "inbox.topics must be the users topic".into(),
+            ));
+        }
+        if self.session_ttl_secs < 60 {
+            return Err(ferrybox::Error::Config(
+                "session_ttl_secs must be at least 60".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The same settings reading `topic` (used by tests and the demo).
+    pub fn with_users_topic(mut self, topic: &str) -> Self {
+        self.users_topic.name = topic.to_owned();
+        self.inbox.topics = vec![topic.to_owned()];
+        self
+    }
+}

@@ -1,0 +1,117 @@
+//! The HTTP API.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use axum::routing::{get, post};
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel_async::RunQueryDsl;
+use ferrybox::http::{ApiError, Json};
+use ferrybox::inbox::{InboxStats, InboxStatsSnapshot};
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::login::{self, Credentials, Session, SessionInfo};
+use crate::schema::cached_users;
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    /// The service's database.
+    pub pool: ferrybox::db::PgPool,
+    /// The inbox consumer's counters.
+    pub stats: Arc<InboxStats>,
+    /// Session lifetime.
+    pub session_ttl: chrono::Duration,
+}
+
+/// The service's routes.
+pub fn router(state: AppState, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route("/login", post(login))
+        .route("/session", get(session))
+        .route("/users/{id}", get(cached_user))
+        .route("/inbox/stats", get(inbox_stats))
+        .route("/health", get(|| async { "ok" }))
+        .fallback(ferrybox::http::not_found_fallback)
+        .layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))
+        .with_state(state)
+}
+
+async fn login(
+    State(state): State<AppState>,
+    Json(credentials): Json<Credentials>,
+) -> Result<Json<Session>, ApiError> {
+    Ok(Json(
+        login::login(&state.pool, credentials, state.session_ttl).await?,
+    ))
+}
+
+async fn session(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<SessionInfo>, ApiError> {
+    let token = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| {
+            ApiError::new(
+                axum::http::StatusCode::UNAUTHORIZED,
+                "missing_token",
+                "send Authorization: Bearer <token>",
+            )
+        })?;
+    Ok(Json(login::session(&state.pool, token.trim()).await?))
+}
+
+/// A cached user as this service sees it.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, Queryable)]
+pub struct CachedUser {
+    /// The user's id.
+    pub id: Uuid,
+    /// Email address.
+    pub email: Option<String>,
+    /// Display name.
+    pub name: Option<String>,
+    /// `active` or `suspended`.
+    pub status: String,
+    /// The version of the last event applied.
+    pub version: i64,
+    /// When the cache last changed.
+    pub updated_at: DateTime<Utc>,
+}
+
+async fn cached_user(
+    State(state): State<AppState>,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Json<CachedUser>, ApiError> {
+    let Path(raw) = id.map_err(|e| ApiError::invalid("invalid_id", e.body_text()))?;
+    let not_found = || ApiError::not_found(format!("no cached user {raw}"));
+    let id = Uuid::parse_str(&raw).map_err(|_| not_found())?;
+    let mut conn = ferrybox::db::connection(&state.pool).await?;
+    let user: Option<CachedUser> = cached_users::table
+        .find(id)
+        .filter(cached_users::status.ne("deleted"))
+        .select((
+            cached_users::id,
+            cached_users::email,
+            cached_users::name,
+            cached_users::status,
+            cached_users::version,
+            cached_users::updated_at,
+        ))
+        .first(&mut conn)
+        .await
+        .optional()
+        .map_err(ferrybox::Error::from)?;
+    user.map(Json).ok_or_else(not_found)
+}
+
+async fn inbox_stats(State(state): State<AppState>) -> Json<InboxStatsSnapshot> {
+    Json(state.stats.snapshot())
+}

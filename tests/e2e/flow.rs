@@ -1,0 +1,173 @@
+use ferrybox::testing::wait_until;
+use ferrybox_e2e::{Api, CONVERGE, Stack};
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn user_changes_flow_to_the_auth_cache_and_logins_follow_them() {
+    let stack = Stack::start().await.unwrap();
+    let api = Api::default();
+    let (user, auth) = (stack.user_url.clone(), stack.auth_url.clone());
+
+    let ada = api
+        .register(&user, "ada@example.com", "Ada", "analytical-engine")
+        .await
+        .unwrap();
+    let bob = api
+        .register(&user, "bob@example.com", "Bob", "bobs-password")
+        .await
+        .unwrap();
+    let cyd = api
+        .register(&user, "cyd@example.com", "Cyd", "cyds-password")
+        .await
+        .unwrap();
+    let (ada_id, bob_id, cyd_id) = (
+        ada["id"].as_str().unwrap(),
+        bob["id"].as_str().unwrap(),
+        cyd["id"].as_str().unwrap(),
+    );
+
+    // Update Ada's name and password.
+    let updated = api
+        .send(
+            reqwest::Method::PATCH,
+            &format!("{user}/users/{ada_id}"),
+            Some(json!({ "name": "Ada L.", "password": "difference-engine" })),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (updated.status, updated.body["version"].as_i64()),
+        (200, Some(2))
+    );
+
+    // Bob logs in once his registration reached auth-service.
+    wait_until(CONVERGE, "bob cached", || async {
+        api.cached_version(&auth, bob_id).await.unwrap() == Some(1)
+    })
+    .await;
+    let login = api
+        .login(&auth, "bob@example.com", "bobs-password")
+        .await
+        .unwrap();
+    assert_eq!(login.status, 200, "{login:?}");
+    let token = login.body["token"].as_str().unwrap().to_owned();
+    let session = api
+        .send(
+            reqwest::Method::GET,
+            &format!("{auth}/session"),
+            None,
+            Some(&token),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (session.status, session.body["user_id"].as_str()),
+        (200, Some(bob_id))
+    );
+
+    // Suspend Bob: his login is refused and his token stops working once the event is applied.
+    let suspended = api
+        .post(
+            &format!("{user}/users/{bob_id}/suspend"),
+            json!({ "reason": "testing" }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (suspended.status, suspended.body["status"].as_str()),
+        (200, Some("suspended"))
+    );
+    wait_until(CONVERGE, "bob suspended in cache", || async {
+        api.cached_version(&auth, bob_id).await.unwrap() == Some(2)
+    })
+    .await;
+    let refused = api
+        .login(&auth, "bob@example.com", "bobs-password")
+        .await
+        .unwrap();
+    assert_eq!(
+        (refused.status, refused.error_code()),
+        (401, Some("invalid_credentials"))
+    );
+    let revoked = api
+        .send(
+            reqwest::Method::GET,
+            &format!("{auth}/session"),
+            None,
+            Some(&token),
+        )
+        .await
+        .unwrap();
+    assert_eq!(revoked.status, 401);
+
+    // Delete Cyd: gone from both services.
+    let deleted = api
+        .send(
+            reqwest::Method::DELETE,
+            &format!("{user}/users/{cyd_id}"),
+            None,
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(deleted.status, 204);
+    assert_eq!(
+        api.get(&format!("{user}/users/{cyd_id}"))
+            .await
+            .unwrap()
+            .status,
+        404
+    );
+    wait_until(CONVERGE, "cyd deleted from cache", || async {
+        api.cached_version(&auth, cyd_id).await.unwrap().is_none()
+    })
+    .await;
+    assert_eq!(
+        api.login(&auth, "cyd@example.com", "cyds-password")
+            .await
+            .unwrap()
+            .status,
+        401
+    );
+
+    // Ada's new password works and the old one does not.
+    wait_until(CONVERGE, "ada updated in cache", || async {
+        api.cached_version(&auth, ada_id).await.unwrap() == Some(2)
+    })
+    .await;
+    let cached = api.get(&format!("{auth}/users/{ada_id}")).await.unwrap();
+    assert_eq!(
+        (cached.body["name"].as_str(), cached.body["status"].as_str()),
+        (Some("Ada L."), Some("active"))
+    );
+    assert_eq!(
+        api.login(&auth, "ada@example.com", "difference-engine")
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+    assert_eq!(
+        api.login(&auth, "ada@example.com", "analytical-engine")
+            .await
+            .unwrap()
+            .status,
+        401
+    );
+
+    // Six events (three registrations, an update, a suspension, a deletion), each applied once.
+    wait_until(CONVERGE, "all six events applied", || async {
+        api.inbox_stats(&auth).await.unwrap()["applied"] == json!(6)
+    })
+    .await;
+    let stats = api.inbox_stats(&auth).await.unwrap();
+    assert_eq!(
+        (
+            stats["duplicates"].as_u64(),
+            stats["dead_lettered"].as_u64()
+        ),
+        (Some(0), Some(0))
+    );
+    stack.stop().await.unwrap();
+}

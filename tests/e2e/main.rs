@@ -1,0 +1,5 @@
+//! End-to-end tests: both reference services against the real broker, schema registry and
+//! PostgreSQL, driven through their HTTP APIs.
+
+mod bad_input;
+mod flow;

@@ -1,0 +1,66 @@
+//! user-service settings: defaults, then a TOML file, then `USER_SERVICE_*` variables.
+
+use std::net::SocketAddr;
+
+use ferrybox::{DatabaseConfig, KafkaConfig, RelayConfig, TopicConfig};
+use serde::Deserialize;
+
+/// Everything user-service can be configured with.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// HTTP listen address.
+    pub listen: SocketAddr,
+    /// The service's own database (users and the outbox).
+    pub database: DatabaseConfig,
+    /// The Kafka cluster.
+    pub kafka: KafkaConfig,
+    /// A Confluent-API schema registry.
+    pub schema_registry_url: String,
+    /// The topic user events go to.
+    pub users_topic: TopicConfig,
+    /// How the relay batches and waits.
+    pub relay: RelayConfig,
+    /// Log JSON lines instead of text.
+    pub log_json: bool,
+    /// Largest request body accepted, in bytes.
+    pub max_body_bytes: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            database: DatabaseConfig::new("postgres://postgres@127.0.0.1:5432/user_service"),
+            kafka: KafkaConfig::default(),
+            schema_registry_url: "http://127.0.0.1:8081".into(),
+            users_topic: TopicConfig::new("users"),
+            relay: RelayConfig::default(),
+            log_json: false,
+            max_body_bytes: 16 * 1024,
+        }
+    }
+}
+
+impl Settings {
+    /// Loads settings from `file` (optional) and the environment.
+    pub fn load(file: Option<&std::path::Path>) -> ferrybox::Result<Self> {
+        let settings: Self = ferrybox::config::load(file, "USER_SERVICE_")?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks every section.
+    pub fn validate(&self) -> ferrybox::Result<()> {
+        self.database.validate()?;
+        self.kafka.validate()?;
+        self.users_topic.validate()?;
+        self.relay.validate()?;
+        if self.schema_registry_url.is_empty() {
+            return Err(ferrybox::Error::Config(
+                "schema_registry_url is empty".into(),
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,139 @@
+//! The events user-service publishes, each tied to its schema file in `schemas/`.
+
+use ferrybox::Event;
+use serde::{Deserialize, Serialize};
+
+macro_rules! user_event {
+    ($ty:ident, $file:literal) => {
+        impl Event for $ty {
+            const MESSAGE_TYPE: &'static str = concat!("com.ferrybox.user.", stringify!($ty));
+            const SCHEMA: &'static str = include_str!(concat!(
+                "../../schemas/users/com.ferrybox.user.",
+                stringify!($ty),
+                "/",
+                $file
+            ));
+            fn key(&self) -> String {
+                self.user_id.clone()
+            }
+            fn entity_version(&self) -> i64 {
+                self.version
+            }
+        }
+    };
+}
+
+/// A user account was created.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserRegistered {
+    /// The user's id.
+    pub user_id: String,
+    /// The account's version (1).
+    pub version: i64,
+    /// Email address.
+    pub email: String,
+    /// Display name.
+    pub name: String,
+    /// Argon2id PHC string.
+    pub password_hash: String,
+}
+user_event!(UserRegistered, "v1.avsc");
+
+/// A user's details changed; carries the full state after the change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserUpdated {
+    /// The user's id.
+    pub user_id: String,
+    /// The account's version after the change.
+    pub version: i64,
+    /// Email address.
+    pub email: String,
+    /// Display name.
+    pub name: String,
+    /// Argon2id PHC string.
+    pub password_hash: String,
+    /// `active` or `suspended`.
+    pub status: String,
+}
+user_event!(UserUpdated, "v1.avsc");
+
+/// A user was suspended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserSuspended {
+    /// The user's id.
+    pub user_id: String,
+    /// The account's version after the change.
+    pub version: i64,
+    /// Why, when given.
+    pub reason: Option<String>,
+}
+user_event!(UserSuspended, "v1.avsc");
+
+/// A user was deleted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserDeleted {
+    /// The user's id.
+    pub user_id: String,
+    /// The account's version after the change.
+    pub version: i64,
+}
+user_event!(UserDeleted, "v1.avsc");
+
+#[cfg(test)]
+mod tests {
+    use apache_avro::Schema;
+    use ferrybox::apache_avro;
+
+    use super::*;
+
+    /// Each Rust type round-trips through its schema file, and the schema's record name is the
+    /// message type: the two cannot drift apart unnoticed.
+    fn round_trip<E: Event + PartialEq + std::fmt::Debug>(event: &E) {
+        let schema = Schema::parse_str(E::SCHEMA).expect("schema parses");
+        match &schema {
+            Schema::Record(r) => assert_eq!(r.name.fullname(None), E::MESSAGE_TYPE),
+            other => panic!("{} is not a record: {other:?}", E::MESSAGE_TYPE),
+        }
+        let value = apache_avro::to_value(event)
+            .unwrap()
+            .resolve(&schema)
+            .expect("value fits schema");
+        let bytes = apache_avro::to_avro_datum(&schema, value).unwrap();
+        let back = apache_avro::from_avro_datum(&schema, &mut bytes.as_slice(), None).unwrap();
+        assert_eq!(&apache_avro::from_value::<E>(&back).unwrap(), event);
+    }
+
+    #[test]
+    fn events_round_trip_through_their_schemas() {
+        let id = "0193a0b4-0000-7000-8000-000000000001".to_owned();
+        round_trip(&UserRegistered {
+            user_id: id.clone(),
+            version: 1,
+            email: "a@example.com".into(),
+            name: "A".into(),
+            password_hash: "$argon2id$...".into(),
+        });
+        round_trip(&UserUpdated {
+            user_id: id.clone(),
+            version: 2,
+            email: "b@example.com".into(),
+            name: "B".into(),
+            password_hash: "$argon2id$...".into(),
+            status: "active".into(),
+        });
+        round_trip(&UserSuspended {
+            user_id: id.clone(),
+            version: 3,
+            reason: Some("abuse".into()),
+        });
+        round_trip(&UserSuspended {
+            user_id: id.clone(),
+            version: 3,
+            reason: None,
+        });
+        round_trip(&UserDeleted {
+            user_id: id,
+            version: 4,
+        });
+    }
+}

@@ -1,0 +1,73 @@
+//! The HTTP API.
+
+use axum::Router;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use ferrybox::http::{ApiError, Json};
+use uuid::Uuid;
+
+use crate::users::{NewUser, Suspension, User, UserPatch, Users};
+
+/// The service's routes.
+pub fn router(users: Users, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route("/users", post(register))
+        .route("/users/{id}", get(get_user).patch(update).delete(delete))
+        .route("/users/{id}/suspend", post(suspend))
+        .route("/health", get(|| async { "ok" }))
+        .fallback(ferrybox::http::not_found_fallback)
+        .layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))
+        .with_state(users)
+}
+
+fn user_id(path: Result<Path<String>, PathRejection>) -> Result<Uuid, ApiError> {
+    let Path(raw) = path.map_err(|e| ApiError::invalid("invalid_id", e.body_text()))?;
+    Uuid::parse_str(&raw).map_err(|_| ApiError::not_found(format!("no user {raw}")))
+}
+
+async fn register(
+    State(users): State<Users>,
+    Json(input): Json<NewUser>,
+) -> Result<(StatusCode, Json<User>), ApiError> {
+    Ok((StatusCode::CREATED, Json(users.register(input).await?)))
+}
+
+async fn get_user(
+    State(users): State<Users>,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Json<User>, ApiError> {
+    Ok(Json(users.get(user_id(id)?).await?))
+}
+
+async fn update(
+    State(users): State<Users>,
+    id: Result<Path<String>, PathRejection>,
+    Json(patch): Json<UserPatch>,
+) -> Result<Json<User>, ApiError> {
+    Ok(Json(users.update(user_id(id)?, patch).await?))
+}
+
+/// The body is optional: an empty one means no reason given.
+async fn suspend(
+    State(users): State<Users>,
+    id: Result<Path<String>, PathRejection>,
+    body: axum::body::Bytes,
+) -> Result<Json<User>, ApiError> {
+    let suspension: Suspension = if body.iter().all(u8::is_ascii_whitespace) {
+        Suspension::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", e.to_string()))?
+    };
+    Ok(Json(users.suspend(user_id(id)?, suspension).await?))
+}
+
+async fn delete(
+    State(users): State<Users>,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<StatusCode, ApiError> {
+    users.delete(user_id(id)?).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

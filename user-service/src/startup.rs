@@ -1,0 +1,107 @@
+//! Building and running the service: migrations, topic, schemas, relay and HTTP server.
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use ferrybox::{AvroCodec, CancellationToken, Outbox, Relay, db};
+use tokio::net::TcpListener;
+
+use crate::config::Settings;
+use crate::events::{UserDeleted, UserRegistered, UserSuspended, UserUpdated};
+use crate::users::Users;
+
+/// The service's own tables.
+pub const MIGRATIONS: diesel_migrations::EmbeddedMigrations =
+    diesel_migrations::embed_migrations!("migrations");
+
+/// The CloudEvents source of every message this service publishes.
+pub const SOURCE: &str = "user-service";
+
+/// A built service, bound to its port, ready to run.
+pub struct Application {
+    listener: TcpListener,
+    users: Users,
+    relay: Relay,
+    settings: Settings,
+}
+
+/// Creates the service's tables and the framework's (outbox) in its database.
+pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
+    let pool = db::pool(&settings.database)?;
+    db::run_migrations(&pool, db::MIGRATIONS)
+        .await
+        .context("framework migrations")?;
+    db::run_migrations(&pool, MIGRATIONS)
+        .await
+        .context("user-service migrations")?;
+    Ok(())
+}
+
+impl Application {
+    /// Migrates the database, makes sure the topic exists, registers the event schemas (an
+    /// incompatible one stops start-up here) and binds the listener.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        settings.validate()?;
+        migrate(&settings).await?;
+        ferrybox::kafka::ensure_topics(
+            &settings.kafka,
+            std::slice::from_ref(&settings.users_topic),
+        )
+        .await
+        .context("users topic")?;
+        let codec = AvroCodec::new(&settings.schema_registry_url);
+        let topic = settings.users_topic.name.clone();
+        for registered in [
+            codec.register::<UserRegistered>(&topic).await,
+            codec.register::<UserUpdated>(&topic).await,
+            codec.register::<UserSuspended>(&topic).await,
+            codec.register::<UserDeleted>(&topic).await,
+        ] {
+            registered.context("registering event schemas with the schema registry")?;
+        }
+        let users = Users {
+            pool: db::pool(&settings.database)?,
+            outbox: Outbox::new(SOURCE),
+            codec,
+            topic,
+        };
+        let relay = Relay::new(
+            settings.database.clone(),
+            &settings.kafka,
+            settings.relay.clone(),
+        )?;
+        let listener = TcpListener::bind(settings.listen)
+            .await
+            .with_context(|| format!("bind {}", settings.listen))?;
+        Ok(Self {
+            listener,
+            users,
+            relay,
+            settings,
+        })
+    }
+
+    /// The address the HTTP server listens on.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves HTTP and runs the relay until `shutdown`, then drains both.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let relay = self.relay;
+        let relay_shutdown = shutdown.child_token();
+        let relay_task = tokio::spawn(async move { relay.run(relay_shutdown).await });
+        let app = crate::routes::router(self.users, self.settings.max_body_bytes);
+        let http = axum::serve(self.listener, app).with_graceful_shutdown({
+            let shutdown = shutdown.clone();
+            async move { shutdown.cancelled().await }
+        });
+        let served = http.await;
+        // However the server ended, stop and drain the relay.
+        shutdown.cancel();
+        let relayed = relay_task.await.context("relay task")?;
+        served.context("http server")?;
+        relayed.context("relay")?;
+        Ok(())
+    }
+}
