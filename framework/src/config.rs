@@ -290,6 +290,8 @@ pub fn load<T: serde::de::DeserializeOwned>(
 }
 
 #[cfg(test)]
+// figment's Jail closures return figment's (large) error type.
+#[allow(clippy::result_large_err)]
 mod load_tests {
     use super::*;
 

@@ -29,14 +29,22 @@ pub struct Stack {
 
 /// user-service settings for a test: port 0, its own database, `topic`, quick polling.
 pub fn user_settings(db: &TestDatabase, topic: &str) -> user_service::Settings {
-    let mut s = user_service::Settings::default();
-    s.listen = ([127, 0, 0, 1], 0).into();
-    s.database = db.config();
-    s.kafka = testing::kafka();
-    s.schema_registry_url = testing::registry_url();
-    s.users_topic.name = topic.to_owned();
-    s.relay.poll_interval = Duration::from_millis(20);
-    s
+    let defaults = user_service::Settings::default();
+    user_service::Settings {
+        listen: ([127, 0, 0, 1], 0).into(),
+        database: db.config(),
+        kafka: testing::kafka(),
+        schema_registry_url: testing::registry_url(),
+        users_topic: ferrybox::TopicConfig {
+            name: topic.to_owned(),
+            ..defaults.users_topic
+        },
+        relay: ferrybox::RelayConfig {
+            poll_interval: Duration::from_millis(20),
+            ..defaults.relay
+        },
+        ..defaults
+    }
 }
 
 /// auth-service settings for a test: port 0, its own database and consumer group, `topic`.

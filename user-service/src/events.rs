@@ -98,8 +98,14 @@ mod tests {
             .unwrap()
             .resolve(&schema)
             .expect("value fits schema");
-        let bytes = apache_avro::to_avro_datum(&schema, value).unwrap();
-        let back = apache_avro::from_avro_datum(&schema, &mut bytes.as_slice(), None).unwrap();
+        let writer = apache_avro::writer::datum::GenericDatumWriter::builder(&schema)
+            .build()
+            .unwrap();
+        let bytes = writer.write_value_to_vec(value).unwrap();
+        let reader = apache_avro::reader::datum::GenericDatumReader::builder(&schema)
+            .build()
+            .unwrap();
+        let back = reader.read_value(&mut bytes.as_slice()).unwrap();
         assert_eq!(&apache_avro::from_value::<E>(&back).unwrap(), event);
     }
 

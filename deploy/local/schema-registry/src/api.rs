@@ -105,8 +105,10 @@ fn parse_body(body: &Bytes) -> Result<Submitted, ApiError> {
             format!("Unprocessable entity: {e}"),
         )
     })?;
-    if let Some(t) = body.schema_type.as_deref() {
-        if !t.eq_ignore_ascii_case("AVRO") {
+    if let Some(t) = body.schema_type.as_deref()
+        && !t.eq_ignore_ascii_case("AVRO")
+    {
+        {
             return Err(ApiError::invalid_schema(format!(
                 "schema type {t} is not supported here; only AVRO"
             )));

@@ -51,15 +51,19 @@ impl Level {
     /// Why `new` may not follow `existing` under this level; empty when it may.
     pub fn violations(self, new: &Schema, existing: &Schema, existing_version: i32) -> Vec<String> {
         let mut out = Vec::new();
-        if self.backward() {
-            if let Err(e) = can_read(existing, new) {
+        if self.backward()
+            && let Err(e) = can_read(existing, new)
+        {
+            {
                 out.push(format!(
                     "new schema cannot read data written with version {existing_version}: {e}"
                 ));
             }
         }
-        if self.forward() {
-            if let Err(e) = can_read(new, existing) {
+        if self.forward()
+            && let Err(e) = can_read(new, existing)
+        {
+            {
                 out.push(format!(
                     "version {existing_version} cannot read data written with the new schema: {e}"
                 ));

@@ -1,0 +1,163 @@
+#!/usr/bin/env bash
+# Local infrastructure without containers: PostgreSQL, the tansu broker and the workspace's
+# schema registry. Idempotent: every command is safe to run twice.
+#
+#   infra.sh up        start whatever is not running (installing tansu if missing)
+#   infra.sh down      stop what this script started
+#   infra.sh status    show what is running
+#   infra.sh run CMD   bring everything up, run CMD, then stop only what this call started
+#
+# Logs and data live in deploy/local/data/ (ignored by git).
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(cd "$HERE/../.." && pwd)"
+DATA="${FERRYBOX_DATA:-$HERE/data}"
+PG_HOST=127.0.0.1
+PG_PORT=5432
+KAFKA_PORT=9092
+REGISTRY_PORT=8081
+TANSU_VERSION=0.6.0
+export PATH="$HOME/.cargo/bin:$PATH"
+
+mkdir -p "$DATA"
+log() { printf '[infra] %s\n' "$*" >&2; }
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+wait_for() { # wait_for <what> <seconds> <command...>
+    local what=$1 seconds=$2; shift 2
+    local deadline=$((SECONDS + seconds))
+    until "$@"; do
+        if ((SECONDS >= deadline)); then
+            log "$what not ready after ${seconds}s"
+            return 1
+        fi
+        sleep 0.2
+    done
+}
+
+pid_alive() { [[ -f "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+# --- PostgreSQL -----------------------------------------------------------------------------
+
+pg_ready() { pg_isready -q -h "$PG_HOST" -p "$PG_PORT"; }
+
+postgres_up() {
+    if pg_ready; then return 0; fi
+    log "starting PostgreSQL"
+    local version
+    version="$(ls /etc/postgresql 2>/dev/null | sort -V | tail -n1)"
+    if [[ -z "$version" ]]; then
+        log "PostgreSQL is not running on $PG_HOST:$PG_PORT and no local cluster was found"
+        return 1
+    fi
+    pg_ctlcluster --skip-systemctl-redirect "$version" main start
+    wait_for PostgreSQL 60 pg_ready
+}
+
+psql_admin() { psql -v ON_ERROR_STOP=1 -qtA -h "$PG_HOST" -p "$PG_PORT" -U postgres -d postgres "$@"; }
+
+ensure_database() {
+    if [[ -z "$(psql_admin -c "SELECT 1 FROM pg_database WHERE datname = '$1'")" ]]; then
+        log "creating database $1"
+        psql_admin -c "CREATE DATABASE \"$1\""
+    fi
+}
+
+# --- tansu (Kafka-protocol broker) -------------------------------------------------------
+
+tansu_installed() {
+    command -v tansu >/dev/null && tansu --version 2>/dev/null | grep -q "$TANSU_VERSION"
+}
+
+tansu_up() {
+    if port_open "$KAFKA_PORT"; then return 0; fi
+    if ! tansu_installed; then
+        log "installing tansu $TANSU_VERSION (once per machine, several minutes)"
+        cargo install tansu --version "$TANSU_VERSION" --locked --features libsql,dynostore
+    fi
+    log "starting tansu on 127.0.0.1:$KAFKA_PORT"
+    # sqlite:// paths are relative to the working directory: run it from the data folder.
+    (cd "$DATA"; exec nohup tansu broker \
+        --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+        --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+        --storage-engine "sqlite://tansu.db" \
+        >"$DATA/tansu.log" 2>&1) &
+    echo $! >"$DATA/tansu.pid"
+    wait_for tansu 60 port_open "$KAFKA_PORT"
+}
+
+# --- schema registry ----------------------------------------------------------------------
+
+registry_ready() { curl -fsS "http://127.0.0.1:$REGISTRY_PORT/subjects" >/dev/null 2>&1; }
+
+registry_up() {
+    if registry_ready; then return 0; fi
+    ensure_database ferrybox_registry
+    log "building and starting the schema registry on 127.0.0.1:$REGISTRY_PORT"
+    (cd "$ROOT" && cargo build --quiet -p schema-registry --bin ferrybox-schema-registry)
+    local target="${CARGO_TARGET_DIR:-$ROOT/target}"
+    REGISTRY_LISTEN="127.0.0.1:$REGISTRY_PORT" \
+    REGISTRY_DATABASE_URL="postgres://postgres@$PG_HOST:$PG_PORT/ferrybox_registry" \
+        nohup "$target/debug/ferrybox-schema-registry" >"$DATA/registry.log" 2>&1 &
+    echo $! >"$DATA/registry.pid"
+    wait_for "schema registry" 60 registry_ready
+}
+
+# --- commands -------------------------------------------------------------------------------
+
+stop_pidfile() { # stop_pidfile <name>
+    local file="$DATA/$1.pid"
+    if pid_alive "$file"; then
+        local pid
+        pid="$(cat "$file")"
+        log "stopping $1 (pid $pid)"
+        kill -TERM "$pid" 2>/dev/null || true
+        for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    rm -f "$file"
+}
+
+up() {
+    postgres_up
+    tansu_up
+    registry_up
+    log "ready: postgres $PG_HOST:$PG_PORT, kafka 127.0.0.1:$KAFKA_PORT, registry http://127.0.0.1:$REGISTRY_PORT"
+}
+
+down() {
+    stop_pidfile registry
+    stop_pidfile tansu
+}
+
+status() {
+    local rc=0
+    if pg_ready; then echo "postgres  up    $PG_HOST:$PG_PORT"; else echo "postgres  down"; rc=1; fi
+    if port_open "$KAFKA_PORT"; then echo "kafka     up    127.0.0.1:$KAFKA_PORT$(pid_alive "$DATA/tansu.pid" && echo " (started here, pid $(cat "$DATA/tansu.pid"))")"; else echo "kafka     down"; rc=1; fi
+    if registry_ready; then echo "registry  up    http://127.0.0.1:$REGISTRY_PORT$(pid_alive "$DATA/registry.pid" && echo " (started here, pid $(cat "$DATA/registry.pid"))")"; else echo "registry  down"; rc=1; fi
+    return $rc
+}
+
+STARTED=()
+run() {
+    port_open "$KAFKA_PORT" || STARTED+=(tansu)
+    registry_ready || STARTED+=(registry)
+    cleanup() {
+        local name
+        for name in "${STARTED[@]}"; do stop_pidfile "$name"; done
+    }
+    trap cleanup EXIT
+    trap 'exit 130' INT TERM
+    up
+    "$@"
+}
+
+case "${1:-}" in
+    up) up ;;
+    down) down ;;
+    status) status ;;
+    run) shift; [[ $# -gt 0 ]] || { echo "usage: $0 run CMD..." >&2; exit 2; }; run "$@" ;;
+    *) echo "usage: $0 up|down|status|run CMD..." >&2; exit 2 ;;
+esac
