@@ -128,8 +128,31 @@ fn replace_database(url: &str, database: &str) -> String {
     }
 }
 
+/// Panics with advice when nothing listens at the test broker's first address, instead of
+/// letting the Kafka client time out a minute later.
+fn require_broker(kafka: &KafkaConfig) {
+    let first = kafka
+        .bootstrap_servers
+        .split(',')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    let reachable = std::net::ToSocketAddrs::to_socket_addrs(first.as_str())
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .is_some_and(|addr| {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_ok()
+        });
+    assert!(
+        reachable,
+        "no Kafka broker at {first}: start the local environment with `make infra-up` (or run `make test`)"
+    );
+}
+
 /// Creates a topic with a random name and `partitions` partitions on the test broker.
 pub async fn create_topic(partitions: i32) -> String {
+    require_broker(&kafka());
     let name = unique("fbtest").replace('_', "-");
     let topic = TopicConfig {
         name: name.clone(),
@@ -177,6 +200,20 @@ mod tests {
             "postgres://u@h/x?sslmode=disable"
         );
     }
+}
+
+/// Environment for a service binary built on Ferrybox whose settings read `<prefix>…`
+/// variables: port 0, `database_url`, and the test broker and registry.
+pub fn service_env(prefix: &str, database_url: &str) -> Vec<(String, String)> {
+    vec![
+        (format!("{prefix}LISTEN"), "127.0.0.1:0".to_owned()),
+        (format!("{prefix}DATABASE__URL"), database_url.to_owned()),
+        (
+            format!("{prefix}KAFKA__BOOTSTRAP_SERVERS"),
+            kafka().bootstrap_servers,
+        ),
+        (format!("{prefix}SCHEMA_REGISTRY_URL"), registry_url()),
+    ]
 }
 
 /// A service binary running as a child process, for tests and demos that exercise the real

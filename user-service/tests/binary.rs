@@ -1,0 +1,75 @@
+//! The real `user-service` executable: it starts, serves, and stops cleanly on SIGTERM; a bad
+//! configuration stops it at start-up with a clear error and no secret in it.
+
+use std::time::Duration;
+
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use ferrybox::testing::{self, ServiceProcess, TestDatabase};
+
+const EXE: &str = env!("CARGO_BIN_EXE_user-service");
+
+#[tokio::test(flavor = "multi_thread")]
+async fn serves_and_stops_cleanly_on_sigterm() {
+    let db = TestDatabase::create().await;
+    let topic = testing::create_topic(1).await;
+    let mut env = testing::service_env("USER_SERVICE_", db.url());
+    env.push(("USER_SERVICE_USERS_TOPIC__NAME".to_owned(), topic));
+    env.push((
+        "USER_SERVICE_USERS_TOPIC__PARTITIONS".to_owned(),
+        "1".to_owned(),
+    ));
+    let service = ServiceProcess::start(EXE.as_ref(), &["serve"], &env, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let reply = reqwest::Client::new()
+        .post(format!("{}/users", service.url))
+        .json(&serde_json::json!({ "email": "term@example.com", "name": "T", "password": "long-enough" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), 201);
+    // The relay inside the process publishes the registration.
+    let mut conn = AsyncPgConnection::establish(db.url()).await.unwrap();
+    let mut published = async || {
+        diesel::sql_query("SELECT 1 AS one FROM ferrybox_outbox WHERE published_at IS NOT NULL")
+            .execute(&mut conn)
+            .await
+            .unwrap()
+            == 1
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !published().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the registration was never published"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let status = service.terminate(Duration::from_secs(30)).await.unwrap();
+    assert!(status.success(), "exit status {status}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bad_configuration_fails_fast_without_leaking_secrets() {
+    let output = tokio::process::Command::new(EXE)
+        .arg("serve")
+        .env("USER_SERVICE_DATABASE__URL", "mysql://app:hunter2@db/users")
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("database.url must start with postgres://"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+
+    let output = tokio::process::Command::new(EXE)
+        .env("USER_SERVICE_RELAY__BATCH_SIZ", "5")
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("batch_siz"));
+}
