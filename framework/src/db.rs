@@ -15,7 +15,8 @@ pub type PgPool = Pool<AsyncPgConnection>;
 /// A connection borrowed from a [`PgPool`].
 pub type PooledConnection = Object<AsyncPgConnection>;
 
-/// The framework's own tables (outbox, inbox, dead letters).
+/// The framework's own tables (outbox, inbox, dead letters). Their versions start with
+/// `ferrybox-`, so they never collide with a service's own migrations in the same database.
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 
 /// Builds a pool; connections are opened lazily.
