@@ -3,20 +3,24 @@
 
 INFRA := deploy/local/infra.sh
 
-.PHONY: demo test lint infra-up infra-down infra-status
+.PHONY: demo test contracts lint infra-up infra-down infra-status
 
 ## make demo: the whole flow on a local broker and database, with a summary.
 demo:
 	cargo build --workspace --bins
 	$(INFRA) run cargo run --quiet -p ferrybox-e2e --bin demo
 
-## make test: formatting, lints and every test in the workspace (what CI runs).
-test: lint
-	$(INFRA) run cargo test --workspace --no-fail-fast
+## make test: formatting, lints, contracts and every test in the workspace (what CI runs).
+test: lint contracts
+	$(INFRA) run cargo test --workspace --all-features --no-fail-fast
+
+## make contracts: every consumer can read every version its producers published. No server.
+contracts:
+	cargo run --quiet -p ferrybox --features cli --bin ferrybox-contracts -- check
 
 lint:
 	cargo fmt --all --check
-	cargo clippy --workspace --all-targets -- -D warnings
+	cargo clippy --workspace --all-targets --all-features -- -D warnings
 
 infra-up:
 	$(INFRA) up

@@ -3,15 +3,14 @@
 //! Every write is conditional on the event's version being newer than the cached one, so a
 //! stale event (a redrive, a replay, a reconciliation race) never overwrites a newer state.
 
-use diesel::ExpressionMethods;
-use diesel::query_dsl::methods::FilterDsl;
-use diesel::upsert::excluded;
+use diesel::sql_types::{BigInt, Nullable, Text, Uuid as SqlUuid};
+use diesel::{ExpressionMethods, QueryDsl};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use ferrybox::inbox::{Handler, HandlerError, ReceivedMessage};
 use uuid::Uuid;
 
 use crate::events::{UserRef, UserState, UserUpdate, types};
-use crate::schema::{cached_users, sessions};
+use crate::schema::sessions;
 
 /// The inbox handler for user events.
 #[derive(Debug, Clone, Copy, Default)]
@@ -72,8 +71,8 @@ impl Handler for UserEvents {
 }
 
 /// Writes the user's new state if `version` is newer than the cached one. Without `details`,
-/// only status and version change (and a deleted user's details are cleared). A user who is
-/// no longer active loses their sessions in the same transaction.
+/// only status and version change; a deleted user's details are cleared. A user who is no
+/// longer active loses their sessions in the same transaction.
 async fn upsert(
     conn: &mut AsyncPgConnection,
     id: Uuid,
@@ -81,72 +80,29 @@ async fn upsert(
     status: &str,
     details: Option<&UserState>,
 ) -> Result<(), HandlerError> {
-    let newer = cached_users::version.lt(excluded(cached_users::version));
-    let written = match details {
-        Some(d) => {
-            diesel::insert_into(cached_users::table)
-                .values((
-                    cached_users::id.eq(id),
-                    cached_users::email.eq(&d.email),
-                    cached_users::name.eq(&d.name),
-                    cached_users::password_hash.eq(&d.password_hash),
-                    cached_users::status.eq(status),
-                    cached_users::version.eq(version),
-                ))
-                .on_conflict(cached_users::id)
-                .do_update()
-                .set((
-                    cached_users::email.eq(excluded(cached_users::email)),
-                    cached_users::name.eq(excluded(cached_users::name)),
-                    cached_users::password_hash.eq(excluded(cached_users::password_hash)),
-                    cached_users::status.eq(excluded(cached_users::status)),
-                    cached_users::version.eq(excluded(cached_users::version)),
-                    cached_users::updated_at.eq(diesel::dsl::now),
-                ))
-                .filter(newer)
-                .execute(conn)
-                .await?
-        }
-        None if status == "deleted" => {
-            diesel::insert_into(cached_users::table)
-                .values((
-                    cached_users::id.eq(id),
-                    cached_users::status.eq(status),
-                    cached_users::version.eq(version),
-                ))
-                .on_conflict(cached_users::id)
-                .do_update()
-                .set((
-                    cached_users::email.eq(None::<String>),
-                    cached_users::name.eq(None::<String>),
-                    cached_users::password_hash.eq(None::<String>),
-                    cached_users::status.eq(excluded(cached_users::status)),
-                    cached_users::version.eq(excluded(cached_users::version)),
-                    cached_users::updated_at.eq(diesel::dsl::now),
-                ))
-                .filter(newer)
-                .execute(conn)
-                .await?
-        }
-        None => {
-            diesel::insert_into(cached_users::table)
-                .values((
-                    cached_users::id.eq(id),
-                    cached_users::status.eq(status),
-                    cached_users::version.eq(version),
-                ))
-                .on_conflict(cached_users::id)
-                .do_update()
-                .set((
-                    cached_users::status.eq(excluded(cached_users::status)),
-                    cached_users::version.eq(excluded(cached_users::version)),
-                    cached_users::updated_at.eq(diesel::dsl::now),
-                ))
-                .filter(newer)
-                .execute(conn)
-                .await?
-        }
-    };
+    let written = diesel::sql_query(
+        "INSERT INTO cached_users (id, email, name, password_hash, status, version) \
+         VALUES ($1, $2, $3, $4, $5, $6) \
+         ON CONFLICT (id) DO UPDATE SET \
+             email = CASE WHEN EXCLUDED.status = 'deleted' THEN NULL \
+                          ELSE COALESCE(EXCLUDED.email, cached_users.email) END, \
+             name = CASE WHEN EXCLUDED.status = 'deleted' THEN NULL \
+                         ELSE COALESCE(EXCLUDED.name, cached_users.name) END, \
+             password_hash = CASE WHEN EXCLUDED.status = 'deleted' THEN NULL \
+                                  ELSE COALESCE(EXCLUDED.password_hash, cached_users.password_hash) END, \
+             status = EXCLUDED.status, \
+             version = EXCLUDED.version, \
+             updated_at = now() \
+         WHERE cached_users.version < EXCLUDED.version",
+    )
+    .bind::<SqlUuid, _>(id)
+    .bind::<Nullable<Text>, _>(details.map(|d| d.email.as_str()))
+    .bind::<Nullable<Text>, _>(details.map(|d| d.name.as_str()))
+    .bind::<Nullable<Text>, _>(details.map(|d| d.password_hash.as_str()))
+    .bind::<Text, _>(status)
+    .bind::<BigInt, _>(version)
+    .execute(conn)
+    .await?;
     if written == 0 {
         tracing::debug!(%id, version, "cached user is newer; event skipped");
         return Ok(());

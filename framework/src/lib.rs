@@ -15,6 +15,8 @@
 //! - [`inbox`]: the consumer side. An [`InboxConsumer`] deduplicates by message id, runs the
 //!   [`Handler`] in the same database transaction, and stores Kafka offsets only after that
 //!   transaction committed. Failures are retried or dead-lettered, never dropped.
+//! - [`contract`]: consumer-driven contracts: producers' published schemas, consumers' reader
+//!   schemas, and the check that an incompatible change breaks the build.
 //! - [`db`], [`kafka`], [`config`], [`error`]: the plumbing: connection pool and embedded
 //!   migrations, durable Kafka clients and topic creation, layered configuration, typed errors.
 //! - [`shutdown`]: SIGTERM and Ctrl-C as a cancellation token for binaries.
@@ -25,6 +27,7 @@
 
 pub mod codec;
 pub mod config;
+pub mod contract;
 pub mod db;
 pub mod error;
 pub mod http;

@@ -27,14 +27,9 @@ pub struct Application {
 
 /// Creates the service's tables and the framework's (outbox) in its database.
 pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
-    let pool = db::pool(&settings.database)?;
-    db::run_migrations(&pool, db::MIGRATIONS)
+    db::migrate_service(&settings.database, MIGRATIONS)
         .await
-        .context("framework migrations")?;
-    db::run_migrations(&pool, MIGRATIONS)
-        .await
-        .context("user-service migrations")?;
-    Ok(())
+        .context("database migrations")
 }
 
 impl Application {

@@ -30,6 +30,17 @@ pub fn registry_json(status: StatusCode, body: &Value) -> Response {
     response
 }
 
+/// Parses a JSON request body; a malformed one is Confluent's 422.
+fn read_json<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            422,
+            format!("Unprocessable entity: {e}"),
+        )
+    })
+}
+
 fn ok(body: &Value) -> Result<Response, ApiError> {
     Ok(registry_json(StatusCode::OK, body))
 }
@@ -98,13 +109,7 @@ struct Submitted {
 }
 
 fn parse_body(body: &Bytes) -> Result<Submitted, ApiError> {
-    let body: SchemaBody = serde_json::from_slice(body).map_err(|e| {
-        ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            422,
-            format!("Unprocessable entity: {e}"),
-        )
-    })?;
+    let body: SchemaBody = read_json(body)?;
     if let Some(t) = body.schema_type.as_deref()
         && !t.eq_ignore_ascii_case("AVRO")
     {
@@ -165,18 +170,18 @@ fn violations(
 ) -> Result<Vec<String>, ApiError> {
     let mut out = Vec::new();
     for existing in against {
-        out.extend(level.violations(new, &parse_stored(existing)?, existing.version));
+        out.extend(level.violations(
+            new,
+            &parse_stored(existing)?,
+            u32::try_from(existing.version).unwrap_or(0),
+        ));
     }
     Ok(out)
 }
 
 /// The versions a new schema is checked against under `level`.
 fn checked_against(level: Level, existing: &[SubjectVersion]) -> &[SubjectVersion] {
-    if level.is_transitive() {
-        existing
-    } else {
-        &existing[existing.len().saturating_sub(1)..]
-    }
+    &existing[level.checked_against(existing.len())]
 }
 
 async fn list_subjects(State(pool): State<PgPool>) -> Result<Response, ApiError> {
@@ -364,13 +369,7 @@ struct ConfigBody {
 }
 
 fn parse_level(body: &Bytes) -> Result<Level, ApiError> {
-    let body: ConfigBody = serde_json::from_slice(body).map_err(|e| {
-        ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            422,
-            format!("Unprocessable entity: {e}"),
-        )
-    })?;
+    let body: ConfigBody = read_json(body)?;
     body.compatibility.parse::<Level>().map_err(|e| {
         ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
