@@ -1,7 +1,35 @@
-//! What auth-service reads from user events: only the fields it needs. Extra fields the
-//! producer adds are ignored, so compatible producer changes do not touch this service.
+//! What auth-service reads from user events: only the fields it needs, declared as reader
+//! schemas in `contracts/` (checked by `make contracts`). Values are resolved into those
+//! schemas before the handler sees them, so fields the producer adds never reach this service.
 
+use ferrybox::contract::{ContractError, ReaderSchemas};
 use serde::Deserialize;
+
+/// The reader schemas of `contracts/users.toml`, embedded so the service runs with exactly the
+/// files the contract check reads.
+pub fn reader_schemas() -> Result<ReaderSchemas, ContractError> {
+    ReaderSchemas::embedded(
+        include_str!("../contracts/users.toml"),
+        &[
+            (
+                "UserRegistered.avsc",
+                include_str!("../contracts/UserRegistered.avsc"),
+            ),
+            (
+                "UserUpdated.avsc",
+                include_str!("../contracts/UserUpdated.avsc"),
+            ),
+            (
+                "UserSuspended.avsc",
+                include_str!("../contracts/UserSuspended.avsc"),
+            ),
+            (
+                "UserDeleted.avsc",
+                include_str!("../contracts/UserDeleted.avsc"),
+            ),
+        ],
+    )
+}
 
 /// The message types this service understands.
 pub mod types {
@@ -47,4 +75,22 @@ pub struct UserRef {
     pub user_id: String,
     /// The account's version.
     pub version: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_embedded_contract_covers_every_type_the_handler_applies() {
+        let readers = reader_schemas().unwrap();
+        for t in [
+            types::REGISTERED,
+            types::UPDATED,
+            types::SUSPENDED,
+            types::DELETED,
+        ] {
+            assert!(readers.knows(t), "{t}");
+        }
+    }
 }

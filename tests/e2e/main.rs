@@ -2,4 +2,5 @@
 //! PostgreSQL, driven through their HTTP APIs.
 
 mod bad_input;
+mod evolution;
 mod flow;

@@ -36,8 +36,10 @@ pub struct UserRegistered {
     pub name: String,
     /// Argon2id PHC string.
     pub password_hash: String,
+    /// Preferred locale, when given (added in v2).
+    pub locale: Option<String>,
 }
-user_event!(UserRegistered, "v1.avsc");
+user_event!(UserRegistered, "v2.avsc");
 
 /// A user's details changed; carries the full state after the change.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -109,6 +111,32 @@ mod tests {
         assert_eq!(&apache_avro::from_value::<E>(&back).unwrap(), event);
     }
 
+    /// The schema an event type is written with is the newest version in `schemas/`.
+    fn written_with_latest<E: Event>() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../schemas/users")
+            .join(E::MESSAGE_TYPE);
+        let latest = (1..)
+            .take_while(|n| dir.join(format!("v{n}.avsc")).exists())
+            .last()
+            .expect("a v1.avsc");
+        let file = std::fs::read_to_string(dir.join(format!("v{latest}.avsc"))).unwrap();
+        assert_eq!(
+            Schema::parse_str(&file).unwrap(),
+            Schema::parse_str(E::SCHEMA).unwrap(),
+            "{} must be written with v{latest}.avsc",
+            E::MESSAGE_TYPE
+        );
+    }
+
+    #[test]
+    fn events_are_written_with_their_newest_schema() {
+        written_with_latest::<UserRegistered>();
+        written_with_latest::<UserUpdated>();
+        written_with_latest::<UserSuspended>();
+        written_with_latest::<UserDeleted>();
+    }
+
     #[test]
     fn events_round_trip_through_their_schemas() {
         let id = "0193a0b4-0000-7000-8000-000000000001".to_owned();
@@ -118,6 +146,7 @@ mod tests {
             email: "a@example.com".into(),
             name: "A".into(),
             password_hash: "$argon2id$...".into(),
+            locale: Some("fr-CA".into()),
         });
         round_trip(&UserUpdated {
             user_id: id.clone(),

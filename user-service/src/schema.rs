@@ -10,5 +10,6 @@ diesel::table! {
         version -> BigInt,
         created_at -> Timestamptz,
         updated_at -> Timestamptz,
+        locale -> Nullable<Text>,
     }
 }

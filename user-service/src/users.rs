@@ -34,6 +34,8 @@ pub struct User {
     pub created_at: DateTime<Utc>,
     /// When it last changed.
     pub updated_at: DateTime<Utc>,
+    /// Preferred locale (BCP 47), when given.
+    pub locale: Option<String>,
 }
 
 /// `POST /users`.
@@ -46,6 +48,9 @@ pub struct NewUser {
     pub name: String,
     /// Plain-text password; hashed before it touches the database.
     pub password: String,
+    /// Preferred locale (BCP 47), optional.
+    #[serde(default)]
+    pub locale: Option<String>,
 }
 
 /// `PATCH /users/{id}`: only the fields given change.
@@ -90,6 +95,22 @@ pub fn valid_name(name: &str) -> Result<String, ApiError> {
         ));
     }
     Ok(name.to_owned())
+}
+
+/// Checks a locale tag's shape (BCP 47 subtags: letters and digits separated by '-').
+pub fn valid_locale(locale: &str) -> Result<String, ApiError> {
+    let locale = locale.trim();
+    let well_formed = (2..=35).contains(&locale.len())
+        && locale.split('-').all(|part| {
+            !part.is_empty() && part.len() <= 8 && part.chars().all(|c| c.is_ascii_alphanumeric())
+        });
+    if !well_formed {
+        return Err(ApiError::invalid(
+            "invalid_locale",
+            "locale must be a BCP 47 tag such as en or fr-CA",
+        ));
+    }
+    Ok(locale.to_owned())
 }
 
 /// Checks a password's length.
@@ -190,6 +211,7 @@ impl Users {
         let email = valid_email(&input.email)?;
         let name = valid_name(&input.name)?;
         valid_password(&input.password)?;
+        let locale = input.locale.as_deref().map(valid_locale).transpose()?;
         let password_hash = crate::password::hash(input.password)
             .await
             .map_err(ApiError::internal)?;
@@ -200,6 +222,7 @@ impl Users {
             email: email.clone(),
             name: name.clone(),
             password_hash: password_hash.clone(),
+            locale: locale.clone(),
         };
         let message = self.encode(&event).await?;
         let mut conn = self.conn().await?;
@@ -214,6 +237,7 @@ impl Users {
                         users::password_hash.eq(&password_hash),
                         users::status.eq("active"),
                         users::version.eq(1),
+                        users::locale.eq(&locale),
                     ))
                     .returning(User::as_returning())
                     .get_result(tx)

@@ -17,6 +17,7 @@ use super::handler::{Handler, HandlerError, ReceivedMessage};
 use super::schema::{ferrybox_dead_letters, ferrybox_inbox};
 use crate::codec::AvroCodec;
 use crate::config::{Backoff, KafkaConfig, duration_ms};
+use crate::contract::ReaderSchemas;
 use crate::db::{self, PgPool};
 use crate::error::{Error, Result};
 use crate::message::IncomingMessage;
@@ -156,6 +157,7 @@ pub struct InboxConsumer<H> {
     codec: AvroCodec,
     handler: H,
     config: InboxConfig,
+    readers: Option<ReaderSchemas>,
     stats: Arc<InboxStats>,
 }
 
@@ -209,8 +211,18 @@ impl<H: Handler> InboxConsumer<H> {
             codec,
             handler,
             config,
+            readers: None,
             stats: Arc::default(),
         })
+    }
+
+    /// Decodes into the consumer's own reader schemas (its contract): values are resolved from
+    /// the writer's schema into the reader's, so fields the producer adds are ignored. A message
+    /// of a type with no reader schema, or one that cannot be resolved, is a permanent failure.
+    #[must_use]
+    pub fn with_reader_schemas(mut self, readers: ReaderSchemas) -> Self {
+        self.readers = Some(readers);
+        self
     }
 
     /// Shared counters, readable while the consumer runs.
@@ -340,10 +352,27 @@ impl<H: Handler> InboxConsumer<H> {
             .decode(&envelope.payload)
             .await
             .map_err(|e| Failure::from_error("decode", &Error::Codec(e)))?;
-        let message = ReceivedMessage {
-            envelope,
-            value: decoded.value,
+        let value = match &self.readers {
+            None => decoded.value,
+            Some(readers) if !readers.knows(&envelope.message_type) => {
+                return Err(Failure {
+                    kind: "unknown_type",
+                    error: format!(
+                        "no reader schema for message type {}",
+                        envelope.message_type
+                    ),
+                    retryable: false,
+                });
+            }
+            Some(readers) => readers
+                .resolve(&envelope.message_type, decoded.value)
+                .map_err(|error| Failure {
+                    kind: "schema_resolution",
+                    error,
+                    retryable: false,
+                })?,
         };
+        let message = ReceivedMessage { envelope, value };
         let mut conn = db::connection(&self.pool)
             .await
             .map_err(|e| Failure::from_error("database", &e))?;

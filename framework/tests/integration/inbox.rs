@@ -3,6 +3,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use diesel::sql_types::{BigInt, Text, Uuid};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use ferrybox::contract::ReaderSchemas;
 use ferrybox::inbox::{Handler, HandlerError, InboxStats, ReceivedMessage};
 use ferrybox::testing::{self, wait_until};
 use ferrybox::{CancellationToken, InboxConfig, InboxConsumer, Relay};
@@ -72,7 +73,16 @@ impl Running {
 }
 
 fn start(fx: &Fixture, group: &str, handler: Recorder) -> Running {
-    let consumer = InboxConsumer::new(
+    start_reading(fx, group, handler, None)
+}
+
+fn start_reading(
+    fx: &Fixture,
+    group: &str,
+    handler: Recorder,
+    readers: Option<ReaderSchemas>,
+) -> Running {
+    let mut consumer = InboxConsumer::new(
         fx.pool.clone(),
         &testing::kafka(),
         fx.codec.clone(),
@@ -80,6 +90,9 @@ fn start(fx: &Fixture, group: &str, handler: Recorder) -> Running {
         inbox_config(fx, group),
     )
     .unwrap();
+    if let Some(readers) = readers {
+        consumer = consumer.with_reader_schemas(readers);
+    }
     let stats = consumer.stats();
     let stop = CancellationToken::new();
     let task = tokio::spawn(consumer.run(stop.clone()));
@@ -223,4 +236,82 @@ async fn undecodable_messages_are_dead_lettered_and_later_ones_still_flow() {
         1
     );
     assert_eq!(committed_offset(&fx.topic, &group), Some(2));
+}
+
+fn readers(message_type: &str, fields: &str) -> ReaderSchemas {
+    let (namespace, name) = message_type.rsplit_once('.').unwrap();
+    let contract =
+        format!("consumer = \"c\"\ntopic = \"t\"\n[messages]\n\"{message_type}\" = \"r.avsc\"\n");
+    let schema = format!(
+        r#"{{"type":"record","name":"{name}","namespace":"{namespace}","fields":[{fields}]}}"#
+    );
+    ReaderSchemas::embedded(&contract, &[("r.avsc", &schema)]).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reader_schemas_drop_unknown_fields_and_dead_letter_what_they_cannot_resolve() {
+    let fx = Fixture::new(1).await;
+    fx.change("a", 1).await;
+    publish_all(&fx).await;
+
+    // A reader that needs only two of the three fields: applied.
+    let narrow = readers(
+        "com.ferrybox.test.ThingChanged",
+        r#"{"name":"thing_id","type":"string"},{"name":"version","type":"long"},{"name":"label","type":"string","default":"?"}"#,
+    );
+    let running = start_reading(
+        &fx,
+        &testing::unique("group"),
+        Recorder::default(),
+        Some(narrow),
+    );
+    wait_until(TIMEOUT, "applied through the reader schema", || async {
+        running.stats.snapshot().applied == 1
+    })
+    .await;
+    running.stop().await;
+
+    // A reader that needs a field the writer never had, with no default: dead-lettered.
+    let needs_colour = readers(
+        "com.ferrybox.test.ThingChanged",
+        r#"{"name":"thing_id","type":"string"},{"name":"colour","type":"string"}"#,
+    );
+    let running = start_reading(
+        &fx,
+        &testing::unique("group"),
+        Recorder::default(),
+        Some(needs_colour),
+    );
+    wait_until(TIMEOUT, "dead-lettered", || async {
+        running.stats.snapshot().dead_lettered == 1
+    })
+    .await;
+    running.stop().await;
+
+    // A consumer with no reader schema for the type: dead-lettered as unknown.
+    let other = readers(
+        "com.ferrybox.test.Other",
+        r#"{"name":"id","type":"string"}"#,
+    );
+    let running = start_reading(
+        &fx,
+        &testing::unique("group"),
+        Recorder::default(),
+        Some(other),
+    );
+    wait_until(TIMEOUT, "dead-lettered", || async {
+        running.stats.snapshot().dead_lettered == 1
+    })
+    .await;
+    running.stop().await;
+
+    assert_eq!(
+        fx.count("SELECT count(*) AS n FROM ferrybox_dead_letters WHERE error_kind = 'schema_resolution' AND error LIKE '%cannot resolve com.ferrybox.test.ThingChanged%'").await,
+        1
+    );
+    assert_eq!(
+        fx.count("SELECT count(*) AS n FROM ferrybox_dead_letters WHERE error_kind = 'unknown_type' AND error LIKE '%no reader schema%'").await,
+        1
+    );
+    assert_eq!(fx.count("SELECT count(*) AS n FROM applied").await, 1);
 }

@@ -300,27 +300,17 @@ async fn main() -> anyhow::Result<()> {
     );
     recreate_database(USER_DB).await?;
     recreate_database(AUTH_DB).await?;
-    let common = |prefix: &str| {
-        vec![
-            (format!("{prefix}LISTEN"), "127.0.0.1:0".to_owned()),
-            (
-                format!("{prefix}KAFKA__BOOTSTRAP_SERVERS"),
-                testing::kafka().bootstrap_servers,
-            ),
-            (
-                format!("{prefix}SCHEMA_REGISTRY_URL"),
-                testing::registry_url(),
-            ),
-            (format!("{prefix}USERS_TOPIC__NAME"), topic.clone()),
-            (
-                "RUST_LOG".to_owned(),
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-            ),
-        ]
+    let env = |prefix: &str, database: &str| {
+        let mut env = testing::service_env(prefix, &database_url(database));
+        env.push((format!("{prefix}USERS_TOPIC__NAME"), topic.clone()));
+        env.push((
+            "RUST_LOG".to_owned(),
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        ));
+        env
     };
-    let mut user_env = common("USER_SERVICE_");
-    user_env.push(("USER_SERVICE_DATABASE__URL".into(), database_url(USER_DB)));
-    let mut auth_env = common("AUTH_SERVICE_");
+    let user_env = env("USER_SERVICE_", USER_DB);
+    let mut auth_env = env("AUTH_SERVICE_", AUTH_DB);
     auth_env.push(("AUTH_SERVICE_DATABASE__URL".into(), database_url(AUTH_DB)));
     auth_env.push((
         "AUTH_SERVICE_INBOX__GROUP_ID".into(),
