@@ -1,163 +1,40 @@
-//! The inbox consumer loop: deduplicate by message id, apply in the same transaction, and
-//! store the Kafka offset only after that transaction committed.
+//! The inbox consumer loop: deduplicate by message id, apply in the same transaction, store the
+//! Kafka offset only after that transaction committed; retry what may succeed later,
+//! dead-letter what cannot, and park the later messages of a dead-lettered key.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
-use diesel::prelude::*;
-use diesel_async::{AsyncConnection, RunQueryDsl};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::message::{BorrowedMessage, Headers, Message};
-use serde::{Deserialize, Serialize};
+use rdkafka::message::{BorrowedMessage, Message};
 use tokio_util::sync::CancellationToken;
 
-use super::handler::{Handler, HandlerError, ReceivedMessage};
-use super::schema::{ferrybox_dead_letters, ferrybox_inbox};
+use super::apply::{Applier, Failure, Outcome, Record};
+use super::config::{InboxConfig, InboxStats};
+use super::dead_letters::DeadLetterStore;
+use super::handler::Handler;
+use super::retention;
 use crate::codec::AvroCodec;
-use crate::config::{Backoff, KafkaConfig, duration_ms};
+use crate::config::KafkaConfig;
 use crate::contract::ReaderSchemas;
-use crate::db::{self, PgPool};
+use crate::db::PgPool;
 use crate::error::{Error, Result};
-use crate::message::IncomingMessage;
 use crate::outbox::sleep_or_shutdown;
 
-/// How the inbox consumer reads and retries.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct InboxConfig {
-    /// The Kafka consumer group.
-    pub group_id: String,
-    /// Topics to read.
-    pub topics: Vec<String>,
-    /// The name this consumer's rows carry in the inbox table; defaults to the group id.
-    pub consumer_name: Option<String>,
-    /// Attempts for a retryable failure before the message is dead-lettered.
-    pub max_attempts: u32,
-    /// Delay between attempts.
-    pub backoff: Backoff,
-    /// The longest a handler may run before its attempt counts as a retryable failure; keeps a
-    /// slow handler from pushing the consumer out of its group.
-    #[serde(with = "duration_ms", rename = "handler_timeout_ms")]
-    pub handler_timeout: Duration,
-}
-
-impl Default for InboxConfig {
-    fn default() -> Self {
-        Self {
-            group_id: String::new(),
-            topics: Vec::new(),
-            consumer_name: None,
-            max_attempts: 10,
-            backoff: Backoff::default(),
-            handler_timeout: Duration::from_secs(30),
-        }
-    }
-}
-
-impl InboxConfig {
-    /// Checks the settings make sense.
-    pub fn validate(&self) -> Result<()> {
-        if self.group_id.is_empty() {
-            return Err(Error::Config("inbox.group_id is empty".into()));
-        }
-        if self.topics.is_empty() {
-            return Err(Error::Config("inbox.topics is empty".into()));
-        }
-        if self.max_attempts == 0 {
-            return Err(Error::Config(
-                "inbox.max_attempts must be at least 1".into(),
-            ));
-        }
-        Ok(())
-    }
-
-    fn consumer_name(&self) -> &str {
-        self.consumer_name.as_deref().unwrap_or(&self.group_id)
-    }
-}
-
-/// Counters of what the consumer did since it started.
-#[derive(Debug, Default)]
-pub struct InboxStats {
-    applied: AtomicU64,
-    duplicates: AtomicU64,
-    retries: AtomicU64,
-    dead_lettered: AtomicU64,
-}
-
-/// A point-in-time copy of [`InboxStats`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct InboxStatsSnapshot {
-    /// Messages whose handler ran and committed.
-    pub applied: u64,
-    /// Messages skipped because their id was already in the inbox.
-    pub duplicates: u64,
-    /// Failed attempts that were retried.
-    pub retries: u64,
-    /// Messages recorded as dead letters.
-    pub dead_lettered: u64,
-}
-
-impl InboxStats {
-    /// The current counts.
-    pub fn snapshot(&self) -> InboxStatsSnapshot {
-        InboxStatsSnapshot {
-            applied: AtomicU64::load(&self.applied, Ordering::Relaxed),
-            duplicates: AtomicU64::load(&self.duplicates, Ordering::Relaxed),
-            retries: AtomicU64::load(&self.retries, Ordering::Relaxed),
-            dead_lettered: AtomicU64::load(&self.dead_lettered, Ordering::Relaxed),
-        }
-    }
-}
-
-/// What happened to one message.
+/// What finally happened to one record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Outcome {
+enum Done {
     Applied,
     Duplicate,
     DeadLettered,
-}
-
-/// A failure to process one message, before the retry policy looks at it.
-#[derive(Debug)]
-struct Failure {
-    kind: &'static str,
-    error: String,
-    retryable: bool,
-}
-
-impl Failure {
-    fn from_handler(e: &HandlerError) -> Self {
-        Self {
-            kind: if e.is_retryable() {
-                "handler_retryable"
-            } else {
-                "handler"
-            },
-            error: e.to_string(),
-            retryable: e.is_retryable(),
-        }
-    }
-
-    fn from_error(kind: &'static str, e: &Error) -> Self {
-        Self {
-            kind,
-            error: e.to_string(),
-            retryable: e.is_retryable(),
-        }
-    }
+    Parked,
 }
 
 /// Reads topics through the inbox and hands each new message to a [`Handler`].
 pub struct InboxConsumer<H> {
-    pool: PgPool,
     consumer: StreamConsumer,
-    codec: AvroCodec,
-    handler: H,
+    applier: Applier<H>,
+    dead_letters: DeadLetterStore,
     config: InboxConfig,
-    readers: Option<ReaderSchemas>,
     stats: Arc<InboxStats>,
 }
 
@@ -190,8 +67,7 @@ impl<H: Handler> InboxConsumer<H> {
             .any(|(k, v)| k.replace('_', ".") == "enable.auto.offset.store" && v != "false")
         {
             return Err(Error::Config(
-                "enable.auto.offset.store must stay false: offsets are stored after the inbox commit"
-                    .into(),
+                "enable.auto.offset.store must stay false: offsets are stored after the inbox commit".into(),
             ));
         }
         let mut client = kafka.client_config_with_defaults(&[
@@ -205,13 +81,27 @@ impl<H: Handler> InboxConsumer<H> {
         let consumer: StreamConsumer = client.create()?;
         let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
+        let dead_letter_topic = match &config.dead_letter_topic {
+            Some(topic) => Some((crate::kafka::durable_producer(kafka)?, topic.clone())),
+            None => None,
+        };
         Ok(Self {
-            pool,
             consumer,
-            codec,
-            handler,
+            applier: Applier {
+                pool: pool.clone(),
+                codec,
+                handler,
+                readers: None,
+                consumer: config.consumer_name().to_owned(),
+                handler_timeout: config.handler_timeout,
+            },
+            dead_letters: DeadLetterStore {
+                pool,
+                consumer: config.consumer_name().to_owned(),
+                consumer_version: config.consumer_version.clone(),
+                topic: dead_letter_topic,
+            },
             config,
-            readers: None,
             stats: Arc::default(),
         })
     }
@@ -221,7 +111,7 @@ impl<H: Handler> InboxConsumer<H> {
     /// of a type with no reader schema, or one that cannot be resolved, is a permanent failure.
     #[must_use]
     pub fn with_reader_schemas(mut self, readers: ReaderSchemas) -> Self {
-        self.readers = Some(readers);
+        self.applier.readers = Some(readers);
         self
     }
 
@@ -232,8 +122,15 @@ impl<H: Handler> InboxConsumer<H> {
 
     /// Consumes until `shutdown` is cancelled, then commits the stored offsets and leaves the
     /// group. A message being processed when shutdown comes is either committed (and its offset
-    /// stored) or left for redelivery: never half applied.
+    /// stored) or left for redelivery: never half applied. Expired inbox rows are cleaned in the
+    /// background meanwhile.
     pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
+        let cleaner = tokio::spawn(clean_periodically(
+            self.applier.pool.clone(),
+            self.config.clone(),
+            Arc::clone(&self.stats),
+            shutdown.child_token(),
+        ));
         let mut receive_failures = 0u32;
         loop {
             let received = tokio::select! {
@@ -257,9 +154,9 @@ impl<H: Handler> InboxConsumer<H> {
                 }
             };
             match self.process(&message, &shutdown).await {
-                Some(outcome) => {
+                Some(done) => {
                     tracing::debug!(
-                        ?outcome,
+                        ?done,
                         topic = message.topic(),
                         partition = message.partition(),
                         offset = message.offset(),
@@ -281,33 +178,38 @@ impl<H: Handler> InboxConsumer<H> {
             }
         }
         self.consumer.unsubscribe();
+        shutdown.cancel();
+        if let Err(e) = cleaner.await {
+            tracing::warn!(error = %e, "inbox cleaner task failed");
+        }
         Ok(())
     }
 
-    /// Processes one record until it is applied, found duplicate or dead-lettered; `None` when
-    /// shutdown interrupted the retries.
+    /// Processes one record until it is applied, found duplicate, parked or dead-lettered;
+    /// `None` when shutdown interrupted it first.
     async fn process(
         &self,
-        record: &BorrowedMessage<'_>,
+        message: &BorrowedMessage<'_>,
         shutdown: &CancellationToken,
-    ) -> Option<Outcome> {
+    ) -> Option<Done> {
+        let record = Record::from_kafka(message);
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            let failure = match self.try_once(record).await {
-                Ok(outcome) => {
-                    let counter = match outcome {
-                        Outcome::Applied => &self.stats.applied,
-                        Outcome::Duplicate => &self.stats.duplicates,
-                        Outcome::DeadLettered => &self.stats.dead_lettered,
+            let failure = match self.try_once(&record).await {
+                Ok(done) => {
+                    let counter = match done {
+                        Done::Applied => &self.stats.applied,
+                        Done::Duplicate => &self.stats.duplicates,
+                        Done::DeadLettered => &self.stats.dead_lettered,
+                        Done::Parked => &self.stats.parked,
                     };
-                    counter.fetch_add(1, Ordering::Relaxed);
-                    return Some(outcome);
+                    InboxStats::add(counter, 1);
+                    return Some(done);
                 }
                 Err(failure) => failure,
             };
-            let exhausted = attempt >= self.config.max_attempts;
-            if !failure.retryable || exhausted {
+            if !failure.retryable || attempt >= self.config.max_attempts {
                 let failure = if failure.retryable {
                     Failure {
                         kind: "retries_exhausted",
@@ -317,117 +219,74 @@ impl<H: Handler> InboxConsumer<H> {
                     failure
                 };
                 return self
-                    .dead_letter_until_stored(record, &failure, attempt, shutdown)
+                    .dead_letter_until_stored(&record, &failure, attempt, shutdown)
                     .await;
             }
-            self.stats.retries.fetch_add(1, Ordering::Relaxed);
+            InboxStats::add(&self.stats.retries, 1);
             let delay = self.config.backoff.delay(attempt);
             tracing::warn!(kind = failure.kind, error = %failure.error, attempt, ?delay,
-                topic = record.topic(), partition = record.partition(), offset = record.offset(),
-                "message failed; retrying");
+                topic = record.topic, partition = record.partition, offset = record.offset, "message failed; retrying");
             if sleep_or_shutdown(delay, shutdown).await {
                 return None;
             }
         }
     }
 
-    async fn try_once(&self, record: &BorrowedMessage<'_>) -> Result<Outcome, Failure> {
-        let envelope = IncomingMessage::from_parts(
-            record.topic(),
-            record.partition(),
-            record.offset(),
-            record.key(),
-            headers_of(record),
-            record.payload(),
-        )
-        .map_err(|e| Failure {
-            kind: "envelope",
-            error: e.to_string(),
-            retryable: false,
-        })?;
-        // Decode before the transaction: a registry lookup is a network call, and no lock may be
-        // held across one.
-        let decoded = self
-            .codec
-            .decode(&envelope.payload)
-            .await
-            .map_err(|e| Failure::from_error("decode", &Error::Codec(e)))?;
-        let value = match &self.readers {
-            None => decoded.value,
-            Some(readers) if !readers.knows(&envelope.message_type) => {
-                return Err(Failure {
-                    kind: "unknown_type",
-                    error: format!(
-                        "no reader schema for message type {}",
-                        envelope.message_type
-                    ),
-                    retryable: false,
-                });
+    async fn try_once(&self, record: &Record) -> Result<Done, Failure> {
+        if let Some(key) = record.key_text() {
+            let blocked = self
+                .dead_letters
+                .is_blocked(&key)
+                .await
+                .map_err(|e| Failure::from_error("database", &e))?;
+            if blocked
+                && self
+                    .dead_letters
+                    .park(record, &key)
+                    .await
+                    .map_err(|e| Failure::from_error("database", &e))?
+            {
+                tracing::info!(
+                    key,
+                    topic = record.topic,
+                    partition = record.partition,
+                    offset = record.offset,
+                    "message parked behind a dead letter of its key"
+                );
+                return Ok(Done::Parked);
             }
-            Some(readers) => readers
-                .resolve(&envelope.message_type, decoded.value)
-                .map_err(|error| Failure {
-                    kind: "schema_resolution",
-                    error,
-                    retryable: false,
-                })?,
-        };
-        let message = ReceivedMessage { envelope, value };
-        let mut conn = db::connection(&self.pool)
-            .await
-            .map_err(|e| Failure::from_error("database", &e))?;
-        let consumer = self.config.consumer_name();
-        let timeout = self.config.handler_timeout;
-        let result: Result<Outcome, HandlerError> = conn
-            .transaction(async |tx| {
-                let inserted = diesel::insert_into(ferrybox_inbox::table)
-                    .values((
-                        ferrybox_inbox::consumer.eq(consumer),
-                        ferrybox_inbox::message_id.eq(message.envelope.id.0),
-                        ferrybox_inbox::message_type.eq(&message.envelope.message_type),
-                        ferrybox_inbox::topic.eq(&message.envelope.topic),
-                        ferrybox_inbox::kafka_partition.eq(message.envelope.partition),
-                        ferrybox_inbox::kafka_offset.eq(message.envelope.offset),
-                    ))
-                    .on_conflict_do_nothing()
-                    .execute(tx)
-                    .await?;
-                if inserted == 0 {
-                    return Ok(Outcome::Duplicate);
-                }
-                match tokio::time::timeout(timeout, self.handler.handle(tx, &message)).await {
-                    Ok(result) => result.map(|()| Outcome::Applied),
-                    Err(_) => Err(HandlerError::retryable(format!(
-                        "handler timed out after {timeout:?}"
-                    ))),
-                }
-            })
-            .await;
-        result.map_err(|e| Failure::from_handler(&e))
+        }
+        match self.applier.apply(record).await? {
+            Outcome::Applied => Ok(Done::Applied),
+            Outcome::Duplicate => Ok(Done::Duplicate),
+        }
     }
 
-    /// Records a dead letter, retrying the write until it is stored or shutdown comes; the
-    /// offset moves on only once the record is safe.
+    /// Records a dead letter, retrying until it is stored (and published, when a dead-letter
+    /// topic is set) or shutdown comes; the offset moves on only once it is safe.
     async fn dead_letter_until_stored(
         &self,
-        record: &BorrowedMessage<'_>,
+        record: &Record,
         failure: &Failure,
         attempts: u32,
         shutdown: &CancellationToken,
-    ) -> Option<Outcome> {
+    ) -> Option<Done> {
         let mut write_attempt = 0u32;
         loop {
             write_attempt += 1;
-            match self.dead_letter(record, failure, attempts).await {
+            match self
+                .dead_letters
+                .record_dead(record, failure, attempts)
+                .await
+            {
                 Ok(()) => {
                     tracing::error!(kind = failure.kind, error = %failure.error,
-                        topic = record.topic(), partition = record.partition(), offset = record.offset(),
-                        "message dead-lettered");
-                    self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                    return Some(Outcome::DeadLettered);
+                        topic = record.topic, partition = record.partition, offset = record.offset, "message dead-lettered");
+                    InboxStats::add(&self.stats.dead_lettered, 1);
+                    return Some(Done::DeadLettered);
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "could not record dead letter; offset stays");
+                    tracing::warn!(error = %e, "could not record the dead letter; the offset stays");
                     if sleep_or_shutdown(self.config.backoff.delay(write_attempt), shutdown).await {
                         return None;
                     }
@@ -435,58 +294,29 @@ impl<H: Handler> InboxConsumer<H> {
             }
         }
     }
-
-    async fn dead_letter(
-        &self,
-        record: &BorrowedMessage<'_>,
-        failure: &Failure,
-        attempts: u32,
-    ) -> Result<()> {
-        let headers = headers_of(record);
-        let message_id = headers
-            .get(crate::message::headers::ID)
-            .and_then(|v| v.parse::<uuid::Uuid>().ok());
-        let key = record
-            .key()
-            .map(|k| String::from_utf8_lossy(k).into_owned());
-        let headers = serde_json::to_value(&headers).unwrap_or_default();
-        let mut conn = db::connection(&self.pool).await?;
-        diesel::insert_into(ferrybox_dead_letters::table)
-            .values((
-                ferrybox_dead_letters::consumer.eq(self.config.consumer_name()),
-                ferrybox_dead_letters::message_id.eq(message_id),
-                ferrybox_dead_letters::message_key.eq(key),
-                ferrybox_dead_letters::topic.eq(record.topic()),
-                ferrybox_dead_letters::kafka_partition.eq(record.partition()),
-                ferrybox_dead_letters::kafka_offset.eq(record.offset()),
-                ferrybox_dead_letters::headers.eq(headers),
-                ferrybox_dead_letters::payload.eq(record.payload()),
-                ferrybox_dead_letters::error_kind.eq(failure.kind),
-                ferrybox_dead_letters::error.eq(&failure.error),
-                ferrybox_dead_letters::attempts.eq(i32::try_from(attempts).unwrap_or(i32::MAX)),
-            ))
-            .on_conflict_do_nothing()
-            .execute(&mut conn)
-            .await?;
-        Ok(())
-    }
 }
 
-/// A record's headers as text; values that are not UTF-8 are kept lossily.
-fn headers_of(record: &BorrowedMessage<'_>) -> BTreeMap<String, String> {
-    record
-        .headers()
-        .map(|headers| {
-            headers
-                .iter()
-                .map(|h| {
-                    let value = h
-                        .value
-                        .map(|v| String::from_utf8_lossy(v).into_owned())
-                        .unwrap_or_default();
-                    (h.key.to_owned(), value)
-                })
-                .collect()
-        })
-        .unwrap_or_default()
+async fn clean_periodically(
+    pool: PgPool,
+    config: InboxConfig,
+    stats: Arc<InboxStats>,
+    shutdown: CancellationToken,
+) {
+    while !sleep_or_shutdown(config.cleanup_interval, &shutdown).await {
+        match retention::delete_expired(
+            &pool,
+            config.consumer_name(),
+            config.retention,
+            retention::BATCH,
+        )
+        .await
+        {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(deleted = n, "expired inbox rows deleted");
+                InboxStats::add(&stats.cleaned, n);
+            }
+            Err(e) => tracing::warn!(error = %e, "inbox cleanup failed; will try again"),
+        }
+    }
 }

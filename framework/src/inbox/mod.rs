@@ -1,10 +1,21 @@
 //! The consumer side: an [`InboxConsumer`] reads Kafka, deduplicates by message id in the
 //! consumer's database, runs the [`Handler`] for new messages in the same transaction, and
-//! stores offsets only after that transaction commits.
+//! stores offsets only after that transaction commits. Messages that cannot be applied become
+//! [`DeadLetters`], later messages of their key are parked behind them, and an operator
+//! redrives them after a fix.
 
+mod apply;
+mod config;
 mod consumer;
+mod dead_letters;
 mod handler;
+mod retention;
 pub(crate) mod schema;
 
-pub use consumer::{InboxConfig, InboxConsumer, InboxStats, InboxStatsSnapshot};
+pub use config::{InboxConfig, InboxStats, InboxStatsSnapshot};
+pub use consumer::InboxConsumer;
+pub use dead_letters::{
+    DeadLetter, DeadLetterCounts, DeadLetterFilter, DeadLetters, RedriveReport, dlq_headers,
+};
 pub use handler::{Handler, HandlerError, ReceivedMessage};
+pub use retention::delete_expired;

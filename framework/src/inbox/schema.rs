@@ -27,5 +27,10 @@ diesel::table! {
         error -> Text,
         attempts -> Integer,
         created_at -> Timestamptz,
+        status -> Text,
+        message_type -> Nullable<Text>,
+        consumer_version -> Nullable<Text>,
+        published_at -> Nullable<Timestamptz>,
+        updated_at -> Timestamptz,
     }
 }

@@ -1,0 +1,142 @@
+//! How the inbox consumer reads, retries, dead-letters and cleans up, and what it counts.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Backoff, duration_ms};
+use crate::error::{Error, Result};
+
+/// How the inbox consumer reads and retries.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct InboxConfig {
+    /// The Kafka consumer group.
+    pub group_id: String,
+    /// Topics to read.
+    pub topics: Vec<String>,
+    /// The name this consumer's rows carry in the inbox table; defaults to the group id.
+    pub consumer_name: Option<String>,
+    /// The consumer's version, recorded on dead letters (which code failed).
+    pub consumer_version: Option<String>,
+    /// Attempts for a retryable failure before the message is dead-lettered.
+    pub max_attempts: u32,
+    /// Delay between attempts.
+    pub backoff: Backoff,
+    /// The longest a handler may run before its attempt counts as a retryable failure; keeps a
+    /// slow handler from pushing the consumer out of its group.
+    #[serde(with = "duration_ms", rename = "handler_timeout_ms")]
+    pub handler_timeout: Duration,
+    /// Where dead letters are also published (with their origin in headers); none when unset.
+    pub dead_letter_topic: Option<String>,
+    /// How long applied message ids are kept for deduplication. Keep it longer than the
+    /// topics' retention, so no message the broker can still deliver is forgotten.
+    #[serde(with = "duration_ms", rename = "retention_ms")]
+    pub retention: Duration,
+    /// How often expired inbox rows are deleted (in small batches).
+    #[serde(with = "duration_ms", rename = "cleanup_interval_ms")]
+    pub cleanup_interval: Duration,
+}
+
+impl Default for InboxConfig {
+    fn default() -> Self {
+        Self {
+            group_id: String::new(),
+            topics: Vec::new(),
+            consumer_name: None,
+            consumer_version: None,
+            max_attempts: 10,
+            backoff: Backoff::default(),
+            handler_timeout: Duration::from_secs(30),
+            dead_letter_topic: None,
+            // Kafka's default retention is 7 days; keep ids a week longer.
+            retention: Duration::from_secs(14 * 24 * 3600),
+            cleanup_interval: Duration::from_secs(300),
+        }
+    }
+}
+
+impl InboxConfig {
+    /// Checks the settings make sense.
+    pub fn validate(&self) -> Result<()> {
+        if self.group_id.is_empty() {
+            return Err(Error::Config("inbox.group_id is empty".into()));
+        }
+        if self.topics.is_empty() {
+            return Err(Error::Config("inbox.topics is empty".into()));
+        }
+        if self.max_attempts == 0 {
+            return Err(Error::Config(
+                "inbox.max_attempts must be at least 1".into(),
+            ));
+        }
+        if self
+            .dead_letter_topic
+            .as_ref()
+            .is_some_and(|t| self.topics.contains(t))
+        {
+            return Err(Error::Config(
+                "inbox.dead_letter_topic must not be a topic the consumer reads".into(),
+            ));
+        }
+        if self.cleanup_interval.is_zero() {
+            return Err(Error::Config(
+                "inbox.cleanup_interval_ms must be above zero".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The name this consumer's inbox and dead-letter rows carry.
+    pub fn consumer_name(&self) -> &str {
+        self.consumer_name.as_deref().unwrap_or(&self.group_id)
+    }
+}
+
+/// Counters of what the consumer did since it started.
+#[derive(Debug, Default)]
+pub struct InboxStats {
+    pub(crate) applied: AtomicU64,
+    pub(crate) duplicates: AtomicU64,
+    pub(crate) retries: AtomicU64,
+    pub(crate) dead_lettered: AtomicU64,
+    pub(crate) parked: AtomicU64,
+    pub(crate) cleaned: AtomicU64,
+}
+
+/// A point-in-time copy of [`InboxStats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InboxStatsSnapshot {
+    /// Messages whose handler ran and committed.
+    pub applied: u64,
+    /// Messages skipped because their id was already in the inbox.
+    pub duplicates: u64,
+    /// Failed attempts that were retried.
+    pub retries: u64,
+    /// Messages recorded as dead letters.
+    pub dead_lettered: u64,
+    /// Messages parked behind a dead letter of the same key.
+    pub parked: u64,
+    /// Expired inbox rows deleted by retention.
+    pub cleaned: u64,
+}
+
+impl InboxStats {
+    /// The current counts.
+    pub fn snapshot(&self) -> InboxStatsSnapshot {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        InboxStatsSnapshot {
+            applied: load(&self.applied),
+            duplicates: load(&self.duplicates),
+            retries: load(&self.retries),
+            dead_lettered: load(&self.dead_lettered),
+            parked: load(&self.parked),
+            cleaned: load(&self.cleaned),
+        }
+    }
+
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,505 @@
+//! Dead letters: messages a consumer could not apply, kept with their bytes and origin, the
+//! later messages of their key parked behind them, and redrive once a fix is deployed.
+//!
+//! A key with an open dead letter is *blocked*: its later messages are parked, in order, so
+//! the key's order holds while other keys keep flowing. Redrive takes one key at a time under a
+//! PostgreSQL advisory lock (the consumer takes the same lock before parking), runs the key's
+//! dead and parked messages through the current handler in their original order, and stops at
+//! the first that fails again.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel::sql_types::Text;
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde::Serialize;
+
+use super::apply::{Applier, Failure, Outcome, Record};
+use super::handler::Handler;
+use super::schema::ferrybox_dead_letters as dl;
+use crate::codec::AvroCodec;
+use crate::contract::ReaderSchemas;
+use crate::db::{self, PgPool};
+use crate::error::{Error, Result};
+
+/// Header names added to records on the dead-letter topic.
+pub mod dlq_headers {
+    /// The topic the message came from.
+    pub const ORIGIN_TOPIC: &str = "ferrybox_dlq_topic";
+    /// Its partition.
+    pub const ORIGIN_PARTITION: &str = "ferrybox_dlq_partition";
+    /// Its offset.
+    pub const ORIGIN_OFFSET: &str = "ferrybox_dlq_offset";
+    /// The consumer that gave up on it.
+    pub const CONSUMER: &str = "ferrybox_dlq_consumer";
+    /// The consumer's version.
+    pub const CONSUMER_VERSION: &str = "ferrybox_dlq_consumer_version";
+    /// The kind of failure (`decode`, `handler`, `retries_exhausted`, ...).
+    pub const ERROR_KIND: &str = "ferrybox_dlq_error_kind";
+    /// The error.
+    pub const ERROR: &str = "ferrybox_dlq_error";
+    /// How many attempts were made.
+    pub const ATTEMPTS: &str = "ferrybox_dlq_attempts";
+}
+
+fn lock_name(consumer: &str, key: &str) -> String {
+    format!("ferrybox-dead-letters/{consumer}/{key}")
+}
+
+/// The consumer loop's side of the dead-letter store.
+pub(crate) struct DeadLetterStore {
+    pub(crate) pool: PgPool,
+    pub(crate) consumer: String,
+    pub(crate) consumer_version: Option<String>,
+    pub(crate) topic: Option<(FutureProducer, String)>,
+}
+
+impl DeadLetterStore {
+    /// Whether `key` has an open (dead or parked) letter, which blocks its later messages.
+    pub(crate) async fn is_blocked(&self, key: &str) -> Result<bool> {
+        let mut conn = db::connection(&self.pool).await?;
+        let open: Option<i64> = dl::table
+            .filter(dl::consumer.eq(&self.consumer))
+            .filter(dl::message_key.eq(key))
+            .filter(dl::status.ne("redriven"))
+            .select(dl::id)
+            .first(&mut conn)
+            .await
+            .optional()?;
+        Ok(open.is_some())
+    }
+
+    /// Parks `record` behind its key's open dead letter. False when the key was unblocked in
+    /// the meantime (a redrive finished), in which case the caller applies it normally.
+    pub(crate) async fn park(&self, record: &Record, key: &str) -> Result<bool> {
+        let mut conn = db::connection(&self.pool).await?;
+        let (consumer, version) = (self.consumer.as_str(), self.consumer_version.as_deref());
+        conn.transaction::<_, Error, _>(async |tx| {
+            diesel::sql_query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+                .bind::<Text, _>(lock_name(consumer, key))
+                .execute(tx)
+                .await?;
+            let blocking: Option<i64> = dl::table
+                .filter(dl::consumer.eq(consumer))
+                .filter(dl::message_key.eq(key))
+                .filter(dl::status.ne("redriven"))
+                .order(dl::id)
+                .select(dl::id)
+                .first(tx)
+                .await
+                .optional()?;
+            let Some(blocking) = blocking else {
+                return Ok(false);
+            };
+            let failure = Failure {
+                kind: "parked",
+                error: format!("parked behind dead letter #{blocking} of key {key}"),
+                retryable: false,
+            };
+            insert(tx, consumer, version, record, &failure, 0, "parked").await?;
+            Ok(true)
+        })
+        .await
+    }
+
+    /// Records a dead letter (once per origin) and publishes it to the dead-letter topic when
+    /// one is configured and it is not published yet. Only when both are done may the
+    /// consumer's offset move past it.
+    pub(crate) async fn record_dead(
+        &self,
+        record: &Record,
+        failure: &Failure,
+        attempts: u32,
+    ) -> Result<()> {
+        let mut conn = db::connection(&self.pool).await?;
+        let attempts = i32::try_from(attempts).unwrap_or(i32::MAX);
+        insert(
+            &mut conn,
+            &self.consumer,
+            self.consumer_version.as_deref(),
+            record,
+            failure,
+            attempts,
+            "dead",
+        )
+        .await?;
+        let Some((producer, topic)) = &self.topic else {
+            return Ok(());
+        };
+        let row = dl::table
+            .filter(dl::consumer.eq(&self.consumer))
+            .filter(dl::topic.eq(&record.topic))
+            .filter(dl::kafka_partition.eq(record.partition))
+            .filter(dl::kafka_offset.eq(record.offset));
+        let (id, published, stored_kind, stored_error, stored_attempts): (
+            i64,
+            Option<DateTime<Utc>>,
+            String,
+            String,
+            i32,
+        ) = row
+            .select((
+                dl::id,
+                dl::published_at,
+                dl::error_kind,
+                dl::error,
+                dl::attempts,
+            ))
+            .first(&mut conn)
+            .await?;
+        if published.is_some() {
+            return Ok(());
+        }
+        let mut headers = record.headers.clone();
+        for (name, value) in [
+            (dlq_headers::ORIGIN_TOPIC, record.topic.clone()),
+            (dlq_headers::ORIGIN_PARTITION, record.partition.to_string()),
+            (dlq_headers::ORIGIN_OFFSET, record.offset.to_string()),
+            (dlq_headers::CONSUMER, self.consumer.clone()),
+            (
+                dlq_headers::CONSUMER_VERSION,
+                self.consumer_version.clone().unwrap_or_default(),
+            ),
+            (dlq_headers::ERROR_KIND, stored_kind),
+            (dlq_headers::ERROR, stored_error),
+            (dlq_headers::ATTEMPTS, stored_attempts.to_string()),
+        ] {
+            headers.insert(name.to_owned(), value);
+        }
+        let kafka_headers = headers.iter().fold(OwnedHeaders::new(), |h, (key, value)| {
+            h.insert(Header {
+                key,
+                value: Some(value.as_bytes()),
+            })
+        });
+        let mut out: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(kafka_headers);
+        if let Some(key) = &record.key {
+            out = out.key(key.as_slice());
+        }
+        if let Some(payload) = &record.payload {
+            out = out.payload(payload.as_slice());
+        }
+        producer
+            .send(out, Duration::from_secs(30))
+            .await
+            .map_err(|(e, _)| Error::Kafka(e))?;
+        diesel::update(dl::table.find(id))
+            .set(dl::published_at.eq(diesel::dsl::now))
+            .execute(&mut conn)
+            .await?;
+        Ok(())
+    }
+}
+
+async fn insert(
+    conn: &mut AsyncPgConnection,
+    consumer: &str,
+    consumer_version: Option<&str>,
+    record: &Record,
+    failure: &Failure,
+    attempts: i32,
+    status: &str,
+) -> Result<()> {
+    let message_id = record
+        .headers
+        .get(crate::message::headers::ID)
+        .and_then(|v| v.parse::<uuid::Uuid>().ok());
+    let message_type = record.headers.get(crate::message::headers::TYPE);
+    let headers = serde_json::to_value(&record.headers).unwrap_or_default();
+    diesel::insert_into(dl::table)
+        .values((
+            dl::consumer.eq(consumer),
+            dl::consumer_version.eq(consumer_version),
+            dl::message_id.eq(message_id),
+            dl::message_key.eq(record.key_text()),
+            dl::message_type.eq(message_type),
+            dl::topic.eq(&record.topic),
+            dl::kafka_partition.eq(record.partition),
+            dl::kafka_offset.eq(record.offset),
+            dl::headers.eq(headers),
+            dl::payload.eq(record.payload.as_deref()),
+            dl::error_kind.eq(failure.kind),
+            dl::error.eq(&failure.error),
+            dl::attempts.eq(attempts),
+            dl::status.eq(status),
+        ))
+        .on_conflict_do_nothing()
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Which dead letters an operation takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DeadLetterFilter {
+    /// Every open one.
+    All,
+    /// One by id.
+    Id(i64),
+    /// Those of one key.
+    Key(String),
+    /// Those that failed with one kind of error (`decode`, `handler`, ...).
+    Kind(String),
+}
+
+/// A dead or parked message, as operators see it.
+#[derive(Debug, Clone, PartialEq, Serialize, Queryable, Selectable)]
+#[diesel(table_name = dl)]
+pub struct DeadLetter {
+    /// Its id in the store.
+    pub id: i64,
+    /// `dead`, `parked` or `redriven`.
+    pub status: String,
+    /// The message id, when the envelope was readable.
+    pub message_id: Option<uuid::Uuid>,
+    /// The message key.
+    pub message_key: Option<String>,
+    /// The message type.
+    pub message_type: Option<String>,
+    /// Origin topic.
+    pub topic: String,
+    /// Origin partition.
+    #[serde(rename = "partition")]
+    pub kafka_partition: i32,
+    /// Origin offset.
+    #[serde(rename = "offset")]
+    pub kafka_offset: i64,
+    /// What kind of failure.
+    pub error_kind: String,
+    /// The error.
+    pub error: String,
+    /// Attempts so far (including redrives).
+    pub attempts: i32,
+    /// The version of the consumer that failed it.
+    pub consumer_version: Option<String>,
+    /// When it was recorded.
+    pub created_at: DateTime<Utc>,
+    /// When it last changed.
+    pub updated_at: DateTime<Utc>,
+    /// When it was published to the dead-letter topic.
+    pub published_at: Option<DateTime<Utc>>,
+    /// The original headers.
+    pub headers: serde_json::Value,
+    /// The original payload bytes.
+    #[serde(skip)]
+    pub payload: Option<Vec<u8>>,
+}
+
+impl DeadLetter {
+    fn record(&self) -> Record {
+        let headers: BTreeMap<String, String> =
+            serde_json::from_value(self.headers.clone()).unwrap_or_default();
+        Record {
+            topic: self.topic.clone(),
+            partition: self.kafka_partition,
+            offset: self.kafka_offset,
+            key: self.message_key.as_ref().map(|k| k.as_bytes().to_vec()),
+            headers,
+            payload: self.payload.clone(),
+        }
+    }
+}
+
+/// How many dead letters are in each state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct DeadLetterCounts {
+    /// Failed, waiting for a fix.
+    pub dead: i64,
+    /// Held back behind a dead letter of their key.
+    pub parked: i64,
+    /// Applied (or found applied) by a redrive.
+    pub redriven: i64,
+}
+
+/// What a redrive did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct RedriveReport {
+    /// Messages the current handler applied.
+    pub applied: u64,
+    /// Messages found already applied (their id was in the inbox).
+    pub duplicates: u64,
+    /// Messages that failed again and stay dead, attempts raised.
+    pub failed: u64,
+    /// Messages left parked behind one that failed again.
+    pub still_parked: u64,
+}
+
+/// The operator's side of the dead-letter store: list, inspect, count, redrive.
+#[derive(Clone)]
+pub struct DeadLetters {
+    pool: PgPool,
+    consumer: String,
+}
+
+impl std::fmt::Debug for DeadLetters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeadLetters")
+            .field("consumer", &self.consumer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DeadLetters {
+    /// The dead letters of `consumer` (the inbox's consumer name) in `pool`'s database.
+    pub fn new(pool: PgPool, consumer: impl Into<String>) -> Self {
+        Self {
+            pool,
+            consumer: consumer.into(),
+        }
+    }
+
+    /// Open (dead and parked) letters matching `filter`, in origin order.
+    pub async fn list(&self, filter: &DeadLetterFilter) -> Result<Vec<DeadLetter>> {
+        let mut conn = db::connection(&self.pool).await?;
+        let mut query = dl::table
+            .filter(dl::consumer.eq(&self.consumer))
+            .filter(dl::status.ne("redriven"))
+            .order((dl::topic, dl::kafka_partition, dl::kafka_offset))
+            .select(DeadLetter::as_select())
+            .into_boxed();
+        query = match filter {
+            DeadLetterFilter::All => query,
+            DeadLetterFilter::Id(id) => query.filter(dl::id.eq(*id)),
+            DeadLetterFilter::Key(key) => query.filter(dl::message_key.eq(key.clone())),
+            DeadLetterFilter::Kind(kind) => query.filter(dl::error_kind.eq(kind.clone())),
+        };
+        Ok(query.load(&mut conn).await?)
+    }
+
+    /// One letter by id, whatever its state.
+    pub async fn get(&self, id: i64) -> Result<Option<DeadLetter>> {
+        let mut conn = db::connection(&self.pool).await?;
+        Ok(dl::table
+            .filter(dl::consumer.eq(&self.consumer))
+            .filter(dl::id.eq(id))
+            .select(DeadLetter::as_select())
+            .first(&mut conn)
+            .await
+            .optional()?)
+    }
+
+    /// How many letters are dead, parked and redriven.
+    pub async fn counts(&self) -> Result<DeadLetterCounts> {
+        let mut conn = db::connection(&self.pool).await?;
+        let rows: Vec<(String, i64)> = dl::table
+            .filter(dl::consumer.eq(&self.consumer))
+            .group_by(dl::status)
+            .select((dl::status, diesel::dsl::count_star()))
+            .load(&mut conn)
+            .await?;
+        let mut counts = DeadLetterCounts::default();
+        for (status, n) in rows {
+            match status.as_str() {
+                "dead" => counts.dead = n,
+                "parked" => counts.parked = n,
+                _ => counts.redriven = n,
+            }
+        }
+        Ok(counts)
+    }
+
+    /// Runs the dead letters matching `filter`, and the messages parked behind them, through
+    /// `handler` (deduplicated by the inbox), key by key in their original order. A message
+    /// that fails again stays dead with its attempts raised, and its key stays blocked.
+    pub async fn redrive<H: Handler>(
+        &self,
+        filter: &DeadLetterFilter,
+        codec: AvroCodec,
+        handler: H,
+        readers: Option<ReaderSchemas>,
+        handler_timeout: Duration,
+    ) -> Result<RedriveReport> {
+        let applier = Applier {
+            pool: self.pool.clone(),
+            codec,
+            handler,
+            readers,
+            consumer: self.consumer.clone(),
+            handler_timeout,
+        };
+        let selected: Vec<DeadLetter> = self
+            .list(filter)
+            .await?
+            .into_iter()
+            .filter(|d| d.status == "dead")
+            .collect();
+        let mut report = RedriveReport::default();
+        let mut keys: Vec<String> = selected
+            .iter()
+            .filter_map(|d| d.message_key.clone())
+            .collect();
+        keys.sort();
+        keys.dedup();
+        // Letters without a key block nothing: redrive them one by one.
+        for letter in selected.iter().filter(|d| d.message_key.is_none()) {
+            self.redrive_rows(&applier, vec![letter.clone()], &mut report)
+                .await?;
+        }
+        for key in keys {
+            // The lock lives as long as this transaction, so it is released whatever happens.
+            let mut lock = db::connection(&self.pool).await?;
+            let name = lock_name(&self.consumer, &key);
+            let report = &mut report;
+            lock.transaction::<_, Error, _>(async |tx| {
+                diesel::sql_query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+                    .bind::<Text, _>(&name)
+                    .execute(tx)
+                    .await?;
+                let rows = self.list(&DeadLetterFilter::Key(key.clone())).await?;
+                self.redrive_rows(&applier, rows, report).await
+            })
+            .await?;
+        }
+        Ok(report)
+    }
+
+    async fn redrive_rows<H: Handler>(
+        &self,
+        applier: &Applier<H>,
+        rows: Vec<DeadLetter>,
+        report: &mut RedriveReport,
+    ) -> Result<()> {
+        let total = rows.len();
+        for (done, letter) in rows.into_iter().enumerate() {
+            let mut conn = db::connection(&self.pool).await?;
+            match applier.apply(&letter.record()).await {
+                Ok(outcome) => {
+                    match outcome {
+                        Outcome::Applied => report.applied += 1,
+                        Outcome::Duplicate => report.duplicates += 1,
+                    }
+                    diesel::update(dl::table.find(letter.id))
+                        .set((
+                            dl::status.eq("redriven"),
+                            dl::attempts.eq(dl::attempts + 1),
+                            dl::updated_at.eq(diesel::dsl::now),
+                        ))
+                        .execute(&mut conn)
+                        .await?;
+                }
+                Err(failure) => {
+                    report.failed += 1;
+                    report.still_parked += u64::try_from(total - done - 1).unwrap_or(0);
+                    tracing::warn!(id = letter.id, kind = failure.kind, error = %failure.error, "redrive failed again");
+                    diesel::update(dl::table.find(letter.id))
+                        .set((
+                            dl::status.eq("dead"),
+                            dl::attempts.eq(dl::attempts + 1),
+                            dl::error_kind.eq(failure.kind),
+                            dl::error.eq(&failure.error),
+                            dl::updated_at.eq(diesel::dsl::now),
+                        ))
+                        .execute(&mut conn)
+                        .await?;
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+}
