@@ -14,9 +14,11 @@ use crate::support::{Fixture, TIMEOUT, ThingChanged};
 
 /// Records each applied message in `applied`; fails while `failures_left` is above zero.
 #[derive(Clone, Default)]
-struct Recorder {
-    failures_left: Arc<AtomicU32>,
-    calls: Arc<AtomicU32>,
+pub(crate) struct Recorder {
+    pub(crate) failures_left: Arc<AtomicU32>,
+    pub(crate) calls: Arc<AtomicU32>,
+    /// A (thing, version) the handler always fails permanently.
+    pub(crate) poison: Option<(&'static str, i64)>,
 }
 
 impl Handler for Recorder {
@@ -34,6 +36,15 @@ impl Handler for Recorder {
             return Err(HandlerError::retryable("downstream unavailable"));
         }
         let body: ThingChanged = message.body()?;
+        if self
+            .poison
+            .is_some_and(|(thing, version)| body.thing_id == thing && body.version == version)
+        {
+            return Err(HandlerError::permanent(format!(
+                "{} v{} is poison",
+                body.thing_id, body.version
+            )));
+        }
         diesel::sql_query(
             "INSERT INTO applied (message_id, thing_id, version) VALUES ($1, $2, $3)",
         )
@@ -46,7 +57,7 @@ impl Handler for Recorder {
     }
 }
 
-fn inbox_config(fx: &Fixture, group: &str) -> InboxConfig {
+pub(crate) fn inbox_config(fx: &Fixture, group: &str) -> InboxConfig {
     InboxConfig {
         group_id: group.into(),
         topics: vec![fx.topic.clone()],
@@ -59,26 +70,26 @@ fn inbox_config(fx: &Fixture, group: &str) -> InboxConfig {
     }
 }
 
-struct Running {
+pub(crate) struct Running {
     stop: CancellationToken,
     task: tokio::task::JoinHandle<ferrybox::Result<()>>,
-    stats: Arc<InboxStats>,
+    pub(crate) stats: Arc<InboxStats>,
 }
 
 impl Running {
-    async fn stop(self) {
+    pub(crate) async fn stop(self) {
         self.stop.cancel();
         self.task.await.unwrap().unwrap();
     }
 }
 
 fn start(fx: &Fixture, group: &str, handler: Recorder) -> Running {
-    start_reading(fx, group, handler, None)
+    start_reading(fx, inbox_config(fx, group), handler, None)
 }
 
-fn start_reading(
+pub(crate) fn start_reading(
     fx: &Fixture,
-    group: &str,
+    config: InboxConfig,
     handler: Recorder,
     readers: Option<ReaderSchemas>,
 ) -> Running {
@@ -87,7 +98,7 @@ fn start_reading(
         &testing::kafka(),
         fx.codec.clone(),
         handler,
-        inbox_config(fx, group),
+        config,
     )
     .unwrap();
     if let Some(readers) = readers {
@@ -99,7 +110,7 @@ fn start_reading(
     Running { stop, task, stats }
 }
 
-async fn publish_all(fx: &Fixture) {
+pub(crate) async fn publish_all(fx: &Fixture) {
     let relay = Relay::new(fx.db.config(), &testing::kafka(), Fixture::relay_config()).unwrap();
     let mut conn = AsyncPgConnection::establish(fx.db.url()).await.unwrap();
     let outcome = relay.publish_batch(&mut conn).await.unwrap();
@@ -107,7 +118,7 @@ async fn publish_all(fx: &Fixture) {
 }
 
 /// The committed offset of partition 0 for `group`, if any.
-fn committed_offset(topic: &str, group: &str) -> Option<i64> {
+pub(crate) fn committed_offset(topic: &str, group: &str) -> Option<i64> {
     let consumer: BaseConsumer = testing::kafka()
         .client_config()
         .set("group.id", group)
@@ -125,36 +136,38 @@ fn committed_offset(topic: &str, group: &str) -> Option<i64> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_message_delivered_twice_is_applied_once() {
+async fn a_message_delivered_three_times_is_applied_once() {
     let fx = Fixture::new(1).await;
     fx.change("a", 1).await;
     publish_all(&fx).await;
     // The relay crashed after the broker's ack but before marking: the row goes out again,
     // with the same message id.
     let mut conn = AsyncPgConnection::establish(fx.db.url()).await.unwrap();
-    diesel::sql_query("UPDATE ferrybox_outbox SET published_at = NULL")
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    publish_all(&fx).await;
+    for _ in 0..2 {
+        diesel::sql_query("UPDATE ferrybox_outbox SET published_at = NULL")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        publish_all(&fx).await;
+    }
 
     let group = testing::unique("group");
     let running = start(&fx, &group, Recorder::default());
-    wait_until(TIMEOUT, "both deliveries processed", || async {
+    wait_until(TIMEOUT, "all three deliveries processed", || async {
         let s = running.stats.snapshot();
-        s.applied + s.duplicates == 2
+        s.applied + s.duplicates == 3
     })
     .await;
     let stats = running.stats.snapshot();
     running.stop().await;
-    assert_eq!((stats.applied, stats.duplicates), (1, 1));
+    assert_eq!((stats.applied, stats.duplicates), (1, 2));
     assert_eq!(fx.count("SELECT count(*) AS n FROM applied").await, 1);
     assert_eq!(
         fx.count("SELECT count(*) AS n FROM ferrybox_inbox").await,
         1
     );
     // Both offsets were stored after the commits and committed on shutdown.
-    assert_eq!(committed_offset(&fx.topic, &group), Some(2));
+    assert_eq!(committed_offset(&fx.topic, &group), Some(3));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -261,7 +274,7 @@ async fn reader_schemas_drop_unknown_fields_and_dead_letter_what_they_cannot_res
     );
     let running = start_reading(
         &fx,
-        &testing::unique("group"),
+        inbox_config(&fx, &testing::unique("group")),
         Recorder::default(),
         Some(narrow),
     );
@@ -278,7 +291,7 @@ async fn reader_schemas_drop_unknown_fields_and_dead_letter_what_they_cannot_res
     );
     let running = start_reading(
         &fx,
-        &testing::unique("group"),
+        inbox_config(&fx, &testing::unique("group")),
         Recorder::default(),
         Some(needs_colour),
     );
@@ -295,7 +308,7 @@ async fn reader_schemas_drop_unknown_fields_and_dead_letter_what_they_cannot_res
     );
     let running = start_reading(
         &fx,
-        &testing::unique("group"),
+        inbox_config(&fx, &testing::unique("group")),
         Recorder::default(),
         Some(other),
     );

@@ -1,6 +1,7 @@
 //! Integration tests against the real broker, schema registry and PostgreSQL. Each test gets its
 //! own database and topic.
 
+mod dead_letters;
 mod inbox;
 mod outbox;
 mod support;
