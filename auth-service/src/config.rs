@@ -76,10 +76,26 @@ impl Settings {
         Ok(())
     }
 
-    /// The same settings reading `topic` (used by tests and the demo).
+    /// The same settings reading `topic`, dead-lettering to `<topic>.auth-service.dlq` (used
+    /// by tests and the demo).
     pub fn with_users_topic(mut self, topic: &str) -> Self {
         self.users_topic.name = topic.to_owned();
         self.inbox.topics = vec![topic.to_owned()];
+        self.inbox.dead_letter_topic = Some(format!("{topic}.auth-service.dlq"));
         self
+    }
+
+    /// The topics this service needs: the users topic and, when set, its dead-letter topic
+    /// (one partition: dead letters are rare and read in order).
+    pub fn topics(&self) -> Vec<TopicConfig> {
+        let mut topics = vec![self.users_topic.clone()];
+        if let Some(name) = &self.inbox.dead_letter_topic {
+            topics.push(TopicConfig {
+                name: name.clone(),
+                partitions: 1,
+                ..self.users_topic.clone()
+            });
+        }
+        topics
     }
 }

@@ -16,6 +16,7 @@ pub mod cache;
 pub mod config;
 pub mod events;
 pub mod login;
+pub mod ops;
 pub mod routes;
 mod schema;
 pub mod startup;

@@ -1,7 +1,9 @@
 use std::path::PathBuf;
+use std::process::ExitCode;
 
-use auth_service::{Application, Settings};
-use clap::{Parser, Subcommand};
+use auth_service::{Application, Settings, ops};
+use clap::{Args, Parser, Subcommand};
+use ferrybox::inbox::DeadLetterFilter;
 
 /// auth-service: caches users from their events and logs them in.
 #[derive(Parser)]
@@ -10,6 +12,9 @@ struct Cli {
     /// A TOML settings file; `AUTH_SERVICE_*` variables override it.
     #[arg(long, global = true, env = "AUTH_SERVICE_CONFIG")]
     config: Option<PathBuf>,
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -20,21 +25,85 @@ enum Command {
     Serve,
     /// Create or update the database tables, then exit.
     Migrate,
+    /// Inspect and redrive dead letters. Exit status 1 when a redriven message fails again.
+    Dlq {
+        #[command(subcommand)]
+        action: Dlq,
+    },
+}
+
+#[derive(Subcommand)]
+enum Dlq {
+    /// List open dead letters and the messages parked behind them.
+    List(Select),
+    /// Show one dead letter in full.
+    Show {
+        /// The dead letter's id.
+        id: i64,
+    },
+    /// Run dead letters (and their parked followers) through the current handler, in order.
+    Redrive(Select),
+}
+
+#[derive(Args)]
+#[group(multiple = false)]
+struct Select {
+    /// Every open dead letter (the default).
+    #[arg(long)]
+    all: bool,
+    /// One dead letter by id.
+    #[arg(long)]
+    id: Option<i64>,
+    /// The dead letters of one key.
+    #[arg(long)]
+    key: Option<String>,
+    /// The dead letters of one error kind (decode, handler, retries_exhausted, ...).
+    #[arg(long)]
+    kind: Option<String>,
+}
+
+impl Select {
+    fn filter(self) -> DeadLetterFilter {
+        match (self.id, self.key, self.kind) {
+            (Some(id), _, _) => DeadLetterFilter::Id(id),
+            (_, Some(key), _) => DeadLetterFilter::Key(key),
+            (_, _, Some(kind)) => DeadLetterFilter::Kind(kind),
+            _ => DeadLetterFilter::All,
+        }
+    }
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     let settings = Settings::load(cli.config.as_deref())?;
     ferrybox::telemetry::init_logging(settings.log_json);
     match cli.command.unwrap_or(Command::Serve) {
-        Command::Migrate => auth_service::startup::migrate(&settings).await,
+        Command::Migrate => auth_service::startup::migrate(&settings).await?,
         Command::Serve => {
             let shutdown = ferrybox::shutdown::on_signals();
             let app = Application::build(settings).await?;
             // Scripts and tests read this line to find the port.
             println!("listening on http://{}", app.local_addr()?);
-            app.run(shutdown).await
+            app.run(shutdown).await?;
+        }
+        Command::Dlq {
+            action: Dlq::List(select),
+        } => ops::list(&settings, &select.filter(), cli.json).await?,
+        Command::Dlq {
+            action: Dlq::Show { id },
+        } => ops::show(&settings, id, cli.json).await?,
+        Command::Dlq {
+            action: Dlq::Redrive(select),
+        } => {
+            if ops::redrive(&settings, &select.filter(), cli.json)
+                .await?
+                .failed
+                > 0
+            {
+                return Ok(ExitCode::from(1));
+            }
         }
     }
+    Ok(ExitCode::SUCCESS)
 }

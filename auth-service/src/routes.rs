@@ -27,6 +27,8 @@ pub struct AppState {
     pub stats: Arc<InboxStats>,
     /// Session lifetime.
     pub session_ttl: chrono::Duration,
+    /// The consumer's dead letters.
+    pub dead_letters: ferrybox::inbox::DeadLetters,
 }
 
 /// The service's routes.
@@ -112,6 +114,19 @@ async fn cached_user(
     user.map(Json).ok_or_else(not_found)
 }
 
-async fn inbox_stats(State(state): State<AppState>) -> Json<InboxStatsSnapshot> {
-    Json(state.stats.snapshot())
+/// The consumer's counters since start, and the dead letters open in the database.
+#[derive(Debug, Serialize)]
+pub struct InboxStatus {
+    /// Counters since this process started.
+    #[serde(flatten)]
+    pub counters: InboxStatsSnapshot,
+    /// Dead letters by state, from the database.
+    pub dead_letters: ferrybox::inbox::DeadLetterCounts,
+}
+
+async fn inbox_stats(State(state): State<AppState>) -> Result<Json<InboxStatus>, ApiError> {
+    Ok(Json(InboxStatus {
+        counters: state.stats.snapshot(),
+        dead_letters: state.dead_letters.counts().await?,
+    }))
 }

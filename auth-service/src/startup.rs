@@ -50,6 +50,10 @@ impl Application {
             settings.inbox.clone(),
         )?;
         let state = AppState {
+            dead_letters: ferrybox::inbox::DeadLetters::new(
+                pool.clone(),
+                settings.inbox.consumer_name(),
+            ),
             pool,
             stats: consumer.stats(),
             session_ttl: chrono::Duration::seconds(settings.session_ttl_secs),

@@ -328,3 +328,43 @@ async fn reader_schemas_drop_unknown_fields_and_dead_letter_what_they_cannot_res
     );
     assert_eq!(fx.count("SELECT count(*) AS n FROM applied").await, 1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn expired_inbox_rows_are_deleted_in_batches_and_recent_ones_kept() {
+    let fx = Fixture::new(1).await;
+    let mut conn = AsyncPgConnection::establish(fx.db.url()).await.unwrap();
+    for (consumer, count, age) in [
+        ("c", 2_500, "30 days"),
+        ("c", 10, "1 hour"),
+        ("other", 5, "30 days"),
+    ] {
+        diesel::sql_query(format!(
+            "INSERT INTO ferrybox_inbox (consumer, message_id, message_type, topic, kafka_partition, kafka_offset, applied_at) \
+             SELECT '{consumer}', gen_random_uuid(), 't', 't', 0, n, now() - interval '{age}' FROM generate_series(1, {count}) AS n"
+        ))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+    let two_weeks = std::time::Duration::from_secs(14 * 24 * 3600);
+    let deleted = ferrybox::inbox::delete_expired(&fx.pool, "c", two_weeks, 1_000)
+        .await
+        .unwrap();
+    assert_eq!(deleted, 2_500);
+    assert_eq!(
+        fx.count("SELECT count(*) AS n FROM ferrybox_inbox WHERE consumer = 'c'")
+            .await,
+        10
+    );
+    assert_eq!(
+        fx.count("SELECT count(*) AS n FROM ferrybox_inbox WHERE consumer = 'other'")
+            .await,
+        5
+    );
+    assert_eq!(
+        ferrybox::inbox::delete_expired(&fx.pool, "c", two_weeks, 1_000)
+            .await
+            .unwrap(),
+        0
+    );
+}

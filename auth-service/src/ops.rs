@@ -1,0 +1,127 @@
+//! Operator commands: the dead-letter queue (`dlq list|show|redrive`).
+
+use std::time::Duration;
+
+use anyhow::Context;
+use ferrybox::inbox::{DeadLetter, DeadLetterFilter, DeadLetters, RedriveReport};
+use ferrybox::{AvroCodec, db};
+
+use crate::cache::UserEvents;
+use crate::config::Settings;
+
+fn letters(settings: &Settings) -> anyhow::Result<DeadLetters> {
+    Ok(DeadLetters::new(
+        db::pool(&settings.database)?,
+        settings.inbox.consumer_name(),
+    ))
+}
+
+fn line(d: &DeadLetter) -> String {
+    format!(
+        "{:>6}  {:<8} {:<12} {:<38} {}[{}]@{}  attempts={}  {}",
+        d.id,
+        d.status,
+        d.error_kind,
+        d.message_key.as_deref().unwrap_or("-"),
+        d.topic,
+        d.kafka_partition,
+        d.kafka_offset,
+        d.attempts,
+        d.error
+    )
+}
+
+/// `dlq list`: open dead letters (and what is parked behind them).
+pub async fn list(
+    settings: &Settings,
+    filter: &DeadLetterFilter,
+    json: bool,
+) -> anyhow::Result<()> {
+    let letters = letters(settings)?;
+    let rows = letters.list(filter).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        let counts = letters.counts().await?;
+        println!(
+            "dead: {}  parked: {}  redriven: {}",
+            counts.dead, counts.parked, counts.redriven
+        );
+        for d in &rows {
+            println!("{}", line(d));
+        }
+    }
+    Ok(())
+}
+
+/// `dlq show ID`: one dead letter in full. Errors when there is none with that id.
+pub async fn show(settings: &Settings, id: i64, json: bool) -> anyhow::Result<()> {
+    let letter = letters(settings)?
+        .get(id)
+        .await?
+        .with_context(|| format!("no dead letter {id}"))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&letter)?);
+    } else {
+        println!("{}", line(&letter));
+        println!(
+            "message id:   {}",
+            letter
+                .message_id
+                .map(|m| m.to_string())
+                .unwrap_or_else(|| "-".into())
+        );
+        println!(
+            "message type: {}",
+            letter.message_type.as_deref().unwrap_or("-")
+        );
+        println!(
+            "consumer:     {}",
+            letter.consumer_version.as_deref().unwrap_or("-")
+        );
+        println!(
+            "recorded:     {}  updated: {}",
+            letter.created_at, letter.updated_at
+        );
+        println!(
+            "published:    {}",
+            letter
+                .published_at
+                .map(|t| t.to_string())
+                .unwrap_or_else(|| "-".into())
+        );
+        println!(
+            "payload:      {} bytes",
+            letter.payload.as_ref().map_or(0, Vec::len)
+        );
+        println!("headers:      {}", letter.headers);
+    }
+    Ok(())
+}
+
+/// `dlq redrive`: runs the selected dead letters, and what is parked behind them, through the
+/// current handler. Returns the report; the caller exits non-zero when some failed again.
+pub async fn redrive(
+    settings: &Settings,
+    filter: &DeadLetterFilter,
+    json: bool,
+) -> anyhow::Result<RedriveReport> {
+    let report = letters(settings)?
+        .redrive(
+            filter,
+            AvroCodec::new(&settings.schema_registry_url),
+            UserEvents,
+            Some(crate::events::reader_schemas()?),
+            settings.inbox.handler_timeout.max(Duration::from_secs(1)),
+        )
+        .await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "applied: {}  already applied: {}  failed again: {}  still parked: {}",
+            report.applied, report.duplicates, report.failed, report.still_parked
+        );
+    }
+    Ok(report)
+}
