@@ -1,11 +1,11 @@
 //! Applying one message through the inbox: decode, resolve into the reader schema, then in one
 //! transaction record its id and run the handler. Shared by the consumer loop and redrive.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use diesel::prelude::*;
-use diesel_async::{AsyncConnection, RunQueryDsl};
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 
 use super::handler::{Handler, HandlerError, ReceivedMessage};
@@ -117,9 +117,28 @@ pub(crate) struct Applier<H> {
     pub(crate) handler_timeout: Duration,
 }
 
+/// What a batch did: the leading records it finished, and the failure that stopped it.
+#[derive(Debug, Default)]
+pub(crate) struct BatchApplied {
+    /// One outcome per leading record finished (committed), in order.
+    pub(crate) outcomes: Vec<Outcome>,
+    /// Why the record right after those was not applied; `None` when all were.
+    pub(crate) failure: Option<Failure>,
+}
+
 impl<H: Handler> Applier<H> {
     /// Applies `record` once: `Duplicate` when its id is already in the inbox.
     pub(crate) async fn apply(&self, record: &Record) -> Result<Outcome, Failure> {
+        let mut batch = self.apply_batch(std::slice::from_ref(record)).await;
+        match (batch.outcomes.pop(), batch.failure) {
+            (Some(outcome), None) => Ok(outcome),
+            (_, Some(failure)) => Err(failure),
+            (None, None) => Err(Failure::permanent("internal", "empty batch result")),
+        }
+    }
+
+    /// Decodes a record and resolves it into the reader schema.
+    async fn prepare(&self, record: &Record) -> Result<ReceivedMessage, Failure> {
         let envelope = IncomingMessage::from_parts(
             &record.topic,
             record.partition,
@@ -129,8 +148,6 @@ impl<H: Handler> Applier<H> {
             record.payload.as_deref(),
         )
         .map_err(|e| Failure::permanent("envelope", e.to_string()))?;
-        // Decode before the transaction: a registry lookup is a network call, and no lock may be
-        // held across one.
         let decoded = self
             .codec
             .decode(&envelope.payload)
@@ -151,36 +168,122 @@ impl<H: Handler> Applier<H> {
                 .resolve(&envelope.message_type, decoded.value)
                 .map_err(|e| Failure::permanent("schema_resolution", e))?,
         };
-        let message = ReceivedMessage { envelope, value };
-        let mut conn = db::connection(&self.pool)
-            .await
-            .map_err(|e| Failure::from_error("database", &e))?;
-        let (consumer, timeout) = (self.consumer.as_str(), self.handler_timeout);
-        let result: Result<Outcome, HandlerError> = conn
-            .transaction(async |tx| {
-                let inserted = diesel::insert_into(ferrybox_inbox::table)
-                    .values((
-                        ferrybox_inbox::consumer.eq(consumer),
-                        ferrybox_inbox::message_id.eq(message.envelope.id.0),
-                        ferrybox_inbox::message_type.eq(&message.envelope.message_type),
-                        ferrybox_inbox::topic.eq(&message.envelope.topic),
-                        ferrybox_inbox::kafka_partition.eq(message.envelope.partition),
-                        ferrybox_inbox::kafka_offset.eq(message.envelope.offset),
-                    ))
+        Ok(ReceivedMessage { envelope, value })
+    }
+
+    /// Applies the leading records of `records` in one transaction: one statement records every
+    /// id in the inbox, the handler runs (each under a savepoint) only for ids that are new, and
+    /// the first failure ends the batch: the records before it commit, it and the ones after do
+    /// not. Decoding happens before the transaction: a registry lookup is a network call, and
+    /// no lock may be held across one.
+    pub(crate) async fn apply_batch(&self, records: &[Record]) -> BatchApplied {
+        let mut messages = Vec::with_capacity(records.len());
+        let mut failure = None;
+        for record in records {
+            match self.prepare(record).await {
+                Ok(m) => messages.push(m),
+                Err(f) => {
+                    failure = Some(f);
+                    break;
+                }
+            }
+        }
+        if messages.is_empty() {
+            return BatchApplied {
+                outcomes: Vec::new(),
+                failure,
+            };
+        }
+        let mut conn = match db::connection(&self.pool).await {
+            Ok(c) => c,
+            Err(e) => {
+                return BatchApplied {
+                    outcomes: Vec::new(),
+                    failure: Some(Failure::from_error("database", &e)),
+                };
+            }
+        };
+        let consumer = self.consumer.as_str();
+        let result = conn
+            .transaction::<_, diesel::result::Error, _>(async |tx| {
+                let ids: Vec<uuid::Uuid> = messages.iter().map(|m| m.envelope.id.0).collect();
+                let rows: Vec<_> = messages
+                    .iter()
+                    .map(|m| {
+                        (
+                            ferrybox_inbox::consumer.eq(consumer),
+                            ferrybox_inbox::message_id.eq(m.envelope.id.0),
+                            ferrybox_inbox::message_type.eq(&m.envelope.message_type),
+                            ferrybox_inbox::topic.eq(&m.envelope.topic),
+                            ferrybox_inbox::kafka_partition.eq(m.envelope.partition),
+                            ferrybox_inbox::kafka_offset.eq(m.envelope.offset),
+                        )
+                    })
+                    .collect();
+                let mut new: HashSet<uuid::Uuid> = diesel::insert_into(ferrybox_inbox::table)
+                    .values(rows)
                     .on_conflict_do_nothing()
-                    .execute(tx)
-                    .await?;
-                if inserted == 0 {
-                    return Ok(Outcome::Duplicate);
+                    .returning(ferrybox_inbox::message_id)
+                    .get_results::<uuid::Uuid>(tx)
+                    .await?
+                    .into_iter()
+                    .collect();
+                let mut outcomes = Vec::with_capacity(messages.len());
+                for (i, message) in messages.iter().enumerate() {
+                    // `remove`: a second copy of an id within the batch is a duplicate too.
+                    if !new.remove(&message.envelope.id.0) {
+                        outcomes.push(Outcome::Duplicate);
+                        continue;
+                    }
+                    match self.handle_in_savepoint(tx, message).await {
+                        Ok(()) => outcomes.push(Outcome::Applied),
+                        Err(e) => {
+                            // This message and the ones after it stay unapplied: forget their ids.
+                            let rest: Vec<uuid::Uuid> = ids[i..]
+                                .iter()
+                                .copied()
+                                .filter(|id| new.contains(id) || *id == message.envelope.id.0)
+                                .collect();
+                            diesel::delete(
+                                ferrybox_inbox::table
+                                    .filter(ferrybox_inbox::consumer.eq(consumer))
+                                    .filter(ferrybox_inbox::message_id.eq_any(rest)),
+                            )
+                            .execute(tx)
+                            .await?;
+                            return Ok((outcomes, Some(Failure::from_handler(&e))));
+                        }
+                    }
                 }
-                match tokio::time::timeout(timeout, self.handler.handle(tx, &message)).await {
-                    Ok(result) => result.map(|()| Outcome::Applied),
-                    Err(_) => Err(HandlerError::retryable(format!(
-                        "handler timed out after {timeout:?}"
-                    ))),
-                }
+                Ok((outcomes, None))
             })
             .await;
-        result.map_err(|e| Failure::from_handler(&e))
+        match result {
+            Ok((outcomes, handler_failure)) => BatchApplied {
+                outcomes,
+                failure: handler_failure.or(failure),
+            },
+            Err(e) => BatchApplied {
+                outcomes: Vec::new(),
+                failure: Some(Failure::from_handler(&HandlerError::from(e))),
+            },
+        }
+    }
+
+    async fn handle_in_savepoint(
+        &self,
+        tx: &mut AsyncPgConnection,
+        message: &ReceivedMessage,
+    ) -> Result<(), HandlerError> {
+        let timeout = self.handler_timeout;
+        tx.transaction::<_, HandlerError, _>(async |savepoint| {
+            match tokio::time::timeout(timeout, self.handler.handle(savepoint, message)).await {
+                Ok(result) => result,
+                Err(_) => Err(HandlerError::retryable(format!(
+                    "handler timed out after {timeout:?}"
+                ))),
+            }
+        })
+        .await
     }
 }

@@ -20,6 +20,11 @@ pub struct InboxConfig {
     pub consumer_name: Option<String>,
     /// The consumer's version, recorded on dead letters (which code failed).
     pub consumer_version: Option<String>,
+    /// The most messages applied in one database transaction.
+    pub batch_size: usize,
+    /// How long to wait for more messages before applying a batch that is not full.
+    #[serde(with = "duration_ms", rename = "batch_linger_ms")]
+    pub batch_linger: Duration,
     /// Attempts for a retryable failure before the message is dead-lettered.
     pub max_attempts: u32,
     /// Delay between attempts.
@@ -46,6 +51,8 @@ impl Default for InboxConfig {
             topics: Vec::new(),
             consumer_name: None,
             consumer_version: None,
+            batch_size: 500,
+            batch_linger: Duration::from_millis(5),
             max_attempts: 10,
             backoff: Backoff::default(),
             handler_timeout: Duration::from_secs(30),
@@ -65,6 +72,9 @@ impl InboxConfig {
         }
         if self.topics.is_empty() {
             return Err(Error::Config("inbox.topics is empty".into()));
+        }
+        if self.batch_size == 0 {
+            return Err(Error::Config("inbox.batch_size must be at least 1".into()));
         }
         if self.max_attempts == 0 {
             return Err(Error::Config(

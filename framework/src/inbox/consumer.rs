@@ -5,7 +5,6 @@
 use std::sync::Arc;
 
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::message::{BorrowedMessage, Message};
 use tokio_util::sync::CancellationToken;
 
 use super::apply::{Applier, Failure, Outcome, Record};
@@ -132,15 +131,15 @@ impl<H: Handler> InboxConsumer<H> {
             shutdown.child_token(),
         ));
         let mut receive_failures = 0u32;
-        loop {
+        'consume: loop {
             let received = tokio::select! {
                 () = shutdown.cancelled() => break,
                 r = self.consumer.recv() => r,
             };
-            let message = match received {
+            let first = match received {
                 Ok(m) => {
                     receive_failures = 0;
-                    m
+                    Record::from_kafka(&m)
                 }
                 Err(e) => {
                     receive_failures += 1;
@@ -153,19 +152,26 @@ impl<H: Handler> InboxConsumer<H> {
                     continue;
                 }
             };
-            match self.process(&message, &shutdown).await {
-                Some(done) => {
-                    tracing::debug!(
-                        ?done,
-                        topic = message.topic(),
-                        partition = message.partition(),
-                        offset = message.offset(),
-                        "message done"
-                    );
-                    self.consumer.store_offset_from_message(&message)?;
+            // Gather what is already waiting, up to a batch.
+            let mut batch = vec![first];
+            while batch.len() < self.config.batch_size {
+                match tokio::time::timeout(self.config.batch_linger, self.consumer.recv()).await {
+                    Ok(Ok(m)) => batch.push(Record::from_kafka(&m)),
+                    _ => break,
                 }
-                // Shutdown came while the message was still failing: leave it for redelivery.
-                None => break,
+            }
+            let mut next = 0;
+            while next < batch.len() {
+                let Some(done) = self.process_from(&batch[next..], &shutdown).await else {
+                    // Shutdown came while a message was still failing: it and the rest of the
+                    // batch are left for redelivery.
+                    break 'consume;
+                };
+                for record in &batch[next..next + done] {
+                    self.consumer
+                        .store_offset(&record.topic, record.partition, record.offset)?;
+                }
+                next += done;
             }
         }
         match self.consumer.commit_consumer_state(CommitMode::Sync) {
@@ -185,18 +191,50 @@ impl<H: Handler> InboxConsumer<H> {
         Ok(())
     }
 
+    /// Finishes the leading records of `records`: a batch of those whose keys are not blocked,
+    /// or (when the first is blocked or fails) that one record on its own, retried, parked or
+    /// dead-lettered. Returns how many leading records are done; `None` on shutdown.
+    async fn process_from(
+        &self,
+        records: &[Record],
+        shutdown: &CancellationToken,
+    ) -> Option<usize> {
+        let keys: Vec<String> = records.iter().filter_map(Record::key_text).collect();
+        let blocked = match self.dead_letters.blocked_keys(&keys).await {
+            Ok(blocked) => blocked,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not check for parked keys; taking messages one by one");
+                keys.into_iter().collect()
+            }
+        };
+        let run = records
+            .iter()
+            .take_while(|r| r.key_text().is_none_or(|k| !blocked.contains(&k)))
+            .count();
+        if run > 0 {
+            let applied = self.applier.apply_batch(&records[..run]).await;
+            for outcome in &applied.outcomes {
+                let counter = match outcome {
+                    Outcome::Applied => &self.stats.applied,
+                    Outcome::Duplicate => &self.stats.duplicates,
+                };
+                InboxStats::add(counter, 1);
+            }
+            if !applied.outcomes.is_empty() {
+                return Some(applied.outcomes.len());
+            }
+        }
+        // The first record is blocked or failed in the batch: handle it alone.
+        self.process(&records[0], shutdown).await.map(|_| 1)
+    }
+
     /// Processes one record until it is applied, found duplicate, parked or dead-lettered;
     /// `None` when shutdown interrupted it first.
-    async fn process(
-        &self,
-        message: &BorrowedMessage<'_>,
-        shutdown: &CancellationToken,
-    ) -> Option<Done> {
-        let record = Record::from_kafka(message);
+    async fn process(&self, record: &Record, shutdown: &CancellationToken) -> Option<Done> {
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            let failure = match self.try_once(&record).await {
+            let failure = match self.try_once(record).await {
                 Ok(done) => {
                     let counter = match done {
                         Done::Applied => &self.stats.applied,
@@ -219,7 +257,7 @@ impl<H: Handler> InboxConsumer<H> {
                     failure
                 };
                 return self
-                    .dead_letter_until_stored(&record, &failure, attempt, shutdown)
+                    .dead_letter_until_stored(record, &failure, attempt, shutdown)
                     .await;
             }
             InboxStats::add(&self.stats.retries, 1);

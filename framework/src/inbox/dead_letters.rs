@@ -73,6 +73,26 @@ impl DeadLetterStore {
         Ok(open.is_some())
     }
 
+    /// Which of `keys` have an open (dead or parked) letter: one query for a whole batch.
+    pub(crate) async fn blocked_keys(
+        &self,
+        keys: &[String],
+    ) -> Result<std::collections::HashSet<String>> {
+        if keys.is_empty() {
+            return Ok(std::collections::HashSet::new());
+        }
+        let mut conn = db::connection(&self.pool).await?;
+        let blocked: Vec<Option<String>> = dl::table
+            .filter(dl::consumer.eq(&self.consumer))
+            .filter(dl::message_key.eq_any(keys))
+            .filter(dl::status.ne("redriven"))
+            .select(dl::message_key)
+            .distinct()
+            .load(&mut conn)
+            .await?;
+        Ok(blocked.into_iter().flatten().collect())
+    }
+
     /// Parks `record` behind its key's open dead letter. False when the key was unblocked in
     /// the meantime (a redrive finished), in which case the caller applies it normally.
     pub(crate) async fn park(&self, record: &Record, key: &str) -> Result<bool> {
