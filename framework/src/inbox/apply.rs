@@ -206,7 +206,6 @@ impl<H: Handler> Applier<H> {
         let consumer = self.consumer.as_str();
         let result = conn
             .transaction::<_, diesel::result::Error, _>(async |tx| {
-                let ids: Vec<uuid::Uuid> = messages.iter().map(|m| m.envelope.id.0).collect();
                 let rows: Vec<_> = messages
                     .iter()
                     .map(|m| {
@@ -228,31 +227,56 @@ impl<H: Handler> Applier<H> {
                     .await?
                     .into_iter()
                     .collect();
-                let mut outcomes = Vec::with_capacity(messages.len());
+                // Which messages are new (a second copy of an id within the batch is a duplicate).
+                let fresh: Vec<bool> = messages
+                    .iter()
+                    .map(|m| new.remove(&m.envelope.id.0))
+                    .collect();
+                let fresh_messages: Vec<&ReceivedMessage> = messages
+                    .iter()
+                    .zip(&fresh)
+                    .filter(|(_, f)| **f)
+                    .map(|(m, _)| m)
+                    .collect();
+                let as_batch = fresh_messages.is_empty()
+                    || self
+                        .handle_batch_in_savepoint(tx, &fresh_messages)
+                        .await
+                        .is_ok();
+                let outcomes: Vec<Outcome> = fresh
+                    .iter()
+                    .map(|f| {
+                        if *f {
+                            Outcome::Applied
+                        } else {
+                            Outcome::Duplicate
+                        }
+                    })
+                    .collect();
+                if as_batch {
+                    return Ok((outcomes, None));
+                }
+                // The batch failed: apply one by one to find the failing message.
                 for (i, message) in messages.iter().enumerate() {
-                    // `remove`: a second copy of an id within the batch is a duplicate too.
-                    if !new.remove(&message.envelope.id.0) {
-                        outcomes.push(Outcome::Duplicate);
+                    if !fresh[i] {
                         continue;
                     }
-                    match self.handle_in_savepoint(tx, message).await {
-                        Ok(()) => outcomes.push(Outcome::Applied),
-                        Err(e) => {
-                            // This message and the ones after it stay unapplied: forget their ids.
-                            let rest: Vec<uuid::Uuid> = ids[i..]
-                                .iter()
-                                .copied()
-                                .filter(|id| new.contains(id) || *id == message.envelope.id.0)
-                                .collect();
-                            diesel::delete(
-                                ferrybox_inbox::table
-                                    .filter(ferrybox_inbox::consumer.eq(consumer))
-                                    .filter(ferrybox_inbox::message_id.eq_any(rest)),
-                            )
-                            .execute(tx)
-                            .await?;
-                            return Ok((outcomes, Some(Failure::from_handler(&e))));
-                        }
+                    if let Err(e) = self.handle_in_savepoint(tx, message).await {
+                        // This message and the new ones after it stay unapplied: forget their ids.
+                        let unapplied: Vec<uuid::Uuid> = messages[i..]
+                            .iter()
+                            .zip(&fresh[i..])
+                            .filter(|(_, f)| **f)
+                            .map(|(m, _)| m.envelope.id.0)
+                            .collect();
+                        diesel::delete(
+                            ferrybox_inbox::table
+                                .filter(ferrybox_inbox::consumer.eq(consumer))
+                                .filter(ferrybox_inbox::message_id.eq_any(unapplied)),
+                        )
+                        .execute(tx)
+                        .await?;
+                        return Ok((outcomes[..i].to_vec(), Some(Failure::from_handler(&e))));
                     }
                 }
                 Ok((outcomes, None))
@@ -268,6 +292,25 @@ impl<H: Handler> Applier<H> {
                 failure: Some(Failure::from_handler(&HandlerError::from(e))),
             },
         }
+    }
+
+    async fn handle_batch_in_savepoint(
+        &self,
+        tx: &mut AsyncPgConnection,
+        messages: &[&ReceivedMessage],
+    ) -> Result<(), HandlerError> {
+        let timeout = self.handler_timeout;
+        tx.transaction::<_, HandlerError, _>(async |savepoint| {
+            match tokio::time::timeout(timeout, self.handler.handle_batch(savepoint, messages))
+                .await
+            {
+                Ok(result) => result,
+                Err(_) => Err(HandlerError::retryable(format!(
+                    "batch handler timed out after {timeout:?}"
+                ))),
+            }
+        })
+        .await
     }
 
     async fn handle_in_savepoint(

@@ -76,6 +76,8 @@ impl From<diesel::result::Error> for HandlerError {
 ///
 /// `handle` runs inside the inbox transaction on `conn`: whatever it writes commits together
 /// with the message id, or not at all. It runs only for message ids the inbox has not seen.
+/// Messages arrive in batches; implement [`Handler::handle_batch`] too when a batch can be
+/// written faster than one message at a time.
 ///
 /// ```
 /// use diesel_async::AsyncPgConnection;
@@ -103,4 +105,22 @@ pub trait Handler: Send + Sync + 'static {
         conn: &mut AsyncPgConnection,
         message: &ReceivedMessage,
     ) -> impl Future<Output = Result<(), HandlerError>> + Send;
+
+    /// Applies several new messages, in order, in one go. The default calls
+    /// [`Handler::handle`] for each; override it to write a whole batch in one statement.
+    ///
+    /// It runs under a savepoint: when it fails, the consumer rolls it back and applies the
+    /// messages one by one, each under its own savepoint, to find and isolate the failing one.
+    fn handle_batch(
+        &self,
+        conn: &mut AsyncPgConnection,
+        messages: &[&ReceivedMessage],
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send {
+        async move {
+            for message in messages {
+                self.handle(conn, message).await?;
+            }
+            Ok(())
+        }
+    }
 }
