@@ -277,6 +277,11 @@ impl ServiceProcess {
         Ok(Self { child, url })
     }
 
+    /// Kills the process with SIGKILL (no chance to clean up) and waits for it to go.
+    pub async fn kill(mut self) -> std::io::Result<()> {
+        self.child.kill().await
+    }
+
     /// Sends SIGTERM and waits (up to `timeout`) for the process to exit; returns its status.
     pub async fn terminate(
         mut self,

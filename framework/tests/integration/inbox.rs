@@ -16,7 +16,6 @@ use crate::support::{Fixture, TIMEOUT, ThingChanged};
 #[derive(Clone, Default)]
 pub(crate) struct Recorder {
     pub(crate) failures_left: Arc<AtomicU32>,
-    pub(crate) calls: Arc<AtomicU32>,
     /// A (thing, version) the handler always fails permanently.
     pub(crate) poison: Option<(&'static str, i64)>,
 }
@@ -27,7 +26,6 @@ impl Handler for Recorder {
         conn: &mut AsyncPgConnection,
         message: &ReceivedMessage,
     ) -> Result<(), HandlerError> {
-        self.calls.fetch_add(1, Ordering::SeqCst);
         if self
             .failures_left
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -182,7 +180,7 @@ async fn a_failing_handler_stores_no_offset_and_the_message_is_redelivered() {
         failures_left: Arc::new(AtomicU32::new(u32::MAX)),
         ..Recorder::default()
     };
-    let running = start(&fx, &group, failing.clone());
+    let running = start(&fx, &group, failing);
     wait_until(TIMEOUT, "several failed attempts", || async {
         running.stats.snapshot().retries >= 2
     })
@@ -201,7 +199,7 @@ async fn a_failing_handler_stores_no_offset_and_the_message_is_redelivered() {
 
     // A new consumer in the same group gets the same message again and applies it once.
     let fixed = Recorder::default();
-    let running = start(&fx, &group, fixed.clone());
+    let running = start(&fx, &group, fixed);
     wait_until(TIMEOUT, "redelivered message applied", || async {
         running.stats.snapshot().applied == 1
     })
