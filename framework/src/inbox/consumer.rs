@@ -168,8 +168,15 @@ impl<H: Handler> InboxConsumer<H> {
                     break 'consume;
                 };
                 for record in &batch[next..next + done] {
-                    self.consumer
-                        .store_offset(&record.topic, record.partition, record.offset)?;
+                    // A rebalance while the batch was gathered may have taken the partition
+                    // away: its new owner gets the message again and the inbox skips it.
+                    if let Err(e) =
+                        self.consumer
+                            .store_offset(&record.topic, record.partition, record.offset)
+                    {
+                        tracing::warn!(error = %e, topic = record.topic, partition = record.partition,
+                            offset = record.offset, "offset not stored (partition revoked?); the message will be redelivered and deduplicated");
+                    }
                 }
                 next += done;
             }
