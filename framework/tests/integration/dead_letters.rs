@@ -219,3 +219,71 @@ async fn poison_is_dead_lettered_once_its_key_is_parked_and_redrive_releases_it_
         Some(2)
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rebalance_mid_stream_loses_nothing_and_applies_nothing_twice() {
+    let fx = Fixture::new(3).await;
+    let group = testing::unique("group");
+    let config = inbox_config(&fx, &group);
+    let mut version = 0;
+    let publish_next = async |version: &mut i64| {
+        *version += 1;
+        for key in 0..KEYS {
+            fx.change(&format!("k{key}"), *version).await;
+        }
+        publish_all(&fx).await;
+    };
+    let applied =
+        async || u64::try_from(fx.count("SELECT count(*) AS n FROM applied").await).unwrap();
+    let keys = u64::try_from(KEYS).unwrap();
+
+    // A consumes alone.
+    let a = start_reading(&fx, config.clone(), Recorder::default(), None);
+    publish_next(&mut version).await;
+    wait_until(TIMEOUT, "A applied the first round", || async {
+        applied().await == keys
+    })
+    .await;
+
+    // B joins: a rebalance. Rounds keep coming until B has been given partitions and applied.
+    let b = start_reading(&fx, config.clone(), Recorder::default(), None);
+    while b.stats.snapshot().applied == 0 {
+        assert!(version < VERSIONS - 2, "B never got a partition");
+        publish_next(&mut version).await;
+        let expected = keys * u64::try_from(version).unwrap();
+        wait_until(TIMEOUT, "the round applied", || async {
+            applied().await == expected
+        })
+        .await;
+    }
+
+    // A leaves: another rebalance; B takes everything that follows.
+    let a_counters = std::sync::Arc::clone(&a.stats);
+    a.stop().await;
+    while version < VERSIONS {
+        publish_next(&mut version).await;
+    }
+    let total = keys * u64::try_from(VERSIONS).unwrap();
+    wait_until(TIMEOUT, "everything applied", || async {
+        applied().await == total
+    })
+    .await;
+    let b_counters = std::sync::Arc::clone(&b.stats);
+    b.stop().await;
+
+    let (a_stats, b_stats) = (a_counters.snapshot(), b_counters.snapshot());
+    assert!(a_stats.applied > 0 && b_stats.applied > 0);
+    assert_eq!(
+        a_stats.applied + b_stats.applied,
+        total,
+        "each message applied by exactly one of them"
+    );
+    assert_eq!(
+        fx.count("SELECT count(*) AS n FROM ferrybox_dead_letters")
+            .await,
+        0
+    );
+    for (key, versions) in applied_in_order(&fx).await {
+        assert_eq!(versions, (1..=VERSIONS).collect::<Vec<_>>(), "{key}");
+    }
+}
