@@ -3,7 +3,7 @@
 
 INFRA := deploy/local/infra.sh
 
-.PHONY: demo test contracts lint infra-up infra-down infra-status
+.PHONY: demo test contracts bench lint infra-up infra-down infra-status
 
 ## make demo: the whole flow on a local broker and database, with a summary.
 demo:
@@ -13,6 +13,11 @@ demo:
 ## make test: formatting, lints, contracts and every test in the workspace (what CI runs).
 test: lint contracts
 	$(INFRA) run cargo test --workspace --all-features --no-fail-fast
+
+## make bench: benchmark tables, one `ratio <name> <value>` line per comparison (release build).
+bench:
+	cargo build --release -p ferrybox-e2e --bin bench
+	$(INFRA) run cargo run --release --quiet -p ferrybox-e2e --bin bench
 
 ## make contracts: every consumer can read every version its producers published. No server.
 contracts:

@@ -1,0 +1,366 @@
+//! `make bench`: inbox throughput and end-to-end latency, each against a baseline measured in
+//! the same run on the same broker and database. Prints a table and one `ratio <name> <value>`
+//! line per comparison.
+//!
+//! - `inbox_vs_raw_insert`: inbox apply rate for messages already in Kafka, over the rate of
+//!   inserting the same rows straight into PostgreSQL in batches of the same size.
+//! - `inbox_vs_naive`: the same inbox rate over a naive consumer doing one transaction and one
+//!   synchronous offset commit per message.
+//! - `e2e_latency_p99_ms`: producer commit to consumer commit, at a fixed moderate rate,
+//!   through outbox, relay and broker.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use diesel::sql_types::{Array, BigInt, Text, Uuid as SqlUuid};
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use ferrybox::inbox::{Handler, HandlerError, ReceivedMessage};
+use ferrybox::testing::{self, TestDatabase};
+use ferrybox::{
+    AvroCodec, CancellationToken, Event, InboxConfig, InboxConsumer, Outbox, Relay, RelayConfig,
+};
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde::{Deserialize, Serialize};
+
+const MESSAGES: usize = 100_000;
+const NAIVE_MESSAGES: usize = 3_000;
+const KEYS: usize = 1_000;
+const BATCH: usize = 500;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Reading {
+    sensor: String,
+    version: i64,
+    data: String,
+}
+
+impl Event for Reading {
+    const MESSAGE_TYPE: &'static str = "com.ferrybox.bench.Reading";
+    const SCHEMA: &'static str = r#"{"type":"record","name":"Reading","namespace":"com.ferrybox.bench","fields":[
+        {"name":"sensor","type":"string"},{"name":"version","type":"long"},{"name":"data","type":"string"}]}"#;
+    fn key(&self) -> String {
+        self.sensor.clone()
+    }
+    fn entity_version(&self) -> i64 {
+        self.version
+    }
+}
+
+const TABLE: &str = "CREATE TABLE readings (message_id UUID NOT NULL, sensor TEXT NOT NULL, version BIGINT NOT NULL, \
+                     data TEXT NOT NULL, applied_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(), occurred_at TIMESTAMPTZ)";
+
+/// Writes a whole batch with one statement.
+struct Readings;
+
+impl Handler for Readings {
+    async fn handle(
+        &self,
+        conn: &mut AsyncPgConnection,
+        message: &ReceivedMessage,
+    ) -> Result<(), HandlerError> {
+        self.handle_batch(conn, &[message]).await
+    }
+
+    async fn handle_batch(
+        &self,
+        conn: &mut AsyncPgConnection,
+        messages: &[&ReceivedMessage],
+    ) -> Result<(), HandlerError> {
+        let mut ids = Vec::with_capacity(messages.len());
+        let mut sensors = Vec::with_capacity(messages.len());
+        let mut versions = Vec::with_capacity(messages.len());
+        let mut data = Vec::with_capacity(messages.len());
+        let mut occurred = Vec::with_capacity(messages.len());
+        for m in messages {
+            let r: Reading = m.body()?;
+            ids.push(m.envelope.id.0);
+            sensors.push(r.sensor);
+            versions.push(r.version);
+            data.push(r.data);
+            occurred.push(m.envelope.occurred_at.to_rfc3339());
+        }
+        diesel::sql_query(
+            "INSERT INTO readings (message_id, sensor, version, data, occurred_at) \
+             SELECT * FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::timestamptz[])",
+        )
+        .bind::<Array<SqlUuid>, _>(ids)
+        .bind::<Array<Text>, _>(sensors)
+        .bind::<Array<BigInt>, _>(versions)
+        .bind::<Array<Text>, _>(data)
+        .bind::<Array<Text>, _>(occurred)
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+}
+
+fn readings(n: usize) -> Vec<Reading> {
+    (0..n)
+        .map(|i| Reading {
+            sensor: format!("sensor-{:04}", i % KEYS),
+            version: i64::try_from(i / KEYS + 1).unwrap_or(i64::MAX),
+            data: format!("{i:0>180}"),
+        })
+        .collect()
+}
+
+/// Produces `n` encoded messages straight to `topic` (not part of any measurement).
+async fn prefill(topic: &str, codec: &AvroCodec, n: usize) -> anyhow::Result<()> {
+    let producer: FutureProducer = testing::kafka()
+        .client_config()
+        .set("linger.ms", "20")
+        .create()?;
+    let mut pending = Vec::new();
+    for reading in readings(n) {
+        let message = codec.message(topic, &reading).await?;
+        let headers = message.kafka_headers("bench");
+        let kafka_headers = headers.iter().fold(OwnedHeaders::new(), |h, (k, v)| {
+            h.insert(Header {
+                key: k,
+                value: Some(v.as_bytes()),
+            })
+        });
+        let record = FutureRecord::to(topic)
+            .key(&message.key)
+            .payload(&message.payload)
+            .headers(kafka_headers);
+        pending.push(producer.send_result(record).map_err(|(e, _)| e)?);
+        if pending.len() == 5_000 {
+            for p in pending.drain(..) {
+                p.await?.map_err(|(e, _)| e)?;
+            }
+        }
+    }
+    for p in pending {
+        p.await?.map_err(|(e, _)| e)?;
+    }
+    Ok(())
+}
+
+async fn database() -> anyhow::Result<(TestDatabase, AsyncPgConnection)> {
+    let (db, _) = TestDatabase::with_framework_tables().await;
+    let mut conn = AsyncPgConnection::establish(db.url()).await?;
+    diesel::sql_query(TABLE).execute(&mut conn).await?;
+    Ok((db, conn))
+}
+
+/// Messages per second the inbox applies from a pre-filled topic.
+async fn inbox_rate(codec: &AvroCodec) -> anyhow::Result<f64> {
+    let topic = testing::create_topic(3).await;
+    prefill(&topic, codec, MESSAGES).await?;
+    let (db, _conn) = database().await?;
+    let config = InboxConfig {
+        group_id: testing::unique("bench"),
+        topics: vec![topic],
+        batch_size: BATCH,
+        ..InboxConfig::default()
+    };
+    let consumer = InboxConsumer::new(
+        db.pool(),
+        &testing::kafka(),
+        codec.clone(),
+        Readings,
+        config,
+    )?;
+    let stats = consumer.stats();
+    let stop = CancellationToken::new();
+    let started = Instant::now();
+    let task = tokio::spawn(consumer.run(stop.clone()));
+    while stats.snapshot().applied < MESSAGES as u64 {
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(900),
+            "inbox did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let elapsed = started.elapsed();
+    stop.cancel();
+    task.await??;
+    Ok(MESSAGES as f64 / elapsed.as_secs_f64())
+}
+
+/// Rows per second inserted straight into PostgreSQL, in batches of the same size.
+async fn raw_insert_rate() -> anyhow::Result<f64> {
+    let (_db, mut conn) = database().await?;
+    let rows = readings(MESSAGES);
+    let started = Instant::now();
+    for chunk in rows.chunks(BATCH) {
+        let ids: Vec<uuid::Uuid> = chunk.iter().map(|_| uuid::Uuid::now_v7()).collect();
+        conn.transaction::<_, diesel::result::Error, _>(async |tx| {
+            diesel::sql_query(
+                "INSERT INTO readings (message_id, sensor, version, data) \
+                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[])",
+            )
+            .bind::<Array<SqlUuid>, _>(ids)
+            .bind::<Array<Text>, _>(chunk.iter().map(|r| r.sensor.clone()).collect::<Vec<_>>())
+            .bind::<Array<BigInt>, _>(chunk.iter().map(|r| r.version).collect::<Vec<_>>())
+            .bind::<Array<Text>, _>(chunk.iter().map(|r| r.data.clone()).collect::<Vec<_>>())
+            .execute(tx)
+            .await?;
+            Ok(())
+        })
+        .await?;
+    }
+    Ok(MESSAGES as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Messages per second of a naive consumer: one transaction and one synchronous offset commit
+/// per message.
+async fn naive_rate(codec: &AvroCodec) -> anyhow::Result<f64> {
+    let topic = testing::create_topic(3).await;
+    prefill(&topic, codec, NAIVE_MESSAGES).await?;
+    let (_db, mut conn) = database().await?;
+    let consumer: StreamConsumer = testing::kafka()
+        .client_config()
+        .set("group.id", testing::unique("naive"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    consumer.subscribe(&[&topic])?;
+    let started = Instant::now();
+    for _ in 0..NAIVE_MESSAGES {
+        let m = consumer.recv().await?;
+        let headers = rdkafka::message::Message::headers(&m)
+            .map(|hs| {
+                rdkafka::message::Headers::iter(hs)
+                    .map(|h| {
+                        (
+                            h.key.to_owned(),
+                            String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let envelope = ferrybox::IncomingMessage::from_parts(
+            rdkafka::message::Message::topic(&m),
+            rdkafka::message::Message::partition(&m),
+            rdkafka::message::Message::offset(&m),
+            rdkafka::message::Message::key(&m),
+            headers,
+            rdkafka::message::Message::payload(&m),
+        )?;
+        let reading: Reading = codec.decode(&envelope.payload).await?.into_typed()?;
+        conn.transaction::<_, diesel::result::Error, _>(async |tx| {
+            diesel::sql_query(
+                "INSERT INTO ferrybox_inbox (consumer, message_id, message_type, topic, kafka_partition, kafka_offset) \
+                 VALUES ('naive', $1, 't', 't', 0, 0) ON CONFLICT DO NOTHING",
+            )
+            .bind::<SqlUuid, _>(envelope.id.0)
+            .execute(tx)
+            .await?;
+            diesel::sql_query("INSERT INTO readings (message_id, sensor, version, data) VALUES ($1, $2, $3, $4)")
+                .bind::<SqlUuid, _>(envelope.id.0)
+                .bind::<Text, _>(&reading.sensor)
+                .bind::<BigInt, _>(reading.version)
+                .bind::<Text, _>(&reading.data)
+                .execute(tx)
+                .await?;
+            Ok(())
+        })
+        .await?;
+        consumer.commit_message(&m, CommitMode::Sync)?;
+    }
+    Ok(NAIVE_MESSAGES as f64 / started.elapsed().as_secs_f64())
+}
+
+/// p50 and p99 of producer commit to consumer commit, in ms, at `rate` messages per second.
+async fn e2e_latency(codec: &AvroCodec, rate: u32, seconds: u32) -> anyhow::Result<(f64, f64)> {
+    let topic = testing::create_topic(3).await;
+    codec.register::<Reading>(&topic).await?;
+    let (db, mut conn) = database().await?;
+    let relay = Relay::new(
+        db.config(),
+        &testing::kafka(),
+        RelayConfig {
+            poll_interval: Duration::from_millis(10),
+            ..RelayConfig::default()
+        },
+    )?;
+    let config = InboxConfig {
+        group_id: testing::unique("latency"),
+        topics: vec![topic.clone()],
+        batch_linger: Duration::from_millis(1),
+        ..InboxConfig::default()
+    };
+    let consumer = InboxConsumer::new(
+        db.pool(),
+        &testing::kafka(),
+        codec.clone(),
+        Readings,
+        config,
+    )?;
+    let stats = consumer.stats();
+    let stop = CancellationToken::new();
+    let relay_task = tokio::spawn({
+        let stop = stop.clone();
+        async move { relay.run(stop).await }
+    });
+    let consumer_task = tokio::spawn(consumer.run(stop.clone()));
+    let outbox = Outbox::new("bench");
+    let total = rate * seconds;
+    let interval = Duration::from_secs(1) / rate;
+    let mut next = Instant::now();
+    for reading in readings(total as usize) {
+        tokio::time::sleep_until(next.into()).await;
+        next += interval;
+        let message = codec.message(&topic, &reading).await?;
+        conn.transaction::<_, ferrybox::Error, _>(async |tx| outbox.enqueue(tx, &message).await)
+            .await?;
+    }
+    let started = Instant::now();
+    while stats.snapshot().applied < u64::from(total) {
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(120),
+            "latency run did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.cancel();
+    relay_task.await??;
+    consumer_task.await??;
+    #[derive(diesel::QueryableByName)]
+    struct P {
+        #[diesel(sql_type = diesel::sql_types::Double)]
+        p50: f64,
+        #[diesel(sql_type = diesel::sql_types::Double)]
+        p99: f64,
+    }
+    // The outbox row's commit time is close to created_at; occurred_at is set just before.
+    let p: P = diesel::sql_query(
+        "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY ms) AS p50, percentile_cont(0.99) WITHIN GROUP (ORDER BY ms) AS p99 \
+         FROM (SELECT extract(epoch FROM (r.applied_at - o.created_at)) * 1000 AS ms \
+               FROM readings r JOIN ferrybox_outbox o ON o.message_id = r.message_id) AS l",
+    )
+    .get_result(&mut conn)
+    .await
+    .context("latency query")?;
+    Ok((p.p50, p.p99))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let codec = AvroCodec::new(&testing::registry_url());
+    println!(
+        "Ferrybox inbox benchmark: {MESSAGES} messages of ~200 bytes over {KEYS} keys, batches of {BATCH}"
+    );
+    let inbox = inbox_rate(&codec).await?;
+    let raw = raw_insert_rate().await?;
+    let naive = naive_rate(&codec).await?;
+    let (p50, p99) = e2e_latency(&codec, 200, 10).await?;
+    println!();
+    println!("| measurement                              | value         |");
+    println!("|------------------------------------------|---------------|");
+    println!("| inbox apply rate (msg/s)                 | {inbox:>13.0} |");
+    println!("| raw batched insert rate (rows/s)         | {raw:>13.0} |");
+    println!("| naive consumer rate (msg/s)              | {naive:>13.0} |");
+    println!("| e2e latency p50 at 200 msg/s (ms)        | {p50:>13.1} |");
+    println!("| e2e latency p99 at 200 msg/s (ms)        | {p99:>13.1} |");
+    println!();
+    println!("ratio inbox_vs_raw_insert {:.3}", inbox / raw);
+    println!("ratio inbox_vs_naive {:.3}", inbox / naive);
+    println!("ratio e2e_latency_p99_ms {p99:.1}");
+    Ok(())
+}
