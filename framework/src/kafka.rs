@@ -108,3 +108,26 @@ pub async fn partition_count(config: &KafkaConfig, topic: &str) -> Result<i32> {
     .await
     .map_err(|e| Error::Task(e.to_string()))?
 }
+
+/// A record's headers as text (values that are not UTF-8 are kept lossily).
+pub fn headers_map(
+    message: &impl rdkafka::message::Message,
+) -> std::collections::BTreeMap<String, String> {
+    use rdkafka::message::Headers;
+    message
+        .headers()
+        .map(|headers| {
+            headers
+                .iter()
+                .map(|h| {
+                    (
+                        h.key.to_owned(),
+                        h.value
+                            .map(|v| String::from_utf8_lossy(v).into_owned())
+                            .unwrap_or_default(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}

@@ -309,3 +309,42 @@ impl ServiceProcess {
         }
     }
 }
+
+/// One record read back from a topic by [`read_topic`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadRecord {
+    /// Its partition.
+    pub partition: i32,
+    /// Its offset.
+    pub offset: i64,
+    /// Its headers.
+    pub headers: std::collections::BTreeMap<String, String>,
+}
+
+/// Reads `n` records from the start of `topic` with a throw-away consumer group; panics if
+/// they do not arrive within `timeout`.
+pub async fn read_topic(topic: &str, n: usize, timeout: Duration) -> Vec<ReadRecord> {
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::message::Message;
+    let consumer: StreamConsumer = kafka()
+        .client_config()
+        .set("group.id", unique("reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("reader");
+    consumer.subscribe(&[topic]).expect("subscribe");
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let m = tokio::time::timeout(timeout, consumer.recv())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of {n} records arrived from {topic}", out.len()))
+            .expect("receive");
+        out.push(ReadRecord {
+            partition: m.partition(),
+            offset: m.offset(),
+            headers: crate::kafka::headers_map(&m),
+        });
+    }
+    out
+}

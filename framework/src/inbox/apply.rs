@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use diesel::prelude::*;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
-use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::message::{BorrowedMessage, Message};
 
 use super::handler::{Handler, HandlerError, ReceivedMessage};
 use super::schema::ferrybox_inbox;
@@ -29,21 +29,7 @@ pub(crate) struct Record {
 
 impl Record {
     pub(crate) fn from_kafka(m: &BorrowedMessage<'_>) -> Self {
-        let headers = m
-            .headers()
-            .map(|hs| {
-                hs.iter()
-                    .map(|h| {
-                        (
-                            h.key.to_owned(),
-                            h.value
-                                .map(|v| String::from_utf8_lossy(v).into_owned())
-                                .unwrap_or_default(),
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let headers = crate::kafka::headers_map(m);
         Self {
             topic: m.topic().to_owned(),
             partition: m.partition(),

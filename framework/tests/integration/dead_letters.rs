@@ -4,8 +4,6 @@ use diesel::sql_types::{BigInt, Text};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use ferrybox::inbox::{DeadLetterFilter, DeadLetters, dlq_headers};
 use ferrybox::testing::{self, wait_until};
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::{Headers, Message};
 
 use crate::inbox::{Recorder, inbox_config, publish_all, start_reading};
 use crate::support::{Fixture, TIMEOUT};
@@ -38,35 +36,11 @@ async fn applied_in_order(fx: &Fixture) -> BTreeMap<String, Vec<i64>> {
 
 /// Reads `n` records from the dead-letter topic: their origin headers.
 async fn dead_letter_topic(topic: &str, n: usize) -> Vec<BTreeMap<String, String>> {
-    let consumer: StreamConsumer = testing::kafka()
-        .client_config()
-        .set("group.id", testing::unique("dlq-reader"))
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .unwrap();
-    consumer.subscribe(&[topic]).unwrap();
-    let mut out = Vec::new();
-    while out.len() < n {
-        let m = tokio::time::timeout(TIMEOUT, consumer.recv())
-            .await
-            .expect("dead letters arrive")
-            .unwrap();
-        let headers = m
-            .headers()
-            .map(|hs| {
-                hs.iter()
-                    .map(|h| {
-                        (
-                            h.key.to_owned(),
-                            String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        out.push(headers);
-    }
-    out
+    testing::read_topic(topic, n, TIMEOUT)
+        .await
+        .into_iter()
+        .map(|r| r.headers)
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -5,8 +5,6 @@ use diesel::sql_types::{BigInt, Text};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use ferrybox::testing::{self, TestDatabase};
 use ferrybox::{AvroCodec, Event, Outbox, RelayConfig};
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::{Headers, Message};
 use serde::{Deserialize, Serialize};
 
 pub(crate) const TIMEOUT: Duration = Duration::from_secs(60);
@@ -116,29 +114,15 @@ impl Fixture {
 
 /// Reads `n` records from the start of `topic` with a plain consumer: (partition, offset, ce_id).
 pub(crate) async fn read_records(topic: &str, n: usize) -> Vec<(i32, i64, String)> {
-    let consumer: StreamConsumer = testing::kafka()
-        .client_config()
-        .set("group.id", testing::unique("reader"))
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    consumer.subscribe(&[topic]).unwrap();
-    let mut out = Vec::new();
-    while out.len() < n {
-        let m = tokio::time::timeout(TIMEOUT, consumer.recv())
-            .await
-            .expect("records arrive")
-            .unwrap();
-        let id = m
-            .headers()
-            .and_then(|h| {
-                h.iter()
-                    .find(|h| h.key == "ce_id")
-                    .and_then(|h| h.value.map(|v| String::from_utf8_lossy(v).into_owned()))
-            })
-            .unwrap_or_default();
-        out.push((m.partition(), m.offset(), id));
-    }
-    out
+    testing::read_topic(topic, n, TIMEOUT)
+        .await
+        .into_iter()
+        .map(|r| {
+            (
+                r.partition,
+                r.offset,
+                r.headers.get("ce_id").cloned().unwrap_or_default(),
+            )
+        })
+        .collect()
 }

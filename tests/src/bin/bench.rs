@@ -222,18 +222,7 @@ async fn naive_rate(codec: &AvroCodec) -> anyhow::Result<f64> {
     let started = Instant::now();
     for _ in 0..NAIVE_MESSAGES {
         let m = consumer.recv().await?;
-        let headers = rdkafka::message::Message::headers(&m)
-            .map(|hs| {
-                rdkafka::message::Headers::iter(hs)
-                    .map(|h| {
-                        (
-                            h.key.to_owned(),
-                            String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let headers = ferrybox::kafka::headers_map(&m);
         let envelope = ferrybox::IncomingMessage::from_parts(
             rdkafka::message::Message::topic(&m),
             rdkafka::message::Message::partition(&m),
