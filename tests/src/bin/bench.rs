@@ -24,8 +24,16 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::{Deserialize, Serialize};
 
-const MESSAGES: usize = 100_000;
+/// Messages for the throughput runs; `FERRYBOX_BENCH_MESSAGES` overrides it.
+const DEFAULT_MESSAGES: usize = 100_000;
 const NAIVE_MESSAGES: usize = 3_000;
+
+fn messages() -> usize {
+    std::env::var("FERRYBOX_BENCH_MESSAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(DEFAULT_MESSAGES)
+}
 const KEYS: usize = 1_000;
 const BATCH: usize = 500;
 
@@ -149,7 +157,7 @@ async fn database() -> anyhow::Result<(TestDatabase, AsyncPgConnection)> {
 /// Messages per second the inbox applies from a pre-filled topic.
 async fn inbox_rate(codec: &AvroCodec) -> anyhow::Result<f64> {
     let topic = testing::create_topic(3).await;
-    prefill(&topic, codec, MESSAGES).await?;
+    prefill(&topic, codec, messages()).await?;
     let (db, _conn) = database().await?;
     let config = InboxConfig {
         group_id: testing::unique("bench"),
@@ -168,7 +176,7 @@ async fn inbox_rate(codec: &AvroCodec) -> anyhow::Result<f64> {
     let stop = CancellationToken::new();
     let started = Instant::now();
     let task = tokio::spawn(consumer.run(stop.clone()));
-    while stats.snapshot().applied < MESSAGES as u64 {
+    while stats.snapshot().applied < messages() as u64 {
         anyhow::ensure!(
             started.elapsed() < Duration::from_secs(900),
             "inbox did not finish"
@@ -178,13 +186,13 @@ async fn inbox_rate(codec: &AvroCodec) -> anyhow::Result<f64> {
     let elapsed = started.elapsed();
     stop.cancel();
     task.await??;
-    Ok(MESSAGES as f64 / elapsed.as_secs_f64())
+    Ok(messages() as f64 / elapsed.as_secs_f64())
 }
 
 /// Rows per second inserted straight into PostgreSQL, in batches of the same size.
 async fn raw_insert_rate() -> anyhow::Result<f64> {
     let (_db, mut conn) = database().await?;
-    let rows = readings(MESSAGES);
+    let rows = readings(messages());
     let started = Instant::now();
     for chunk in rows.chunks(BATCH) {
         let ids: Vec<uuid::Uuid> = chunk.iter().map(|_| uuid::Uuid::now_v7()).collect();
@@ -203,7 +211,7 @@ async fn raw_insert_rate() -> anyhow::Result<f64> {
         })
         .await?;
     }
-    Ok(MESSAGES as f64 / started.elapsed().as_secs_f64())
+    Ok(messages() as f64 / started.elapsed().as_secs_f64())
 }
 
 /// Messages per second of a naive consumer: one transaction and one synchronous offset commit
@@ -333,7 +341,8 @@ async fn e2e_latency(codec: &AvroCodec, rate: u32, seconds: u32) -> anyhow::Resu
 async fn main() -> anyhow::Result<()> {
     let codec = AvroCodec::new(&testing::registry_url());
     println!(
-        "Ferrybox inbox benchmark: {MESSAGES} messages of ~200 bytes over {KEYS} keys, batches of {BATCH}"
+        "Ferrybox inbox benchmark: {} messages of ~200 bytes over {KEYS} keys, batches of {BATCH}",
+        messages()
     );
     let inbox = inbox_rate(&codec).await?;
     let raw = raw_insert_rate().await?;
