@@ -89,6 +89,14 @@ impl KafkaConfig {
         }
     }
 
+    /// The pass-through value of librdkafka setting `name` (given with `.` or `_`), if set.
+    pub fn setting(&self, name: &str) -> Option<&str> {
+        self.settings
+            .iter()
+            .find(|(key, _)| librdkafka_name(key) == name)
+            .map(|(_, value)| value.as_str())
+    }
+
     /// Checks the settings make sense.
     pub fn validate(&self) -> Result<()> {
         if self.bootstrap_servers.trim().is_empty() {
@@ -111,12 +119,16 @@ impl KafkaConfig {
             config.set(*key, *value);
         }
         for (key, value) in &self.settings {
-            // librdkafka names never contain '_': accept it for '.', which environment
-            // variables cannot carry (`..._KAFKA__SETTINGS__MESSAGE_TIMEOUT_MS`).
-            config.set(key.replace('_', "."), value);
+            config.set(librdkafka_name(key), value);
         }
         config
     }
+}
+
+/// librdkafka names never contain '_': it stands for '.', which environment variables cannot
+/// carry (`..._KAFKA__SETTINGS__MESSAGE_TIMEOUT_MS`).
+fn librdkafka_name(key: &str) -> String {
+    key.replace('_', ".")
 }
 
 /// Reads a map whose values may be strings, numbers or booleans, as text.

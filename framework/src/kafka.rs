@@ -20,12 +20,8 @@ const DURABLE_PRODUCER: &[(&str, &str)] = &[("acks", "all"), ("enable.idempotenc
 /// `enable.idempotence=false`).
 pub fn durable_producer(config: &KafkaConfig) -> Result<FutureProducer> {
     for (key, required) in DURABLE_PRODUCER {
-        let given = config
-            .settings
-            .iter()
-            .find(|(k, _)| k.replace('_', ".") == *key);
-        if let Some((_, value)) = given {
-            let ok = value == required || (*key == "acks" && value == "-1");
+        if let Some(value) = config.setting(key) {
+            let ok = value == *required || (*key == "acks" && value == "-1");
             if !ok {
                 return Err(Error::Config(format!(
                     "kafka setting {key}={value} weakens durability; Ferrybox needs {key}={required}"

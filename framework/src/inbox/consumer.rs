@@ -61,9 +61,8 @@ impl<H: Handler> InboxConsumer<H> {
         kafka.validate()?;
         config.validate()?;
         if kafka
-            .settings
-            .iter()
-            .any(|(k, v)| k.replace('_', ".") == "enable.auto.offset.store" && v != "false")
+            .setting("enable.auto.offset.store")
+            .is_some_and(|v| v != "false")
         {
             return Err(Error::Config(
                 "enable.auto.offset.store must stay false: offsets are stored after the inbox commit".into(),
