@@ -127,3 +127,17 @@ pub fn headers_map(
         })
         .unwrap_or_default()
 }
+
+/// Kafka record headers from text (the inverse of [`headers_map`]).
+pub fn owned_headers(
+    headers: &std::collections::BTreeMap<String, String>,
+) -> rdkafka::message::OwnedHeaders {
+    headers
+        .iter()
+        .fold(rdkafka::message::OwnedHeaders::new(), |h, (key, value)| {
+            h.insert(rdkafka::message::Header {
+                key,
+                value: Some(value.as_bytes()),
+            })
+        })
+}

@@ -14,7 +14,6 @@ use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel::sql_types::Text;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::Serialize;
 
@@ -190,13 +189,8 @@ impl DeadLetterStore {
         ] {
             headers.insert(name.to_owned(), value);
         }
-        let kafka_headers = headers.iter().fold(OwnedHeaders::new(), |h, (key, value)| {
-            h.insert(Header {
-                key,
-                value: Some(value.as_bytes()),
-            })
-        });
-        let mut out: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(kafka_headers);
+        let mut out: FutureRecord<'_, [u8], [u8]> =
+            FutureRecord::to(topic).headers(crate::kafka::owned_headers(&headers));
         if let Some(key) = &record.key {
             out = out.key(key.as_slice());
         }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use diesel::prelude::*;
 use diesel::sql_types::{Array, BigInt, Bool, Integer, Text};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
@@ -303,13 +303,7 @@ impl Relay {
 
 fn kafka_headers(stored: &serde_json::Value) -> OwnedHeaders {
     let map: BTreeMap<String, String> = serde_json::from_value(stored.clone()).unwrap_or_default();
-    map.iter()
-        .fold(OwnedHeaders::new(), |headers, (key, value)| {
-            headers.insert(Header {
-                key,
-                value: Some(value.as_bytes()),
-            })
-        })
+    crate::kafka::owned_headers(&map)
 }
 
 /// Sleeps for `delay`; true when shutdown came first.

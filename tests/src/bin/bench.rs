@@ -20,7 +20,6 @@ use ferrybox::{
     AvroCodec, CancellationToken, Event, InboxConfig, InboxConsumer, Outbox, Relay, RelayConfig,
 };
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::{Deserialize, Serialize};
 
@@ -124,12 +123,7 @@ async fn prefill(topic: &str, codec: &AvroCodec, n: usize) -> anyhow::Result<()>
     for reading in readings(n) {
         let message = codec.message(topic, &reading).await?;
         let headers = message.kafka_headers("bench");
-        let kafka_headers = headers.iter().fold(OwnedHeaders::new(), |h, (k, v)| {
-            h.insert(Header {
-                key: k,
-                value: Some(v.as_bytes()),
-            })
-        });
+        let kafka_headers = ferrybox::kafka::owned_headers(&headers);
         let record = FutureRecord::to(topic)
             .key(&message.key)
             .payload(&message.payload)
