@@ -34,12 +34,11 @@ impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         settings.validate()?;
         migrate(&settings).await?;
-        ferrybox::kafka::ensure_topics(
-            &settings.kafka,
-            std::slice::from_ref(&settings.users_topic),
-        )
-        .await
-        .context("users topic")?;
+        // The users topic and the dead-letter topic: tansu, like a locked-down Kafka, does not
+        // create topics on first use, and a dead letter that cannot be published holds the offset.
+        ferrybox::kafka::ensure_topics(&settings.kafka, &settings.topics())
+            .await
+            .context("topics")?;
         let pool = db::pool(&settings.database)?;
         let codec = AvroCodec::new(&settings.schema_registry_url);
         let consumer = InboxConsumer::new(

@@ -169,5 +169,13 @@ async fn user_changes_flow_to_the_auth_cache_and_logins_follow_them() {
         ),
         (Some(0), Some(0))
     );
+    // auth-service created its dead-letter topic at start-up, so a dead letter can be published.
+    let dlq = format!("{}.auth-service.dlq", stack.topic);
+    assert_eq!(
+        ferrybox::kafka::partition_count(&ferrybox::testing::kafka(), &dlq)
+            .await
+            .unwrap(),
+        1
+    );
     stack.stop().await.unwrap();
 }
