@@ -24,7 +24,7 @@ pub struct Application {
 
 /// Creates the service's tables and the framework's (inbox, dead letters) in its database.
 pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
-    db::migrate_service(&settings.database, MIGRATIONS)
+    db::migrate_service(&db::pool(&settings.database)?, MIGRATIONS)
         .await
         .context("database migrations")
 }
@@ -33,13 +33,15 @@ impl Application {
     /// Migrates the database, makes sure the topic exists, subscribes and binds the listener.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         settings.validate()?;
-        migrate(&settings).await?;
+        let pool = db::pool(&settings.database)?;
+        db::migrate_service(&pool, MIGRATIONS)
+            .await
+            .context("database migrations")?;
         // The users topic and the dead-letter topic: tansu, like a locked-down Kafka, does not
         // create topics on first use, and a dead letter that cannot be published holds the offset.
         ferrybox::kafka::ensure_topics(&settings.kafka, &settings.topics())
             .await
             .context("topics")?;
-        let pool = db::pool(&settings.database)?;
         let codec = AvroCodec::new(&settings.schema_registry_url);
         let consumer = InboxConsumer::new(
             pool.clone(),

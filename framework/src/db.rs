@@ -53,13 +53,9 @@ pub async fn run_migrations(pool: &PgPool, migrations: EmbeddedMigrations) -> Re
     .map_err(|e| Error::Migration(e.to_string()))?
 }
 
-/// Runs the framework's migrations, then the service's own `migrations`, on `config`'s
+/// Runs the framework's migrations, then the service's own `migrations`, on `pool`'s
 /// database: what a service's `migrate` command and start-up do.
-pub async fn migrate_service(
-    config: &DatabaseConfig,
-    migrations: EmbeddedMigrations,
-) -> Result<()> {
-    let pool = pool(config)?;
-    run_migrations(&pool, MIGRATIONS).await?;
-    run_migrations(&pool, migrations).await
+pub async fn migrate_service(pool: &PgPool, migrations: EmbeddedMigrations) -> Result<()> {
+    run_migrations(pool, MIGRATIONS).await?;
+    run_migrations(pool, migrations).await
 }

@@ -27,7 +27,7 @@ pub struct Application {
 
 /// Creates the service's tables and the framework's (outbox) in its database.
 pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
-    db::migrate_service(&settings.database, MIGRATIONS)
+    db::migrate_service(&db::pool(&settings.database)?, MIGRATIONS)
         .await
         .context("database migrations")
 }
@@ -37,7 +37,10 @@ impl Application {
     /// incompatible one stops start-up here) and binds the listener.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         settings.validate()?;
-        migrate(&settings).await?;
+        let pool = db::pool(&settings.database)?;
+        db::migrate_service(&pool, MIGRATIONS)
+            .await
+            .context("database migrations")?;
         ferrybox::kafka::ensure_topics(
             &settings.kafka,
             std::slice::from_ref(&settings.users_topic),
@@ -46,16 +49,25 @@ impl Application {
         .context("users topic")?;
         let codec = AvroCodec::new(&settings.schema_registry_url);
         let topic = settings.users_topic.name.clone();
-        for registered in [
-            codec.register::<UserRegistered>(&topic).await,
-            codec.register::<UserUpdated>(&topic).await,
-            codec.register::<UserSuspended>(&topic).await,
-            codec.register::<UserDeleted>(&topic).await,
-        ] {
-            registered.context("registering event schemas with the schema registry")?;
-        }
+        let registering = "registering event schemas with the schema registry";
+        codec
+            .register::<UserRegistered>(&topic)
+            .await
+            .context(registering)?;
+        codec
+            .register::<UserUpdated>(&topic)
+            .await
+            .context(registering)?;
+        codec
+            .register::<UserSuspended>(&topic)
+            .await
+            .context(registering)?;
+        codec
+            .register::<UserDeleted>(&topic)
+            .await
+            .context(registering)?;
         let users = Users {
-            pool: db::pool(&settings.database)?,
+            pool,
             outbox: Outbox::new(SOURCE),
             codec,
             topic,
