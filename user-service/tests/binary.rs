@@ -29,22 +29,19 @@ async fn serves_and_stops_cleanly_on_sigterm() {
         .unwrap();
     assert_eq!(reply.status(), 201);
     // The relay inside the process publishes the registration.
-    let mut conn = AsyncPgConnection::establish(db.url()).await.unwrap();
-    let mut published = async || {
-        diesel::sql_query("SELECT 1 AS one FROM ferrybox_outbox WHERE published_at IS NOT NULL")
-            .execute(&mut conn)
-            .await
-            .unwrap()
-            == 1
-    };
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !published().await {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the registration was never published"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    testing::wait_until(
+        Duration::from_secs(60),
+        "the registration published",
+        || async {
+            let mut conn = AsyncPgConnection::establish(db.url()).await.unwrap();
+            diesel::sql_query("SELECT 1 AS one FROM ferrybox_outbox WHERE published_at IS NOT NULL")
+                .execute(&mut conn)
+                .await
+                .unwrap()
+                == 1
+        },
+    )
+    .await;
     let status = service.terminate(Duration::from_secs(30)).await.unwrap();
     assert!(status.success(), "exit status {status}");
 }
