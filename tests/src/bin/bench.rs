@@ -56,7 +56,7 @@ impl Event for Reading {
 }
 
 const TABLE: &str = "CREATE TABLE readings (message_id UUID NOT NULL, sensor TEXT NOT NULL, version BIGINT NOT NULL, \
-                     data TEXT NOT NULL, applied_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(), occurred_at TIMESTAMPTZ)";
+                     data TEXT NOT NULL, applied_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp())";
 
 /// Writes a whole batch with one statement.
 struct Readings;
@@ -76,31 +76,33 @@ impl Handler for Readings {
         messages: &[&ReceivedMessage],
     ) -> Result<(), HandlerError> {
         let mut ids = Vec::with_capacity(messages.len());
-        let mut sensors = Vec::with_capacity(messages.len());
-        let mut versions = Vec::with_capacity(messages.len());
-        let mut data = Vec::with_capacity(messages.len());
-        let mut occurred = Vec::with_capacity(messages.len());
+        let mut rows = Vec::with_capacity(messages.len());
         for m in messages {
-            let r: Reading = m.body()?;
             ids.push(m.envelope.id.0);
-            sensors.push(r.sensor);
-            versions.push(r.version);
-            data.push(r.data);
-            occurred.push(m.envelope.occurred_at.to_rfc3339());
+            rows.push(m.body::<Reading>()?);
         }
-        diesel::sql_query(
-            "INSERT INTO readings (message_id, sensor, version, data, occurred_at) \
-             SELECT * FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::timestamptz[])",
-        )
-        .bind::<Array<SqlUuid>, _>(ids)
-        .bind::<Array<Text>, _>(sensors)
-        .bind::<Array<BigInt>, _>(versions)
-        .bind::<Array<Text>, _>(data)
-        .bind::<Array<Text>, _>(occurred)
-        .execute(conn)
-        .await?;
+        insert_readings(conn, ids, &rows).await?;
         Ok(())
     }
+}
+
+/// The one statement both the inbox handler and the raw baseline write a batch with.
+async fn insert_readings(
+    conn: &mut AsyncPgConnection,
+    ids: Vec<uuid::Uuid>,
+    rows: &[Reading],
+) -> Result<(), diesel::result::Error> {
+    diesel::sql_query(
+        "INSERT INTO readings (message_id, sensor, version, data) \
+         SELECT * FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[])",
+    )
+    .bind::<Array<SqlUuid>, _>(ids)
+    .bind::<Array<Text>, _>(rows.iter().map(|r| r.sensor.clone()).collect::<Vec<_>>())
+    .bind::<Array<BigInt>, _>(rows.iter().map(|r| r.version).collect::<Vec<_>>())
+    .bind::<Array<Text>, _>(rows.iter().map(|r| r.data.clone()).collect::<Vec<_>>())
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 fn readings(n: usize) -> Vec<Reading> {
@@ -191,17 +193,7 @@ async fn raw_insert_rate() -> anyhow::Result<f64> {
     for chunk in rows.chunks(BATCH) {
         let ids: Vec<uuid::Uuid> = chunk.iter().map(|_| uuid::Uuid::now_v7()).collect();
         conn.transaction::<_, diesel::result::Error, _>(async |tx| {
-            diesel::sql_query(
-                "INSERT INTO readings (message_id, sensor, version, data) \
-                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[])",
-            )
-            .bind::<Array<SqlUuid>, _>(ids)
-            .bind::<Array<Text>, _>(chunk.iter().map(|r| r.sensor.clone()).collect::<Vec<_>>())
-            .bind::<Array<BigInt>, _>(chunk.iter().map(|r| r.version).collect::<Vec<_>>())
-            .bind::<Array<Text>, _>(chunk.iter().map(|r| r.data.clone()).collect::<Vec<_>>())
-            .execute(tx)
-            .await?;
-            Ok(())
+            insert_readings(tx, ids, chunk).await
         })
         .await?;
     }
