@@ -10,12 +10,12 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::compat::Level;
 use crate::error::{
     ApiError, INCOMPATIBLE_SCHEMA, INVALID_COMPATIBILITY_LEVEL, INVALID_VERSION,
     SUBJECT_LEVEL_NOT_CONFIGURED,
 };
 use crate::store::{self, SubjectVersion};
+use ferrybox::contract::Level;
 use ferrybox::db::{self, PgPool, PooledConnection};
 
 /// Confluent's media type; every answer carries it.

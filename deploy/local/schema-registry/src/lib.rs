@@ -5,10 +5,10 @@
 //!
 //! It stores schemas and subject versions in PostgreSQL, answers with
 //! `application/vnd.schemaregistry.v1+json` and Confluent's error codes, and enforces each
-//! subject's compatibility level (BACKWARD by default) with apache-avro's compatibility checks.
+//! subject's compatibility level (BACKWARD by default) with the same checks `make contracts` uses
+//! (`ferrybox::contract`).
 
 pub mod api;
-pub mod compat;
 pub mod error;
 pub mod store;
 

@@ -4,8 +4,8 @@ use diesel::sql_types::{Bool, Integer, Text};
 use diesel::{OptionalExtension, QueryableByName};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 
-use crate::compat::Level;
 use crate::error::ApiError;
+use ferrybox::contract::Level;
 
 /// One version of a subject.
 #[derive(Debug, Clone, QueryableByName)]
