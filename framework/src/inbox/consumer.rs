@@ -231,16 +231,24 @@ impl<H: Handler> InboxConsumer<H> {
             }
         }
         // The first record is blocked or failed in the batch: handle it alone.
-        self.process(&records[0], shutdown).await.map(|_| 1)
+        let first_blocked = records[0].key_text().is_some_and(|k| blocked.contains(&k));
+        self.process(&records[0], first_blocked, shutdown)
+            .await
+            .map(|_| 1)
     }
 
     /// Processes one record until it is applied, found duplicate, parked or dead-lettered;
     /// `None` when shutdown interrupted it first.
-    async fn process(&self, record: &Record, shutdown: &CancellationToken) -> Option<Done> {
+    async fn process(
+        &self,
+        record: &Record,
+        blocked: bool,
+        shutdown: &CancellationToken,
+    ) -> Option<Done> {
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            let failure = match self.try_once(record).await {
+            let failure = match self.try_once(record, blocked).await {
                 Ok(done) => {
                     let counter = match done {
                         Done::Applied => &self.stats.applied,
@@ -276,29 +284,24 @@ impl<H: Handler> InboxConsumer<H> {
         }
     }
 
-    async fn try_once(&self, record: &Record) -> Result<Done, Failure> {
-        if let Some(key) = record.key_text() {
-            let blocked = self
+    /// `blocked`: the batch check found an open dead letter for the record's key. Parking
+    /// re-checks under the key's lock, so a key unblocked by a redrive meanwhile is applied.
+    async fn try_once(&self, record: &Record, blocked: bool) -> Result<Done, Failure> {
+        if let Some(key) = record.key_text().filter(|_| blocked)
+            && self
                 .dead_letters
-                .is_blocked(&key)
+                .park(record, &key)
                 .await
-                .map_err(|e| Failure::from_error("database", &e))?;
-            if blocked
-                && self
-                    .dead_letters
-                    .park(record, &key)
-                    .await
-                    .map_err(|e| Failure::from_error("database", &e))?
-            {
-                tracing::info!(
-                    key,
-                    topic = record.topic,
-                    partition = record.partition,
-                    offset = record.offset,
-                    "message parked behind a dead letter of its key"
-                );
-                return Ok(Done::Parked);
-            }
+                .map_err(|e| Failure::from_error("database", &e))?
+        {
+            tracing::info!(
+                key,
+                topic = record.topic,
+                partition = record.partition,
+                offset = record.offset,
+                "message parked behind a dead letter of its key"
+            );
+            return Ok(Done::Parked);
         }
         match self.applier.apply(record).await? {
             Outcome::Applied => Ok(Done::Applied),

@@ -58,20 +58,6 @@ pub(crate) struct DeadLetterStore {
 }
 
 impl DeadLetterStore {
-    /// Whether `key` has an open (dead or parked) letter, which blocks its later messages.
-    pub(crate) async fn is_blocked(&self, key: &str) -> Result<bool> {
-        let mut conn = db::connection(&self.pool).await?;
-        let open: Option<i64> = dl::table
-            .filter(dl::consumer.eq(&self.consumer))
-            .filter(dl::message_key.eq(key))
-            .filter(dl::status.ne("redriven"))
-            .select(dl::id)
-            .first(&mut conn)
-            .await
-            .optional()?;
-        Ok(open.is_some())
-    }
-
     /// Which of `keys` have an open (dead or parked) letter: one query for a whole batch.
     pub(crate) async fn blocked_keys(
         &self,
