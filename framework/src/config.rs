@@ -69,6 +69,12 @@ pub struct KafkaConfig {
     /// Numbers and booleans are accepted and passed on as text.
     #[serde(deserialize_with = "scalar_map")]
     pub settings: BTreeMap<String, String>,
+    /// Production mode: start-up fails when a topic's replication factor is below 3 or its
+    /// `min.insync.replicas` below 2 (otherwise that is a warning).
+    pub strict_durability: bool,
+    /// Lets `settings` weaken the producer's durability (`acks` other than `all`,
+    /// `enable.idempotence=false`). Off by default; for experiments only.
+    pub allow_weak_durability: bool,
 }
 
 impl Default for KafkaConfig {
@@ -76,6 +82,8 @@ impl Default for KafkaConfig {
         Self {
             bootstrap_servers: "127.0.0.1:9092".into(),
             settings: BTreeMap::new(),
+            strict_durability: false,
+            allow_weak_durability: false,
         }
     }
 }
@@ -86,6 +94,8 @@ impl KafkaConfig {
         Self {
             bootstrap_servers: bootstrap_servers.into(),
             settings: BTreeMap::new(),
+            strict_durability: false,
+            allow_weak_durability: false,
         }
     }
 

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::FutureProducer;
@@ -17,24 +17,140 @@ const DURABLE_PRODUCER: &[(&str, &str)] = &[("acks", "all"), ("enable.idempotenc
 /// An idempotent producer with `acks=all`.
 ///
 /// Refuses pass-through settings that would weaken durability (`acks` other than `all`/`-1`,
-/// `enable.idempotence=false`).
+/// `enable.idempotence=false`) unless `allow_weak_durability` is set, which is logged.
+/// `message.timeout.ms` defaults to 30 s, so a relay notices a broker outage and backs off
+/// instead of waiting librdkafka's default five minutes.
 pub fn durable_producer(config: &KafkaConfig) -> Result<FutureProducer> {
+    let mut weakened = Vec::new();
     for (key, required) in DURABLE_PRODUCER {
         if let Some(value) = config.setting(key) {
             let ok = value == *required || (*key == "acks" && value == "-1");
-            if !ok {
+            if !ok && !config.allow_weak_durability {
                 return Err(Error::Config(format!(
-                    "kafka setting {key}={value} weakens durability; Ferrybox needs {key}={required}"
+                    "kafka setting {key}={value} weakens durability; Ferrybox needs \
+                     {key}={required} (or kafka.allow_weak_durability=true, for experiments)"
                 )));
+            }
+            if !ok {
+                tracing::warn!(
+                    setting = key,
+                    value,
+                    "producer durability weakened on request"
+                );
+                weakened.push(*key);
             }
         }
     }
     let mut client =
         config.client_config_with_defaults(&[("message.timeout.ms", "30000"), ("linger.ms", "5")]);
     for (key, value) in DURABLE_PRODUCER {
-        client.set(*key, *value);
+        if !weakened.contains(key) {
+            client.set(*key, *value);
+        }
     }
     Ok(client.create()?)
+}
+
+/// How durably a topic stores what it is sent.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TopicDurability {
+    /// The topic.
+    pub topic: String,
+    /// Partitions it has.
+    pub partitions: i32,
+    /// Replicas of its least replicated partition.
+    pub replication_factor: i32,
+    /// Its `min.insync.replicas`, when the broker tells.
+    pub min_insync_replicas: Option<i32>,
+}
+
+impl TopicDurability {
+    /// What falls short of production durability (replication factor 3,
+    /// `min.insync.replicas` 2); empty when nothing does.
+    pub fn shortcomings(&self) -> Vec<String> {
+        let mut found = Vec::new();
+        if self.replication_factor < 3 {
+            found.push(format!(
+                "replication factor {} is below 3",
+                self.replication_factor
+            ));
+        }
+        match self.min_insync_replicas {
+            Some(n) if n < 2 => found.push(format!("min.insync.replicas {n} is below 2")),
+            Some(_) => {}
+            None => found.push("min.insync.replicas is unknown (the broker did not say)".into()),
+        }
+        found
+    }
+}
+
+/// Reads each topic's partition count, replication factor and `min.insync.replicas`, checks
+/// the partition count matches the configuration, and reports durability below production
+/// level: a warning, or an error when `strict_durability` is on.
+pub async fn check_durability(
+    config: &KafkaConfig,
+    topics: &[TopicConfig],
+) -> Result<Vec<TopicDurability>> {
+    let mut report = Vec::with_capacity(topics.len());
+    for topic in topics {
+        let found = topic_durability(config, &topic.name).await?;
+        if found.partitions != topic.partitions {
+            return Err(Error::Topic {
+                topic: topic.name.clone(),
+                reason: format!(
+                    "has {} partitions, configuration says {}",
+                    found.partitions, topic.partitions
+                ),
+            });
+        }
+        let shortcomings = found.shortcomings();
+        if shortcomings.is_empty() {
+            tracing::info!(topic = %found.topic, replication_factor = found.replication_factor,
+                min_insync_replicas = ?found.min_insync_replicas, "topic durability");
+        } else if config.strict_durability {
+            return Err(Error::Topic {
+                topic: topic.name.clone(),
+                reason: format!(
+                    "not durable enough for strict mode: {}",
+                    shortcomings.join("; ")
+                ),
+            });
+        } else {
+            tracing::warn!(topic = %found.topic, replication_factor = found.replication_factor,
+                min_insync_replicas = ?found.min_insync_replicas,
+                "topic is below production durability: {}", shortcomings.join("; "));
+        }
+        report.push(found);
+    }
+    Ok(report)
+}
+
+/// A topic's partitions, replication factor and `min.insync.replicas`, from the broker.
+pub async fn topic_durability(config: &KafkaConfig, topic: &str) -> Result<TopicDurability> {
+    let (partitions, replication_factor) = topic_layout(config, topic).await?;
+    let admin: AdminClient<DefaultClientContext> = config.client_config().create()?;
+    let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+    let min_insync_replicas = match admin
+        .describe_configs([&ResourceSpecifier::Topic(topic)], &options)
+        .await
+    {
+        Ok(results) => results.into_iter().flatten().find_map(|resource| {
+            resource
+                .get("min.insync.replicas")
+                .and_then(|entry| entry.value.as_deref())
+                .and_then(|value| value.parse().ok())
+        }),
+        Err(e) => {
+            tracing::debug!(topic, error = %e, "broker did not describe the topic's configuration");
+            None
+        }
+    };
+    Ok(TopicDurability {
+        topic: topic.to_owned(),
+        partitions,
+        replication_factor,
+        min_insync_replicas,
+    })
 }
 
 /// Creates each topic that does not exist yet, then checks every one has the configured
@@ -83,20 +199,36 @@ pub async fn ensure_topics(config: &KafkaConfig, topics: &[TopicConfig]) -> Resu
 
 /// The number of partitions a topic has, from the broker's metadata.
 pub async fn partition_count(config: &KafkaConfig, topic: &str) -> Result<i32> {
+    Ok(topic_layout(config, topic).await?.0)
+}
+
+/// A topic's partition count and the replica count of its least replicated partition.
+async fn topic_layout(config: &KafkaConfig, topic: &str) -> Result<(i32, i32)> {
     let client = config.client_config();
-    let topic = topic.to_owned();
+    let name = topic.to_owned();
     tokio::task::spawn_blocking(move || {
         let consumer: BaseConsumer = client.create()?;
-        let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
+        let metadata = consumer.fetch_metadata(Some(&name), Duration::from_secs(10))?;
         let found = metadata
             .topics()
             .iter()
-            .find(|t| t.name() == topic)
+            .find(|t| t.name() == name)
             .filter(|t| t.error().is_none() && !t.partitions().is_empty());
         match found {
-            Some(t) => Ok(i32::try_from(t.partitions().len()).unwrap_or(i32::MAX)),
+            Some(t) => {
+                let replicas = t
+                    .partitions()
+                    .iter()
+                    .map(|p| i32::try_from(p.replicas().len()).unwrap_or(i32::MAX))
+                    .min()
+                    .unwrap_or(0);
+                Ok((
+                    i32::try_from(t.partitions().len()).unwrap_or(i32::MAX),
+                    replicas,
+                ))
+            }
             None => Err(Error::Topic {
-                topic,
+                topic: name,
                 reason: "does not exist".into(),
             }),
         }

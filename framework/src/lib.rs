@@ -12,6 +12,8 @@
 //! - [`outbox`]: the producer side. [`Outbox::enqueue`] writes the message in the caller's
 //!   business transaction; the [`Relay`] publishes committed rows with an idempotent,
 //!   `acks=all` producer and marks them published only after the broker acknowledged them.
+//!   Published rows stay for a retention window as the [`outbox::sent_log`], which can be
+//!   replayed after broker data loss.
 //! - [`inbox`]: the consumer side. An [`InboxConsumer`] deduplicates by message id, runs the
 //!   [`Handler`] in the same database transaction, and stores Kafka offsets only after that
 //!   transaction committed. Failures are retried or dead-lettered, never dropped.
@@ -45,7 +47,7 @@ pub use config::{DatabaseConfig, KafkaConfig, TopicConfig};
 pub use error::{Error, Result};
 pub use inbox::{Handler, HandlerError, InboxConfig, InboxConsumer, ReceivedMessage};
 pub use message::{Event, IncomingMessage, MessageId, OutgoingMessage};
-pub use outbox::{Outbox, Relay, RelayConfig};
+pub use outbox::{Outbox, OutboxStatus, Relay, RelayConfig, ReplayOptions, ReplaySelection};
 pub use tokio_util::sync::CancellationToken;
 
 // Re-exported so services use the same versions the framework was built with.

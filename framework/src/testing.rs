@@ -317,6 +317,8 @@ pub struct ReadRecord {
     pub partition: i32,
     /// Its offset.
     pub offset: i64,
+    /// Its key, as text.
+    pub key: Option<String>,
     /// Its headers.
     pub headers: std::collections::BTreeMap<String, String>,
 }
@@ -343,8 +345,88 @@ pub async fn read_topic(topic: &str, n: usize, timeout: Duration) -> Vec<ReadRec
         out.push(ReadRecord {
             partition: m.partition(),
             offset: m.offset(),
+            key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
             headers: crate::kafka::headers_map(&m),
         });
     }
     out
+}
+
+/// Reads every record `topic` holds right now, from the beginning of each partition up to its
+/// high watermark, without a consumer group (so it never waits for a rebalance). Panics if
+/// they do not all arrive within `timeout`.
+pub async fn read_all(topic: &str, timeout: Duration) -> Vec<ReadRecord> {
+    read_all_from(&kafka(), topic, timeout).await
+}
+
+/// [`read_all`] from the broker `config` points at.
+pub async fn read_all_from(
+    config: &KafkaConfig,
+    topic: &str,
+    timeout: Duration,
+) -> Vec<ReadRecord> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::Message;
+    use rdkafka::{Offset, TopicPartitionList};
+    let topic = topic.to_owned();
+    let client = config.client_config();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = client
+            .clone()
+            .set("group.id", unique("reader"))
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("reader");
+        let partitions = i32::try_from(
+            consumer
+                .fetch_metadata(Some(&topic), Duration::from_secs(10))
+                .expect("metadata")
+                .topics()[0]
+                .partitions()
+                .len(),
+        )
+        .expect("partition count");
+        let mut ends = std::collections::BTreeMap::new();
+        let mut assignment = TopicPartitionList::new();
+        for p in 0..partitions {
+            let (low, high) = consumer
+                .fetch_watermarks(&topic, p, Duration::from_secs(10))
+                .expect("watermarks");
+            if high > low {
+                ends.insert(p, high);
+                assignment
+                    .add_partition_offset(&topic, p, Offset::Offset(low))
+                    .expect("assignment");
+            }
+        }
+        consumer.assign(&assignment).expect("assign");
+        let start = Instant::now();
+        let mut out = Vec::new();
+        while !ends.is_empty() {
+            assert!(
+                start.elapsed() < timeout,
+                "{topic}: partitions {:?} not read to their end within {timeout:?}",
+                ends.keys().collect::<Vec<_>>()
+            );
+            let Some(m) = consumer.poll(Duration::from_millis(200)) else {
+                continue;
+            };
+            let m = m.expect("receive");
+            if ends
+                .get(&m.partition())
+                .is_some_and(|end| m.offset() + 1 >= *end)
+            {
+                ends.remove(&m.partition());
+            }
+            out.push(ReadRecord {
+                partition: m.partition(),
+                offset: m.offset(),
+                key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                headers: crate::kafka::headers_map(&m),
+            });
+        }
+        out
+    })
+    .await
+    .expect("reader task")
 }

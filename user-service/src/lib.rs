@@ -8,10 +8,12 @@
 //! - [`users`]: validation and the change transactions (row + event).
 //! - [`events`]: the published events, tied to their schema files in `schemas/`.
 //! - [`startup`]: migrations, topic, schema registration, relay and server.
+//! - [`ops`]: operator commands: the relay on its own, `outbox status` and `outbox replay`.
 //! - [`config`]: settings from a file and `USER_SERVICE_*` variables.
 
 pub mod config;
 pub mod events;
+pub mod ops;
 mod password;
 pub mod routes;
 mod schema;

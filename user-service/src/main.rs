@@ -1,7 +1,10 @@
 use std::path::PathBuf;
+use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
-use user_service::{Application, Settings};
+use chrono::{DateTime, Utc};
+use clap::{Args, Parser, Subcommand};
+use ferrybox::{ReplayOptions, ReplaySelection};
+use user_service::{Application, Settings, ops};
 
 /// user-service: owns user accounts and publishes their changes through the outbox.
 #[derive(Parser)]
@@ -10,6 +13,9 @@ struct Cli {
     /// A TOML settings file; `USER_SERVICE_*` variables override it.
     #[arg(long, global = true, env = "USER_SERVICE_CONFIG")]
     config: Option<PathBuf>,
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -18,23 +24,104 @@ struct Cli {
 enum Command {
     /// Serve the HTTP API and run the relay (the default).
     Serve,
+    /// Run only the relay. Several may run at once: one publishes, the others stand by.
+    Relay,
     /// Create or update the database tables, then exit.
     Migrate,
+    /// Inspect the outbox and replay its sent log.
+    Outbox {
+        #[command(subcommand)]
+        action: Outbox,
+    },
+}
+
+#[derive(Subcommand)]
+enum Outbox {
+    /// Unpublished backlog, its age, rows with errors, and the sent log's extent. Exit status
+    /// 2 when some unpublished row has an error.
+    Status,
+    /// Publish a range of the sent log again (after broker data loss), with the original
+    /// message ids and headers. Exit status 1 when some message was not acknowledged.
+    Replay(Replay),
+}
+
+#[derive(Args)]
+struct Replay {
+    /// Only this topic.
+    #[arg(long)]
+    topic: Option<String>,
+    /// Only this message key.
+    #[arg(long)]
+    key: Option<String>,
+    /// Published at or after this time (RFC 3339, e.g. 2026-11-28T10:00:00Z).
+    #[arg(long)]
+    since: Option<DateTime<Utc>>,
+    /// Published before this time (RFC 3339).
+    #[arg(long)]
+    until: Option<DateTime<Utc>>,
+    /// From this outbox position (inclusive).
+    #[arg(long)]
+    from_position: Option<i64>,
+    /// Up to this outbox position (inclusive).
+    #[arg(long)]
+    to_position: Option<i64>,
+    /// Messages per second at most.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    rate: u32,
+    /// Only count what would be replayed.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     let settings = Settings::load(cli.config.as_deref())?;
     ferrybox::telemetry::init_logging(settings.log_json);
     match cli.command.unwrap_or(Command::Serve) {
-        Command::Migrate => user_service::startup::migrate(&settings).await,
+        Command::Migrate => user_service::startup::migrate(&settings).await?,
         Command::Serve => {
             let shutdown = ferrybox::shutdown::on_signals();
             let app = Application::build(settings).await?;
             // Scripts and tests read this line to find the port.
             println!("listening on http://{}", app.local_addr()?);
-            app.run(shutdown).await
+            app.run(shutdown).await?;
+        }
+        Command::Relay => ops::relay(&settings, ferrybox::shutdown::on_signals()).await?,
+        Command::Outbox {
+            action: Outbox::Status,
+        } => {
+            if ops::status(&settings, cli.json)
+                .await?
+                .unpublished_with_errors
+                > 0
+            {
+                return Ok(ExitCode::from(2));
+            }
+        }
+        Command::Outbox {
+            action: Outbox::Replay(args),
+        } => {
+            let selection = ReplaySelection {
+                topic: args.topic,
+                key: args.key,
+                published_from: args.since,
+                published_until: args.until,
+                from_position: args.from_position,
+                to_position: args.to_position,
+            };
+            let options = ReplayOptions {
+                rate_per_second: args.rate,
+                dry_run: args.dry_run,
+            };
+            if ops::replay(&settings, &selection, options, cli.json)
+                .await?
+                .failed
+                > 0
+            {
+                return Ok(ExitCode::from(1));
+            }
         }
     }
+    Ok(ExitCode::SUCCESS)
 }

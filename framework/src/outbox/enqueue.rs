@@ -1,37 +1,67 @@
 //! Writing messages into the outbox, inside the caller's business transaction.
 
-use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Bytea, Jsonb, Text, Timestamptz, Uuid};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, TransactionManager};
 
-use super::schema::ferrybox_outbox;
 use crate::error::{Error, Result};
 use crate::message::OutgoingMessage;
+
+/// The channel the outbox notifies and the relay listens on.
+pub(crate) const NOTIFY_CHANNEL: &str = "ferrybox_outbox";
+
+/// Takes the key's lock, then inserts (so the row's id is drawn after the lock), then notifies.
+///
+/// The lock is a transaction-scoped advisory lock on a 64-bit hash of topic and key: a second
+/// transaction writing the same key waits until the first one ends, so for one key the outbox
+/// ids are in commit order and the relay, which publishes in id order, keeps it. Different keys
+/// never wait for each other (barring a hash collision, which only costs a short wait).
+///
+/// `pg_notify` with the same channel and payload is folded into one notification per
+/// transaction by PostgreSQL, so a transaction with many messages still notifies once.
+const ENQUEUE_SQL: &str = "\
+WITH key_lock AS (
+    SELECT pg_advisory_xact_lock(hashtextextended($2 || E'\\n' || $3, 0))
+), inserted AS (
+    INSERT INTO ferrybox_outbox
+        (message_id, topic, message_key, message_type, entity_version, headers, payload, occurred_at)
+    SELECT $1, $2, $3, $4, $5, $6, $7, $8 FROM key_lock
+    RETURNING 1
+)
+SELECT pg_notify('ferrybox_outbox', '') FROM inserted";
+
+/// The same without the notification, for outboxes whose relay only polls.
+const ENQUEUE_SQL_QUIET: &str = "\
+WITH key_lock AS (
+    SELECT pg_advisory_xact_lock(hashtextextended($2 || E'\\n' || $3, 0))
+)
+INSERT INTO ferrybox_outbox
+    (message_id, topic, message_key, message_type, entity_version, headers, payload, occurred_at)
+SELECT $1, $2, $3, $4, $5, $6, $7, $8 FROM key_lock";
 
 /// Writes messages to the outbox table. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Outbox {
     source: String,
-}
-
-#[derive(Insertable)]
-#[diesel(table_name = ferrybox_outbox)]
-struct NewRow<'a> {
-    message_id: uuid::Uuid,
-    topic: &'a str,
-    message_key: &'a str,
-    message_type: &'a str,
-    entity_version: i64,
-    headers: serde_json::Value,
-    payload: &'a [u8],
-    occurred_at: chrono::DateTime<chrono::Utc>,
+    notify: bool,
 }
 
 impl Outbox {
-    /// An outbox whose messages name `source` (the service) as their CloudEvents source.
+    /// An outbox whose messages name `source` (the service) as their CloudEvents source. It
+    /// wakes the relay with `NOTIFY` when a transaction that enqueued something commits.
     pub fn new(source: impl Into<String>) -> Self {
         Self {
             source: source.into(),
+            notify: true,
         }
+    }
+
+    /// Does not send `NOTIFY`: the relay finds new rows by polling only. `NOTIFY` makes
+    /// committing transactions take a short global lock; at very high commit rates polling
+    /// can be the better trade.
+    #[must_use]
+    pub fn without_notify(mut self) -> Self {
+        self.notify = false;
+        self
     }
 
     /// The CloudEvents source this outbox stamps on its messages.
@@ -41,6 +71,11 @@ impl Outbox {
 
     /// Adds `message` to the outbox as part of the transaction open on `conn`: it is published
     /// if and only if that transaction commits.
+    ///
+    /// Messages with the same topic and key are published in the order their transactions
+    /// commit: the second of two concurrent transactions enqueuing the same key waits here
+    /// until the first ends. Enqueue a transaction's keys in a consistent order (PostgreSQL
+    /// breaks the deadlock otherwise, by failing one of the transactions).
     ///
     /// Fails with [`Error::NotInTransaction`] when `conn` has no open transaction, since the
     /// message would then commit apart from the business change it describes.
@@ -68,17 +103,20 @@ impl Outbox {
         }
         let headers = serde_json::to_value(message.kafka_headers(&self.source))
             .map_err(|e| Error::Config(format!("headers are not JSON: {e}")))?;
-        diesel::insert_into(ferrybox_outbox::table)
-            .values(NewRow {
-                message_id: message.id.0,
-                topic: &message.topic,
-                message_key: &message.key,
-                message_type: &message.message_type,
-                entity_version: message.entity_version,
-                headers,
-                payload: &message.payload,
-                occurred_at: message.occurred_at,
-            })
+        let sql = if self.notify {
+            ENQUEUE_SQL
+        } else {
+            ENQUEUE_SQL_QUIET
+        };
+        diesel::sql_query(sql)
+            .bind::<Uuid, _>(message.id.0)
+            .bind::<Text, _>(&message.topic)
+            .bind::<Text, _>(&message.key)
+            .bind::<Text, _>(&message.message_type)
+            .bind::<BigInt, _>(message.entity_version)
+            .bind::<Jsonb, _>(headers)
+            .bind::<Bytea, _>(&message.payload)
+            .bind::<Timestamptz, _>(message.occurred_at)
             .execute(conn)
             .await?;
         Ok(())

@@ -1,10 +1,13 @@
-//! The producer side: [`Outbox::enqueue`] writes a message in the caller's transaction, and
-//! the [`Relay`] publishes committed rows to Kafka.
+//! The producer side: [`Outbox::enqueue`] writes a message in the caller's transaction, the
+//! [`Relay`] publishes committed rows to Kafka, and the [`sent_log`] keeps published rows for
+//! `status` and `replay`.
 
 mod enqueue;
 mod relay;
 pub(crate) mod schema;
+pub mod sent_log;
 
 pub use enqueue::Outbox;
 pub(crate) use relay::sleep_or_shutdown;
 pub use relay::{BatchOutcome, Relay, RelayConfig};
+pub use sent_log::{OutboxStatus, ReplayOptions, ReplayReport, ReplaySelection};

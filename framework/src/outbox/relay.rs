@@ -3,52 +3,79 @@
 //!
 //! One relay is active per outbox at a time: an instance becomes active by taking a PostgreSQL
 //! advisory lock on a connection it keeps, and stays active while that connection lives. Other
-//! instances wait on standby and take over within `standby_interval` when it dies. The relay
-//! never reads `WHERE id > last_seen`: it claims *unpublished* rows in id order, so a row whose
-//! transaction commits late is published on the next pass instead of being skipped.
+//! instances (in the same process or others) wait on standby and take over within
+//! `standby_interval` when it dies; a killed process's connection closes and its lock goes with
+//! it. Rows are marked on the connection that holds the lock, so an instance that lost the lock
+//! cannot mark anything.
+//!
+//! The relay never reads `WHERE id > last_seen`: it claims *unpublished* rows in id order, so
+//! a row whose transaction commits late is published on the next pass instead of being skipped.
+//! [`Outbox::enqueue`](super::Outbox::enqueue) serializes transactions per key, so for one key
+//! id order is commit order.
+//!
+//! The active relay wakes on `LISTEN/NOTIFY` and also polls every `poll_interval`, so a lost
+//! notification (or an outbox written without notify) only costs latency.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use diesel::prelude::*;
 use diesel::sql_types::{Array, BigInt, Bool, Integer, Text};
-use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
+use futures::StreamExt;
 use rdkafka::message::OwnedHeaders;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use super::enqueue::NOTIFY_CHANNEL;
 use super::schema::ferrybox_outbox;
+use super::sent_log;
 use crate::config::{Backoff, DatabaseConfig, KafkaConfig, duration_ms};
 use crate::error::{Error, Result};
 
-/// How the relay batches and waits.
+/// How the relay batches, waits and keeps the sent log.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RelayConfig {
-    /// Rows claimed and sent per batch.
+    /// Rows claimed and sent per batch. Also bounds the relay's memory.
     pub batch_size: i64,
-    /// How long to wait before looking again when the outbox is empty.
+    /// Wake on the outbox's `NOTIFY` as well as by polling.
+    pub listen: bool,
+    /// How long to wait before looking again when the outbox is empty (the fallback when
+    /// listening, the only wake-up otherwise).
     #[serde(with = "duration_ms", rename = "poll_interval_ms")]
     pub poll_interval: Duration,
-    /// How often a standby instance tries to become the active relay.
+    /// How often a standby instance tries to become the active relay: the longest a dead
+    /// instance's work waits for another one.
     #[serde(with = "duration_ms", rename = "standby_interval_ms")]
     pub standby_interval: Duration,
     /// Delay between attempts after a failed batch (broker or database trouble).
     pub backoff: Backoff,
+    /// How long published rows stay in the sent log (for `replay`).
+    #[serde(with = "duration_ms", rename = "retention_ms")]
+    pub retention: Duration,
+    /// How often the active relay deletes expired rows.
+    #[serde(with = "duration_ms", rename = "cleanup_interval_ms")]
+    pub cleanup_interval: Duration,
 }
 
 impl Default for RelayConfig {
     fn default() -> Self {
         Self {
-            batch_size: 500,
-            poll_interval: Duration::from_millis(100),
+            batch_size: 1_000,
+            listen: true,
+            poll_interval: Duration::from_millis(500),
             standby_interval: Duration::from_secs(1),
             backoff: Backoff {
                 initial: Duration::from_millis(200),
                 max: Duration::from_secs(10),
             },
+            retention: Duration::from_secs(7 * 24 * 3600),
+            cleanup_interval: Duration::from_secs(60),
         }
     }
 }
@@ -59,8 +86,16 @@ impl RelayConfig {
         if self.batch_size < 1 {
             return Err(Error::Config("relay.batch_size must be at least 1".into()));
         }
-        if self.poll_interval.is_zero() || self.standby_interval.is_zero() {
+        if self.poll_interval.is_zero()
+            || self.standby_interval.is_zero()
+            || self.cleanup_interval.is_zero()
+        {
             return Err(Error::Config("relay intervals must be above zero".into()));
+        }
+        if self.retention.is_zero() {
+            return Err(Error::Config(
+                "relay.retention_ms must be above zero: the sent log is what replay reads".into(),
+            ));
         }
         Ok(())
     }
@@ -75,8 +110,9 @@ pub struct BatchOutcome {
     pub failed: usize,
 }
 
-/// The advisory lock key that makes one relay active per database: "ferrybox" in ASCII.
-const RELAY_LOCK_KEY: i64 = 0x6665_7272_7962_6f78;
+/// The advisory lock that makes one relay active per database ("ferr", "ybox"). It uses the
+/// two-key form, which PostgreSQL keeps apart from the one-key locks `enqueue` takes per key.
+const RELAY_LOCK: (i32, i32) = (0x6665_7272, 0x7962_6f78);
 
 #[derive(Queryable)]
 struct PendingRow {
@@ -96,7 +132,9 @@ struct Locked {
 /// Publishes the outbox to Kafka. See the module documentation for the guarantees.
 pub struct Relay {
     database: DatabaseConfig,
-    producer: FutureProducer,
+    kafka: KafkaConfig,
+    /// Replaced when librdkafka reports a fatal error (the idempotent producer cannot go on).
+    producer: Mutex<FutureProducer>,
     config: RelayConfig,
 }
 
@@ -116,20 +154,23 @@ impl Relay {
         config.validate()?;
         Ok(Self {
             database,
-            producer: crate::kafka::durable_producer(kafka)?,
+            kafka: kafka.clone(),
+            producer: Mutex::new(crate::kafka::durable_producer(kafka)?),
             config,
         })
     }
 
     /// Runs until `shutdown` is cancelled: waits to become the active relay, then publishes
-    /// batch after batch. A batch in flight when shutdown comes is finished (its delivery
-    /// reports awaited and recorded) before this returns.
+    /// batch after batch and keeps the sent log within its retention. A batch in flight when
+    /// shutdown comes is finished (its delivery reports awaited and recorded) before this
+    /// returns.
     pub async fn run(&self, shutdown: CancellationToken) -> Result<()> {
         let mut failures = 0u32;
         while !shutdown.is_cancelled() {
             let result = match self.become_active(&shutdown).await {
                 Ok(Some(mut conn)) => {
                     tracing::info!("relay is active");
+                    failures = 0;
                     self.publish_until_shutdown(&mut conn, &shutdown).await
                 }
                 Ok(None) => return Ok(()),
@@ -140,7 +181,7 @@ impl Relay {
                 Err(e) => {
                     failures += 1;
                     let delay = self.config.backoff.delay(failures);
-                    tracing::warn!(error = %e, ?delay, "relay lost its connection; retrying");
+                    tracing::warn!(error = %e, ?delay, "relay lost its database connection; retrying");
                     if sleep_or_shutdown(delay, &shutdown).await {
                         return Ok(());
                     }
@@ -150,17 +191,22 @@ impl Relay {
         Ok(())
     }
 
+    async fn connect(&self) -> Result<AsyncPgConnection> {
+        AsyncPgConnection::establish(self.database.url.expose_secret())
+            .await
+            .map_err(|e| Error::Pool(e.to_string()))
+    }
+
     /// Opens a dedicated connection and holds the relay lock on it; `None` on shutdown.
     async fn become_active(
         &self,
         shutdown: &CancellationToken,
     ) -> Result<Option<AsyncPgConnection>> {
-        let mut conn = AsyncPgConnection::establish(self.database.url.expose_secret())
-            .await
-            .map_err(|e| Error::Pool(e.to_string()))?;
+        let mut conn = self.connect().await?;
         loop {
-            let got: Locked = diesel::sql_query("SELECT pg_try_advisory_lock($1) AS locked")
-                .bind::<BigInt, _>(RELAY_LOCK_KEY)
+            let got: Locked = diesel::sql_query("SELECT pg_try_advisory_lock($1, $2) AS locked")
+                .bind::<Integer, _>(RELAY_LOCK.0)
+                .bind::<Integer, _>(RELAY_LOCK.1)
                 .get_result(&mut conn)
                 .await?;
             if got.locked {
@@ -178,29 +224,88 @@ impl Relay {
         conn: &mut AsyncPgConnection,
         shutdown: &CancellationToken,
     ) -> Result<()> {
+        let wake = Arc::new(Notify::new());
+        // Stops the listener however this function ends.
+        let listening = shutdown.child_token();
+        let _stop_listening = listening.clone().drop_guard();
+        if self.config.listen {
+            let url = self.database.url.expose_secret().to_owned();
+            let wake = Arc::clone(&wake);
+            let backoff = self.config.backoff;
+            tokio::spawn(async move { listen(url, wake, backoff, listening).await });
+        }
+        let mut next_cleanup = tokio::time::Instant::now();
         let mut failed_batches = 0u32;
         while !shutdown.is_cancelled() {
-            let outcome = self.publish_batch(conn).await?;
-            let delay = if outcome.failed > 0 {
-                failed_batches += 1;
-                self.config.backoff.delay(failed_batches)
-            } else if outcome.published == 0 {
-                failed_batches = 0;
-                self.config.poll_interval
-            } else {
-                failed_batches = 0;
-                continue;
-            };
-            if sleep_or_shutdown(delay, shutdown).await {
-                break;
+            if tokio::time::Instant::now() >= next_cleanup {
+                let deleted =
+                    sent_log::delete_expired(conn, self.config.retention, sent_log::CLEANUP_BATCH)
+                        .await?;
+                if deleted > 0 {
+                    tracing::info!(deleted, "sent log: expired rows deleted");
+                }
+                next_cleanup = tokio::time::Instant::now() + self.config.cleanup_interval;
             }
+            let outcome = self.publish_batch(conn).await?;
+            if outcome.failed > 0 {
+                // The broker is down or refusing: back off, ignoring wake-ups meanwhile.
+                failed_batches += 1;
+                let delay = self.config.backoff.delay(failed_batches);
+                if sleep_or_shutdown(delay, shutdown).await {
+                    break;
+                }
+                continue;
+            }
+            failed_batches = 0;
+            if outcome.published > 0 {
+                continue;
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = tokio::time::sleep(self.config.poll_interval) => {}
+                () = wake.notified() => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Publishes batches until the outbox has no unpublished row left or a batch fails;
+    /// returns the totals. For tools and tests; [`Relay::run`] is what services use.
+    pub async fn publish_pending(&self, conn: &mut AsyncPgConnection) -> Result<BatchOutcome> {
+        let mut total = BatchOutcome::default();
+        loop {
+            let outcome = self.publish_batch(conn).await?;
+            total.published += outcome.published;
+            total.failed += outcome.failed;
+            if outcome.published == 0 || outcome.failed > 0 {
+                return Ok(total);
+            }
+        }
+    }
+
+    fn producer(&self) -> FutureProducer {
+        self.producer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// After a fatal error the idempotent producer refuses every message; start a new one.
+    fn renew_producer_after_fatal_error(&self, producer: &FutureProducer) -> Result<()> {
+        if let Some((code, reason)) = producer.client().fatal_error() {
+            tracing::error!(%code, %reason, "kafka producer hit a fatal error; starting a new one");
+            let renewed = crate::kafka::durable_producer(&self.kafka)?;
+            *self
+                .producer
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = renewed;
         }
         Ok(())
     }
 
     /// Publishes one batch of unpublished rows, in id order: sends them all, awaits every
     /// delivery report, then marks the acknowledged rows published (with partition and offset)
-    /// in one statement and records the error on the others.
+    /// in one statement and records attempts and the error on the others.
     ///
     /// Call it from the active relay only (or in tests); [`Relay::run`] takes care of that.
     pub async fn publish_batch(&self, conn: &mut AsyncPgConnection) -> Result<BatchOutcome> {
@@ -221,18 +326,18 @@ impl Relay {
             return Ok(BatchOutcome::default());
         }
 
-        // Queue the whole batch first, then wait: librdkafka pipelines the sends. The idempotent
-        // producer keeps each partition's order and fails the messages after a failed one, so a
-        // failure normally leaves a key's later rows unpublished too. Known gap (issue #3): a
-        // delivery that fails while a later one of the same key succeeds would reorder that key
-        // on the retry.
+        // Queue the whole batch first, then wait: librdkafka pipelines the sends. The
+        // idempotent producer keeps each partition's order and retries without duplicating;
+        // when the broker stays away, messages time out (`message.timeout.ms`) oldest first,
+        // so a key's later rows fail with its earlier ones and are retried together.
+        let producer = self.producer();
         let mut in_flight = Vec::with_capacity(rows.len());
         for row in &rows {
             let record = FutureRecord::to(&row.topic)
                 .key(&row.message_key)
                 .payload(&row.payload)
                 .headers(kafka_headers(&row.headers));
-            in_flight.push(match self.producer.send_result(record) {
+            in_flight.push(match producer.send_result(record) {
                 Ok(delivery) => Ok(delivery),
                 Err((e, _)) => Err(e.to_string()),
             });
@@ -296,12 +401,60 @@ impl Relay {
             .bind::<Array<Text>, _>(failed.1)
             .execute(conn)
             .await?;
+            self.renew_producer_after_fatal_error(&producer)?;
         }
         Ok(outcome)
     }
 }
 
-fn kafka_headers(stored: &serde_json::Value) -> OwnedHeaders {
+/// Keeps a `LISTEN` connection open and turns each notification into a wake-up, reconnecting
+/// when the connection fails, until `stop`.
+async fn listen(url: String, wake: Arc<Notify>, backoff: Backoff, stop: CancellationToken) {
+    let mut failures = 0u32;
+    while !stop.is_cancelled() {
+        let error = match listen_once(&url, &wake, &stop).await {
+            Ok(()) => return,
+            Err(e) => e,
+        };
+        failures += 1;
+        let delay = backoff.delay(failures);
+        tracing::warn!(error = %error, ?delay, "outbox listener lost its connection; polling until it is back");
+        if sleep_or_shutdown(delay, &stop).await {
+            return;
+        }
+    }
+}
+
+/// How often the listener checks its connection is alive.
+const LISTEN_HEALTH_CHECK: Duration = Duration::from_secs(10);
+
+async fn listen_once(url: &str, wake: &Notify, stop: &CancellationToken) -> Result<()> {
+    let mut conn = AsyncPgConnection::establish(url)
+        .await
+        .map_err(|e| Error::Pool(e.to_string()))?;
+    conn.batch_execute(&format!("LISTEN {NOTIFY_CHANNEL}"))
+        .await?;
+    // Rows may have been committed while no one listened.
+    wake.notify_one();
+    loop {
+        let next = {
+            let mut notifications = std::pin::pin!(conn.notifications_stream());
+            tokio::select! {
+                () = stop.cancelled() => return Ok(()),
+                next = notifications.next() => Some(next),
+                () = tokio::time::sleep(LISTEN_HEALTH_CHECK) => None,
+            }
+        };
+        match next {
+            Some(Some(Ok(_))) => wake.notify_one(),
+            Some(Some(Err(e))) => return Err(e.into()),
+            Some(None) => return Err(Error::Pool("notification stream ended".into())),
+            None => conn.batch_execute("SELECT 1").await?,
+        }
+    }
+}
+
+pub(super) fn kafka_headers(stored: &serde_json::Value) -> OwnedHeaders {
     let map: BTreeMap<String, String> = serde_json::from_value(stored.clone()).unwrap_or_default();
     crate::kafka::owned_headers(&map)
 }

@@ -4,4 +4,5 @@
 mod dead_letters;
 mod inbox;
 mod outbox;
+mod relay;
 mod support;

@@ -1,0 +1,270 @@
+//! The sent log: published outbox rows kept for a retention window, so that what was sent can
+//! be inspected ([`status`]) and sent again after broker data loss ([`replay`]).
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use diesel::pg::Pg;
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Double, Interval, Nullable, Text, Timestamptz};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde::Serialize;
+
+use super::relay::kafka_headers;
+use super::schema::ferrybox_outbox;
+use crate::error::{Error, Result};
+
+/// Rows deleted per statement by [`delete_expired`], so no statement holds many row locks or
+/// runs long.
+pub const CLEANUP_BATCH: i64 = 1_000;
+
+/// Deletes published rows older than `retention`, oldest first, `batch` rows per statement
+/// (each its own short transaction); returns how many went. Unpublished rows are never
+/// deleted, however old.
+pub async fn delete_expired(
+    conn: &mut AsyncPgConnection,
+    retention: Duration,
+    batch: i64,
+) -> Result<u64> {
+    let mut total = 0u64;
+    loop {
+        let deleted = diesel::sql_query(
+            "DELETE FROM ferrybox_outbox WHERE id IN ( \
+                 SELECT id FROM ferrybox_outbox \
+                 WHERE published_at IS NOT NULL AND published_at < now() - $1 \
+                 ORDER BY published_at LIMIT $2)",
+        )
+        .bind::<Interval, _>(interval(retention))
+        .bind::<BigInt, _>(batch)
+        .execute(conn)
+        .await?;
+        total += u64::try_from(deleted).unwrap_or(0);
+        if i64::try_from(deleted).unwrap_or(0) < batch {
+            return Ok(total);
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
+fn interval(d: Duration) -> diesel::data_types::PgInterval {
+    diesel::data_types::PgInterval::from_microseconds(
+        i64::try_from(d.as_micros()).unwrap_or(i64::MAX),
+    )
+}
+
+/// What the outbox holds right now: `outbox status`.
+#[derive(Debug, Clone, PartialEq, Serialize, QueryableByName)]
+pub struct OutboxStatus {
+    /// Committed rows not yet acknowledged by the broker.
+    #[diesel(sql_type = BigInt)]
+    pub unpublished: i64,
+    /// Age of the oldest of them, in seconds.
+    #[diesel(sql_type = Nullable<Double>)]
+    pub oldest_unpublished_age_seconds: Option<f64>,
+    /// Unpublished rows the broker refused at least once.
+    #[diesel(sql_type = BigInt)]
+    pub unpublished_with_errors: i64,
+    /// The most recent of their errors.
+    #[diesel(sql_type = Nullable<Text>)]
+    pub last_error: Option<String>,
+    /// Published rows kept in the sent log.
+    #[diesel(sql_type = BigInt)]
+    pub sent_log_rows: i64,
+    /// When the oldest of them was published.
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    pub sent_log_oldest: Option<DateTime<Utc>>,
+}
+
+/// The backlog, its age, rows with errors and what the sent log holds.
+pub async fn status(conn: &mut AsyncPgConnection) -> Result<OutboxStatus> {
+    Ok(diesel::sql_query(
+        "SELECT \
+           (SELECT count(*) FROM ferrybox_outbox WHERE published_at IS NULL) AS unpublished, \
+           (SELECT extract(epoch FROM now() - min(created_at))::float8 FROM ferrybox_outbox \
+              WHERE published_at IS NULL) AS oldest_unpublished_age_seconds, \
+           (SELECT count(*) FROM ferrybox_outbox \
+              WHERE published_at IS NULL AND last_error IS NOT NULL) AS unpublished_with_errors, \
+           (SELECT last_error FROM ferrybox_outbox \
+              WHERE published_at IS NULL AND last_error IS NOT NULL \
+              ORDER BY id DESC LIMIT 1) AS last_error, \
+           (SELECT count(*) FROM ferrybox_outbox WHERE published_at IS NOT NULL) AS sent_log_rows, \
+           (SELECT min(published_at) FROM ferrybox_outbox \
+              WHERE published_at IS NOT NULL) AS sent_log_oldest",
+    )
+    .get_result(conn)
+    .await?)
+}
+
+/// Which published rows to replay. Every given bound applies; none selects the whole sent log.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ReplaySelection {
+    /// Only this topic.
+    pub topic: Option<String>,
+    /// Only this message key.
+    pub key: Option<String>,
+    /// Published at or after this time.
+    pub published_from: Option<DateTime<Utc>>,
+    /// Published before this time.
+    pub published_until: Option<DateTime<Utc>>,
+    /// Outbox positions (ids) from this one, inclusive.
+    pub from_position: Option<i64>,
+    /// Outbox positions up to this one, inclusive.
+    pub to_position: Option<i64>,
+}
+
+/// What a replay did (or, in a dry run, would do).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ReplayReport {
+    /// Rows the selection matched.
+    pub matched: u64,
+    /// Rows sent and acknowledged by the broker (0 in a dry run).
+    pub sent: u64,
+    /// Rows the broker did not acknowledge.
+    pub failed: u64,
+    /// The first delivery error, if any.
+    pub first_error: Option<String>,
+    /// Whether this was a dry run.
+    pub dry_run: bool,
+}
+
+/// How a replay runs.
+#[derive(Debug, Clone, Copy)]
+pub struct ReplayOptions {
+    /// Messages per second at most.
+    pub rate_per_second: u32,
+    /// Only count what would be sent.
+    pub dry_run: bool,
+}
+
+impl Default for ReplayOptions {
+    fn default() -> Self {
+        Self {
+            rate_per_second: 1_000,
+            dry_run: false,
+        }
+    }
+}
+
+type Selected<'a> = ferrybox_outbox::BoxedQuery<'a, Pg>;
+
+fn selected(selection: &ReplaySelection) -> Selected<'_> {
+    use ferrybox_outbox::dsl;
+    let mut query = dsl::ferrybox_outbox
+        .filter(dsl::published_at.is_not_null())
+        .into_boxed();
+    if let Some(topic) = &selection.topic {
+        query = query.filter(dsl::topic.eq(topic));
+    }
+    if let Some(key) = &selection.key {
+        query = query.filter(dsl::message_key.eq(key));
+    }
+    if let Some(from) = selection.published_from {
+        query = query.filter(dsl::published_at.ge(from));
+    }
+    if let Some(until) = selection.published_until {
+        query = query.filter(dsl::published_at.lt(until));
+    }
+    if let Some(from) = selection.from_position {
+        query = query.filter(dsl::id.ge(from));
+    }
+    if let Some(to) = selection.to_position {
+        query = query.filter(dsl::id.le(to));
+    }
+    query
+}
+
+#[derive(Queryable)]
+struct ReplayRow {
+    id: i64,
+    topic: String,
+    message_key: String,
+    headers: serde_json::Value,
+    payload: Vec<u8>,
+}
+
+/// Rows read and sent per round trip.
+const REPLAY_CHUNK: i64 = 500;
+
+/// Publishes the selected rows of the sent log again, in outbox order, with their original
+/// message ids, keys and headers, at most `options.rate_per_second` messages a second, and
+/// waits for every acknowledgement. Consumers deduplicate by message id, so replaying what a
+/// consumer already applied is harmless.
+pub async fn replay(
+    conn: &mut AsyncPgConnection,
+    producer: &FutureProducer,
+    selection: &ReplaySelection,
+    options: ReplayOptions,
+) -> Result<ReplayReport> {
+    if options.rate_per_second == 0 {
+        return Err(Error::Config(
+            "replay rate must be at least 1 message a second".into(),
+        ));
+    }
+    let matched: i64 = selected(selection).count().get_result(conn).await?;
+    let mut report = ReplayReport {
+        matched: u64::try_from(matched).unwrap_or(0),
+        dry_run: options.dry_run,
+        ..ReplayReport::default()
+    };
+    if options.dry_run {
+        return Ok(report);
+    }
+    let started = tokio::time::Instant::now();
+    let per_message = Duration::from_secs(1) / options.rate_per_second;
+    let mut after = i64::MIN;
+    let mut queued = 0u32;
+    loop {
+        let rows: Vec<ReplayRow> = selected(selection)
+            .filter(ferrybox_outbox::id.gt(after))
+            .order(ferrybox_outbox::id.asc())
+            .limit(REPLAY_CHUNK)
+            .select((
+                ferrybox_outbox::id,
+                ferrybox_outbox::topic,
+                ferrybox_outbox::message_key,
+                ferrybox_outbox::headers,
+                ferrybox_outbox::payload,
+            ))
+            .load(conn)
+            .await?;
+        let Some(last) = rows.last() else {
+            break;
+        };
+        after = last.id;
+        let mut deliveries = Vec::with_capacity(rows.len());
+        for row in &rows {
+            tokio::time::sleep_until(started + per_message * queued).await;
+            queued = queued.saturating_add(1);
+            let record = FutureRecord::to(&row.topic)
+                .key(&row.message_key)
+                .payload(&row.payload)
+                .headers(kafka_headers(&row.headers));
+            deliveries.push(producer.send_result(record).map_err(|(e, _)| e.to_string()));
+        }
+        for delivery in deliveries {
+            let result = match delivery {
+                Ok(report) => match report.await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err((e, _))) => Err(e.to_string()),
+                    Err(_) => Err("delivery report lost: producer closed".to_owned()),
+                },
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(()) => report.sent += 1,
+                Err(e) => {
+                    report.failed += 1;
+                    report.first_error.get_or_insert(e);
+                }
+            }
+        }
+    }
+    tracing::info!(
+        matched = report.matched,
+        sent = report.sent,
+        failed = report.failed,
+        "replay finished"
+    );
+    Ok(report)
+}

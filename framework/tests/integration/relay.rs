@@ -1,0 +1,406 @@
+//! The relay under concurrency: per-key commit order, NOTIFY, several instances; and the sent
+//! log: retention, status, replay; and the topic durability check.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use diesel_async::{AsyncConnection, AsyncPgConnection, TransactionManager};
+use ferrybox::outbox::sent_log;
+use ferrybox::testing::{self, ReadRecord, wait_until};
+use ferrybox::{CancellationToken, Relay, RelayConfig, ReplayOptions, ReplaySelection};
+
+use crate::support::{Fixture, TIMEOUT, ThingChanged};
+
+type Tm = <AsyncPgConnection as AsyncConnection>::TransactionManager;
+
+/// Entity versions per key, in the order the records arrived (partition order, which is the
+/// order of one key).
+fn versions_by_key(records: &[ReadRecord]) -> BTreeMap<String, Vec<i64>> {
+    let mut by_key: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    for r in records {
+        by_key
+            .entry(r.headers["ce_subject"].clone())
+            .or_default()
+            .push(r.headers["ce_entityversion"].parse().unwrap());
+    }
+    by_key
+}
+
+fn relay(fx: &Fixture, config: RelayConfig) -> Relay {
+    Relay::new(fx.db.config(), &testing::kafka(), config).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_key_is_published_in_commit_order_when_its_transactions_overlap() {
+    let fx = Fixture::new(1).await;
+    let message = |version| {
+        let codec = fx.codec.clone();
+        let topic = fx.topic.clone();
+        async move {
+            let event = ThingChanged {
+                thing_id: "k".into(),
+                version,
+                label: "x".into(),
+            };
+            codec.message(&topic, &event).await.unwrap()
+        }
+    };
+    let (first, second) = (message(1).await, message(2).await);
+
+    // Transaction A enqueues version 1 and stays open.
+    let mut a = AsyncPgConnection::establish(fx.db.url()).await.unwrap();
+    Tm::begin_transaction(&mut a).await.unwrap();
+    fx.outbox.enqueue(&mut a, &first).await.unwrap();
+
+    // Transaction B enqueues version 2 of the same key and commits as soon as it can.
+    let outbox = fx.outbox.clone();
+    let url = fx.db.url().to_owned();
+    let b = tokio::spawn(async move {
+        let mut b = AsyncPgConnection::establish(&url).await.unwrap();
+        Tm::begin_transaction(&mut b).await.unwrap();
+        outbox.enqueue(&mut b, &second).await.unwrap();
+        Tm::commit_transaction(&mut b).await.unwrap();
+    });
+    // B must wait for A's key lock: had it committed first, its row (drawn after A's id)
+    // would have been published after A's in spite of committing before it.
+    wait_until(TIMEOUT, "B waits for A's key lock", || async {
+        b.is_finished()
+            || fx
+                .count("SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+                .await
+                > 0
+    })
+    .await;
+    assert!(!b.is_finished(), "B committed while A held the key");
+    Tm::commit_transaction(&mut a).await.unwrap();
+    b.await.unwrap();
+
+    let mut conn = AsyncPgConnection::establish(fx.db.url()).await.unwrap();
+    let outcome = relay(&fx, Fixture::relay_config())
+        .publish_pending(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(outcome.published, 2);
+    let records = testing::read_topic(&fx.topic, 2, TIMEOUT).await;
+    assert_eq!(versions_by_key(&records)["k"], vec![1, 2]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn other_keys_do_not_wait_for_an_open_transaction() {
+    let fx = Fixture::new(1).await;
+    let event = ThingChanged {
+        thing_id: "held".into(),
+        version: 1,
+        label: "x".into(),
+    };
+    let held = fx.codec.message(&fx.topic, &event).await.unwrap();
+    let mut a = AsyncPgConnection::establish(fx.db.url()).await.unwrap();
+    Tm::begin_transaction(&mut a).await.unwrap();
+    fx.outbox.enqueue(&mut a, &held).await.unwrap();
+    // A different key commits while "held" is still open.
+    fx.change("free", 1).await;
+    Tm::rollback_transaction(&mut a).await.unwrap();
+    assert_eq!(
+        fx.count("SELECT count(*) AS n FROM ferrybox_outbox").await,
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn notify_wakes_the_relay_without_polling() {
+    let fx = Fixture::new(1).await;
+    // Polling once an hour: only the notification can bring these rows out in time.
+    let relay = Arc::new(relay(
+        &fx,
+        RelayConfig {
+            poll_interval: Duration::from_secs(3600),
+            ..Fixture::relay_config()
+        },
+    ));
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let (relay, stop) = (relay.clone(), stop.clone());
+        async move { relay.run(stop).await }
+    });
+    for round in 1..=3 {
+        fx.change("n", round).await;
+        wait_until(TIMEOUT, "the notified relay publishes", || async {
+            fx.count("SELECT count(*) AS n FROM ferrybox_outbox WHERE published_at IS NOT NULL")
+                .await
+                == round
+        })
+        .await;
+    }
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_relays_with_concurrent_writers_publish_each_row_once_in_key_order() {
+    let fx = Arc::new(Fixture::new(3).await);
+    let config = RelayConfig {
+        standby_interval: Duration::from_millis(50),
+        ..Fixture::relay_config()
+    };
+    let mut relays = Vec::new();
+    for _ in 0..3 {
+        let relay = Arc::new(relay(&fx, config.clone()));
+        let stop = CancellationToken::new();
+        let task = tokio::spawn({
+            let (relay, stop) = (relay.clone(), stop.clone());
+            async move { relay.run(stop).await }
+        });
+        relays.push((stop, task));
+    }
+    // Four writers, each owning five keys, each writing ten versions per key.
+    const WRITERS: i64 = 4;
+    const KEYS: i64 = 5;
+    const VERSIONS: i64 = 10;
+    let mut writers = Vec::new();
+    for w in 0..WRITERS {
+        let fx = fx.clone();
+        writers.push(tokio::spawn(async move {
+            for version in 1..=VERSIONS {
+                for k in 0..KEYS {
+                    fx.change(&format!("w{w}-k{k}"), version).await;
+                }
+            }
+        }));
+    }
+    // Stop the relays one by one while the writers write: each time another takes over.
+    let total = WRITERS * KEYS * VERSIONS;
+    for (stop, task) in relays.drain(..2) {
+        wait_until(TIMEOUT, "some progress", || async {
+            fx.count("SELECT count(*) AS n FROM ferrybox_outbox WHERE published_at IS NOT NULL")
+                .await
+                > 0
+        })
+        .await;
+        stop.cancel();
+        task.await.unwrap().unwrap();
+    }
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    wait_until(TIMEOUT, "every row published", || async {
+        fx.count("SELECT count(*) AS n FROM ferrybox_outbox WHERE published_at IS NOT NULL")
+            .await
+            == total
+    })
+    .await;
+    let (stop, task) = relays.pop().unwrap();
+    stop.cancel();
+    task.await.unwrap().unwrap();
+
+    let records = testing::read_topic(&fx.topic, usize::try_from(total).unwrap(), TIMEOUT).await;
+    let mut ids: Vec<&str> = records
+        .iter()
+        .map(|r| r.headers["ce_id"].as_str())
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), records.len(), "a row was published twice");
+    let by_key = versions_by_key(&records);
+    assert_eq!(by_key.len(), usize::try_from(WRITERS * KEYS).unwrap());
+    for (key, versions) in by_key {
+        assert_eq!(versions, (1..=VERSIONS).collect::<Vec<_>>(), "key {key}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retention_deletes_expired_published_rows_only_in_small_batches() {
+    let fx = Fixture::new(1).await;
+    for i in 0..7 {
+        fx.change(&format!("r{i}"), 1).await;
+    }
+    let mut conn = AsyncPgConnection::establish(fx.db.url()).await.unwrap();
+    let mut rows = fx.count("SELECT count(*) AS n FROM ferrybox_outbox").await;
+    assert_eq!(rows, 7);
+    relay(&fx, Fixture::relay_config())
+        .publish_pending(&mut conn)
+        .await
+        .unwrap();
+    fx.change("unpublished", 1).await;
+    // Five published rows are two days old; the unpublished one is older still.
+    fx.count(
+        "WITH aged AS (UPDATE ferrybox_outbox SET published_at = now() - interval '2 days' \
+         WHERE id IN (SELECT id FROM ferrybox_outbox WHERE published_at IS NOT NULL ORDER BY id LIMIT 5) \
+         RETURNING 1) SELECT count(*) AS n FROM aged",
+    )
+    .await;
+    fx.count(
+        "WITH aged AS (UPDATE ferrybox_outbox SET created_at = now() - interval '3 days' \
+         WHERE published_at IS NULL RETURNING 1) SELECT count(*) AS n FROM aged",
+    )
+    .await;
+    let deleted = sent_log::delete_expired(&mut conn, Duration::from_secs(24 * 3600), 2)
+        .await
+        .unwrap();
+    assert_eq!(deleted, 5);
+    rows = fx.count("SELECT count(*) AS n FROM ferrybox_outbox").await;
+    assert_eq!(
+        rows, 3,
+        "two recent published rows and the unpublished one stay"
+    );
+    assert_eq!(
+        fx.count("SELECT count(*) AS n FROM ferrybox_outbox WHERE published_at IS NULL")
+            .await,
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_reports_backlog_errors_and_the_sent_log() {
+    let fx = Fixture::new(1).await;
+    fx.change("s1", 1).await;
+    fx.change("s2", 1).await;
+    let mut conn = AsyncPgConnection::establish(fx.db.url()).await.unwrap();
+    let status = sent_log::status(&mut conn).await.unwrap();
+    assert_eq!(status.unpublished, 2);
+    assert!(status.oldest_unpublished_age_seconds.unwrap() >= 0.0);
+    assert_eq!(
+        (status.unpublished_with_errors, status.sent_log_rows),
+        (0, 0)
+    );
+
+    let mut unreachable = ferrybox::KafkaConfig::new("127.0.0.1:1");
+    unreachable
+        .settings
+        .insert("message.timeout.ms".into(), "1000".into());
+    let failing = Relay::new(fx.db.config(), &unreachable, Fixture::relay_config()).unwrap();
+    assert_eq!(failing.publish_batch(&mut conn).await.unwrap().failed, 2);
+    let status = sent_log::status(&mut conn).await.unwrap();
+    assert_eq!(status.unpublished_with_errors, 2);
+    assert!(status.last_error.is_some());
+
+    relay(&fx, Fixture::relay_config())
+        .publish_pending(&mut conn)
+        .await
+        .unwrap();
+    let status = sent_log::status(&mut conn).await.unwrap();
+    assert_eq!(status.unpublished, 0);
+    assert_eq!(status.oldest_unpublished_age_seconds, None);
+    assert_eq!(
+        (status.unpublished_with_errors, status.sent_log_rows),
+        (0, 2)
+    );
+    assert!(status.sent_log_oldest.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replay_resends_the_selection_with_original_ids_in_order() {
+    let fx = Fixture::new(1).await;
+    let mut sent = Vec::new();
+    for version in 1..=3 {
+        sent.push(fx.change("a", version).await.to_string());
+        fx.change("b", version).await;
+    }
+    let mut conn = AsyncPgConnection::establish(fx.db.url()).await.unwrap();
+    relay(&fx, Fixture::relay_config())
+        .publish_pending(&mut conn)
+        .await
+        .unwrap();
+    let producer = ferrybox::kafka::durable_producer(&testing::kafka()).unwrap();
+    let only_a = ReplaySelection {
+        topic: Some(fx.topic.clone()),
+        key: Some("a".into()),
+        ..ReplaySelection::default()
+    };
+
+    let dry = sent_log::replay(
+        &mut conn,
+        &producer,
+        &only_a,
+        ReplayOptions {
+            dry_run: true,
+            ..ReplayOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!((dry.matched, dry.sent, dry.dry_run), (3, 0, true));
+
+    let other_topic = ReplaySelection {
+        topic: Some("no-such-topic".into()),
+        ..ReplaySelection::default()
+    };
+    let none = sent_log::replay(&mut conn, &producer, &other_topic, ReplayOptions::default())
+        .await
+        .unwrap();
+    assert_eq!((none.matched, none.sent), (0, 0));
+
+    let report = sent_log::replay(&mut conn, &producer, &only_a, ReplayOptions::default())
+        .await
+        .unwrap();
+    assert_eq!((report.matched, report.sent, report.failed), (3, 3, 0));
+    // The topic now holds the six originals, then key a's three again, same ids, same order.
+    let records = testing::read_topic(&fx.topic, 9, TIMEOUT).await;
+    let replayed: Vec<String> = records[6..]
+        .iter()
+        .map(|r| r.headers["ce_id"].clone())
+        .collect();
+    assert_eq!(replayed, sent);
+
+    // A position range selects by outbox id: the first two rows.
+    let first_two = ReplaySelection {
+        to_position: Some(
+            fx.count("SELECT min(id) + 1 AS n FROM ferrybox_outbox")
+                .await,
+        ),
+        ..ReplaySelection::default()
+    };
+    let options = ReplayOptions {
+        dry_run: true,
+        ..ReplayOptions::default()
+    };
+    let counted = sent_log::replay(&mut conn, &producer, &first_two, options)
+        .await
+        .unwrap();
+    assert_eq!(counted.matched, 2);
+    let zero_rate = ReplayOptions {
+        rate_per_second: 0,
+        dry_run: false,
+    };
+    assert!(
+        sent_log::replay(&mut conn, &producer, &first_two, zero_rate)
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn durability_check_reports_the_topic_and_strict_mode_refuses_it() {
+    let topic = testing::create_topic(2).await;
+    let config = ferrybox::TopicConfig {
+        partitions: 2,
+        ..ferrybox::TopicConfig::new(&topic)
+    };
+    let mut kafka = testing::kafka();
+    let report = ferrybox::kafka::check_durability(&kafka, std::slice::from_ref(&config))
+        .await
+        .unwrap();
+    assert_eq!(report[0].partitions, 2);
+    // The local broker is a single node: replication factor 1, below production level.
+    assert_eq!(report[0].replication_factor, 1);
+    assert!(!report[0].shortcomings().is_empty());
+
+    kafka.strict_durability = true;
+    let err = ferrybox::kafka::check_durability(&kafka, std::slice::from_ref(&config))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("replication factor 1 is below 3"),
+        "{err}"
+    );
+
+    kafka.strict_durability = false;
+    let wrong = ferrybox::TopicConfig {
+        partitions: 5,
+        ..config
+    };
+    let err = ferrybox::kafka::check_durability(&kafka, &[wrong])
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("has 2 partitions"), "{err}");
+}

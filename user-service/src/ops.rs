@@ -1,0 +1,98 @@
+//! Operator commands for the producer side: `relay` on its own, `outbox status` and
+//! `outbox replay`.
+
+use anyhow::Context;
+use ferrybox::outbox::sent_log;
+use ferrybox::{CancellationToken, Relay, ReplayOptions, ReplaySelection, db};
+
+use crate::config::Settings;
+
+/// `relay`: runs only the relay (no HTTP API) until `shutdown`. Several can run at once; one
+/// is active, the others take over when it stops.
+pub async fn relay(settings: &Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    db::migrate_service(&db::pool(&settings.database)?, crate::startup::MIGRATIONS)
+        .await
+        .context("database migrations")?;
+    ferrybox::kafka::check_durability(&settings.kafka, std::slice::from_ref(&settings.users_topic))
+        .await
+        .context("users topic")?;
+    let relay = Relay::new(
+        settings.database.clone(),
+        &settings.kafka,
+        settings.relay.clone(),
+    )?;
+    relay.run(shutdown).await.context("relay")
+}
+
+async fn connection(settings: &Settings) -> anyhow::Result<db::PooledConnection> {
+    let pool = db::pool(&settings.database)?;
+    db::connection(&pool)
+        .await
+        .context("connecting to the database")
+}
+
+/// `outbox status`: backlog, its age, rows with errors and the sent log's extent.
+pub async fn status(settings: &Settings, json: bool) -> anyhow::Result<sent_log::OutboxStatus> {
+    let mut conn = connection(settings).await?;
+    let status = sent_log::status(&mut conn).await?;
+    let retention_seconds = settings.relay.retention.as_secs();
+    if json {
+        let mut value = serde_json::to_value(&status)?;
+        value["retention_seconds"] = retention_seconds.into();
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        println!("unpublished:            {}", status.unpublished);
+        println!(
+            "oldest unpublished age: {}",
+            status
+                .oldest_unpublished_age_seconds
+                .map_or_else(|| "-".to_owned(), |s| format!("{s:.1}s"))
+        );
+        println!(
+            "with errors:            {}{}",
+            status.unpublished_with_errors,
+            status
+                .last_error
+                .as_deref()
+                .map_or_else(String::new, |e| format!("  (last: {e})"))
+        );
+        println!("sent log rows:          {}", status.sent_log_rows);
+        println!(
+            "sent log oldest:        {}",
+            status
+                .sent_log_oldest
+                .map_or_else(|| "-".to_owned(), |t| t.to_rfc3339())
+        );
+        println!("retention:              {retention_seconds}s");
+    }
+    Ok(status)
+}
+
+/// `outbox replay`: sends a range of the sent log again, with the original ids and headers.
+pub async fn replay(
+    settings: &Settings,
+    selection: &ReplaySelection,
+    options: ReplayOptions,
+    json: bool,
+) -> anyhow::Result<sent_log::ReplayReport> {
+    let mut conn = connection(settings).await?;
+    let producer = ferrybox::kafka::durable_producer(&settings.kafka)?;
+    let report = sent_log::replay(&mut conn, &producer, selection, options).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else if report.dry_run {
+        println!("would replay {} messages (dry run)", report.matched);
+    } else {
+        println!(
+            "replayed {} of {} messages; {} failed{}",
+            report.sent,
+            report.matched,
+            report.failed,
+            report
+                .first_error
+                .as_deref()
+                .map_or_else(String::new, |e| format!(" (first error: {e})"))
+        );
+    }
+    Ok(report)
+}
