@@ -352,17 +352,16 @@ pub async fn read_topic(topic: &str, n: usize, timeout: Duration) -> Vec<ReadRec
     out
 }
 
-/// Reads every record `topic` holds right now, from the beginning of each partition up to its
-/// high watermark, without a consumer group (so it never waits for a rebalance). Panics if
-/// they do not all arrive within `timeout`.
-pub async fn read_all(topic: &str, timeout: Duration) -> Vec<ReadRecord> {
-    read_all_from(&kafka(), topic, timeout).await
-}
-
-/// [`read_all`] from the broker `config` points at.
-pub async fn read_all_from(
+/// Reads `topic` from the beginning of every partition until every id in `ids` (the `ce_id`
+/// header) has arrived, without a consumer group (so it never waits for a rebalance); returns
+/// every record read, duplicates included. Panics if they do not all arrive within `timeout`.
+///
+/// (It cannot read "up to the high watermark": tansu 0.6's in-memory engine reports the last
+/// batch's base offset + 1 as the high watermark.)
+pub async fn read_ids(
     config: &KafkaConfig,
     topic: &str,
+    ids: &std::collections::BTreeSet<String>,
     timeout: Duration,
 ) -> Vec<ReadRecord> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -370,6 +369,8 @@ pub async fn read_all_from(
     use rdkafka::{Offset, TopicPartitionList};
     let topic = topic.to_owned();
     let client = config.client_config();
+    let mut missing = ids.clone();
+    let total = ids.len();
     tokio::task::spawn_blocking(move || {
         let consumer: BaseConsumer = client
             .clone()
@@ -377,56 +378,125 @@ pub async fn read_all_from(
             .set("enable.auto.commit", "false")
             .create()
             .expect("reader");
-        let partitions = i32::try_from(
-            consumer
-                .fetch_metadata(Some(&topic), Duration::from_secs(10))
-                .expect("metadata")
-                .topics()[0]
-                .partitions()
-                .len(),
-        )
-        .expect("partition count");
-        let mut ends = std::collections::BTreeMap::new();
+        let partitions = consumer
+            .fetch_metadata(Some(&topic), Duration::from_secs(10))
+            .expect("metadata")
+            .topics()[0]
+            .partitions()
+            .len();
         let mut assignment = TopicPartitionList::new();
-        for p in 0..partitions {
-            let (low, high) = consumer
-                .fetch_watermarks(&topic, p, Duration::from_secs(10))
-                .expect("watermarks");
-            if high > low {
-                ends.insert(p, high);
-                assignment
-                    .add_partition_offset(&topic, p, Offset::Offset(low))
-                    .expect("assignment");
-            }
+        for p in 0..i32::try_from(partitions).expect("partition count") {
+            assignment
+                .add_partition_offset(&topic, p, Offset::Beginning)
+                .expect("assignment");
         }
         consumer.assign(&assignment).expect("assign");
         let start = Instant::now();
         let mut out = Vec::new();
-        while !ends.is_empty() {
+        while !missing.is_empty() {
             assert!(
                 start.elapsed() < timeout,
-                "{topic}: partitions {:?} not read to their end within {timeout:?}",
-                ends.keys().collect::<Vec<_>>()
+                "{topic}: {} of {} ids not read within {timeout:?}",
+                missing.len(),
+                total
             );
             let Some(m) = consumer.poll(Duration::from_millis(200)) else {
                 continue;
             };
             let m = m.expect("receive");
-            if ends
-                .get(&m.partition())
-                .is_some_and(|end| m.offset() + 1 >= *end)
-            {
-                ends.remove(&m.partition());
-            }
-            out.push(ReadRecord {
+            let record = ReadRecord {
                 partition: m.partition(),
                 offset: m.offset(),
                 key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
                 headers: crate::kafka::headers_map(&m),
-            });
+            };
+            if let Some(id) = record.headers.get("ce_id") {
+                missing.remove(id);
+            }
+            out.push(record);
         }
         out
     })
     .await
     .expect("reader task")
+}
+
+/// A broker of the test's own (tansu, as the local environment installs it) on a free port,
+/// with its own data folder, for tests that stop and restart the broker without disturbing
+/// other tests. Killed when dropped.
+#[derive(Debug)]
+pub struct PrivateBroker {
+    port: u16,
+    data: std::path::PathBuf,
+    child: Option<tokio::process::Child>,
+}
+
+impl PrivateBroker {
+    /// Starts a new broker and waits until it accepts connections.
+    pub async fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let data = std::env::temp_dir().join(unique("ferrybox-broker"));
+        std::fs::create_dir_all(&data).expect("broker data folder");
+        let mut broker = Self {
+            port,
+            data,
+            child: None,
+        };
+        broker.restart().await;
+        broker
+    }
+
+    /// Client settings for this broker.
+    pub fn kafka(&self) -> KafkaConfig {
+        KafkaConfig::new(format!("127.0.0.1:{}", self.port))
+    }
+
+    /// Kills the broker (SIGKILL) and waits for it to go; its data stays.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await.expect("kill broker");
+        }
+    }
+
+    /// Starts the broker again on the same port and data (after [`PrivateBroker::kill`]).
+    pub async fn restart(&mut self) {
+        self.kill().await;
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let log = std::fs::File::create(self.data.join("tansu.log")).expect("broker log");
+        let child = tokio::process::Command::new("tansu")
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "sqlite://tansu.db"])
+            .current_dir(&self.data)
+            .stdout(log.try_clone().expect("broker log"))
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start tansu (installed by deploy/local/infra.sh)");
+        self.child = Some(child);
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], self.port));
+        wait_until(
+            Duration::from_secs(30),
+            "the private broker to listen",
+            || async move { tokio::net::TcpStream::connect(addr).await.is_ok() },
+        )
+        .await;
+    }
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.start_kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.data);
+    }
 }

@@ -290,16 +290,23 @@ impl Relay {
             .clone()
     }
 
-    /// After a fatal error the idempotent producer refuses every message; start a new one.
-    fn renew_producer_after_fatal_error(&self, producer: &FutureProducer) -> Result<()> {
-        if let Some((code, reason)) = producer.client().fatal_error() {
-            tracing::error!(%code, %reason, "kafka producer hit a fatal error; starting a new one");
-            let renewed = crate::kafka::durable_producer(&self.kafka)?;
-            *self
-                .producer
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner) = renewed;
+    /// Starts a new producer after a failed batch. The idempotent producer's state (producer
+    /// id, sequence numbers) may no longer match the broker's: after a fatal error it refuses
+    /// every message, and a broker that restarted or failed over can keep refusing an old
+    /// producer's sequence. Every row of the batch is unmarked and retried, so nothing is lost,
+    /// and a fresh producer costs only a connection.
+    fn renew_producer(&self, old: &FutureProducer) -> Result<()> {
+        match old.client().fatal_error() {
+            Some((code, reason)) => {
+                tracing::error!(%code, %reason, "kafka producer hit a fatal error; starting a new one");
+            }
+            None => tracing::info!("starting a new kafka producer after a failed batch"),
         }
+        let renewed = crate::kafka::durable_producer(&self.kafka)?;
+        *self
+            .producer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = renewed;
         Ok(())
     }
 
@@ -401,7 +408,7 @@ impl Relay {
             .bind::<Array<Text>, _>(failed.1)
             .execute(conn)
             .await?;
-            self.renew_producer_after_fatal_error(&producer)?;
+            self.renew_producer(&producer)?;
         }
         Ok(outcome)
     }
