@@ -66,7 +66,7 @@ pub struct RelayConfig {
 impl Default for RelayConfig {
     fn default() -> Self {
         Self {
-            batch_size: 1_000,
+            batch_size: 5_000,
             listen: true,
             poll_interval: Duration::from_millis(500),
             standby_interval: Duration::from_secs(1),
@@ -378,13 +378,15 @@ impl Relay {
             published: acked.0.len(),
             failed: failed.0.len(),
         };
+        // `o.id = ANY($1)` makes the planner look the rows up by primary key; joining on the
+        // unnest alone lets it hash-join against a scan of the whole outbox.
         if !acked.0.is_empty() {
             diesel::sql_query(
                 "UPDATE ferrybox_outbox AS o \
                  SET published_at = now(), kafka_partition = u.p, kafka_offset = u.o, \
                      attempts = o.attempts + 1, last_error = NULL \
                  FROM unnest($1::bigint[], $2::int[], $3::bigint[]) AS u(id, p, o) \
-                 WHERE o.id = u.id",
+                 WHERE o.id = u.id AND o.id = ANY($1)",
             )
             .bind::<Array<BigInt>, _>(acked.0)
             .bind::<Array<Integer>, _>(acked.1)
@@ -402,7 +404,7 @@ impl Relay {
                 "UPDATE ferrybox_outbox AS o \
                  SET attempts = o.attempts + 1, last_error = u.e \
                  FROM unnest($1::bigint[], $2::text[]) AS u(id, e) \
-                 WHERE o.id = u.id",
+                 WHERE o.id = u.id AND o.id = ANY($1)",
             )
             .bind::<Array<BigInt>, _>(failed.0)
             .bind::<Array<Text>, _>(failed.1)

@@ -1,6 +1,4 @@
-//! `make bench`: inbox throughput and end-to-end latency, each against a baseline measured in
-//! the same run on the same broker and database. Prints a table and one `ratio <name> <value>`
-//! line per comparison.
+//! The inbox benchmarks.
 //!
 //! - `inbox_vs_raw_insert`: inbox apply rate for messages already in Kafka, over the rate of
 //!   inserting the same rows straight into PostgreSQL in batches of the same size.
@@ -23,11 +21,13 @@ use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::{Deserialize, Serialize};
 
+use crate::Report;
+
 /// Messages for the throughput runs; `FERRYBOX_BENCH_MESSAGES` overrides it.
 const DEFAULT_MESSAGES: usize = 100_000;
 const NAIVE_MESSAGES: usize = 3_000;
 
-fn messages() -> usize {
+pub(crate) fn messages() -> usize {
     std::env::var("FERRYBOX_BENCH_MESSAGES")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -323,28 +323,23 @@ async fn e2e_latency(codec: &AvroCodec, rate: u32, seconds: u32) -> anyhow::Resu
     Ok((p.p50, p.p99))
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let codec = AvroCodec::new(&testing::registry_url());
-    println!(
-        "Ferrybox inbox benchmark: {} messages of ~200 bytes over {KEYS} keys, batches of {BATCH}",
+/// The inbox section: throughput against raw inserts and a naive consumer, and e2e latency.
+pub(crate) async fn run(codec: &AvroCodec, report: &mut Report) -> anyhow::Result<()> {
+    eprintln!(
+        "inbox: {} messages of ~200 bytes over {KEYS} keys, batches of {BATCH}",
         messages()
     );
-    let inbox = inbox_rate(&codec).await?;
+    let inbox = inbox_rate(codec).await?;
     let raw = raw_insert_rate().await?;
-    let naive = naive_rate(&codec).await?;
-    let (p50, p99) = e2e_latency(&codec, 200, 10).await?;
-    println!();
-    println!("| measurement                              | value         |");
-    println!("|------------------------------------------|---------------|");
-    println!("| inbox apply rate (msg/s)                 | {inbox:>13.0} |");
-    println!("| raw batched insert rate (rows/s)         | {raw:>13.0} |");
-    println!("| naive consumer rate (msg/s)              | {naive:>13.0} |");
-    println!("| e2e latency p50 at 200 msg/s (ms)        | {p50:>13.1} |");
-    println!("| e2e latency p99 at 200 msg/s (ms)        | {p99:>13.1} |");
-    println!();
-    println!("ratio inbox_vs_raw_insert {:.3}", inbox / raw);
-    println!("ratio inbox_vs_naive {:.3}", inbox / naive);
-    println!("ratio e2e_latency_p99_ms {p99:.1}");
+    let naive = naive_rate(codec).await?;
+    let (p50, p99) = e2e_latency(codec, 200, 10).await?;
+    report.row("inbox apply rate (msg/s)", inbox);
+    report.row("raw batched insert rate (rows/s)", raw);
+    report.row("naive consumer rate (msg/s)", naive);
+    report.row("e2e latency p50 at 200 msg/s (ms)", p50);
+    report.row("e2e latency p99 at 200 msg/s (ms)", p99);
+    report.ratio("inbox_vs_raw_insert", inbox / raw);
+    report.ratio("inbox_vs_naive", inbox / naive);
+    report.ratio("e2e_latency_p99_ms", p99);
     Ok(())
 }
