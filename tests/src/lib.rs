@@ -86,11 +86,16 @@ impl Stack {
 
     /// Stops both services and waits for them to drain.
     pub async fn stop(self) -> anyhow::Result<()> {
+        self.stop_keeping_databases().await.map(drop)
+    }
+
+    /// Stops both services and hands back their databases: (user-service's, auth-service's).
+    pub async fn stop_keeping_databases(self) -> anyhow::Result<(TestDatabase, TestDatabase)> {
         self.shutdown.cancel();
         for task in self.tasks {
             task.await??;
         }
-        Ok(())
+        Ok((self.user_db, self.auth_db))
     }
 }
 
