@@ -2,6 +2,7 @@
 //! PostgreSQL, driven through their HTTP APIs.
 
 mod bad_input;
+mod consumer_crash;
 mod evolution;
 mod flow;
 mod replay;

@@ -202,3 +202,29 @@ impl Api {
         Ok(self.get(&format!("{auth_url}/inbox/stats")).await?.body)
     }
 }
+
+/// A small keyed event for the fault-injection tests and their worker process.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Tick {
+    /// The entity (and Kafka key).
+    pub key: String,
+    /// Its version: 1, 2, 3, ... per key.
+    pub version: i64,
+}
+
+impl ferrybox::Event for Tick {
+    const MESSAGE_TYPE: &'static str = "com.ferrybox.test.Tick";
+    const SCHEMA: &'static str = r#"{"type":"record","name":"Tick","namespace":"com.ferrybox.test",
+        "fields":[{"name":"key","type":"string"},{"name":"version","type":"long"}]}"#;
+    fn key(&self) -> String {
+        self.key.clone()
+    }
+    fn entity_version(&self) -> i64 {
+        self.version
+    }
+}
+
+/// The table the inbox worker's handler appends to: one row per application, with no unique
+/// constraint, so a message applied twice would show up twice.
+pub const APPLIED_TABLE: &str = "CREATE TABLE applied (seq BIGSERIAL PRIMARY KEY, \
+    message_id UUID NOT NULL, key TEXT NOT NULL, version BIGINT NOT NULL)";

@@ -1,0 +1,74 @@
+//! A consumer process for the crash tests: an inbox consumer whose handler appends each
+//! application to the `applied` table. Configured by `WORKER_DATABASE_URL`, `WORKER_TOPIC` and
+//! `WORKER_GROUP`; stops cleanly on SIGTERM; prints `ready` once consuming.
+
+use diesel::sql_types::{Array, BigInt, Text, Uuid};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use ferrybox::inbox::{Handler, HandlerError, ReceivedMessage};
+use ferrybox::{AvroCodec, DatabaseConfig, InboxConfig, InboxConsumer, KafkaConfig, db};
+use ferrybox_e2e::Tick;
+
+struct Append;
+
+impl Handler for Append {
+    async fn handle(
+        &self,
+        conn: &mut AsyncPgConnection,
+        message: &ReceivedMessage,
+    ) -> Result<(), HandlerError> {
+        self.handle_batch(conn, &[message]).await
+    }
+
+    async fn handle_batch(
+        &self,
+        conn: &mut AsyncPgConnection,
+        messages: &[&ReceivedMessage],
+    ) -> Result<(), HandlerError> {
+        let mut ids = Vec::with_capacity(messages.len());
+        let mut keys = Vec::with_capacity(messages.len());
+        let mut versions = Vec::with_capacity(messages.len());
+        for m in messages {
+            let tick: Tick = m.body()?;
+            ids.push(m.envelope.id.0);
+            keys.push(tick.key);
+            versions.push(tick.version);
+        }
+        diesel::sql_query(
+            "INSERT INTO applied (message_id, key, version) \
+             SELECT * FROM unnest($1::uuid[], $2::text[], $3::bigint[])",
+        )
+        .bind::<Array<Uuid>, _>(ids)
+        .bind::<Array<Text>, _>(keys)
+        .bind::<Array<BigInt>, _>(versions)
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+}
+
+fn env(name: &str) -> anyhow::Result<String> {
+    std::env::var(name).map_err(|_| anyhow::anyhow!("{name} is not set"))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    ferrybox::telemetry::init_logging(false);
+    let shutdown = ferrybox::shutdown::on_signals();
+    let pool = db::pool(&DatabaseConfig::new(env("WORKER_DATABASE_URL")?))?;
+    let mut kafka = KafkaConfig::new(env("WORKER_BOOTSTRAP_SERVERS")?);
+    // A killed member never says goodbye: let the group notice within seconds.
+    kafka
+        .settings
+        .insert("session.timeout.ms".into(), "6000".into());
+    let config = InboxConfig {
+        group_id: env("WORKER_GROUP")?,
+        topics: vec![env("WORKER_TOPIC")?],
+        batch_size: 50,
+        ..InboxConfig::default()
+    };
+    let codec = AvroCodec::new(&env("WORKER_REGISTRY_URL")?);
+    let consumer = InboxConsumer::new(pool, &kafka, codec, Append, config)?;
+    println!("ready");
+    consumer.run(shutdown).await?;
+    Ok(())
+}
