@@ -227,4 +227,4 @@ impl ferrybox::Event for Tick {
 /// The table the inbox worker's handler appends to: one row per application, with no unique
 /// constraint, so a message applied twice would show up twice.
 pub const APPLIED_TABLE: &str = "CREATE TABLE applied (seq BIGSERIAL PRIMARY KEY, \
-    message_id UUID NOT NULL, key TEXT NOT NULL, version BIGINT NOT NULL)";
+    message_id UUID NOT NULL, key TEXT NOT NULL, version BIGINT NOT NULL, worker TEXT NOT NULL)";

@@ -1,6 +1,6 @@
 //! A consumer process for the crash tests: an inbox consumer whose handler appends each
 //! application to the `applied` table. Configured by `WORKER_DATABASE_URL`, `WORKER_TOPIC` and
-//! `WORKER_GROUP`; stops cleanly on SIGTERM; prints `ready` once consuming.
+//! `WORKER_GROUP` (and optionally `WORKER_NAME`); stops cleanly on SIGTERM; prints `ready` once consuming.
 
 use diesel::sql_types::{Array, BigInt, Text, Uuid};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
@@ -8,7 +8,10 @@ use ferrybox::inbox::{Handler, HandlerError, ReceivedMessage};
 use ferrybox::{AvroCodec, DatabaseConfig, InboxConfig, InboxConsumer, KafkaConfig, db};
 use ferrybox_e2e::Tick;
 
-struct Append;
+/// Appends each application to `applied`, with the worker's name.
+struct Append {
+    worker: String,
+}
 
 impl Handler for Append {
     async fn handle(
@@ -34,12 +37,13 @@ impl Handler for Append {
             versions.push(tick.version);
         }
         diesel::sql_query(
-            "INSERT INTO applied (message_id, key, version) \
-             SELECT * FROM unnest($1::uuid[], $2::text[], $3::bigint[])",
+            "INSERT INTO applied (message_id, key, version, worker) \
+             SELECT *, $4 FROM unnest($1::uuid[], $2::text[], $3::bigint[])",
         )
         .bind::<Array<Uuid>, _>(ids)
         .bind::<Array<Text>, _>(keys)
         .bind::<Array<BigInt>, _>(versions)
+        .bind::<Text, _>(&self.worker)
         .execute(conn)
         .await?;
         Ok(())
@@ -60,6 +64,9 @@ async fn main() -> anyhow::Result<()> {
     kafka
         .settings
         .insert("session.timeout.ms".into(), "6000".into());
+    if let Ok(debug) = std::env::var("WORKER_KAFKA_DEBUG") {
+        kafka.settings.insert("debug".into(), debug);
+    }
     let config = InboxConfig {
         group_id: env("WORKER_GROUP")?,
         topics: vec![env("WORKER_TOPIC")?],
@@ -67,7 +74,8 @@ async fn main() -> anyhow::Result<()> {
         ..InboxConfig::default()
     };
     let codec = AvroCodec::new(&env("WORKER_REGISTRY_URL")?);
-    let consumer = InboxConsumer::new(pool, &kafka, codec, Append, config)?;
+    let worker = std::env::var("WORKER_NAME").unwrap_or_else(|_| "worker".into());
+    let consumer = InboxConsumer::new(pool, &kafka, codec, Append { worker }, config)?;
     println!("ready");
     consumer.run(shutdown).await?;
     Ok(())
