@@ -114,13 +114,43 @@ pub struct BatchOutcome {
 /// two-key form, which PostgreSQL keeps apart from the one-key locks `enqueue` takes per key.
 const RELAY_LOCK: (i32, i32) = (0x6665_7272, 0x7962_6f78);
 
-#[derive(Queryable)]
-struct PendingRow {
-    id: i64,
+/// An outbox row as the relay (and replay) sends it.
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = ferrybox_outbox)]
+pub(super) struct OutboxRecord {
+    pub(super) id: i64,
     topic: String,
     message_key: String,
     headers: serde_json::Value,
     payload: Vec<u8>,
+}
+
+/// Queues every record with `producer` (librdkafka pipelines them), then awaits each delivery
+/// report: the acknowledged (partition, offset) or the error, in the records' order.
+pub(super) async fn send_all(
+    producer: &FutureProducer,
+    records: &[OutboxRecord],
+) -> Vec<std::result::Result<(i32, i64), String>> {
+    let mut in_flight = Vec::with_capacity(records.len());
+    for row in records {
+        let record = FutureRecord::to(&row.topic)
+            .key(&row.message_key)
+            .payload(&row.payload)
+            .headers(kafka_headers(&row.headers));
+        in_flight.push(producer.send_result(record).map_err(|(e, _)| e.to_string()));
+    }
+    let mut results = Vec::with_capacity(records.len());
+    for sent in in_flight {
+        results.push(match sent {
+            Ok(delivery) => match delivery.await {
+                Ok(Ok(d)) => Ok((d.partition, d.offset)),
+                Ok(Err((e, _))) => Err(e.to_string()),
+                Err(_) => Err("delivery report lost: producer closed".to_owned()),
+            },
+            Err(e) => Err(e),
+        });
+    }
+    results
 }
 
 #[derive(QueryableByName)]
@@ -316,51 +346,25 @@ impl Relay {
     ///
     /// Call it from the active relay only (or in tests); [`Relay::run`] takes care of that.
     pub async fn publish_batch(&self, conn: &mut AsyncPgConnection) -> Result<BatchOutcome> {
-        let rows: Vec<PendingRow> = ferrybox_outbox::table
+        let rows: Vec<OutboxRecord> = ferrybox_outbox::table
             .filter(ferrybox_outbox::published_at.is_null())
             .order(ferrybox_outbox::id.asc())
             .limit(self.config.batch_size)
-            .select((
-                ferrybox_outbox::id,
-                ferrybox_outbox::topic,
-                ferrybox_outbox::message_key,
-                ferrybox_outbox::headers,
-                ferrybox_outbox::payload,
-            ))
+            .select(OutboxRecord::as_select())
             .load(conn)
             .await?;
         if rows.is_empty() {
             return Ok(BatchOutcome::default());
         }
 
-        // Queue the whole batch first, then wait: librdkafka pipelines the sends. The
-        // idempotent producer keeps each partition's order and retries without duplicating;
-        // when the broker stays away, messages time out (`message.timeout.ms`) oldest first,
-        // so a key's later rows fail with its earlier ones and are retried together.
+        // Send the whole batch, then wait. The idempotent producer keeps each partition's
+        // order and retries without duplicating; when the broker stays away, messages time out
+        // (`message.timeout.ms`) oldest first, so a key's later rows fail with its earlier ones
+        // and are retried together.
         let producer = self.producer();
-        let mut in_flight = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let record = FutureRecord::to(&row.topic)
-                .key(&row.message_key)
-                .payload(&row.payload)
-                .headers(kafka_headers(&row.headers));
-            in_flight.push(match producer.send_result(record) {
-                Ok(delivery) => Ok(delivery),
-                Err((e, _)) => Err(e.to_string()),
-            });
-        }
-
         let mut acked = (Vec::new(), Vec::new(), Vec::new());
         let mut failed = (Vec::new(), Vec::new());
-        for (row, sent) in rows.iter().zip(in_flight) {
-            let result = match sent {
-                Ok(delivery) => match delivery.await {
-                    Ok(Ok(d)) => Ok((d.partition, d.offset)),
-                    Ok(Err((e, _))) => Err(e.to_string()),
-                    Err(_) => Err("delivery report lost: producer closed".to_owned()),
-                },
-                Err(e) => Err(e),
-            };
+        for (row, result) in rows.iter().zip(send_all(&producer, &rows).await) {
             match result {
                 Ok((partition, offset)) => {
                     acked.0.push(row.id);
@@ -463,7 +467,7 @@ async fn listen_once(url: &str, wake: &Notify, stop: &CancellationToken) -> Resu
     }
 }
 
-pub(super) fn kafka_headers(stored: &serde_json::Value) -> OwnedHeaders {
+fn kafka_headers(stored: &serde_json::Value) -> OwnedHeaders {
     let map: BTreeMap<String, String> = serde_json::from_value(stored.clone()).unwrap_or_default();
     crate::kafka::owned_headers(&map)
 }

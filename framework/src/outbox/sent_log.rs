@@ -8,10 +8,10 @@ use diesel::pg::Pg;
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Double, Interval, Nullable, Text, Timestamptz};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureProducer;
 use serde::Serialize;
 
-use super::relay::kafka_headers;
+use super::relay::{OutboxRecord, send_all};
 use super::schema::ferrybox_outbox;
 use crate::error::{Error, Result};
 
@@ -174,15 +174,6 @@ fn selected(selection: &ReplaySelection) -> Selected<'_> {
     query
 }
 
-#[derive(Queryable)]
-struct ReplayRow {
-    id: i64,
-    topic: String,
-    message_key: String,
-    headers: serde_json::Value,
-    payload: Vec<u8>,
-}
-
 /// Rows read and sent per round trip.
 const REPLAY_CHUNK: i64 = 500;
 
@@ -212,47 +203,27 @@ pub async fn replay(
     }
     let started = tokio::time::Instant::now();
     let per_message = Duration::from_secs(1) / options.rate_per_second;
+    // Chunks of at most one second's worth, each sent when the rate allows it.
+    let chunk = REPLAY_CHUNK.min(i64::from(options.rate_per_second));
     let mut after = i64::MIN;
     let mut queued = 0u32;
     loop {
-        let rows: Vec<ReplayRow> = selected(selection)
+        let rows: Vec<OutboxRecord> = selected(selection)
             .filter(ferrybox_outbox::id.gt(after))
             .order(ferrybox_outbox::id.asc())
-            .limit(REPLAY_CHUNK)
-            .select((
-                ferrybox_outbox::id,
-                ferrybox_outbox::topic,
-                ferrybox_outbox::message_key,
-                ferrybox_outbox::headers,
-                ferrybox_outbox::payload,
-            ))
+            .limit(chunk)
+            .select(OutboxRecord::as_select())
             .load(conn)
             .await?;
         let Some(last) = rows.last() else {
             break;
         };
         after = last.id;
-        let mut deliveries = Vec::with_capacity(rows.len());
-        for row in &rows {
-            tokio::time::sleep_until(started + per_message * queued).await;
-            queued = queued.saturating_add(1);
-            let record = FutureRecord::to(&row.topic)
-                .key(&row.message_key)
-                .payload(&row.payload)
-                .headers(kafka_headers(&row.headers));
-            deliveries.push(producer.send_result(record).map_err(|(e, _)| e.to_string()));
-        }
-        for delivery in deliveries {
-            let result = match delivery {
-                Ok(report) => match report.await {
-                    Ok(Ok(_)) => Ok(()),
-                    Ok(Err((e, _))) => Err(e.to_string()),
-                    Err(_) => Err("delivery report lost: producer closed".to_owned()),
-                },
-                Err(e) => Err(e),
-            };
+        tokio::time::sleep_until(started + per_message * queued).await;
+        queued = queued.saturating_add(u32::try_from(rows.len()).unwrap_or(u32::MAX));
+        for result in send_all(producer, &rows).await {
             match result {
-                Ok(()) => report.sent += 1,
+                Ok(_) => report.sent += 1,
                 Err(e) => {
                     report.failed += 1;
                     report.first_error.get_or_insert(e);

@@ -28,10 +28,10 @@ impl Report {
 
     fn print(&self) {
         println!();
-        println!("| measurement                                        | value         |");
-        println!("|----------------------------------------------------|---------------|");
+        println!("| {:<54} | value         |", "measurement");
+        println!("|{}|---------------|", "-".repeat(56));
         for (what, value) in &self.rows {
-            println!("| {what:<50} | {value:>13.1} |");
+            println!("| {what:<54} | {value:>13.1} |");
         }
         println!();
         for (name, value) in &self.ratios {

@@ -233,28 +233,11 @@ async fn publish_latency_p99(listen: bool, rate: u32, seconds: u32) -> anyhow::R
     let outbox = Outbox::new("bench");
     let total = rate * seconds;
     let interval = Duration::from_secs(1) / rate;
-    #[derive(diesel::QueryableByName)]
-    struct Count {
-        #[diesel(sql_type = BigInt)]
-        n: i64,
-    }
     // A running relay already knows its topic: the first message (which waits for the
     // topic's metadata) is a warm-up, left out of the percentile.
     for i in 0..=total {
         if i == 1 {
-            let started = Instant::now();
-            loop {
-                let left: Count = diesel::sql_query(
-                    "SELECT count(*) AS n FROM ferrybox_outbox WHERE published_at IS NULL",
-                )
-                .get_result(&mut conn)
-                .await?;
-                if left.n == 0 {
-                    break;
-                }
-                anyhow::ensure!(started.elapsed() < Duration::from_secs(30), "warm-up stuck");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+            all_published(&mut conn).await?;
             diesel::sql_query("DELETE FROM ferrybox_outbox")
                 .execute(&mut conn)
                 .await?;
@@ -268,22 +251,7 @@ async fn publish_latency_p99(listen: bool, rate: u32, seconds: u32) -> anyhow::R
         next += interval;
         enqueue_blob(&mut conn, &outbox, &topic, i).await?;
     }
-    let started = Instant::now();
-    loop {
-        let left: Count = diesel::sql_query(
-            "SELECT count(*) AS n FROM ferrybox_outbox WHERE published_at IS NULL",
-        )
-        .get_result(&mut conn)
-        .await?;
-        if left.n == 0 {
-            break;
-        }
-        anyhow::ensure!(
-            started.elapsed() < Duration::from_secs(60),
-            "relay did not catch up"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    all_published(&mut conn).await?;
     stop.cancel();
     task.await??;
     #[derive(diesel::QueryableByName)]
@@ -301,6 +269,31 @@ async fn publish_latency_p99(listen: bool, rate: u32, seconds: u32) -> anyhow::R
     .get_result(&mut conn)
     .await?;
     Ok(p.p99)
+}
+
+/// Waits (up to a minute) until the outbox has no unpublished row.
+async fn all_published(conn: &mut AsyncPgConnection) -> anyhow::Result<()> {
+    #[derive(diesel::QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = BigInt)]
+        n: i64,
+    }
+    let started = Instant::now();
+    loop {
+        let left: Count = diesel::sql_query(
+            "SELECT count(*) AS n FROM ferrybox_outbox WHERE published_at IS NULL",
+        )
+        .get_result(conn)
+        .await?;
+        if left.n == 0 {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(60),
+            "relay did not catch up"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// Commits one 200-byte message for key `i % KEYS`.
