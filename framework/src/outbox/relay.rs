@@ -267,13 +267,7 @@ impl Relay {
         let mut next_cleanup = tokio::time::Instant::now();
         let mut failed_batches = 0u32;
         while !shutdown.is_cancelled() {
-            if tokio::time::Instant::now() >= next_cleanup {
-                let deleted =
-                    sent_log::delete_expired(conn, self.config.retention, sent_log::CLEANUP_BATCH)
-                        .await?;
-                if deleted > 0 {
-                    tracing::info!(deleted, "sent log: expired rows deleted");
-                }
+            if tokio::time::Instant::now() >= next_cleanup && self.clean_some(conn).await? {
                 next_cleanup = tokio::time::Instant::now() + self.config.cleanup_interval;
             }
             let outcome = self.publish_batch(conn).await?;
@@ -297,6 +291,25 @@ impl Relay {
             }
         }
         Ok(())
+    }
+
+    /// Retention in short statements between batches, so publishing never waits long: at most
+    /// one publishing batch's worth of rows per pass (enough to keep up with expiry while the
+    /// relay publishes at full speed). True when nothing expired is left.
+    async fn clean_some(&self, conn: &mut AsyncPgConnection) -> Result<bool> {
+        let batch = sent_log::CLEANUP_BATCH;
+        let statements = self.config.batch_size / batch + 1;
+        let mut deleted = 0;
+        for _ in 0..statements {
+            let went = sent_log::delete_expired_batch(conn, self.config.retention, batch).await?;
+            deleted += went;
+            if went < u64::try_from(batch).unwrap_or(0) {
+                tracing::debug!(deleted, "sent log: expired rows deleted");
+                return Ok(true);
+            }
+        }
+        tracing::debug!(deleted, "sent log: expired rows deleted; more to go");
+        Ok(false)
     }
 
     /// Publishes batches until the outbox has no unpublished row left or a batch fails;

@@ -29,22 +29,32 @@ pub async fn delete_expired(
 ) -> Result<u64> {
     let mut total = 0u64;
     loop {
-        let deleted = diesel::sql_query(
-            "DELETE FROM ferrybox_outbox WHERE id IN ( \
-                 SELECT id FROM ferrybox_outbox \
-                 WHERE published_at IS NOT NULL AND published_at < now() - $1 \
-                 ORDER BY published_at LIMIT $2)",
-        )
-        .bind::<Interval, _>(interval(retention))
-        .bind::<BigInt, _>(batch)
-        .execute(conn)
-        .await?;
-        total += u64::try_from(deleted).unwrap_or(0);
-        if i64::try_from(deleted).unwrap_or(0) < batch {
+        let deleted = delete_expired_batch(conn, retention, batch).await?;
+        total += deleted;
+        if deleted < u64::try_from(batch).unwrap_or(0) {
             return Ok(total);
         }
         tokio::task::yield_now().await;
     }
+}
+
+/// One statement of [`delete_expired`]: at most `batch` of the oldest expired rows.
+pub(crate) async fn delete_expired_batch(
+    conn: &mut AsyncPgConnection,
+    retention: Duration,
+    batch: i64,
+) -> Result<u64> {
+    let deleted = diesel::sql_query(
+        "DELETE FROM ferrybox_outbox WHERE id IN ( \
+             SELECT id FROM ferrybox_outbox \
+             WHERE published_at IS NOT NULL AND published_at < now() - $1 \
+             ORDER BY published_at LIMIT $2)",
+    )
+    .bind::<Interval, _>(interval(retention))
+    .bind::<BigInt, _>(batch)
+    .execute(conn)
+    .await?;
+    Ok(u64::try_from(deleted).unwrap_or(0))
 }
 
 fn interval(d: Duration) -> diesel::data_types::PgInterval {

@@ -404,3 +404,32 @@ async fn durability_check_reports_the_topic_and_strict_mode_refuses_it() {
         .unwrap_err();
     assert!(err.to_string().contains("has 2 partitions"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_running_relay_deletes_the_sent_log_after_its_retention() {
+    let fx = Fixture::new(1).await;
+    let relay = Arc::new(relay(
+        &fx,
+        RelayConfig {
+            retention: Duration::from_millis(1),
+            cleanup_interval: Duration::from_millis(20),
+            ..Fixture::relay_config()
+        },
+    ));
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let (relay, stop) = (relay.clone(), stop.clone());
+        async move { relay.run(stop).await }
+    });
+    for i in 0..5 {
+        fx.change(&format!("gone-{i}"), 1).await;
+    }
+    // Published, then expired and deleted by the relay itself.
+    wait_until(TIMEOUT, "the sent log emptied by retention", || async {
+        fx.count("SELECT count(*) AS n FROM ferrybox_outbox").await == 0
+    })
+    .await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    assert_eq!(testing::read_topic(&fx.topic, 5, TIMEOUT).await.len(), 5);
+}
