@@ -165,7 +165,7 @@ fn spawn_relay(env: &[(String, String)]) -> tokio::process::Child {
     tokio::process::Command::new(EXE)
         .arg("relay")
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", "error")
         .kill_on_drop(true)
         .spawn()
         .unwrap()

@@ -264,15 +264,22 @@ impl Relay {
             let backoff = self.config.backoff;
             tokio::spawn(async move { listen(url, wake, backoff, listening).await });
         }
+        // Batches are recorded on a second connection while the next one is sent, so the
+        // database work of one overlaps the broker round trip of the other. (Marking needs no
+        // lock: a row marked after its acknowledgement is true whoever marks it.)
+        let mut marker = self.connect().await?;
         let mut next_cleanup = tokio::time::Instant::now();
         let mut failed_batches = 0u32;
+        // A batch sent and acknowledged (or failed) but not recorded yet.
+        let mut sent = Sent::default();
         while !shutdown.is_cancelled() {
             if tokio::time::Instant::now() >= next_cleanup && self.clean_some(conn).await? {
                 next_cleanup = tokio::time::Instant::now() + self.config.cleanup_interval;
             }
-            let outcome = self.publish_batch(conn).await?;
-            if outcome.failed > 0 {
-                // The broker is down or refusing: back off, ignoring wake-ups meanwhile.
+            if !sent.failed.is_empty() {
+                // The broker is down or refusing: record it, then back off, ignoring wake-ups
+                // meanwhile. Nothing else is sent before the failure is recorded.
+                self.record(&mut marker, std::mem::take(&mut sent)).await?;
                 failed_batches += 1;
                 let delay = self.config.backoff.delay(failed_batches);
                 if sleep_or_shutdown(delay, shutdown).await {
@@ -281,15 +288,28 @@ impl Relay {
                 continue;
             }
             failed_batches = 0;
-            if outcome.published > 0 {
+            if sent.is_empty() {
+                sent = self.send_batch(conn, &[]).await?;
+                if sent.is_empty() {
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        () = tokio::time::sleep(self.config.poll_interval) => {}
+                        () = wake.notified() => {}
+                    }
+                }
                 continue;
             }
-            tokio::select! {
-                () = shutdown.cancelled() => break,
-                () = tokio::time::sleep(self.config.poll_interval) => {}
-                () = wake.notified() => {}
-            }
+            let previous = std::mem::take(&mut sent);
+            let in_flight = previous.acked.clone();
+            let (recorded, next) = tokio::join!(
+                self.record(&mut marker, previous),
+                self.send_batch(conn, &in_flight)
+            );
+            recorded?;
+            sent = next?;
         }
+        // Shutdown: what was sent is recorded before the relay lets go.
+        self.record(&mut marker, sent).await?;
         Ok(())
     }
 
@@ -359,45 +379,63 @@ impl Relay {
     ///
     /// Call it from the active relay only (or in tests); [`Relay::run`] takes care of that.
     pub async fn publish_batch(&self, conn: &mut AsyncPgConnection) -> Result<BatchOutcome> {
-        let rows: Vec<OutboxRecord> = ferrybox_outbox::table
+        let sent = self.send_batch(conn, &[]).await?;
+        self.record(conn, sent).await
+    }
+
+    /// Claims the next batch of unpublished rows in id order (leaving out `in_flight`, rows
+    /// sent but not yet recorded), sends them all, then awaits every delivery report.
+    async fn send_batch(&self, conn: &mut AsyncPgConnection, in_flight: &[i64]) -> Result<Sent> {
+        // The in-flight rows are left out here rather than in SQL (`id <> ALL($1)` compares
+        // every row with every in-flight id): read that many more and drop them.
+        let extra = i64::try_from(in_flight.len()).unwrap_or(i64::MAX);
+        let mut rows: Vec<OutboxRecord> = ferrybox_outbox::table
             .filter(ferrybox_outbox::published_at.is_null())
             .order(ferrybox_outbox::id.asc())
-            .limit(self.config.batch_size)
+            .limit(self.config.batch_size.saturating_add(extra))
             .select(OutboxRecord::as_select())
             .load(conn)
             .await?;
-        if rows.is_empty() {
-            return Ok(BatchOutcome::default());
+        if !in_flight.is_empty() {
+            let skip: std::collections::HashSet<i64> = in_flight.iter().copied().collect();
+            rows.retain(|row| !skip.contains(&row.id));
+            rows.truncate(usize::try_from(self.config.batch_size).unwrap_or(usize::MAX));
         }
-
         // Send the whole batch, then wait. The idempotent producer keeps each partition's
         // order and retries without duplicating; when the broker stays away, messages time out
         // (`message.timeout.ms`) oldest first, so a key's later rows fail with its earlier ones
         // and are retried together.
         let producer = self.producer();
-        let mut acked = (Vec::new(), Vec::new(), Vec::new());
-        let mut failed = (Vec::new(), Vec::new());
+        let mut sent = Sent::default();
         for (row, result) in rows.iter().zip(send_all(&producer, &rows).await) {
             match result {
                 Ok((partition, offset)) => {
-                    acked.0.push(row.id);
-                    acked.1.push(partition);
-                    acked.2.push(offset);
+                    sent.acked.push(row.id);
+                    sent.partitions.push(partition);
+                    sent.offsets.push(offset);
                 }
                 Err(e) => {
-                    failed.0.push(row.id);
-                    failed.1.push(e);
+                    sent.failed.push(row.id);
+                    sent.errors.push(e);
                 }
             }
         }
+        if !sent.failed.is_empty() {
+            self.renew_producer(&producer)?;
+        }
+        Ok(sent)
+    }
 
+    /// Marks the acknowledged rows published (with partition and offset) and records attempts
+    /// and the error on the others, one statement each.
+    async fn record(&self, conn: &mut AsyncPgConnection, sent: Sent) -> Result<BatchOutcome> {
         let outcome = BatchOutcome {
-            published: acked.0.len(),
-            failed: failed.0.len(),
+            published: sent.acked.len(),
+            failed: sent.failed.len(),
         };
         // `o.id = ANY($1)` makes the planner look the rows up by primary key; joining on the
         // unnest alone lets it hash-join against a scan of the whole outbox.
-        if !acked.0.is_empty() {
+        if !sent.acked.is_empty() {
             diesel::sql_query(
                 "UPDATE ferrybox_outbox AS o \
                  SET published_at = now(), kafka_partition = u.p, kafka_offset = u.o, \
@@ -405,16 +443,16 @@ impl Relay {
                  FROM unnest($1::bigint[], $2::int[], $3::bigint[]) AS u(id, p, o) \
                  WHERE o.id = u.id AND o.id = ANY($1)",
             )
-            .bind::<Array<BigInt>, _>(acked.0)
-            .bind::<Array<Integer>, _>(acked.1)
-            .bind::<Array<BigInt>, _>(acked.2)
+            .bind::<Array<BigInt>, _>(sent.acked)
+            .bind::<Array<Integer>, _>(sent.partitions)
+            .bind::<Array<BigInt>, _>(sent.offsets)
             .execute(conn)
             .await?;
         }
-        if !failed.0.is_empty() {
+        if !sent.failed.is_empty() {
             tracing::warn!(
                 failed = outcome.failed,
-                first_error = %failed.1[0],
+                first_error = %sent.errors[0],
                 "broker did not acknowledge messages; they stay unpublished"
             );
             diesel::sql_query(
@@ -423,13 +461,29 @@ impl Relay {
                  FROM unnest($1::bigint[], $2::text[]) AS u(id, e) \
                  WHERE o.id = u.id AND o.id = ANY($1)",
             )
-            .bind::<Array<BigInt>, _>(failed.0)
-            .bind::<Array<Text>, _>(failed.1)
+            .bind::<Array<BigInt>, _>(sent.failed)
+            .bind::<Array<Text>, _>(sent.errors)
             .execute(conn)
             .await?;
-            self.renew_producer(&producer)?;
         }
         Ok(outcome)
+    }
+}
+
+/// What a sent batch came back with: acknowledged rows with their positions, and failed rows
+/// with their errors.
+#[derive(Default)]
+struct Sent {
+    acked: Vec<i64>,
+    partitions: Vec<i32>,
+    offsets: Vec<i64>,
+    failed: Vec<i64>,
+    errors: Vec<String>,
+}
+
+impl Sent {
+    fn is_empty(&self) -> bool {
+        self.acked.is_empty() && self.failed.is_empty()
     }
 }
 
