@@ -234,6 +234,95 @@ async fn relay_killed_at_random_moments_loses_nothing_and_keeps_key_order() {
     );
 }
 
+/// The process id of the relay holding the relay lock, from its connection's name.
+async fn active_relay_pid(url: &str) -> Option<u32> {
+    #[derive(QueryableByName)]
+    struct Name {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        name: String,
+    }
+    let mut conn = AsyncPgConnection::establish(url).await.unwrap();
+    let names: Vec<Name> = diesel::sql_query(
+        "SELECT a.application_name AS name FROM pg_locks l \
+         JOIN pg_stat_activity a ON a.pid = l.pid \
+         WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 \
+           AND l.classid = x'66657272'::int AND l.objid = x'79626f78'::int",
+    )
+    .load(&mut conn)
+    .await
+    .unwrap();
+    names.into_iter().next().and_then(|n| {
+        n.name
+            .strip_prefix("ferrybox relay (pid ")?
+            .strip_suffix(')')?
+            .parse()
+            .ok()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_standby_relay_process_takes_over_when_the_active_one_is_killed() {
+    let db = migrated_database().await;
+    let topic = testing::create_topic(3).await;
+    let mut env = relay_env(&db, &topic, 3);
+    env.push((
+        "USER_SERVICE_RELAY__STANDBY_INTERVAL_MS".to_owned(),
+        "200".to_owned(),
+    ));
+    let stop = CancellationToken::new();
+    let writers = start_writers(db.url(), &topic, 2, 3, &stop);
+    let mut relays: BTreeMap<u32, tokio::process::Child> = (0..3)
+        .map(|_| {
+            let child = spawn_relay(&env);
+            (child.id().unwrap(), child)
+        })
+        .collect();
+    // Twice: find the active process, kill it, and watch a standby carry on.
+    for _ in 0..2 {
+        wait_until(TIMEOUT, "a relay process holds the lock", || async {
+            active_relay_pid(db.url())
+                .await
+                .is_some_and(|pid| relays.contains_key(&pid))
+        })
+        .await;
+        let pid = active_relay_pid(db.url()).await.unwrap();
+        relays.remove(&pid).unwrap().kill().await.unwrap();
+        wait_until(TIMEOUT, "a standby takes the lock", || async {
+            active_relay_pid(db.url())
+                .await
+                .is_some_and(|p| p != pid && relays.contains_key(&p))
+        })
+        .await;
+        let before = published(db.url()).await;
+        wait_until(TIMEOUT, "the new active relay publishes", || async {
+            published(db.url()).await > before
+        })
+        .await;
+    }
+    stop.cancel();
+    let mut committed = BTreeMap::new();
+    for writer in writers {
+        committed.extend(writer.await.unwrap());
+    }
+    let total = count(db.url(), "SELECT count(*) AS n FROM ferrybox_outbox").await;
+    wait_until(TIMEOUT, "every committed row published", || async {
+        published(db.url()).await == total
+    })
+    .await;
+    for (_, mut relay) in relays {
+        relay.kill().await.unwrap();
+    }
+    let records = testing::read_ids(
+        &testing::kafka(),
+        &topic,
+        &outbox_ids(db.url()).await,
+        TIMEOUT,
+    )
+    .await;
+    let duplicates = assert_complete_and_ordered(&records, &committed);
+    eprintln!("{total} messages across two takeovers, {duplicates} duplicates");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn relay_rides_out_a_broker_outage_without_a_restart() {
     let mut broker = PrivateBroker::start().await;

@@ -221,10 +221,18 @@ impl Relay {
         Ok(())
     }
 
+    /// A connection of the relay's own, named so operators can see in `pg_stat_activity`
+    /// which process holds the relay lock.
     async fn connect(&self) -> Result<AsyncPgConnection> {
-        AsyncPgConnection::establish(self.database.url.expose_secret())
+        let mut conn = AsyncPgConnection::establish(self.database.url.expose_secret())
             .await
-            .map_err(|e| Error::Pool(e.to_string()))
+            .map_err(|e| Error::Pool(e.to_string()))?;
+        conn.batch_execute(&format!(
+            "SET application_name = 'ferrybox relay (pid {})'",
+            std::process::id()
+        ))
+        .await?;
+        Ok(conn)
     }
 
     /// Opens a dedicated connection and holds the relay lock on it; `None` on shutdown.
