@@ -122,3 +122,20 @@ impl Outbox {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{ENQUEUE_SQL, ENQUEUE_SQL_QUIET, NOTIFY_CHANNEL};
+
+    #[test]
+    fn enqueue_notifies_the_channel_the_relay_listens_on() {
+        assert!(ENQUEUE_SQL.contains(&format!("pg_notify('{NOTIFY_CHANNEL}', '')")));
+        assert!(!ENQUEUE_SQL_QUIET.contains("pg_notify"));
+        // Both take the key lock before the insert draws the row's id.
+        for sql in [ENQUEUE_SQL, ENQUEUE_SQL_QUIET] {
+            let lock = sql.find("pg_advisory_xact_lock").expect("key lock");
+            let insert = sql.find("INSERT INTO").expect("insert");
+            assert!(lock < insert);
+        }
+    }
+}

@@ -5,8 +5,9 @@
 //! advisory lock on a connection it keeps, and stays active while that connection lives. Other
 //! instances (in the same process or others) wait on standby and take over within
 //! `standby_interval` when it dies; a killed process's connection closes and its lock goes with
-//! it. Rows are marked on the connection that holds the lock, so an instance that lost the lock
-//! cannot mark anything.
+//! it. A row is marked published only after the broker acknowledged it (true whichever
+//! connection writes it): the active relay records one batch on a second connection while it
+//! sends the next, except after a failed batch, which is recorded before anything else is sent.
 //!
 //! The relay never reads `WHERE id > last_seen`: it claims *unpublished* rows in id order, so
 //! a row whose transaction commits late is published on the next pass instead of being skipped.
