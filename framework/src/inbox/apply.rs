@@ -192,27 +192,7 @@ impl<H: Handler> Applier<H> {
         let consumer = self.consumer.as_str();
         let result = conn
             .transaction::<_, diesel::result::Error, _>(async |tx| {
-                let rows: Vec<_> = messages
-                    .iter()
-                    .map(|m| {
-                        (
-                            ferrybox_inbox::consumer.eq(consumer),
-                            ferrybox_inbox::message_id.eq(m.envelope.id.0),
-                            ferrybox_inbox::message_type.eq(&m.envelope.message_type),
-                            ferrybox_inbox::topic.eq(&m.envelope.topic),
-                            ferrybox_inbox::kafka_partition.eq(m.envelope.partition),
-                            ferrybox_inbox::kafka_offset.eq(m.envelope.offset),
-                        )
-                    })
-                    .collect();
-                let mut new: HashSet<uuid::Uuid> = diesel::insert_into(ferrybox_inbox::table)
-                    .values(rows)
-                    .on_conflict_do_nothing()
-                    .returning(ferrybox_inbox::message_id)
-                    .get_results::<uuid::Uuid>(tx)
-                    .await?
-                    .into_iter()
-                    .collect();
+                let mut new = record_ids(tx, consumer, &messages).await?;
                 // Which messages are new (a second copy of an id within the batch is a duplicate).
                 let fresh: Vec<bool> = messages
                     .iter()
@@ -315,4 +295,47 @@ impl<H: Handler> Applier<H> {
         })
         .await
     }
+}
+
+#[derive(QueryableByName)]
+struct NewId {
+    #[diesel(sql_type = diesel::sql_types::Uuid)]
+    message_id: uuid::Uuid,
+}
+
+/// Records the batch's ids in the inbox in one statement; returns the ids that were not there
+/// yet. One fixed statement whatever the batch size (arrays, not a VALUES list per row), so it
+/// is prepared once per connection.
+async fn record_ids(
+    tx: &mut AsyncPgConnection,
+    consumer: &str,
+    messages: &[ReceivedMessage],
+) -> Result<HashSet<uuid::Uuid>, diesel::result::Error> {
+    use diesel::sql_types::{Array, BigInt, Integer, Text, Uuid};
+    let envelopes = messages.iter().map(|m| &m.envelope);
+    let new: Vec<NewId> = diesel::sql_query(
+        "INSERT INTO ferrybox_inbox \
+           (consumer, message_id, message_type, topic, kafka_partition, kafka_offset) \
+         SELECT $1, * FROM unnest($2::uuid[], $3::text[], $4::text[], $5::int[], $6::bigint[]) \
+         ON CONFLICT DO NOTHING RETURNING message_id",
+    )
+    .bind::<Text, _>(consumer)
+    .bind::<Array<Uuid>, _>(envelopes.clone().map(|e| e.id.0).collect::<Vec<_>>())
+    .bind::<Array<Text>, _>(
+        envelopes
+            .clone()
+            .map(|e| e.message_type.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind::<Array<Text>, _>(
+        envelopes
+            .clone()
+            .map(|e| e.topic.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind::<Array<Integer>, _>(envelopes.clone().map(|e| e.partition).collect::<Vec<_>>())
+    .bind::<Array<BigInt>, _>(envelopes.map(|e| e.offset).collect::<Vec<_>>())
+    .load(tx)
+    .await?;
+    Ok(new.into_iter().map(|n| n.message_id).collect())
 }
