@@ -165,6 +165,24 @@ pub async fn create_topic(partitions: i32) -> String {
     name
 }
 
+/// Runs `sql`, a query returning one row with a `BIGINT` column `n` (`SELECT count(*) AS n
+/// ...`), on its own connection to `database_url`, and returns `n`.
+pub async fn count(database_url: &str, sql: &str) -> i64 {
+    #[derive(diesel::QueryableByName)]
+    struct N {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let mut conn = AsyncPgConnection::establish(database_url)
+        .await
+        .expect("connect to the test database");
+    diesel::sql_query(sql)
+        .get_result::<N>(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .n
+}
+
 /// Waits until `condition` returns true, checking every 20 ms; panics with `what` after
 /// `timeout`. Tests wait on conditions like this, never on fixed sleeps.
 pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut condition: F)
@@ -323,11 +341,21 @@ pub struct ReadRecord {
     pub headers: std::collections::BTreeMap<String, String>,
 }
 
+impl ReadRecord {
+    fn from_message(m: &impl rdkafka::message::Message) -> Self {
+        Self {
+            partition: m.partition(),
+            offset: m.offset(),
+            key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+            headers: crate::kafka::headers_map(m),
+        }
+    }
+}
+
 /// Reads `n` records from the start of `topic` with a throw-away consumer group; panics if
 /// they do not arrive within `timeout`.
 pub async fn read_topic(topic: &str, n: usize, timeout: Duration) -> Vec<ReadRecord> {
     use rdkafka::consumer::{Consumer, StreamConsumer};
-    use rdkafka::message::Message;
     let consumer: StreamConsumer = kafka()
         .client_config()
         .set("group.id", unique("reader"))
@@ -342,12 +370,7 @@ pub async fn read_topic(topic: &str, n: usize, timeout: Duration) -> Vec<ReadRec
             .await
             .unwrap_or_else(|_| panic!("only {} of {n} records arrived from {topic}", out.len()))
             .expect("receive");
-        out.push(ReadRecord {
-            partition: m.partition(),
-            offset: m.offset(),
-            key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
-            headers: crate::kafka::headers_map(&m),
-        });
+        out.push(ReadRecord::from_message(&m));
     }
     out
 }
@@ -365,7 +388,6 @@ pub async fn read_ids(
     timeout: Duration,
 ) -> Vec<ReadRecord> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::message::Message;
     use rdkafka::{Offset, TopicPartitionList};
     let topic = topic.to_owned();
     let client = config.client_config();
@@ -404,12 +426,7 @@ pub async fn read_ids(
                 continue;
             };
             let m = m.expect("receive");
-            let record = ReadRecord {
-                partition: m.partition(),
-                offset: m.offset(),
-                key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
-                headers: crate::kafka::headers_map(&m),
-            };
+            let record = ReadRecord::from_message(&m);
             if let Some(id) = record.headers.get("ce_id") {
                 missing.remove(id);
             }

@@ -210,19 +210,11 @@ async fn bad_requests_get_clear_4xx_errors_and_never_a_500() {
     );
 
     // The rejected requests published nothing: only Ada's registration is in the outbox.
-    #[derive(diesel::QueryableByName)]
-    struct N {
-        #[diesel(sql_type = diesel::sql_types::BigInt)]
-        n: i64,
-    }
-    use diesel_async::{AsyncConnection, RunQueryDsl};
-    let mut conn = diesel_async::AsyncPgConnection::establish(stack.user_db.url())
-        .await
-        .unwrap();
-    let n: N = diesel::sql_query("SELECT count(*) AS n FROM ferrybox_outbox")
-        .get_result(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(n.n, 1);
+    let outbox_rows = ferrybox::testing::count(
+        stack.user_db.url(),
+        "SELECT count(*) AS n FROM ferrybox_outbox",
+    )
+    .await;
+    assert_eq!(outbox_rows, 1);
     stack.stop().await.unwrap();
 }

@@ -18,21 +18,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 
 const WORKER: &str = env!("CARGO_BIN_EXE_inbox-worker");
 const TIMEOUT: Duration = Duration::from_secs(120);
-
-#[derive(QueryableByName)]
-struct N {
-    #[diesel(sql_type = BigInt)]
-    n: i64,
-}
-
-async fn count(url: &str, sql: &str) -> i64 {
-    let mut conn = AsyncPgConnection::establish(url).await.unwrap();
-    diesel::sql_query(sql)
-        .get_result::<N>(&mut conn)
-        .await
-        .unwrap()
-        .n
-}
+/// Distinct messages applied so far.
+const APPLIED_IDS: &str = "SELECT count(DISTINCT message_id) AS n FROM applied";
 
 /// Produces `versions` versions of each of `keys` keys, in order per key.
 ///
@@ -122,13 +109,12 @@ async fn a_consumer_killed_again_and_again_applies_each_message_exactly_once() {
     codec.register::<Tick>(&topic).await.unwrap();
     let total = produce(&topic, &codec, 40, 100).await;
     let group = testing::unique("crash");
-    let applied = "SELECT count(DISTINCT message_id) AS n FROM applied";
 
     for round in 0..ROUNDS {
-        let before = count(db.url(), applied).await;
+        let before = testing::count(db.url(), APPLIED_IDS).await;
         let mut worker = spawn_worker(&db, &topic, &group);
         wait_until(TIMEOUT, "the worker applies something", || async {
-            count(db.url(), applied).await > before
+            testing::count(db.url(), APPLIED_IDS).await > before
         })
         .await;
         let jitter = rand::rng().random_range(0..30);
@@ -136,17 +122,23 @@ async fn a_consumer_killed_again_and_again_applies_each_message_exactly_once() {
         worker.kill().await.unwrap();
         eprintln!(
             "round {round}: killed {jitter} ms after progress, {} of {total} applied",
-            count(db.url(), applied).await
+            testing::count(db.url(), APPLIED_IDS).await
         );
     }
 
     let worker = spawn_worker(&db, &topic, &group);
-    wait_until(TIMEOUT, "every message applied", || async {
-        count(db.url(), applied).await == i64::try_from(total).unwrap()
-    })
-    .await;
+    all_applied(&db, total).await;
     terminate(worker).await;
     assert_applied_once_in_order(&mut conn, total, 100).await;
+}
+
+/// Waits until `total` distinct messages have been applied.
+async fn all_applied(db: &TestDatabase, total: usize) {
+    let total = i64::try_from(total).unwrap();
+    wait_until(TIMEOUT, "every message applied", || async {
+        testing::count(db.url(), APPLIED_IDS).await == total
+    })
+    .await;
 }
 
 /// Every message applied exactly once, and each key's versions 1..=versions applied in order.
@@ -215,7 +207,7 @@ async fn two_consumers_with_rebalances_mid_stream_apply_each_message_once() {
     });
     let first = spawn_named_worker(&db, &topic, &group, "first");
     wait_until(TIMEOUT, "the first consumer applies", || async {
-        count(db.url(), &by("first")).await > 0
+        testing::count(db.url(), &by("first")).await > 0
     })
     .await;
     // A second member joins: the group rebalances and splits the partitions.
@@ -223,22 +215,14 @@ async fn two_consumers_with_rebalances_mid_stream_apply_each_message_once() {
     wait_until(
         TIMEOUT,
         "the second consumer gets partitions and applies",
-        || async { count(db.url(), &by("second")).await > 0 },
+        || async { testing::count(db.url(), &by("second")).await > 0 },
     )
     .await;
     // The first leaves mid-stream: the group rebalances again and the second takes over.
-    let first_applied = count(db.url(), &by("first")).await;
+    let first_applied = testing::count(db.url(), &by("first")).await;
     terminate(first).await;
     let total = producing.await.unwrap();
-    wait_until(TIMEOUT, "every message applied", || async {
-        count(
-            db.url(),
-            "SELECT count(DISTINCT message_id) AS n FROM applied",
-        )
-        .await
-            == i64::try_from(total).unwrap()
-    })
-    .await;
+    all_applied(&db, total).await;
     terminate(second).await;
     eprintln!(
         "{total} messages: {first_applied} applied by the first consumer, the rest by the second"

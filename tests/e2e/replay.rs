@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use diesel::QueryableByName;
-use diesel::sql_types::{BigInt, Text};
+use diesel::sql_types::Text;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use ferrybox::outbox::sent_log;
 use ferrybox::testing::{self, TestDatabase, wait_until};
@@ -146,16 +146,8 @@ async fn replaying_the_sent_log_after_broker_data_loss_restores_the_consumer() {
     let report = sent_log::replay(&mut conn, &producer, &selection, ReplayOptions::default())
         .await
         .unwrap();
-    #[derive(QueryableByName)]
-    struct N {
-        #[diesel(sql_type = BigInt)]
-        n: i64,
-    }
-    let sent: N = diesel::sql_query("SELECT count(*) AS n FROM ferrybox_outbox")
-        .get_result(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(report.sent, u64::try_from(sent.n).unwrap());
+    let sent = testing::count(user_db.url(), "SELECT count(*) AS n FROM ferrybox_outbox").await;
+    assert_eq!(report.sent, u64::try_from(sent).unwrap());
     assert_eq!(report.failed, 0);
 
     // A consumer starting from nothing rebuilds the same cache ...

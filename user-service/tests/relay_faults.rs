@@ -15,22 +15,8 @@ use rand::Rng;
 const EXE: &str = env!("CARGO_BIN_EXE_user-service");
 const TIMEOUT: Duration = Duration::from_secs(90);
 
-async fn count(url: &str, sql: &str) -> i64 {
-    #[derive(QueryableByName)]
-    struct N {
-        #[diesel(sql_type = BigInt)]
-        n: i64,
-    }
-    let mut conn = AsyncPgConnection::establish(url).await.unwrap();
-    diesel::sql_query(sql)
-        .get_result::<N>(&mut conn)
-        .await
-        .unwrap()
-        .n
-}
-
 async fn published(url: &str) -> i64 {
-    count(
+    testing::count(
         url,
         "SELECT count(*) AS n FROM ferrybox_outbox WHERE published_at IS NOT NULL",
     )
@@ -201,7 +187,7 @@ async fn relay_killed_at_random_moments_loses_nothing_and_keeps_key_order() {
 
     // A last relay drains what is left, then stops cleanly on SIGTERM.
     let relay = spawn_relay(&env);
-    let total = count(db.url(), "SELECT count(*) AS n FROM ferrybox_outbox").await;
+    let total = testing::count(db.url(), "SELECT count(*) AS n FROM ferrybox_outbox").await;
     wait_until(TIMEOUT, "every committed row published", || async {
         published(db.url()).await == total
     })
@@ -304,7 +290,7 @@ async fn a_standby_relay_process_takes_over_when_the_active_one_is_killed() {
     for writer in writers {
         committed.extend(writer.await.unwrap());
     }
-    let total = count(db.url(), "SELECT count(*) AS n FROM ferrybox_outbox").await;
+    let total = testing::count(db.url(), "SELECT count(*) AS n FROM ferrybox_outbox").await;
     wait_until(TIMEOUT, "every committed row published", || async {
         published(db.url()).await == total
     })
@@ -379,7 +365,7 @@ async fn relay_rides_out_a_broker_outage_without_a_restart() {
     write_versions(&mut conn, 11..=20).await;
     // The relay keeps trying, records its attempts and the error, and marks nothing.
     wait_until(TIMEOUT, "failed attempts recorded", || async {
-        count(
+        testing::count(
             db.url(),
             "SELECT count(*) AS n FROM ferrybox_outbox WHERE published_at IS NULL AND last_error IS NOT NULL AND attempts > 0",
         )

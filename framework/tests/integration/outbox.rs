@@ -5,7 +5,7 @@ use diesel::sql_types::Text;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use ferrybox::{KafkaConfig, Relay};
 
-use crate::support::{Fixture, ThingChanged, read_records};
+use crate::support::{Fixture, RunningRelay, TIMEOUT, ThingChanged, read_records};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn business_row_and_message_commit_or_roll_back_together() {
@@ -171,44 +171,24 @@ async fn only_one_relay_is_active_and_a_standby_takes_over() {
         standby_interval: Duration::from_millis(50),
         ..Fixture::relay_config()
     };
-    let first = std::sync::Arc::new(
+    let first = RunningRelay::start(
         Relay::new(fx.db.config(), &ferrybox::testing::kafka(), config.clone()).unwrap(),
     );
-    let second = std::sync::Arc::new(
-        Relay::new(fx.db.config(), &ferrybox::testing::kafka(), config).unwrap(),
-    );
-    let stop_first = ferrybox::CancellationToken::new();
-    let stop_second = ferrybox::CancellationToken::new();
-    let a = tokio::spawn({
-        let (r, s) = (first.clone(), stop_first.clone());
-        async move { r.run(s).await }
-    });
     fx.change("x", 1).await;
-    ferrybox::testing::wait_until(crate::support::TIMEOUT, "first relay publishes", || async {
-        fx.count("SELECT count(*) AS n FROM ferrybox_outbox WHERE published_at IS NOT NULL")
-            .await
-            == 1
+    ferrybox::testing::wait_until(TIMEOUT, "first relay publishes", || async {
+        fx.published().await == 1
     })
     .await;
-    let b = tokio::spawn({
-        let (r, s) = (second.clone(), stop_second.clone());
-        async move { r.run(s).await }
-    });
+    let second = RunningRelay::start(
+        Relay::new(fx.db.config(), &ferrybox::testing::kafka(), config).unwrap(),
+    );
     // With the first relay gone, the standby takes the lock and publishes.
-    stop_first.cancel();
-    a.await.unwrap().unwrap();
+    first.stop().await;
     fx.change("x", 2).await;
-    ferrybox::testing::wait_until(
-        crate::support::TIMEOUT,
-        "standby relay publishes",
-        || async {
-            fx.count("SELECT count(*) AS n FROM ferrybox_outbox WHERE published_at IS NOT NULL")
-                .await
-                == 2
-        },
-    )
+    ferrybox::testing::wait_until(TIMEOUT, "standby relay publishes", || async {
+        fx.published().await == 2
+    })
     .await;
-    stop_second.cancel();
-    b.await.unwrap().unwrap();
+    second.stop().await;
     assert_eq!(read_records(&fx.topic, 2).await.len(), 2);
 }

@@ -10,7 +10,7 @@ use ferrybox::outbox::sent_log;
 use ferrybox::testing::{self, ReadRecord, wait_until};
 use ferrybox::{CancellationToken, Relay, RelayConfig, ReplayOptions, ReplaySelection};
 
-use crate::support::{Fixture, TIMEOUT, ThingChanged};
+use crate::support::{Fixture, RunningRelay, TIMEOUT, ThingChanged};
 
 type Tm = <AsyncPgConnection as AsyncConnection>::TransactionManager;
 
@@ -111,29 +111,21 @@ async fn other_keys_do_not_wait_for_an_open_transaction() {
 async fn notify_wakes_the_relay_without_polling() {
     let fx = Fixture::new(1).await;
     // Polling once an hour: only the notification can bring these rows out in time.
-    let relay = Arc::new(relay(
+    let running = RunningRelay::start(relay(
         &fx,
         RelayConfig {
             poll_interval: Duration::from_secs(3600),
             ..Fixture::relay_config()
         },
     ));
-    let stop = CancellationToken::new();
-    let task = tokio::spawn({
-        let (relay, stop) = (relay.clone(), stop.clone());
-        async move { relay.run(stop).await }
-    });
     for round in 1..=3 {
         fx.change("n", round).await;
         wait_until(TIMEOUT, "the notified relay publishes", || async {
-            fx.count("SELECT count(*) AS n FROM ferrybox_outbox WHERE published_at IS NOT NULL")
-                .await
-                == round
+            fx.published().await == round
         })
         .await;
     }
-    stop.cancel();
-    task.await.unwrap().unwrap();
+    running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -143,55 +135,55 @@ async fn three_relays_with_concurrent_writers_publish_each_row_once_in_key_order
         standby_interval: Duration::from_millis(50),
         ..Fixture::relay_config()
     };
-    let mut relays = Vec::new();
-    for _ in 0..3 {
-        let relay = Arc::new(relay(&fx, config.clone()));
-        let stop = CancellationToken::new();
-        let task = tokio::spawn({
-            let (relay, stop) = (relay.clone(), stop.clone());
-            async move { relay.run(stop).await }
-        });
-        relays.push((stop, task));
-    }
-    // Four writers, each owning five keys, each writing ten versions per key.
-    const WRITERS: i64 = 4;
-    const KEYS: i64 = 5;
-    const VERSIONS: i64 = 10;
-    let mut writers = Vec::new();
-    for w in 0..WRITERS {
-        let fx = fx.clone();
-        writers.push(tokio::spawn(async move {
-            for version in 1..=VERSIONS {
-                for k in 0..KEYS {
-                    fx.change(&format!("w{w}-k{k}"), version).await;
+    let mut relays: Vec<RunningRelay> = (0..3)
+        .map(|_| RunningRelay::start(relay(&fx, config.clone())))
+        .collect();
+    // Four writers, each owning five keys, writing versions 1, 2, 3, ... until told to stop.
+    let stop_writers = CancellationToken::new();
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let (fx, stop) = (fx.clone(), stop_writers.clone());
+            tokio::spawn(async move {
+                let mut last = BTreeMap::new();
+                let mut version = 0;
+                while !stop.is_cancelled() {
+                    version += 1;
+                    for k in 0..5 {
+                        let key = format!("w{w}-k{k}");
+                        fx.change(&key, version).await;
+                        last.insert(key, version);
+                    }
                 }
-            }
-        }));
-    }
-    // Stop the relays one by one while the writers write: each time another takes over.
-    let total = WRITERS * KEYS * VERSIONS;
-    for (stop, task) in relays.drain(..2) {
-        wait_until(TIMEOUT, "some progress", || async {
-            fx.count("SELECT count(*) AS n FROM ferrybox_outbox WHERE published_at IS NOT NULL")
-                .await
-                > 0
+                last
+            })
+        })
+        .collect();
+    // Stop the relays one by one while the writers write: each time, another one has to take
+    // over before anything more is published.
+    let mut before = 0;
+    for running in relays.drain(..2) {
+        wait_until(TIMEOUT, "progress since the last stop", || async {
+            fx.published().await > before
         })
         .await;
-        stop.cancel();
-        task.await.unwrap().unwrap();
+        running.stop().await;
+        before = fx.published().await;
     }
-    for writer in writers {
-        writer.await.unwrap();
-    }
-    wait_until(TIMEOUT, "every row published", || async {
-        fx.count("SELECT count(*) AS n FROM ferrybox_outbox WHERE published_at IS NOT NULL")
-            .await
-            == total
+    wait_until(TIMEOUT, "progress after the last takeover", || async {
+        fx.published().await > before
     })
     .await;
-    let (stop, task) = relays.pop().unwrap();
-    stop.cancel();
-    task.await.unwrap().unwrap();
+    stop_writers.cancel();
+    let mut committed = BTreeMap::new();
+    for writer in writers {
+        committed.extend(writer.await.unwrap());
+    }
+    let total: i64 = committed.values().sum();
+    wait_until(TIMEOUT, "every row published", || async {
+        fx.published().await == total
+    })
+    .await;
+    relays.pop().unwrap().stop().await;
 
     let records = testing::read_topic(&fx.topic, usize::try_from(total).unwrap(), TIMEOUT).await;
     let mut ids: Vec<&str> = records
@@ -202,9 +194,13 @@ async fn three_relays_with_concurrent_writers_publish_each_row_once_in_key_order
     ids.dedup();
     assert_eq!(ids.len(), records.len(), "a row was published twice");
     let by_key = versions_by_key(&records);
-    assert_eq!(by_key.len(), usize::try_from(WRITERS * KEYS).unwrap());
+    assert_eq!(by_key.len(), committed.len());
     for (key, versions) in by_key {
-        assert_eq!(versions, (1..=VERSIONS).collect::<Vec<_>>(), "key {key}");
+        assert_eq!(
+            versions,
+            (1..=committed[&key]).collect::<Vec<_>>(),
+            "key {key}"
+        );
     }
 }
 
@@ -408,7 +404,7 @@ async fn durability_check_reports_the_topic_and_strict_mode_refuses_it() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_running_relay_deletes_the_sent_log_after_its_retention() {
     let fx = Fixture::new(1).await;
-    let relay = Arc::new(relay(
+    let running = RunningRelay::start(relay(
         &fx,
         RelayConfig {
             retention: Duration::from_millis(1),
@@ -416,11 +412,6 @@ async fn the_running_relay_deletes_the_sent_log_after_its_retention() {
             ..Fixture::relay_config()
         },
     ));
-    let stop = CancellationToken::new();
-    let task = tokio::spawn({
-        let (relay, stop) = (relay.clone(), stop.clone());
-        async move { relay.run(stop).await }
-    });
     for i in 0..5 {
         fx.change(&format!("gone-{i}"), 1).await;
     }
@@ -429,7 +420,6 @@ async fn the_running_relay_deletes_the_sent_log_after_its_retention() {
         fx.count("SELECT count(*) AS n FROM ferrybox_outbox").await == 0
     })
     .await;
-    stop.cancel();
-    task.await.unwrap().unwrap();
+    running.stop().await;
     assert_eq!(testing::read_topic(&fx.topic, 5, TIMEOUT).await.len(), 5);
 }

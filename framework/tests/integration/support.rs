@@ -1,10 +1,9 @@
 use std::time::Duration;
 
-use diesel::QueryableByName;
-use diesel::sql_types::{BigInt, Text};
-use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use diesel::sql_types::Text;
+use diesel_async::{AsyncConnection, RunQueryDsl};
 use ferrybox::testing::{self, TestDatabase};
-use ferrybox::{AvroCodec, Event, Outbox, RelayConfig};
+use ferrybox::{AvroCodec, CancellationToken, Event, Outbox, Relay, RelayConfig};
 use serde::{Deserialize, Serialize};
 
 pub(crate) const TIMEOUT: Duration = Duration::from_secs(60);
@@ -98,17 +97,36 @@ impl Fixture {
     }
 
     pub(crate) async fn count(&self, sql: &str) -> i64 {
-        #[derive(QueryableByName)]
-        struct N {
-            #[diesel(sql_type = BigInt)]
-            n: i64,
-        }
-        let mut conn = AsyncPgConnection::establish(self.db.url()).await.unwrap();
-        diesel::sql_query(sql)
-            .get_result::<N>(&mut conn)
+        testing::count(self.db.url(), sql).await
+    }
+
+    /// Outbox rows marked published.
+    pub(crate) async fn published(&self) -> i64 {
+        self.count("SELECT count(*) AS n FROM ferrybox_outbox WHERE published_at IS NOT NULL")
             .await
-            .unwrap()
-            .n
+    }
+}
+
+/// A relay running in the background (`Relay::run`) until stopped.
+pub(crate) struct RunningRelay {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<ferrybox::Result<()>>,
+}
+
+impl RunningRelay {
+    pub(crate) fn start(relay: Relay) -> Self {
+        let stop = CancellationToken::new();
+        let task = tokio::spawn({
+            let stop = stop.clone();
+            async move { relay.run(stop).await }
+        });
+        Self { stop, task }
+    }
+
+    /// Cancels it and waits for it to drain; it must end without error.
+    pub(crate) async fn stop(self) {
+        self.stop.cancel();
+        self.task.await.unwrap().unwrap();
     }
 }
 
