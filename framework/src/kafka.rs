@@ -153,9 +153,13 @@ pub async fn topic_durability(config: &KafkaConfig, topic: &str) -> Result<Topic
     })
 }
 
-/// Creates each topic that does not exist yet, then checks every one has the configured
-/// partition count.
-pub async fn ensure_topics(config: &KafkaConfig, topics: &[TopicConfig]) -> Result<()> {
+/// Creates each topic that does not exist yet, then checks them all with
+/// [`check_durability`]: the configured partition count, and replication below production
+/// level (a warning, or an error in strict mode).
+pub async fn ensure_topics(
+    config: &KafkaConfig,
+    topics: &[TopicConfig],
+) -> Result<Vec<TopicDurability>> {
     for topic in topics {
         topic.validate()?;
     }
@@ -182,19 +186,7 @@ pub async fn ensure_topics(config: &KafkaConfig, topics: &[TopicConfig]) -> Resu
             }
         }
     }
-    for topic in topics {
-        let partitions = partition_count(config, &topic.name).await?;
-        if partitions != topic.partitions {
-            return Err(Error::Topic {
-                topic: topic.name.clone(),
-                reason: format!(
-                    "has {partitions} partitions, configuration says {}",
-                    topic.partitions
-                ),
-            });
-        }
-    }
-    Ok(())
+    check_durability(config, topics).await
 }
 
 /// The number of partitions a topic has, from the broker's metadata.

@@ -47,12 +47,6 @@ impl Application {
         )
         .await
         .context("users topic")?;
-        ferrybox::kafka::check_durability(
-            &settings.kafka,
-            std::slice::from_ref(&settings.users_topic),
-        )
-        .await
-        .context("users topic")?;
         let codec = AvroCodec::new(&settings.schema_registry_url);
         let topic = settings.users_topic.name.clone();
         let registering = "registering event schemas with the schema registry";
