@@ -288,7 +288,7 @@ impl Relay {
             if !sent.failed.is_empty() {
                 // The broker is down or refusing: record it, then back off, ignoring wake-ups
                 // meanwhile. Nothing else is sent before the failure is recorded.
-                self.record(&mut marker, std::mem::take(&mut sent)).await?;
+                self.record(&mut marker, &std::mem::take(&mut sent)).await?;
                 failed_batches += 1;
                 let delay = self.config.backoff.delay(failed_batches);
                 if sleep_or_shutdown(delay, shutdown).await {
@@ -309,16 +309,15 @@ impl Relay {
                 continue;
             }
             let previous = std::mem::take(&mut sent);
-            let in_flight = previous.acked.clone();
             let (recorded, next) = tokio::join!(
-                self.record(&mut marker, previous),
-                self.send_batch(conn, &in_flight)
+                self.record(&mut marker, &previous),
+                self.send_batch(conn, &previous.acked)
             );
             recorded?;
             sent = next?;
         }
         // Shutdown: what was sent is recorded before the relay lets go.
-        self.record(&mut marker, sent).await?;
+        self.record(&mut marker, &sent).await?;
         Ok(())
     }
 
@@ -389,7 +388,7 @@ impl Relay {
     /// Call it from the active relay only (or in tests); [`Relay::run`] takes care of that.
     pub async fn publish_batch(&self, conn: &mut AsyncPgConnection) -> Result<BatchOutcome> {
         let sent = self.send_batch(conn, &[]).await?;
-        self.record(conn, sent).await
+        self.record(conn, &sent).await
     }
 
     /// Claims the next batch of unpublished rows in id order (leaving out `in_flight`, rows
@@ -437,7 +436,7 @@ impl Relay {
 
     /// Marks the acknowledged rows published (with partition and offset) and records attempts
     /// and the error on the others, one statement each.
-    async fn record(&self, conn: &mut AsyncPgConnection, sent: Sent) -> Result<BatchOutcome> {
+    async fn record(&self, conn: &mut AsyncPgConnection, sent: &Sent) -> Result<BatchOutcome> {
         let outcome = BatchOutcome {
             published: sent.acked.len(),
             failed: sent.failed.len(),
@@ -452,9 +451,9 @@ impl Relay {
                  FROM unnest($1::bigint[], $2::int[], $3::bigint[]) AS u(id, p, o) \
                  WHERE o.id = u.id AND o.id = ANY($1)",
             )
-            .bind::<Array<BigInt>, _>(sent.acked)
-            .bind::<Array<Integer>, _>(sent.partitions)
-            .bind::<Array<BigInt>, _>(sent.offsets)
+            .bind::<Array<BigInt>, _>(&sent.acked)
+            .bind::<Array<Integer>, _>(&sent.partitions)
+            .bind::<Array<BigInt>, _>(&sent.offsets)
             .execute(conn)
             .await?;
         }
@@ -470,8 +469,8 @@ impl Relay {
                  FROM unnest($1::bigint[], $2::text[]) AS u(id, e) \
                  WHERE o.id = u.id AND o.id = ANY($1)",
             )
-            .bind::<Array<BigInt>, _>(sent.failed)
-            .bind::<Array<Text>, _>(sent.errors)
+            .bind::<Array<BigInt>, _>(&sent.failed)
+            .bind::<Array<Text>, _>(&sent.errors)
             .execute(conn)
             .await?;
         }
@@ -544,7 +543,7 @@ async fn listen_once(url: &str, wake: &Notify, stop: &CancellationToken) -> Resu
 }
 
 fn kafka_headers(stored: &serde_json::Value) -> OwnedHeaders {
-    let map: BTreeMap<String, String> = serde_json::from_value(stored.clone()).unwrap_or_default();
+    let map = BTreeMap::<String, String>::deserialize(stored).unwrap_or_default();
     crate::kafka::owned_headers(&map)
 }
 
