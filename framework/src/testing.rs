@@ -301,29 +301,34 @@ impl ServiceProcess {
     }
 
     /// Sends SIGTERM and waits (up to `timeout`) for the process to exit; returns its status.
-    pub async fn terminate(
-        mut self,
-        timeout: Duration,
-    ) -> std::io::Result<std::process::ExitStatus> {
-        let pid = self
-            .child
-            .id()
-            .ok_or_else(|| std::io::Error::other("process already exited"))?;
-        let sent = tokio::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
-            .await?;
-        if !sent.success() {
-            return Err(std::io::Error::other(format!("kill -TERM {pid} failed")));
-        }
-        match tokio::time::timeout(timeout, self.child.wait()).await {
-            Ok(status) => status,
-            Err(_) => {
-                self.child.kill().await?;
-                Err(std::io::Error::other(format!(
-                    "process {pid} ignored SIGTERM for {timeout:?}; killed"
-                )))
-            }
+    pub async fn terminate(self, timeout: Duration) -> std::io::Result<std::process::ExitStatus> {
+        terminate(self.child, timeout).await
+    }
+}
+
+/// Sends `child` SIGTERM and waits (up to `timeout`) for it to exit; returns its status. A
+/// process that ignores the signal is killed and reported as an error.
+pub async fn terminate(
+    mut child: tokio::process::Child,
+    timeout: Duration,
+) -> std::io::Result<std::process::ExitStatus> {
+    let pid = child
+        .id()
+        .ok_or_else(|| std::io::Error::other("process already exited"))?;
+    let sent = tokio::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .await?;
+    if !sent.success() {
+        return Err(std::io::Error::other(format!("kill -TERM {pid} failed")));
+    }
+    match tokio::time::timeout(timeout, child.wait()).await {
+        Ok(status) => status,
+        Err(_) => {
+            child.kill().await?;
+            Err(std::io::Error::other(format!(
+                "process {pid} ignored SIGTERM for {timeout:?}; killed"
+            )))
         }
     }
 }

@@ -165,15 +165,7 @@ async fn assert_applied_once_in_order(conn: &mut AsyncPgConnection, total: usize
 }
 
 async fn terminate(worker: tokio::process::Child) {
-    let pid = worker.id().unwrap().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let exit = worker.wait_with_output().await.unwrap().status;
+    let exit = testing::terminate(worker, TIMEOUT).await.unwrap();
     assert!(exit.success(), "worker exit status {exit}");
 }
 

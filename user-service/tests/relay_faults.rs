@@ -192,13 +192,7 @@ async fn relay_killed_at_random_moments_loses_nothing_and_keeps_key_order() {
         published(db.url()).await == total
     })
     .await;
-    let pid = relay.id().unwrap();
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let exit = relay.wait_with_output().await.unwrap().status;
+    let exit = testing::terminate(relay, TIMEOUT).await.unwrap();
     assert!(exit.success(), "relay exit status {exit}");
 
     let records = testing::read_ids(
@@ -324,25 +318,23 @@ async fn relay_rides_out_a_broker_outage_without_a_restart() {
         .await
         .unwrap();
     let db = migrated_database().await;
-    let relay = std::sync::Arc::new(
-        Relay::new(
-            db.config(),
-            &kafka,
-            RelayConfig {
-                batch_size: 20,
-                poll_interval: Duration::from_millis(20),
-                backoff: ferrybox::config::Backoff {
-                    initial: Duration::from_millis(100),
-                    max: Duration::from_millis(500),
-                },
-                ..RelayConfig::default()
+    let relay = Relay::new(
+        db.config(),
+        &kafka,
+        RelayConfig {
+            batch_size: 20,
+            poll_interval: Duration::from_millis(20),
+            backoff: ferrybox::config::Backoff {
+                initial: Duration::from_millis(100),
+                max: Duration::from_millis(500),
             },
-        )
-        .unwrap(),
-    );
+            ..RelayConfig::default()
+        },
+    )
+    .unwrap();
     let stop_relay = CancellationToken::new();
     let relay_task = tokio::spawn({
-        let (relay, stop) = (relay.clone(), stop_relay.clone());
+        let stop = stop_relay.clone();
         async move { relay.run(stop).await }
     });
     // Ten versions of three keys before the outage, ten more during it.
@@ -386,7 +378,6 @@ async fn relay_rides_out_a_broker_outage_without_a_restart() {
     )
     .await;
     let committed: BTreeMap<String, i64> = (0..3).map(|k| (format!("k{k}"), 20)).collect();
-    let total = 60;
     stop_relay.cancel();
     relay_task.await.unwrap().unwrap();
 
@@ -422,7 +413,7 @@ async fn relay_rides_out_a_broker_outage_without_a_restart() {
         );
     }
     let duplicates = assert_complete_and_ordered(&records, &committed);
-    eprintln!("{total} messages across the outage, {duplicates} duplicates");
+    eprintln!("60 messages across the outage, {duplicates} duplicates");
 }
 
 async fn run_cli(env: &[(String, String)], args: &[&str]) -> (i32, String, String) {
