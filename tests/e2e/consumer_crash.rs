@@ -65,6 +65,21 @@ async fn produce_versions(
     n
 }
 
+/// A database with the framework's tables and `applied`, and a topic of `partitions` with the
+/// `Tick` schema registered.
+async fn setup(partitions: i32) -> (TestDatabase, AsyncPgConnection, String, AvroCodec) {
+    let (db, _pool) = TestDatabase::with_framework_tables().await;
+    let mut conn = AsyncPgConnection::establish(db.url()).await.unwrap();
+    diesel::sql_query(APPLIED_TABLE)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let topic = testing::create_topic(partitions).await;
+    let codec = AvroCodec::new(&testing::registry_url());
+    codec.register::<Tick>(&topic).await.unwrap();
+    (db, conn, topic, codec)
+}
+
 fn spawn_worker(db: &TestDatabase, topic: &str, group: &str) -> tokio::process::Child {
     spawn_named_worker(db, topic, group, "worker")
 }
@@ -98,15 +113,7 @@ fn spawn_named_worker(
 #[tokio::test(flavor = "multi_thread")]
 async fn a_consumer_killed_again_and_again_applies_each_message_exactly_once() {
     const ROUNDS: usize = 6;
-    let (db, _pool) = TestDatabase::with_framework_tables().await;
-    let mut conn = AsyncPgConnection::establish(db.url()).await.unwrap();
-    diesel::sql_query(APPLIED_TABLE)
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    let topic = testing::create_topic(3).await;
-    let codec = AvroCodec::new(&testing::registry_url());
-    codec.register::<Tick>(&topic).await.unwrap();
+    let (db, mut conn, topic, codec) = setup(3).await;
     let total = produce(&topic, &codec, 40, 100).await;
     let group = testing::unique("crash");
 
@@ -171,15 +178,7 @@ async fn terminate(worker: tokio::process::Child) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn two_consumers_with_rebalances_mid_stream_apply_each_message_once() {
-    let (db, _pool) = TestDatabase::with_framework_tables().await;
-    let mut conn = AsyncPgConnection::establish(db.url()).await.unwrap();
-    diesel::sql_query(APPLIED_TABLE)
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    let topic = testing::create_topic(4).await;
-    let codec = AvroCodec::new(&testing::registry_url());
-    codec.register::<Tick>(&topic).await.unwrap();
+    let (db, mut conn, topic, codec) = setup(4).await;
     let group = testing::unique("rebalance");
     let by = |worker: &'static str| {
         format!("SELECT count(*) AS n FROM applied WHERE worker = '{worker}'")
