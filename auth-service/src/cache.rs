@@ -7,6 +7,7 @@ use diesel::sql_types::{BigInt, Nullable, Text, Uuid as SqlUuid};
 use diesel::{ExpressionMethods, QueryDsl};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use ferrybox::inbox::{Handler, HandlerError, ReceivedMessage};
+use ferrybox::reconcile::{Cache, CachedEntry, Repair, SnapshotEntry};
 use uuid::Uuid;
 
 use crate::events::{UserRef, UserState, UserUpdate, types};
@@ -38,6 +39,7 @@ impl Handler for UserEvents {
                     Some(&state),
                 )
                 .await
+                .map(drop)
             }
             types::UPDATED => {
                 let UserUpdate { state, status } = message.body()?;
@@ -54,14 +56,19 @@ impl Handler for UserEvents {
                     Some(&state),
                 )
                 .await
+                .map(drop)
             }
             types::SUSPENDED => {
                 let r: UserRef = message.body()?;
-                upsert(conn, user_id(&r.user_id)?, r.version, "suspended", None).await
+                upsert(conn, user_id(&r.user_id)?, r.version, "suspended", None)
+                    .await
+                    .map(drop)
             }
             types::DELETED => {
                 let r: UserRef = message.body()?;
-                upsert(conn, user_id(&r.user_id)?, r.version, "deleted", None).await
+                upsert(conn, user_id(&r.user_id)?, r.version, "deleted", None)
+                    .await
+                    .map(drop)
             }
             other => Err(HandlerError::permanent(format!(
                 "unknown message type {other}"
@@ -72,14 +79,14 @@ impl Handler for UserEvents {
 
 /// Writes the user's new state if `version` is newer than the cached one. Without `details`,
 /// only status and version change; a deleted user's details are cleared. A user who is no
-/// longer active loses their sessions in the same transaction.
+/// longer active loses their sessions in the same transaction. True when it wrote.
 async fn upsert(
     conn: &mut AsyncPgConnection,
     id: Uuid,
     version: i64,
     status: &str,
     details: Option<&UserState>,
-) -> Result<(), HandlerError> {
+) -> Result<bool, HandlerError> {
     let written = diesel::sql_query(
         "INSERT INTO cached_users (id, email, name, password_hash, status, version) \
          VALUES ($1, $2, $3, $4, $5, $6) \
@@ -105,12 +112,84 @@ async fn upsert(
     .await?;
     if written == 0 {
         tracing::debug!(%id, version, "cached user is newer; event skipped");
-        return Ok(());
+        return Ok(false);
     }
     if status != "active" {
         diesel::delete(sessions::table.filter(sessions::user_id.eq(id)))
             .execute(conn)
             .await?;
     }
-    Ok(())
+    Ok(true)
+}
+
+/// The cache as reconciliation sees it: every cached user's version, repaired from user-service's
+/// snapshot with the same version-guarded write the events use.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UserCache;
+
+#[derive(diesel::QueryableByName)]
+struct CachedRow {
+    #[diesel(sql_type = SqlUuid)]
+    id: Uuid,
+    #[diesel(sql_type = BigInt)]
+    version: i64,
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    deleted: bool,
+    #[diesel(sql_type = diesel::sql_types::Timestamptz)]
+    updated_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl Cache for UserCache {
+    async fn entries(
+        &self,
+        conn: &mut AsyncPgConnection,
+    ) -> Result<Vec<CachedEntry>, diesel::result::Error> {
+        let rows: Vec<CachedRow> = diesel::sql_query(
+            "SELECT id, version, status = 'deleted' AS deleted, updated_at FROM cached_users",
+        )
+        .load(conn)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| CachedEntry {
+                key: r.id.to_string(),
+                version: r.version,
+                deleted: r.deleted,
+                updated_at: r.updated_at,
+            })
+            .collect())
+    }
+
+    async fn repair(
+        &self,
+        conn: &mut AsyncPgConnection,
+        entry: &SnapshotEntry,
+    ) -> Result<Repair, HandlerError> {
+        let id = user_id(&entry.key)?;
+        let written = if entry.deleted {
+            upsert(conn, id, entry.version, "deleted", None).await?
+        } else {
+            let UserUpdate { state, status } = serde_json::from_value(entry.state.clone())
+                .map_err(|e| {
+                    HandlerError::permanent(format!("snapshot state of {id} does not fit: {e}"))
+                })?;
+            if state.user_id != entry.key || state.version != entry.version {
+                return Err(HandlerError::permanent(format!(
+                    "snapshot state of {id} names user {} version {}",
+                    state.user_id, state.version
+                )));
+            }
+            if !matches!(status.as_str(), "active" | "suspended") {
+                return Err(HandlerError::permanent(format!(
+                    "unknown user status {status:?}"
+                )));
+            }
+            upsert(conn, id, entry.version, &status, Some(&state)).await?
+        };
+        Ok(if written {
+            Repair::Written
+        } else {
+            Repair::Newer
+        })
+    }
 }

@@ -2,8 +2,22 @@
 
 use std::net::SocketAddr;
 
+use ferrybox::alert::AlertConfig;
+use ferrybox::feed::FeedConfig;
+use ferrybox::reconcile::ReconcileConfig;
 use ferrybox::{DatabaseConfig, InboxConfig, KafkaConfig, TopicConfig};
 use serde::Deserialize;
+
+/// How user events reach the service.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Transport {
+    /// Consume the users topic from Kafka (the default).
+    #[default]
+    Kafka,
+    /// Pull user-service's `events` feed over HTTP; no broker needed.
+    Feed,
+}
 
 /// Everything auth-service can be configured with.
 #[derive(Debug, Clone, Deserialize)]
@@ -21,6 +35,14 @@ pub struct Settings {
     pub users_topic: TopicConfig,
     /// The inbox consumer; its topics are always `users_topic`.
     pub inbox: InboxConfig,
+    /// Kafka or the pulled feed.
+    pub transport: Transport,
+    /// user-service's event feed (with `transport = "feed"`).
+    pub feed: FeedConfig,
+    /// Reconciliation with user-service's snapshot.
+    pub reconcile: ReconcileConfig,
+    /// Where alerts go besides the log.
+    pub alert: AlertConfig,
     /// How long a login session lasts, in seconds.
     pub session_ttl_secs: i64,
     /// Log JSON lines instead of text.
@@ -41,6 +63,17 @@ impl Default for Settings {
                 group_id: "auth-service".into(),
                 ..InboxConfig::default()
             },
+            transport: Transport::Kafka,
+            feed: FeedConfig {
+                url: "http://127.0.0.1:8080/events".into(),
+                name: "user-service".into(),
+                ..FeedConfig::default()
+            },
+            reconcile: ReconcileConfig {
+                snapshot_url: Some("http://127.0.0.1:8080/snapshot".into()),
+                ..ReconcileConfig::default()
+            },
+            alert: AlertConfig::default(),
             session_ttl_secs: 3600,
             log_json: false,
             max_body_bytes: 16 * 1024,
@@ -63,6 +96,11 @@ impl Settings {
         self.kafka.validate()?;
         self.users_topic.validate()?;
         self.inbox.validate()?;
+        if self.transport == Transport::Feed {
+            self.feed.validate()?;
+        }
+        self.reconcile.validate()?;
+        self.alert.validate()?;
         if self.inbox.topics != [self.users_topic.name.clone()] {
             return Err(ferrybox::Error::Config(
                 "inbox.topics must be the users topic".into(),

@@ -1,6 +1,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use auth_service::config::Transport;
 use auth_service::{Application, Settings, ops};
 use clap::{Args, Parser, Subcommand};
 use ferrybox::inbox::DeadLetterFilter;
@@ -15,6 +16,9 @@ struct Cli {
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
+    /// How user events arrive (overrides the `transport` setting).
+    #[arg(long, global = true, value_enum)]
+    transport: Option<Transport>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -29,6 +33,29 @@ enum Command {
     Dlq {
         #[command(subcommand)]
         action: Dlq,
+    },
+    /// Compare the user cache with user-service's snapshot once and repair it; print the
+    /// report. Exit status 1 when some difference could not be repaired (an alert is raised).
+    Reconcile {
+        /// Read an exported snapshot (`user-service snapshot --out`) instead of fetching it.
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+    /// The pulled event feed's stored position.
+    Feed {
+        #[command(subcommand)]
+        action: Feed,
+    },
+}
+
+#[derive(Subcommand)]
+enum Feed {
+    /// Show the stored position (and, with `--set`, change it first: after a reconciliation,
+    /// to skip a message the consumer halted on, or to start from a snapshot's watermark).
+    Position {
+        /// The new position.
+        #[arg(long)]
+        set: Option<i64>,
     },
 }
 
@@ -76,7 +103,11 @@ impl Select {
 #[tokio::main]
 async fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
-    let settings = Settings::load(cli.config.as_deref())?;
+    let mut settings = Settings::load(cli.config.as_deref())?;
+    if let Some(transport) = cli.transport {
+        settings.transport = transport;
+        settings.validate()?;
+    }
     ferrybox::telemetry::init_logging(settings.log_json);
     match cli.command.unwrap_or(Command::Serve) {
         Command::Migrate => auth_service::startup::migrate(&settings).await?,
@@ -87,6 +118,18 @@ async fn main() -> anyhow::Result<ExitCode> {
             println!("listening on http://{}", app.local_addr()?);
             app.run(shutdown).await?;
         }
+        Command::Reconcile { file } => {
+            if ops::reconcile(&settings, file.as_deref(), cli.json)
+                .await?
+                .unresolved
+                > 0
+            {
+                return Ok(ExitCode::from(1));
+            }
+        }
+        Command::Feed {
+            action: Feed::Position { set },
+        } => ops::feed_position(&settings, set, cli.json).await?,
         Command::Dlq {
             action: Dlq::List(select),
         } => ops::list(&settings, &select.filter(), cli.json).await?,

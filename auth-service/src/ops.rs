@@ -1,4 +1,5 @@
-//! Operator commands: the dead-letter queue (`dlq list|show|redrive`).
+//! Operator commands: the dead-letter queue (`dlq list|show|redrive`), `reconcile` and
+//! `feed position`.
 
 use std::time::Duration;
 
@@ -124,4 +125,67 @@ pub async fn redrive(
         );
     }
     Ok(report)
+}
+
+/// `reconcile [--file F]`: one reconciliation run; prints its report.
+pub async fn reconcile(
+    settings: &Settings,
+    file: Option<&std::path::Path>,
+    json: bool,
+) -> anyhow::Result<ferrybox::reconcile::Report> {
+    let pool = db::pool(&settings.database)?;
+    let alerter = ferrybox::alert::Alerter::new(&settings.alert)?;
+    let reconciler = crate::startup::reconciler(settings, pool, alerter)?;
+    let report = match file {
+        Some(path) => reconciler.run_file(path).await,
+        None => reconciler.run_once().await,
+    }
+    .context("reconciliation")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "reconciled with {} (snapshot of {}, watermark {}):",
+            report.source, report.snapshot_taken_at, report.watermark
+        );
+        println!(
+            "  checked {}  in sync {}  repaired {}  skipped as newer {}  unresolved {}",
+            report.checked,
+            report.in_sync,
+            report.repaired,
+            report.skipped_newer,
+            report.unresolved
+        );
+        for u in &report.unresolved_entities {
+            println!("  unresolved {}: {}", u.key, u.reason);
+        }
+    }
+    Ok(report)
+}
+
+/// `feed position [--set N]`.
+pub async fn feed_position(
+    settings: &Settings,
+    set: Option<i64>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let pool = db::pool(&settings.database)?;
+    let mut conn = db::connection(&pool)
+        .await
+        .context("connecting to the database")?;
+    let consumer = settings.inbox.consumer_name();
+    let feed = settings.feed.name.as_str();
+    if let Some(position) = set {
+        ferrybox::feed::set_position(&mut conn, consumer, feed, position).await?;
+    }
+    let position = ferrybox::feed::position(&mut conn, consumer, feed).await?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({ "consumer": consumer, "feed": feed, "position": position })
+        );
+    } else {
+        println!("{consumer} on feed {feed}: position {position}");
+    }
+    Ok(())
 }

@@ -29,6 +29,8 @@ pub struct AppState {
     pub session_ttl: chrono::Duration,
     /// The consumer's dead letters.
     pub dead_letters: ferrybox::inbox::DeadLetters,
+    /// The last reconciliation's report.
+    pub reconcile: Arc<std::sync::Mutex<Option<ferrybox::reconcile::Report>>>,
 }
 
 /// The service's routes.
@@ -38,6 +40,7 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .route("/session", get(session))
         .route("/users/{id}", get(cached_user))
         .route("/inbox/stats", get(inbox_stats))
+        .route("/reconcile/last", get(last_reconcile))
         .route("/health", get(|| async { "ok" }))
         .fallback(ferrybox::http::not_found_fallback)
         .layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))
@@ -122,6 +125,19 @@ pub struct InboxStatus {
     pub counters: InboxStatsSnapshot,
     /// Dead letters by state, from the database.
     pub dead_letters: ferrybox::inbox::DeadLetterCounts,
+}
+
+/// The last reconciliation's report; 404 before the first run.
+async fn last_reconcile(
+    State(state): State<AppState>,
+) -> Result<Json<ferrybox::reconcile::Report>, ApiError> {
+    let last = state
+        .reconcile
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    last.map(Json)
+        .ok_or_else(|| ApiError::not_found("no reconciliation has run yet"))
 }
 
 async fn inbox_stats(State(state): State<AppState>) -> Result<Json<InboxStatus>, ApiError> {

@@ -1,24 +1,34 @@
-//! Building and running the service: migrations, topic, inbox consumer and HTTP server.
+//! Building and running the service: migrations, the consumer (Kafka or the pulled feed), the
+//! reconciler and the HTTP server.
 
 use std::net::SocketAddr;
 
 use anyhow::Context;
-use ferrybox::{AvroCodec, CancellationToken, InboxConsumer, db};
+use ferrybox::alert::Alerter;
+use ferrybox::reconcile::Reconciler;
+use ferrybox::{AvroCodec, CancellationToken, FeedConsumer, InboxConsumer, db};
 use tokio::net::TcpListener;
 
-use crate::cache::UserEvents;
-use crate::config::Settings;
+use crate::cache::{UserCache, UserEvents};
+use crate::config::{Settings, Transport};
 use crate::routes::AppState;
 
 /// The service's own tables.
 pub const MIGRATIONS: diesel_migrations::EmbeddedMigrations =
     diesel_migrations::embed_migrations!("migrations");
 
+/// How user events arrive.
+enum Consumer {
+    Kafka(InboxConsumer<UserEvents>),
+    Feed(FeedConsumer<UserEvents>),
+}
+
 /// A built service, bound to its port, ready to run.
 pub struct Application {
     listener: TcpListener,
     state: AppState,
-    consumer: InboxConsumer<UserEvents>,
+    consumer: Consumer,
+    reconciler: Reconciler<UserCache>,
     max_body_bytes: usize,
 }
 
@@ -29,34 +39,76 @@ pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
         .context("database migrations")
 }
 
+/// The reconciler of the user cache against user-service's snapshot.
+pub fn reconciler(
+    settings: &Settings,
+    pool: db::PgPool,
+    alerter: Alerter,
+) -> anyhow::Result<Reconciler<UserCache>> {
+    Ok(Reconciler::new(
+        pool,
+        UserCache,
+        settings.inbox.consumer_name(),
+        settings.reconcile.clone(),
+        alerter,
+    )?)
+}
+
 impl Application {
-    /// Migrates the database, makes sure the topic exists, subscribes and binds the listener.
+    /// Migrates the database, sets up the consumer for the configured transport (with Kafka,
+    /// makes sure the topics exist) and binds the listener.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         settings.validate()?;
         let pool = db::pool(&settings.database)?;
         db::migrate_service(&pool, MIGRATIONS)
             .await
             .context("database migrations")?;
-        // The users topic and the dead-letter topic: tansu, like a locked-down Kafka, does not
-        // create topics on first use, and a dead letter that cannot be published holds the offset.
-        ferrybox::kafka::ensure_topics(&settings.kafka, &settings.topics())
-            .await
-            .context("topics")?;
         let codec = AvroCodec::new(&settings.schema_registry_url);
-        let consumer = InboxConsumer::new(
-            pool.clone(),
-            &settings.kafka,
-            codec,
-            UserEvents,
-            settings.inbox.clone(),
-        )?;
+        let readers = crate::events::reader_schemas().context("the service's contract")?;
+        let alerter = Alerter::new(&settings.alert)?;
+        let consumer = match settings.transport {
+            Transport::Kafka => {
+                // The users topic and the dead-letter topic: tansu, like a locked-down Kafka,
+                // does not create topics on first use, and a dead letter that cannot be
+                // published holds the offset.
+                ferrybox::kafka::ensure_topics(&settings.kafka, &settings.topics())
+                    .await
+                    .context("topics")?;
+                Consumer::Kafka(
+                    InboxConsumer::new(
+                        pool.clone(),
+                        &settings.kafka,
+                        codec,
+                        UserEvents,
+                        settings.inbox.clone(),
+                    )?
+                    .with_reader_schemas(readers),
+                )
+            }
+            Transport::Feed => Consumer::Feed(
+                FeedConsumer::new(
+                    pool.clone(),
+                    codec,
+                    UserEvents,
+                    settings.inbox.clone(),
+                    settings.feed.clone(),
+                    alerter.clone(),
+                )?
+                .with_reader_schemas(readers),
+            ),
+        };
+        let reconciler = reconciler(&settings, pool.clone(), alerter)?;
         let state = AppState {
             dead_letters: ferrybox::inbox::DeadLetters::new(
                 pool.clone(),
                 settings.inbox.consumer_name(),
             ),
             pool,
-            stats: consumer.stats(),
+            stats: match &consumer {
+                Consumer::Kafka(c) => c.stats(),
+                Consumer::Feed(c) => c.stats(),
+            },
+            reconcile: reconciler.last_report(),
             session_ttl: chrono::Duration::seconds(settings.session_ttl_secs),
         };
         let listener = TcpListener::bind(settings.listen)
@@ -66,6 +118,7 @@ impl Application {
             listener,
             state,
             consumer,
+            reconciler,
             max_body_bytes: settings.max_body_bytes,
         })
     }
@@ -75,9 +128,18 @@ impl Application {
         self.listener.local_addr()
     }
 
-    /// Serves HTTP and consumes until `shutdown`, then drains both.
+    /// Serves HTTP, consumes and reconciles on schedule until `shutdown`, then drains all.
+    /// A feed consumer that halts (after alerting) stops consuming; the service keeps serving
+    /// logins from its cache until an operator acts.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let consumer_task = tokio::spawn(self.consumer.run(shutdown.child_token()));
+        let consumer_shutdown = shutdown.child_token();
+        let consumer_task = tokio::spawn(async move {
+            match self.consumer {
+                Consumer::Kafka(c) => c.run(consumer_shutdown).await,
+                Consumer::Feed(c) => c.run(consumer_shutdown).await,
+            }
+        });
+        let reconcile_task = tokio::spawn(self.reconciler.run_on_schedule(shutdown.child_token()));
         let app = crate::routes::router(self.state, self.max_body_bytes);
         let served = axum::serve(self.listener, app)
             .with_graceful_shutdown({
@@ -86,9 +148,13 @@ impl Application {
             })
             .await;
         shutdown.cancel();
-        let consumed = consumer_task.await.context("inbox consumer task")?;
+        let consumed = consumer_task.await.context("consumer task")?;
+        reconcile_task.await.context("reconciler task")?;
         served.context("http server")?;
-        consumed.context("inbox consumer")?;
-        Ok(())
+        match consumed {
+            // Already alerted and logged when it happened.
+            Err(ferrybox::Error::FeedHalted { .. }) => Ok(()),
+            other => other.context("consumer"),
+        }
     }
 }

@@ -57,6 +57,25 @@ pub enum Error {
     /// An operation did not finish in time.
     #[error("timed out after {0:?}")]
     Timeout(Duration),
+
+    /// A call to another service (the event feed, a snapshot, an alert webhook) failed in a way
+    /// that may pass: connection refused, timeout, a 5xx answer.
+    #[error("http request failed: {0}")]
+    Http(String),
+
+    /// The pulled event feed cannot go on without an operator: undecodable data (when the
+    /// consumer halts on it), a gap, or a position the producer no longer has.
+    #[error("feed halted at position {position}: {reason}")]
+    FeedHalted {
+        /// The consumer's position (the last message it finished).
+        position: i64,
+        /// Why it stopped.
+        reason: String,
+    },
+
+    /// A snapshot is malformed or not a Ferrybox snapshot.
+    #[error("invalid snapshot: {0}")]
+    Snapshot(String),
 }
 
 impl Error {
@@ -64,12 +83,18 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Database(e) => database_error_is_retryable(e),
-            Error::Pool(_) | Error::Kafka(_) | Error::Timeout(_) | Error::Task(_) => true,
+            Error::Pool(_)
+            | Error::Kafka(_)
+            | Error::Timeout(_)
+            | Error::Task(_)
+            | Error::Http(_) => true,
             Error::Codec(e) => e.is_retryable(),
             Error::Migration(_)
             | Error::Topic { .. }
             | Error::Config(_)
-            | Error::NotInTransaction => false,
+            | Error::NotInTransaction
+            | Error::FeedHalted { .. }
+            | Error::Snapshot(_) => false,
         }
     }
 }

@@ -17,6 +17,11 @@
 //! - [`inbox`]: the consumer side. An [`InboxConsumer`] deduplicates by message id, runs the
 //!   [`Handler`] in the same database transaction, and stores Kafka offsets only after that
 //!   transaction committed. Failures are retried or dead-lettered, never dropped.
+//! - [`feed`]: the broker-less path. A [`FeedServer`] serves the sent log at an `events`
+//!   endpoint by gap-free positions that only move past committed rows; a [`FeedConsumer`]
+//!   pulls it in order through the same inbox, keeping its position in the same transaction.
+//! - [`reconcile`]: the consumer compares its cache with the producer's full snapshot, repairs
+//!   what is missing or older, never overwrites newer data, and [`alert`]s on the rest.
 //! - [`contract`]: consumer-driven contracts: producers' published schemas, consumers' reader
 //!   schemas, and the check that an incompatible change breaks the build.
 //! - [`db`], [`kafka`], [`config`], [`error`]: the plumbing: connection pool and embedded
@@ -27,16 +32,19 @@
 //!
 //! Every long-running piece takes a [`CancellationToken`] and drains before it returns.
 
+pub mod alert;
 pub mod codec;
 pub mod config;
 pub mod contract;
 pub mod db;
 pub mod error;
+pub mod feed;
 pub mod http;
 pub mod inbox;
 pub mod kafka;
 pub mod message;
 pub mod outbox;
+pub mod reconcile;
 pub mod shutdown;
 pub mod telemetry;
 #[cfg(feature = "test-util")]
@@ -45,6 +53,7 @@ pub mod testing;
 pub use codec::AvroCodec;
 pub use config::{DatabaseConfig, KafkaConfig, TopicConfig};
 pub use error::{Error, Result};
+pub use feed::{FeedConsumer, FeedServer};
 pub use inbox::{Handler, HandlerError, InboxConfig, InboxConsumer, ReceivedMessage};
 pub use message::{Event, IncomingMessage, MessageId, OutgoingMessage};
 pub use outbox::{Outbox, OutboxStatus, Relay, RelayConfig, ReplayOptions, ReplaySelection};

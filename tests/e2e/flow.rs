@@ -1,10 +1,22 @@
+use auth_service::config::Transport;
 use ferrybox::testing::wait_until;
 use ferrybox_e2e::{Api, CONVERGE, Stack};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn user_changes_flow_to_the_auth_cache_and_logins_follow_them() {
-    let stack = Stack::start().await.unwrap();
+    scenario(Transport::Kafka).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_same_flow_works_through_the_pulled_event_feed() {
+    scenario(Transport::Feed).await;
+}
+
+/// Registers, updates, suspends and deletes users on user-service; auth-service's cache and
+/// logins follow, whichever way the events travel.
+async fn scenario(transport: Transport) {
+    let stack = Stack::start_with(transport).await.unwrap();
     let api = Api::default();
     let (user, auth) = (stack.user_url.clone(), stack.auth_url.clone());
 
@@ -169,13 +181,25 @@ async fn user_changes_flow_to_the_auth_cache_and_logins_follow_them() {
         ),
         (Some(0), Some(0))
     );
-    // auth-service created its dead-letter topic at start-up, so a dead letter can be published.
     let dlq = format!("{}.auth-service.dlq", stack.topic);
-    assert_eq!(
-        ferrybox::kafka::partition_count(&ferrybox::testing::kafka(), &dlq)
-            .await
-            .unwrap(),
-        1
-    );
+    let dlq_partitions = ferrybox::kafka::partition_count(&ferrybox::testing::kafka(), &dlq).await;
+    match transport {
+        // With Kafka, auth-service created its dead-letter topic at start-up, so a dead letter
+        // can be published.
+        Transport::Kafka => assert_eq!(dlq_partitions.unwrap(), 1),
+        // Through the feed it never touches the broker (dead letters stay in its database).
+        Transport::Feed => {
+            assert!(
+                dlq_partitions.is_err(),
+                "no dead-letter topic without Kafka"
+            );
+            let position = ferrybox::testing::count(
+                stack.auth_db.url(),
+                "SELECT position AS n FROM ferrybox_feed_positions",
+            )
+            .await;
+            assert_eq!(position, 6, "the feed position is at the sixth event");
+        }
+    }
     stack.stop().await.unwrap();
 }

@@ -58,15 +58,32 @@ pub fn auth_settings(db: &TestDatabase, topic: &str) -> auth_service::Settings {
     s
 }
 
+/// Points auth-service's feed and reconciler at the user-service at `user_url`, with
+/// scheduled reconciliation off (tests run it on demand).
+pub fn point_at_user_service(settings: &mut auth_service::Settings, user_url: &str) {
+    settings.feed.url = format!("{user_url}/events");
+    settings.feed.wait = Duration::from_secs(2);
+    settings.reconcile.snapshot_url = Some(format!("{user_url}/snapshot"));
+    settings.reconcile.interval = Duration::ZERO;
+}
+
 impl Stack {
-    /// Starts both services in-process.
+    /// Starts both services in-process, auth-service consuming from Kafka.
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(auth_service::config::Transport::Kafka).await
+    }
+
+    /// Starts both services in-process, auth-service reading user events through `transport`.
+    pub async fn start_with(transport: auth_service::config::Transport) -> anyhow::Result<Self> {
         let topic = testing::create_topic(3).await;
         let user_db = TestDatabase::create().await;
         let auth_db = TestDatabase::create().await;
         let user = user_service::Application::build(user_settings(&user_db, &topic)).await?;
-        let auth = auth_service::Application::build(auth_settings(&auth_db, &topic)).await?;
         let user_url = format!("http://{}", user.local_addr()?);
+        let mut settings = auth_settings(&auth_db, &topic);
+        settings.transport = transport;
+        point_at_user_service(&mut settings, &user_url);
+        let auth = auth_service::Application::build(settings).await?;
         let auth_url = format!("http://{}", auth.local_addr()?);
         let shutdown = CancellationToken::new();
         let tasks = vec![

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 
+use ferrybox::feed::FeedServerConfig;
 use ferrybox::{DatabaseConfig, KafkaConfig, RelayConfig, TopicConfig};
 use serde::Deserialize;
 
@@ -21,6 +22,8 @@ pub struct Settings {
     pub users_topic: TopicConfig,
     /// How the relay batches and waits.
     pub relay: RelayConfig,
+    /// Limits of the `events` feed endpoint.
+    pub feed: FeedServerConfig,
     /// Log JSON lines instead of text.
     pub log_json: bool,
     /// Largest request body accepted, in bytes.
@@ -36,6 +39,7 @@ impl Default for Settings {
             schema_registry_url: "http://127.0.0.1:8081".into(),
             users_topic: TopicConfig::new("users"),
             relay: RelayConfig::default(),
+            feed: FeedServerConfig::default(),
             log_json: false,
             max_body_bytes: 16 * 1024,
         }
@@ -56,6 +60,7 @@ impl Settings {
         self.kafka.validate()?;
         self.users_topic.validate()?;
         self.relay.validate()?;
+        self.feed.validate()?;
         if self.schema_registry_url.is_empty() {
             return Err(ferrybox::Error::Config(
                 "schema_registry_url is empty".into(),

@@ -7,6 +7,8 @@
 //!   `POST /users/{id}/suspend`).
 //! - [`users`]: validation and the change transactions (row + event).
 //! - [`events`]: the published events, tied to their schema files in `schemas/`.
+//! - [`snapshot`]: every user and tombstone with its version, for consumers' reconciliation;
+//!   the pulled event feed (`GET /events`) comes with the framework's `FeedServer`.
 //! - [`startup`]: migrations, topic, schema registration, relay and server.
 //! - [`ops`]: operator commands: the relay on its own, `outbox status` and `outbox replay`.
 //! - [`config`]: settings from a file and `USER_SERVICE_*` variables.
@@ -17,6 +19,7 @@ pub mod ops;
 mod password;
 pub mod routes;
 mod schema;
+pub mod snapshot;
 pub mod startup;
 pub mod users;
 

@@ -33,12 +33,19 @@ enum Command {
         #[command(subcommand)]
         action: Outbox,
     },
+    /// Export the full snapshot of users (what `GET /snapshot` serves) to a file, for a
+    /// consumer's `reconcile --file`.
+    Snapshot {
+        /// The file to write (NDJSON).
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
 enum Outbox {
     /// Unpublished backlog, its age, rows with errors, and the sent log's extent. Exit status
-    /// 2 when some unpublished row has an error.
+    /// 3 when some unpublished row has an error (2 is a usage error).
     Status,
     /// Publish a range of the sent log again (after broker data loss), with the original
     /// message ids and headers. Exit status 1 when some message was not acknowledged.
@@ -88,6 +95,7 @@ async fn main() -> anyhow::Result<ExitCode> {
             app.run(shutdown).await?;
         }
         Command::Relay => ops::relay(&settings, ferrybox::shutdown::on_signals()).await?,
+        Command::Snapshot { out } => ops::export_snapshot(&settings, &out, cli.json).await?,
         Command::Outbox {
             action: Outbox::Status,
         } => {
@@ -96,7 +104,7 @@ async fn main() -> anyhow::Result<ExitCode> {
                 .unpublished_with_errors
                 > 0
             {
-                return Ok(ExitCode::from(2));
+                return Ok(ExitCode::from(3));
             }
         }
         Command::Outbox {

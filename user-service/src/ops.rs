@@ -1,5 +1,5 @@
-//! Operator commands for the producer side: `relay` on its own, `outbox status` and
-//! `outbox replay`.
+//! Operator commands for the producer side: `relay` on its own, `outbox status`,
+//! `outbox replay` and `snapshot --out`.
 
 use anyhow::Context;
 use ferrybox::outbox::sent_log;
@@ -95,4 +95,33 @@ pub async fn replay(
         );
     }
     Ok(report)
+}
+
+/// `snapshot --out FILE`: writes the full snapshot of users to `out`.
+pub async fn export_snapshot(
+    settings: &Settings,
+    out: &std::path::Path,
+    json: bool,
+) -> anyhow::Result<()> {
+    let pool = db::pool(&settings.database)?;
+    let mut file = tokio::fs::File::create(out)
+        .await
+        .with_context(|| format!("creating {}", out.display()))?;
+    let entities = ferrybox::reconcile::snapshot::export(
+        pool,
+        std::sync::Arc::new(crate::snapshot::UserSnapshot),
+        crate::snapshot::SOURCE.to_owned(),
+        &mut file,
+    )
+    .await
+    .context("exporting the snapshot")?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({ "file": out.display().to_string(), "entities": entities })
+        );
+    } else {
+        println!("{entities} users written to {}", out.display());
+    }
+    Ok(())
 }

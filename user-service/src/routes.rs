@@ -5,21 +5,35 @@ use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
+use ferrybox::FeedServer;
 use ferrybox::http::{ApiError, Json};
 use uuid::Uuid;
 
+use crate::snapshot::{SOURCE, UserSnapshot};
 use crate::users::{NewUser, Suspension, User, UserPatch, Users};
 
-/// The service's routes.
-pub fn router(users: Users, max_body_bytes: usize) -> Router {
+/// The service's routes: the users API, and for other services `GET /snapshot` (every user,
+/// for reconciliation) and `GET /events` (the pulled event feed).
+pub fn router(users: Users, feed: &FeedServer, max_body_bytes: usize) -> Router {
     Router::new()
         .route("/users", post(register))
+        .route("/snapshot", get(snapshot))
         .route("/users/{id}", get(get_user).patch(update).delete(delete))
         .route("/users/{id}/suspend", post(suspend))
         .route("/health", get(|| async { "ok" }))
         .fallback(ferrybox::http::not_found_fallback)
         .layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))
         .with_state(users)
+        .merge(feed.router())
+}
+
+/// Streams the snapshot as NDJSON (see `ferrybox::reconcile`).
+async fn snapshot(State(users): State<Users>) -> axum::response::Response {
+    ferrybox::reconcile::snapshot::response(
+        users.pool,
+        std::sync::Arc::new(UserSnapshot),
+        SOURCE.to_owned(),
+    )
 }
 
 fn user_id(path: Result<Path<String>, PathRejection>) -> Result<Uuid, ApiError> {

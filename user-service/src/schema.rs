@@ -13,3 +13,11 @@ diesel::table! {
         locale -> Nullable<Text>,
     }
 }
+
+diesel::table! {
+    deleted_users (id) {
+        id -> Uuid,
+        version -> BigInt,
+        deleted_at -> Timestamptz,
+    }
+}

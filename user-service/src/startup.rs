@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 
 use anyhow::Context;
-use ferrybox::{AvroCodec, CancellationToken, Outbox, Relay, db};
+use ferrybox::{AvroCodec, CancellationToken, FeedServer, Outbox, Relay, db};
 use tokio::net::TcpListener;
 
 use crate::config::Settings;
@@ -22,6 +22,9 @@ pub struct Application {
     listener: TcpListener,
     users: Users,
     relay: Relay,
+    feed: FeedServer,
+    /// Stops the feed's listener when the service stops.
+    feed_stop: CancellationToken,
     settings: Settings,
 }
 
@@ -66,6 +69,13 @@ impl Application {
             .register::<UserDeleted>(&topic)
             .await
             .context(registering)?;
+        let feed_stop = CancellationToken::new();
+        let feed = FeedServer::start(
+            pool.clone(),
+            &settings.database,
+            settings.feed.clone(),
+            &feed_stop,
+        )?;
         let users = Users {
             pool,
             outbox: Outbox::new(SOURCE),
@@ -84,6 +94,8 @@ impl Application {
             listener,
             users,
             relay,
+            feed,
+            feed_stop,
             settings,
         })
     }
@@ -98,7 +110,7 @@ impl Application {
         let relay = self.relay;
         let relay_shutdown = shutdown.child_token();
         let relay_task = tokio::spawn(async move { relay.run(relay_shutdown).await });
-        let app = crate::routes::router(self.users, self.settings.max_body_bytes);
+        let app = crate::routes::router(self.users, &self.feed, self.settings.max_body_bytes);
         let http = axum::serve(self.listener, app).with_graceful_shutdown({
             let shutdown = shutdown.clone();
             async move { shutdown.cancelled().await }
@@ -106,6 +118,7 @@ impl Application {
         let served = http.await;
         // However the server ended, stop and drain the relay.
         shutdown.cancel();
+        self.feed_stop.cancel();
         let relayed = relay_task.await.context("relay task")?;
         served.context("http server")?;
         relayed.context("relay")?;

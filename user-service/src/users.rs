@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::events::{UserDeleted, UserRegistered, UserSuspended, UserUpdated};
-use crate::schema::users;
+use crate::schema::{deleted_users, users};
 
 /// A user as the API shows it (never the password hash).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Queryable, Selectable)]
@@ -364,6 +364,13 @@ impl Users {
                 .await
                 .optional()?
                 .ok_or_else(|| not_found(id))?;
+            diesel::insert_into(deleted_users::table)
+                .values((
+                    deleted_users::id.eq(id),
+                    deleted_users::version.eq(version + 1),
+                ))
+                .execute(tx)
+                .await?;
             let event = UserDeleted {
                 user_id: id.to_string(),
                 version: version + 1,

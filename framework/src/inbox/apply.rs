@@ -101,6 +101,9 @@ pub(crate) struct Applier<H> {
     pub(crate) readers: Option<ReaderSchemas>,
     pub(crate) consumer: String,
     pub(crate) handler_timeout: Duration,
+    /// For a feed consumer: the feed whose position (the records' `offset`) is stored in the
+    /// same transaction as the messages it applied.
+    pub(crate) checkpoint: Option<String>,
 }
 
 /// What a batch did: the leading records it finished, and the failure that stopped it.
@@ -220,6 +223,7 @@ impl<H: Handler> Applier<H> {
                     })
                     .collect();
                 if as_batch {
+                    self.store_position(tx, &records[..outcomes.len()]).await?;
                     return Ok((outcomes, None));
                 }
                 // The batch failed: apply one by one to find the failing message.
@@ -242,9 +246,11 @@ impl<H: Handler> Applier<H> {
                         )
                         .execute(tx)
                         .await?;
+                        self.store_position(tx, &records[..i]).await?;
                         return Ok((outcomes[..i].to_vec(), Some(Failure::from_handler(&e))));
                     }
                 }
+                self.store_position(tx, &records[..outcomes.len()]).await?;
                 Ok((outcomes, None))
             })
             .await;
@@ -257,6 +263,20 @@ impl<H: Handler> Applier<H> {
                 outcomes: Vec::new(),
                 failure: Some(Failure::from_handler(&HandlerError::from(e))),
             },
+        }
+    }
+
+    /// Moves the feed position (when this applier keeps one) to the last of `finished`.
+    async fn store_position(
+        &self,
+        tx: &mut AsyncPgConnection,
+        finished: &[Record],
+    ) -> Result<(), diesel::result::Error> {
+        match (&self.checkpoint, finished.last()) {
+            (Some(feed), Some(last)) => {
+                crate::feed::store_position(tx, &self.consumer, feed, last.offset).await
+            }
+            _ => Ok(()),
         }
     }
 

@@ -421,6 +421,7 @@ impl DeadLetters {
             readers,
             consumer: self.consumer.clone(),
             handler_timeout,
+            checkpoint: None,
         };
         let selected: Vec<DeadLetter> = self
             .list(filter)

@@ -4,11 +4,12 @@
 //! [`DeadLetters`], later messages of their key are parked behind them, and an operator
 //! redrives them after a fix.
 
-mod apply;
+pub(crate) mod apply;
 mod config;
 mod consumer;
 mod dead_letters;
 mod handler;
+pub(crate) mod pipeline;
 mod retention;
 pub(crate) mod schema;
 

@@ -8,6 +8,6 @@ pub(crate) mod schema;
 pub mod sent_log;
 
 pub use enqueue::Outbox;
-pub(crate) use relay::sleep_or_shutdown;
 pub use relay::{BatchOutcome, Relay, RelayConfig};
+pub(crate) use relay::{listen, sleep_or_shutdown};
 pub use sent_log::{OutboxStatus, ReplayOptions, ReplayReport, ReplaySelection};

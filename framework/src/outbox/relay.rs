@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use diesel::prelude::*;
-use diesel::sql_types::{Array, BigInt, Bool, Integer, Text};
+use diesel::sql_types::{Array, BigInt, Bool, Integer, Nullable, Text};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
 use futures::StreamExt;
 use rdkafka::message::OwnedHeaders;
@@ -160,12 +160,22 @@ struct Locked {
     locked: bool,
 }
 
+/// Where the relay sends rows.
+enum Sink {
+    Kafka {
+        config: KafkaConfig,
+        /// Replaced after a failed batch (see [`Relay::renew_producer`]).
+        producer: Mutex<FutureProducer>,
+    },
+    /// No broker: rows only get their feed positions, for services that serve the pulled
+    /// event feed alone.
+    FeedOnly,
+}
+
 /// Publishes the outbox to Kafka. See the module documentation for the guarantees.
 pub struct Relay {
     database: DatabaseConfig,
-    kafka: KafkaConfig,
-    /// Replaced when librdkafka reports a fatal error (the idempotent producer cannot go on).
-    producer: Mutex<FutureProducer>,
+    sink: Sink,
     config: RelayConfig,
 }
 
@@ -185,8 +195,23 @@ impl Relay {
         config.validate()?;
         Ok(Self {
             database,
-            kafka: kafka.clone(),
-            producer: Mutex::new(crate::kafka::durable_producer(kafka)?),
+            sink: Sink::Kafka {
+                config: kafka.clone(),
+                producer: Mutex::new(crate::kafka::durable_producer(kafka)?),
+            },
+            config,
+        })
+    }
+
+    /// A relay for a service without a broker: it records committed rows in the sent log and
+    /// gives them their [feed](crate::feed) positions, with the same ordering, leadership and
+    /// retention as a Kafka relay, and sends them nowhere.
+    pub fn feed_only(database: DatabaseConfig, config: RelayConfig) -> Result<Self> {
+        database.validate()?;
+        config.validate()?;
+        Ok(Self {
+            database,
+            sink: Sink::FeedOnly,
             config,
         })
     }
@@ -271,7 +296,10 @@ impl Relay {
             let url = self.database.url.expose_secret().to_owned();
             let wake = Arc::clone(&wake);
             let backoff = self.config.backoff;
-            tokio::spawn(async move { listen(url, wake, backoff, listening).await });
+            let wake_up = move || wake.notify_one();
+            tokio::spawn(async move {
+                listen(url, NOTIFY_CHANNEL, wake_up, backoff, listening).await;
+            });
         }
         // Batches are recorded on a second connection while the next one is sent, so the
         // database work of one overlaps the broker round trip of the other. (Marking needs no
@@ -354,11 +382,16 @@ impl Relay {
         }
     }
 
-    fn producer(&self) -> FutureProducer {
-        self.producer
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+    fn producer(&self) -> Option<FutureProducer> {
+        match &self.sink {
+            Sink::Kafka { producer, .. } => Some(
+                producer
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clone(),
+            ),
+            Sink::FeedOnly => None,
+        }
     }
 
     /// Starts a new producer after a failed batch. The idempotent producer's state (producer
@@ -367,15 +400,17 @@ impl Relay {
     /// producer's sequence. Every row of the batch is unmarked and retried, so nothing is lost,
     /// and a fresh producer costs only a connection.
     fn renew_producer(&self, old: &FutureProducer) -> Result<()> {
+        let Sink::Kafka { config, producer } = &self.sink else {
+            return Ok(());
+        };
         match old.client().fatal_error() {
             Some((code, reason)) => {
                 tracing::error!(%code, %reason, "kafka producer hit a fatal error; starting a new one");
             }
             None => tracing::info!("starting a new kafka producer after a failed batch"),
         }
-        let renewed = crate::kafka::durable_producer(&self.kafka)?;
-        *self
-            .producer
+        let renewed = crate::kafka::durable_producer(config)?;
+        *producer
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = renewed;
         Ok(())
@@ -413,14 +448,21 @@ impl Relay {
         // order and retries without duplicating; when the broker stays away, messages time out
         // (`message.timeout.ms`) oldest first, so a key's later rows fail with its earlier ones
         // and are retried together.
-        let producer = self.producer();
+        let Some(producer) = self.producer() else {
+            return Ok(Sent {
+                acked: rows.iter().map(|row| row.id).collect(),
+                partitions: vec![None; rows.len()],
+                offsets: vec![None; rows.len()],
+                ..Sent::default()
+            });
+        };
         let mut sent = Sent::default();
         for (row, result) in rows.iter().zip(send_all(&producer, &rows).await) {
             match result {
                 Ok((partition, offset)) => {
                     sent.acked.push(row.id);
-                    sent.partitions.push(partition);
-                    sent.offsets.push(offset);
+                    sent.partitions.push(Some(partition));
+                    sent.offsets.push(Some(offset));
                 }
                 Err(e) => {
                     sent.failed.push(row.id);
@@ -434,28 +476,23 @@ impl Relay {
         Ok(sent)
     }
 
-    /// Marks the acknowledged rows published (with partition and offset) and records attempts
-    /// and the error on the others, one statement each.
+    /// Marks the acknowledged rows published (with partition, offset and feed position) and
+    /// records attempts and the error on the others, one statement each.
     async fn record(&self, conn: &mut AsyncPgConnection, sent: &Sent) -> Result<BatchOutcome> {
         let outcome = BatchOutcome {
             published: sent.acked.len(),
             failed: sent.failed.len(),
         };
-        // `o.id = ANY($1)` makes the planner look the rows up by primary key; joining on the
-        // unnest alone lets it hash-join against a scan of the whole outbox.
+        // One call marks the rows and hands out their feed positions in id order (see the
+        // `ferrybox-0005_feed` migration). A row marked already (by an instance that lost the
+        // lock mid-batch) keeps its first record.
         if !sent.acked.is_empty() {
-            diesel::sql_query(
-                "UPDATE ferrybox_outbox AS o \
-                 SET published_at = now(), kafka_partition = u.p, kafka_offset = u.o, \
-                     attempts = o.attempts + 1, last_error = NULL \
-                 FROM unnest($1::bigint[], $2::int[], $3::bigint[]) AS u(id, p, o) \
-                 WHERE o.id = u.id AND o.id = ANY($1)",
-            )
-            .bind::<Array<BigInt>, _>(&sent.acked)
-            .bind::<Array<Integer>, _>(&sent.partitions)
-            .bind::<Array<BigInt>, _>(&sent.offsets)
-            .execute(conn)
-            .await?;
+            diesel::sql_query("SELECT ferrybox_mark_published($1, $2, $3)")
+                .bind::<Array<BigInt>, _>(&sent.acked)
+                .bind::<Array<Nullable<Integer>>, _>(&sent.partitions)
+                .bind::<Array<Nullable<BigInt>>, _>(&sent.offsets)
+                .execute(conn)
+                .await?;
         }
         if !sent.failed.is_empty() {
             tracing::warn!(
@@ -483,8 +520,9 @@ impl Relay {
 #[derive(Default)]
 struct Sent {
     acked: Vec<i64>,
-    partitions: Vec<i32>,
-    offsets: Vec<i64>,
+    /// `None` for a feed-only relay.
+    partitions: Vec<Option<i32>>,
+    offsets: Vec<Option<i64>>,
     failed: Vec<i64>,
     errors: Vec<String>,
 }
@@ -495,18 +533,25 @@ impl Sent {
     }
 }
 
-/// Keeps a `LISTEN` connection open and turns each notification into a wake-up, reconnecting
+/// Keeps a connection listening on `channel` and calls `wake` for each notification (and once
+/// after each (re)connection, for what was committed while no one listened), reconnecting
 /// when the connection fails, until `stop`.
-async fn listen(url: String, wake: Arc<Notify>, backoff: Backoff, stop: CancellationToken) {
+pub(crate) async fn listen(
+    url: String,
+    channel: &'static str,
+    wake: impl Fn() + Send,
+    backoff: Backoff,
+    stop: CancellationToken,
+) {
     let mut failures = 0u32;
     while !stop.is_cancelled() {
-        let error = match listen_once(&url, &wake, &stop).await {
+        let error = match listen_once(&url, channel, &wake, &stop).await {
             Ok(()) => return,
             Err(e) => e,
         };
         failures += 1;
         let delay = backoff.delay(failures);
-        tracing::warn!(error = %error, ?delay, "outbox listener lost its connection; polling until it is back");
+        tracing::warn!(error = %error, ?delay, channel, "listener lost its connection; polling until it is back");
         if sleep_or_shutdown(delay, &stop).await {
             return;
         }
@@ -516,14 +561,18 @@ async fn listen(url: String, wake: Arc<Notify>, backoff: Backoff, stop: Cancella
 /// How often the listener checks its connection is alive.
 const LISTEN_HEALTH_CHECK: Duration = Duration::from_secs(10);
 
-async fn listen_once(url: &str, wake: &Notify, stop: &CancellationToken) -> Result<()> {
+async fn listen_once(
+    url: &str,
+    channel: &str,
+    wake: &(impl Fn() + Send),
+    stop: &CancellationToken,
+) -> Result<()> {
     let mut conn = AsyncPgConnection::establish(url)
         .await
         .map_err(|e| Error::Pool(e.to_string()))?;
-    conn.batch_execute(&format!("LISTEN {NOTIFY_CHANNEL}"))
-        .await?;
+    conn.batch_execute(&format!("LISTEN {channel}")).await?;
     // Rows may have been committed while no one listened.
-    wake.notify_one();
+    wake();
     loop {
         let next = {
             let mut notifications = std::pin::pin!(conn.notifications_stream());
@@ -534,7 +583,7 @@ async fn listen_once(url: &str, wake: &Notify, stop: &CancellationToken) -> Resu
             }
         };
         match next {
-            Some(Some(Ok(_))) => wake.notify_one(),
+            Some(Some(Ok(_))) => wake(),
             Some(Some(Err(e))) => return Err(e.into()),
             Some(None) => return Err(Error::Pool("notification stream ended".into())),
             None => conn.batch_execute("SELECT 1").await?,

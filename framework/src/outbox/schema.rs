@@ -17,5 +17,15 @@ diesel::table! {
         kafka_offset -> Nullable<BigInt>,
         attempts -> Integer,
         last_error -> Nullable<Text>,
+        feed_position -> Nullable<BigInt>,
+    }
+}
+
+diesel::table! {
+    ferrybox_feed_positions (consumer, feed) {
+        consumer -> Text,
+        feed -> Text,
+        position -> BigInt,
+        updated_at -> Timestamptz,
     }
 }

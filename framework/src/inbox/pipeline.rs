@@ -1,0 +1,281 @@
+//! What both transports share once records are in hand: apply a run of them in one
+//! transaction, retry what may succeed later, and dead-letter (or halt on) what cannot, parking
+//! the later messages of a dead-lettered key. The Kafka consumer and the feed consumer differ
+//! only in how records arrive and how their position is kept.
+
+use std::sync::Arc;
+
+use rdkafka::producer::FutureProducer;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::apply::{Applier, Failure, Outcome, Record};
+use super::config::{InboxConfig, InboxStats};
+use super::dead_letters::DeadLetterStore;
+use super::handler::Handler;
+use super::retention;
+use crate::codec::AvroCodec;
+use crate::db::PgPool;
+use crate::outbox::sleep_or_shutdown;
+
+/// What finally happened to one record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Done {
+    Applied,
+    Duplicate,
+    DeadLettered,
+    Parked,
+}
+
+/// What to do with a message that can never be applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OnPermanent {
+    /// Record a dead letter, park its key's later messages, go on.
+    DeadLetter,
+    /// Stop before it: nothing after it is applied until an operator acts.
+    Halt,
+}
+
+/// How far [`Pipeline::process_from`] got.
+#[derive(Debug)]
+pub(crate) enum Progress {
+    /// This many leading records are finished (applied, duplicate, parked or dead-lettered).
+    Done(usize),
+    /// The first record cannot be applied and the pipeline halts on such records.
+    Halted(Failure),
+    /// Shutdown came while the first record was still failing; it is left for redelivery.
+    Shutdown,
+}
+
+/// One record's fate, as [`Pipeline::process`] saw it.
+enum Step {
+    Finished,
+    Halted(Failure),
+    Shutdown,
+}
+
+/// Applies records through the inbox, with retries, dead letters and parking.
+pub(crate) struct Pipeline<H> {
+    pub(crate) applier: Applier<H>,
+    pub(crate) dead_letters: DeadLetterStore,
+    pub(crate) config: InboxConfig,
+    pub(crate) stats: Arc<InboxStats>,
+    pub(crate) on_permanent: OnPermanent,
+}
+
+impl<H: Handler> Pipeline<H> {
+    /// A pipeline for `config`'s consumer that dead-letters (to `dead_letter_topic` too, when
+    /// given) what it cannot apply.
+    pub(crate) fn new(
+        pool: PgPool,
+        codec: AvroCodec,
+        handler: H,
+        config: InboxConfig,
+        dead_letter_topic: Option<(FutureProducer, String)>,
+    ) -> Self {
+        Self {
+            applier: Applier {
+                pool: pool.clone(),
+                codec,
+                handler,
+                readers: None,
+                consumer: config.consumer_name().to_owned(),
+                handler_timeout: config.handler_timeout,
+                checkpoint: None,
+            },
+            dead_letters: DeadLetterStore {
+                pool,
+                consumer: config.consumer_name().to_owned(),
+                consumer_version: config.consumer_version.clone(),
+                topic: dead_letter_topic,
+            },
+            config,
+            stats: Arc::default(),
+            on_permanent: OnPermanent::DeadLetter,
+        }
+    }
+
+    /// Deletes expired inbox rows in the background until `shutdown`.
+    pub(crate) fn spawn_cleaner(&self, shutdown: &CancellationToken) -> JoinHandle<()> {
+        tokio::spawn(clean_periodically(
+            self.applier.pool.clone(),
+            self.config.clone(),
+            Arc::clone(&self.stats),
+            shutdown.child_token(),
+        ))
+    }
+
+    /// Finishes the leading records of `records`: a batch of those whose keys are not blocked,
+    /// or (when the first is blocked or fails) that one record on its own, retried, parked or
+    /// dead-lettered. Returns how many leading records are done; `None` on shutdown.
+    pub(crate) async fn process_from(
+        &self,
+        records: &[Record],
+        shutdown: &CancellationToken,
+    ) -> Progress {
+        let keys: Vec<String> = records.iter().filter_map(Record::key_text).collect();
+        let blocked = match self.dead_letters.blocked_keys(&keys).await {
+            Ok(blocked) => blocked,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not check for parked keys; taking messages one by one");
+                keys.into_iter().collect()
+            }
+        };
+        let run = records
+            .iter()
+            .take_while(|r| r.key_text().is_none_or(|k| !blocked.contains(&k)))
+            .count();
+        if run > 0 {
+            let applied = self.applier.apply_batch(&records[..run]).await;
+            for outcome in &applied.outcomes {
+                let counter = match outcome {
+                    Outcome::Applied => &self.stats.applied,
+                    Outcome::Duplicate => &self.stats.duplicates,
+                };
+                InboxStats::add(counter, 1);
+            }
+            if !applied.outcomes.is_empty() {
+                return Progress::Done(applied.outcomes.len());
+            }
+        }
+        // The first record is blocked or failed in the batch: handle it alone.
+        let first_blocked = records[0].key_text().is_some_and(|k| blocked.contains(&k));
+        match self.process(&records[0], first_blocked, shutdown).await {
+            Step::Finished => Progress::Done(1),
+            Step::Halted(failure) => Progress::Halted(failure),
+            Step::Shutdown => Progress::Shutdown,
+        }
+    }
+
+    /// Processes one record until it is applied, found duplicate, parked or dead-lettered (or,
+    /// when halting on permanent failures, until it fails for good).
+    async fn process(&self, record: &Record, blocked: bool, shutdown: &CancellationToken) -> Step {
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let failure = match self.try_once(record, blocked).await {
+                Ok(done) => {
+                    let counter = match done {
+                        Done::Applied => &self.stats.applied,
+                        Done::Duplicate => &self.stats.duplicates,
+                        Done::DeadLettered => &self.stats.dead_lettered,
+                        Done::Parked => &self.stats.parked,
+                    };
+                    InboxStats::add(counter, 1);
+                    return Step::Finished;
+                }
+                Err(failure) => failure,
+            };
+            if !failure.retryable || attempt >= self.config.max_attempts {
+                let failure = if failure.retryable {
+                    Failure {
+                        kind: "retries_exhausted",
+                        ..failure
+                    }
+                } else {
+                    failure
+                };
+                if self.on_permanent == OnPermanent::Halt {
+                    return Step::Halted(failure);
+                }
+                return match self
+                    .dead_letter_until_stored(record, &failure, attempt, shutdown)
+                    .await
+                {
+                    Some(_) => Step::Finished,
+                    None => Step::Shutdown,
+                };
+            }
+            InboxStats::add(&self.stats.retries, 1);
+            let delay = self.config.backoff.delay(attempt);
+            tracing::warn!(kind = failure.kind, error = %failure.error, attempt, ?delay,
+                topic = record.topic, partition = record.partition, offset = record.offset, "message failed; retrying");
+            if sleep_or_shutdown(delay, shutdown).await {
+                return Step::Shutdown;
+            }
+        }
+    }
+
+    /// `blocked`: the batch check found an open dead letter for the record's key. Parking
+    /// re-checks under the key's lock, so a key unblocked by a redrive meanwhile is applied.
+    async fn try_once(&self, record: &Record, blocked: bool) -> Result<Done, Failure> {
+        if let Some(key) = record.key_text().filter(|_| blocked)
+            && self
+                .dead_letters
+                .park(record, &key)
+                .await
+                .map_err(|e| Failure::from_error("database", &e))?
+        {
+            tracing::info!(
+                key,
+                topic = record.topic,
+                partition = record.partition,
+                offset = record.offset,
+                "message parked behind a dead letter of its key"
+            );
+            return Ok(Done::Parked);
+        }
+        match self.applier.apply(record).await? {
+            Outcome::Applied => Ok(Done::Applied),
+            Outcome::Duplicate => Ok(Done::Duplicate),
+        }
+    }
+
+    /// Records a dead letter, retrying until it is stored (and published, when a dead-letter
+    /// topic is set) or shutdown comes; the offset moves on only once it is safe.
+    async fn dead_letter_until_stored(
+        &self,
+        record: &Record,
+        failure: &Failure,
+        attempts: u32,
+        shutdown: &CancellationToken,
+    ) -> Option<Done> {
+        let mut write_attempt = 0u32;
+        loop {
+            write_attempt += 1;
+            match self
+                .dead_letters
+                .record_dead(record, failure, attempts)
+                .await
+            {
+                Ok(()) => {
+                    tracing::error!(kind = failure.kind, error = %failure.error,
+                        topic = record.topic, partition = record.partition, offset = record.offset, "message dead-lettered");
+                    InboxStats::add(&self.stats.dead_lettered, 1);
+                    return Some(Done::DeadLettered);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not record the dead letter; the offset stays");
+                    if sleep_or_shutdown(self.config.backoff.delay(write_attempt), shutdown).await {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn clean_periodically(
+    pool: PgPool,
+    config: InboxConfig,
+    stats: Arc<InboxStats>,
+    shutdown: CancellationToken,
+) {
+    while !sleep_or_shutdown(config.cleanup_interval, &shutdown).await {
+        match retention::delete_expired(
+            &pool,
+            config.consumer_name(),
+            config.retention,
+            retention::BATCH,
+        )
+        .await
+        {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(deleted = n, "expired inbox rows deleted");
+                InboxStats::add(&stats.cleaned, n);
+            }
+            Err(e) => tracing::warn!(error = %e, "inbox cleanup failed; will try again"),
+        }
+    }
+}
