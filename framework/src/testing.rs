@@ -14,6 +14,7 @@ use rand::Rng;
 
 use crate::config::{DatabaseConfig, KafkaConfig, TopicConfig};
 use crate::db::{self, PgPool};
+use tokio_util::sync::CancellationToken;
 
 /// The admin database URL tests create their databases from.
 pub fn admin_database_url() -> String {
@@ -521,4 +522,42 @@ impl Drop for PrivateBroker {
         }
         let _ = std::fs::remove_dir_all(&self.data);
     }
+}
+
+/// An alert webhook on a free port that keeps what it receives, until `stop`: its URL and the
+/// alerts so far.
+pub async fn alert_sink(
+    stop: &CancellationToken,
+) -> (
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<crate::alert::Alert>>>,
+) {
+    use crate::alert::Alert;
+    let received: std::sync::Arc<std::sync::Mutex<Vec<Alert>>> = std::sync::Arc::default();
+    let app = axum::Router::new().route(
+        "/alerts",
+        axum::routing::post({
+            let received = std::sync::Arc::clone(&received);
+            move |axum::Json(alert): axum::Json<Alert>| async move {
+                received
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(alert);
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the alert sink");
+    let url = format!(
+        "http://{}/alerts",
+        listener.local_addr().expect("the alert sink's address")
+    );
+    let stop = stop.clone();
+    tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await
+    });
+    (url, received)
 }

@@ -220,3 +220,128 @@ async fn two_consumers_with_rebalances_mid_stream_apply_each_message_once() {
     );
     assert_applied_once_in_order(&mut conn, total, 160).await;
 }
+
+/// A producer database whose outbox holds `versions` ticks of each of `keys` keys (in order per
+/// key), given feed positions by a feed-only relay and served by a `FeedServer` until `stop`:
+/// the `events` URL and the number of messages.
+async fn feed_of_ticks(
+    topic: &str,
+    codec: &AvroCodec,
+    keys: usize,
+    versions: i64,
+    stop: &ferrybox::CancellationToken,
+) -> (TestDatabase, String, usize) {
+    let (producer_db, pool) = TestDatabase::with_framework_tables().await;
+    let outbox = ferrybox::Outbox::new("crash-test").without_notify();
+    let mut conn = AsyncPgConnection::establish(producer_db.url())
+        .await
+        .unwrap();
+    for version in 1..=versions {
+        let mut messages = Vec::with_capacity(keys);
+        for k in 0..keys {
+            let tick = Tick {
+                key: format!("key-{k}"),
+                version,
+            };
+            messages.push(codec.message(topic, &tick).await.unwrap());
+        }
+        conn.transaction::<_, ferrybox::Error, _>(async |tx| {
+            for message in &messages {
+                outbox.enqueue(tx, message).await?;
+            }
+            Ok(())
+        })
+        .await
+        .unwrap();
+    }
+    let relay =
+        ferrybox::Relay::feed_only(producer_db.config(), ferrybox::RelayConfig::default()).unwrap();
+    let total = relay.publish_pending(&mut conn).await.unwrap().published;
+    let feed = ferrybox::FeedServer::start(
+        pool,
+        &producer_db.config(),
+        ferrybox::feed::FeedServerConfig::default(),
+        stop,
+    )
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/events", listener.local_addr().unwrap());
+    let stop = stop.clone();
+    tokio::spawn(async move {
+        axum::serve(listener, feed.router())
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await
+    });
+    (producer_db, url, total)
+}
+
+fn spawn_feed_worker(db: &TestDatabase, feed_url: &str) -> tokio::process::Child {
+    tokio::process::Command::new(WORKER)
+        .env("WORKER_DATABASE_URL", db.url())
+        .env(
+            "WORKER_BOOTSTRAP_SERVERS",
+            testing::kafka().bootstrap_servers,
+        )
+        .env("WORKER_REGISTRY_URL", testing::registry_url())
+        .env("WORKER_TOPIC", "ticks")
+        .env("WORKER_GROUP", "feed-worker")
+        .env("WORKER_FEED_URL", feed_url)
+        // Each batch of 50 takes a while, so most kills land inside one.
+        .env("WORKER_HANDLER_DELAY_MS", "25")
+        .env(
+            "RUST_LOG",
+            std::env::var("WORKER_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_feed_consumer_killed_mid_batch_again_and_again_resumes_with_no_gap_and_no_double_apply()
+{
+    const ROUNDS: usize = 6;
+    let stop = ferrybox::CancellationToken::new();
+    let codec = AvroCodec::new(&testing::registry_url());
+    // The feed's events name this topic; the worker reads it (no Kafka topic is involved).
+    codec.register::<Tick>("ticks").await.unwrap();
+    let (_producer_db, url, total) = feed_of_ticks("ticks", &codec, 40, 50, &stop).await;
+    let (db, _pool) = TestDatabase::with_framework_tables().await;
+    let mut conn = AsyncPgConnection::establish(db.url()).await.unwrap();
+    diesel::sql_query(APPLIED_TABLE)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+
+    for round in 0..ROUNDS {
+        let before = testing::count(db.url(), APPLIED_IDS).await;
+        let mut worker = spawn_feed_worker(&db, &url);
+        wait_until(TIMEOUT, "the worker applies something", || async {
+            testing::count(db.url(), APPLIED_IDS).await > before
+        })
+        .await;
+        let jitter = rand::rng().random_range(0..40);
+        tokio::time::sleep(Duration::from_millis(jitter)).await;
+        worker.kill().await.unwrap();
+        eprintln!(
+            "round {round}: killed {jitter} ms after progress, {} of {total} applied",
+            testing::count(db.url(), APPLIED_IDS).await
+        );
+    }
+
+    let worker = spawn_feed_worker(&db, &url);
+    all_applied(&db, total).await;
+    terminate(worker).await;
+    assert_applied_once_in_order(&mut conn, total, 50).await;
+    assert_eq!(
+        testing::count(
+            db.url(),
+            "SELECT position AS n FROM ferrybox_feed_positions"
+        )
+        .await,
+        i64::try_from(total).unwrap(),
+        "the stored position is the last message"
+    );
+    stop.cancel();
+}

@@ -5,4 +5,5 @@ mod bad_input;
 mod consumer_crash;
 mod evolution;
 mod flow;
+mod reconcile;
 mod replay;

@@ -2,15 +2,15 @@
 //! `FeedServer` serves them over HTTP, a `FeedConsumer` applies them through the inbox.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use diesel::QueryableByName;
 use diesel::sql_types::{BigInt, Text};
 use diesel_async::{AsyncConnection, RunQueryDsl};
-use ferrybox::alert::{Alert, AlertConfig, Alerter};
+use ferrybox::alert::{AlertConfig, Alerter};
 use ferrybox::feed::{FeedConfig, FeedServerConfig, OnUndecodable};
-use ferrybox::testing::wait_until;
+use ferrybox::testing::{self, wait_until};
 use ferrybox::{CancellationToken, FeedConsumer, FeedServer, Relay};
 use rand::Rng;
 
@@ -35,29 +35,6 @@ async fn serve_feed(fx: &Fixture, stop: &CancellationToken) -> String {
             .await
     });
     url
-}
-
-/// An alert webhook that keeps what it receives.
-async fn alert_sink(stop: &CancellationToken) -> (String, Arc<Mutex<Vec<Alert>>>) {
-    let received: Arc<Mutex<Vec<Alert>>> = Arc::default();
-    let app = axum::Router::new().route(
-        "/alerts",
-        axum::routing::post({
-            let received = Arc::clone(&received);
-            move |axum::Json(alert): axum::Json<Alert>| async move {
-                received.lock().unwrap().push(alert);
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/alerts", listener.local_addr().unwrap());
-    let stop = stop.clone();
-    tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await
-    });
-    (url, received)
 }
 
 fn feed_config(url: &str, on_undecodable: OnUndecodable) -> FeedConfig {
@@ -263,7 +240,7 @@ async fn undecodable_data_halts_the_feed_consumer_and_raises_an_alert_by_default
     feed_with_a_poisoned_message(&fx).await;
     let stop = CancellationToken::new();
     let url = serve_feed(&fx, &stop).await;
-    let (webhook, alerts) = alert_sink(&stop).await;
+    let (webhook, alerts) = testing::alert_sink(&stop).await;
     let alerter = Alerter::new(&AlertConfig {
         webhook_url: Some(webhook),
     })
