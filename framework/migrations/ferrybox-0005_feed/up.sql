@@ -14,35 +14,46 @@ CREATE TABLE ferrybox_feed_sequence (
 );
 INSERT INTO ferrybox_feed_sequence (singleton, last) VALUES (true, 0);
 
--- Marks acknowledged rows published and gives them the next feed positions, in id order, in
--- one round trip. PL/pgSQL so each statement reads after the sequence lock is taken (a
--- recording transaction that committed while this one waited is seen, and its rows are left
--- alone). Returns how many rows it marked, and notifies `ferrybox_feed` when it marked any.
+-- Marks acknowledged rows published and gives the ones without a position the next feed
+-- positions, in id order, in one round trip. A row that has a position already (published
+-- before, then sent again) keeps it. PL/pgSQL so each statement reads after the sequence lock
+-- is taken: a recording transaction that committed while this one waited is seen. Returns how
+-- many positions it gave out, and notifies `ferrybox_feed` when it gave any.
 CREATE FUNCTION ferrybox_mark_published(ids BIGINT[], partitions INTEGER[], offsets BIGINT[])
 RETURNS BIGINT LANGUAGE plpgsql AS $$
 DECLARE
     base   BIGINT;
-    marked BIGINT;
+    given  BIGINT;
 BEGIN
     SELECT s.last INTO base FROM ferrybox_feed_sequence AS s FOR UPDATE;
-    WITH fresh AS (
-        SELECT u.id, u.p, u.o, row_number() OVER (ORDER BY u.id) AS n
+    WITH acked AS (
+        SELECT u.id, u.p, u.o, o.feed_position IS NULL AS needs_position
         FROM unnest(ids, partitions, offsets) AS u(id, p, o)
         JOIN ferrybox_outbox AS o ON o.id = u.id
-        WHERE o.id = ANY(ids) AND o.feed_position IS NULL
+        WHERE o.id = ANY(ids)
+    ),
+    numbered AS (
+        SELECT a.*, CASE WHEN a.needs_position
+                         THEN row_number() OVER (PARTITION BY a.needs_position ORDER BY a.id)
+                    END AS n
+        FROM acked AS a
+    ),
+    marked AS (
+        UPDATE ferrybox_outbox AS o
+        SET published_at = now(), kafka_partition = m.p, kafka_offset = m.o,
+            attempts = o.attempts + 1, last_error = NULL,
+            feed_position = COALESCE(o.feed_position, base + m.n)
+        FROM numbered AS m
+        WHERE o.id = m.id
+        RETURNING m.n
     )
-    UPDATE ferrybox_outbox AS o
-    SET published_at = now(), kafka_partition = f.p, kafka_offset = f.o,
-        attempts = o.attempts + 1, last_error = NULL, feed_position = base + f.n
-    FROM fresh AS f
-    WHERE o.id = f.id;
-    GET DIAGNOSTICS marked = ROW_COUNT;
-    UPDATE ferrybox_feed_sequence SET last = base + marked;
+    SELECT count(n) INTO given FROM marked;
+    UPDATE ferrybox_feed_sequence SET last = base + given;
     -- Wakes feed readers that are long-polling (one notification per call).
-    IF marked > 0 THEN
+    IF given > 0 THEN
         PERFORM pg_notify('ferrybox_feed', '');
     END IF;
-    RETURN marked;
+    RETURN given;
 END
 $$;
 

@@ -484,8 +484,8 @@ impl Relay {
             failed: sent.failed.len(),
         };
         // One call marks the rows and hands out their feed positions in id order (see the
-        // `ferrybox-0005_feed` migration). A row marked already (by an instance that lost the
-        // lock mid-batch) keeps its first record.
+        // `ferrybox-0005_feed` migration). A row sent again (after a crash before its mark, or
+        // by an instance that lost the lock mid-batch) keeps the position it had.
         if !sent.acked.is_empty() {
             diesel::sql_query("SELECT ferrybox_mark_published($1, $2, $3)")
                 .bind::<Array<BigInt>, _>(&sent.acked)

@@ -369,3 +369,50 @@ async fn the_events_endpoint_refuses_bad_positions_with_clear_errors() {
     );
     stop.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_row_sent_again_keeps_its_feed_position_and_positions_stay_gap_free() {
+    let fx = Fixture::new(1).await;
+    fx.change("k1", 1).await;
+    fx.change("k2", 1).await;
+    let relay = Relay::feed_only(fx.db.config(), Fixture::relay_config()).unwrap();
+    let mut conn = diesel_async::AsyncPgConnection::establish(fx.db.url())
+        .await
+        .unwrap();
+    relay.publish_pending(&mut conn).await.unwrap();
+    // As if the relay died after sending row 1 again but before recording it.
+    execute(
+        &fx,
+        "UPDATE ferrybox_outbox SET published_at = NULL WHERE feed_position = 1",
+    )
+    .await;
+    fx.change("k3", 1).await;
+    let outcome = relay.publish_pending(&mut conn).await.unwrap();
+    assert_eq!(outcome.published, 2, "the unmarked row and the new one");
+    assert_eq!(
+        fx.count(
+            "SELECT count(*) AS n FROM ferrybox_outbox \
+             WHERE published_at IS NOT NULL AND feed_position IS NOT NULL"
+        )
+        .await,
+        3,
+        "every row marked, none left to send again"
+    );
+    assert_eq!(
+        fx.count("SELECT feed_position AS n FROM ferrybox_outbox ORDER BY id LIMIT 1")
+            .await,
+        1,
+        "the first row kept its position"
+    );
+    assert_eq!(
+        fx.count("SELECT max(feed_position) + last AS n FROM ferrybox_outbox, ferrybox_feed_sequence GROUP BY last")
+            .await,
+        6,
+        "the new row got position 3 and the sequence is at 3: no position was skipped"
+    );
+    assert_eq!(
+        relay.publish_pending(&mut conn).await.unwrap().published,
+        0,
+        "nothing is sent a third time"
+    );
+}

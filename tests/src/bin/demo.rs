@@ -105,6 +105,8 @@ struct Demo {
     auth: String,
     user_db: AsyncPgConnection,
     auth_db: AsyncPgConnection,
+    /// auth-service's environment, for its operator commands.
+    auth_env: Vec<(String, String)>,
 }
 
 impl Demo {
@@ -264,6 +266,65 @@ async fn scenario(demo: &mut Demo) -> anyhow::Result<()> {
     })
     .await;
     println!("   auth-service found its id in the inbox and skipped it");
+
+    section("The same events as a pulled feed (GET /events on user-service)");
+    let page = api.get(&format!("{user}/events?after=0&limit=3")).await?;
+    ensure!(page.status == 200, "feed: {page:?}");
+    for event in page.body["events"].as_array().context("no events")? {
+        println!(
+            "   position {:<3} {}  key {}",
+            event["position"],
+            event["type"].as_str().unwrap_or("?"),
+            event["key"].as_str().unwrap_or("?")
+        );
+    }
+    println!(
+        "   ... head {}: run auth-service with --transport feed to consume these instead of Kafka",
+        page.body["head"]
+    );
+
+    section("Damage auth-service's cache, then reconcile it with user-service's snapshot");
+    diesel::sql_query(format!("DELETE FROM cached_users WHERE id = '{ada}'"))
+        .execute(&mut demo.auth_db)
+        .await?;
+    diesel::sql_query(format!(
+        "UPDATE cached_users SET status = 'active', version = 1 WHERE id = '{grace}'"
+    ))
+    .execute(&mut demo.auth_db)
+    .await?;
+    println!("   deleted Ada's cached row; set Grace back to active v1 (as if messages were lost)");
+    ensure!(
+        demo.login("grace@example.com", "compiler-pioneer").await? == 200,
+        "the damaged cache lets suspended Grace in"
+    );
+    let output = tokio::process::Command::new(binary("auth-service")?)
+        .arg("reconcile")
+        .envs(demo.auth_env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .await?;
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        println!("   $ auth-service reconcile | {line}");
+    }
+    ensure!(
+        output.status.success(),
+        "reconcile failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let ada_cached = api.get(&format!("{}/users/{ada}", demo.auth)).await?;
+    ensure!(
+        ada_cached.body["version"] == json!(2),
+        "Ada not repaired: {:?}",
+        ada_cached.body
+    );
+    println!(
+        "   cache: {} v{} is back",
+        ada_cached.body["name"].as_str().unwrap_or("?"),
+        ada_cached.body["version"]
+    );
+    ensure!(
+        demo.login("grace@example.com", "compiler-pioneer").await? == 401,
+        "Grace is suspended again"
+    );
     Ok(())
 }
 
@@ -320,6 +381,15 @@ async fn main() -> anyhow::Result<()> {
     let start = Duration::from_secs(60);
     let user_service =
         ServiceProcess::start(&binary("user-service")?, &["serve"], &user_env, start).await?;
+    // Where auth-service finds user-service's snapshot and feed.
+    auth_env.push((
+        "AUTH_SERVICE_RECONCILE__SNAPSHOT_URL".into(),
+        format!("{}/snapshot", user_service.url),
+    ));
+    auth_env.push((
+        "AUTH_SERVICE_FEED__URL".into(),
+        format!("{}/events", user_service.url),
+    ));
     let auth_service =
         match ServiceProcess::start(&binary("auth-service")?, &["serve"], &auth_env, start).await {
             Ok(s) => s,
@@ -339,6 +409,7 @@ async fn main() -> anyhow::Result<()> {
         auth: auth_service.url.clone(),
         user_db: AsyncPgConnection::establish(&database_url(USER_DB)).await?,
         auth_db: AsyncPgConnection::establish(&database_url(AUTH_DB)).await?,
+        auth_env: auth_env.clone(),
     };
     let outcome = match scenario(&mut demo).await {
         Ok(()) => summary(&mut demo).await.map(|_| ()),
@@ -354,6 +425,8 @@ async fn main() -> anyhow::Result<()> {
         stopped_user.success() && stopped_auth.success(),
         "a service did not stop cleanly"
     );
-    println!("\nDemo finished: every change reached auth-service exactly once.");
+    println!(
+        "\nDemo finished: every change reached auth-service exactly once, and reconciliation repaired a damaged cache."
+    );
     Ok(())
 }
