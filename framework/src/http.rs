@@ -124,3 +124,36 @@ pub async fn not_found_fallback(request: Request) -> ApiError {
         request.uri().path()
     ))
 }
+
+/// Requires `Authorization: Bearer <token>` on every route of `router` when `token` is set
+/// (the endpoints other services call: a snapshot, the event feed); without a token the router
+/// is returned unchanged. A missing or wrong token is a `401 unauthorized`. Tokens are compared
+/// by their SHA-256 digests, so the comparison's timing tells nothing about the token.
+pub fn require_bearer(router: axum::Router, token: Option<&secrecy::SecretString>) -> axum::Router {
+    use secrecy::ExposeSecret;
+    use sha2::{Digest, Sha256};
+    let Some(token) = token else {
+        return router;
+    };
+    let expected = Sha256::digest(token.expose_secret().as_bytes());
+    router.route_layer(axum::middleware::from_fn(
+        move |request: Request, next: axum::middleware::Next| async move {
+            let presented = request
+                .headers()
+                .get(axum::http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .map(|t| Sha256::digest(t.as_bytes()));
+            if presented == Some(expected) {
+                next.run(request).await
+            } else {
+                ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "this endpoint needs the internal bearer token",
+                )
+                .into_response()
+            }
+        },
+    ))
+}

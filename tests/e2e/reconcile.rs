@@ -241,3 +241,37 @@ async fn an_old_snapshot_never_overwrites_newer_cache_entries_and_absence_proves
     stop.cancel();
     stack.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_snapshot_and_the_feed_need_the_internal_token() {
+    let stack = Stack::start().await.unwrap();
+    let api = Api::default();
+    for path in ["snapshot", "events"] {
+        let url = format!("{}/{path}", stack.user_url);
+        for bearer in [None, Some("wrong-token")] {
+            let reply = api
+                .send(reqwest::Method::GET, &url, None, bearer)
+                .await
+                .unwrap();
+            assert_eq!(
+                (reply.status, reply.error_code()),
+                (401, Some("unauthorized")),
+                "{path} with {bearer:?}"
+            );
+        }
+        let reply = reqwest::Client::new()
+            .get(&url)
+            .bearer_auth(ferrybox_e2e::INTERNAL_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(reply.status(), 200, "{path} with the token");
+    }
+    // The public API does not need it.
+    let reply = api
+        .get(&format!("{}/health", stack.user_url))
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 200);
+    stack.stop().await.unwrap();
+}

@@ -43,9 +43,13 @@ pub fn user_settings(db: &TestDatabase, topic: &str) -> user_service::Settings {
             poll_interval: Duration::from_millis(20),
             ..defaults.relay
         },
+        internal_token: Some(INTERNAL_TOKEN.into()),
         ..defaults
     }
 }
+
+/// The bearer token test user-services require on `/snapshot` and `/events`.
+pub const INTERNAL_TOKEN: &str = "test-internal-token";
 
 /// auth-service settings for a test: port 0, its own database and consumer group, `topic`.
 pub fn auth_settings(db: &TestDatabase, topic: &str) -> auth_service::Settings {
@@ -62,6 +66,8 @@ pub fn auth_settings(db: &TestDatabase, topic: &str) -> auth_service::Settings {
 /// scheduled reconciliation off (tests run it on demand).
 pub fn point_at_user_service(settings: &mut auth_service::Settings, user_url: &str) {
     settings.feed.url = format!("{user_url}/events");
+    settings.feed.token = Some(INTERNAL_TOKEN.into());
+    settings.reconcile.token = Some(INTERNAL_TOKEN.into());
     settings.feed.wait = Duration::from_secs(2);
     settings.reconcile.snapshot_url = Some(format!("{user_url}/snapshot"));
     settings.reconcile.interval = Duration::ZERO;

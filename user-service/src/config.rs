@@ -24,6 +24,9 @@ pub struct Settings {
     pub relay: RelayConfig,
     /// Limits of the `events` feed endpoint.
     pub feed: FeedServerConfig,
+    /// When set, `GET /snapshot` and `GET /events` (which other services call, and which carry
+    /// password hashes) need `Authorization: Bearer <token>`. Never logged.
+    pub internal_token: Option<secrecy::SecretString>,
     /// Log JSON lines instead of text.
     pub log_json: bool,
     /// Largest request body accepted, in bytes.
@@ -40,6 +43,7 @@ impl Default for Settings {
             users_topic: TopicConfig::new("users"),
             relay: RelayConfig::default(),
             feed: FeedServerConfig::default(),
+            internal_token: None,
             log_json: false,
             max_body_bytes: 16 * 1024,
         }

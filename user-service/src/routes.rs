@@ -7,24 +7,34 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use ferrybox::FeedServer;
 use ferrybox::http::{ApiError, Json};
+use secrecy::SecretString;
 use uuid::Uuid;
 
 use crate::snapshot::{SOURCE, UserSnapshot};
 use crate::users::{NewUser, Suspension, User, UserPatch, Users};
 
 /// The service's routes: the users API, and for other services `GET /snapshot` (every user,
-/// for reconciliation) and `GET /events` (the pulled event feed).
-pub fn router(users: Users, feed: &FeedServer, max_body_bytes: usize) -> Router {
+/// for reconciliation) and `GET /events` (the pulled event feed), which need the internal
+/// bearer token when one is set.
+pub fn router(
+    users: Users,
+    feed: &FeedServer,
+    internal_token: Option<&SecretString>,
+    max_body_bytes: usize,
+) -> Router {
+    let internal = Router::new()
+        .route("/snapshot", get(snapshot))
+        .with_state(users.clone())
+        .merge(feed.router());
     Router::new()
         .route("/users", post(register))
-        .route("/snapshot", get(snapshot))
         .route("/users/{id}", get(get_user).patch(update).delete(delete))
         .route("/users/{id}/suspend", post(suspend))
         .route("/health", get(|| async { "ok" }))
         .fallback(ferrybox::http::not_found_fallback)
         .layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))
         .with_state(users)
-        .merge(feed.router())
+        .merge(ferrybox::http::require_bearer(internal, internal_token))
 }
 
 /// Streams the snapshot as NDJSON (see `ferrybox::reconcile`).

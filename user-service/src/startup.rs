@@ -110,7 +110,12 @@ impl Application {
         let relay = self.relay;
         let relay_shutdown = shutdown.child_token();
         let relay_task = tokio::spawn(async move { relay.run(relay_shutdown).await });
-        let app = crate::routes::router(self.users, &self.feed, self.settings.max_body_bytes);
+        let app = crate::routes::router(
+            self.users,
+            &self.feed,
+            self.settings.internal_token.as_ref(),
+            self.settings.max_body_bytes,
+        );
         let http = axum::serve(self.listener, app).with_graceful_shutdown({
             let shutdown = shutdown.clone();
             async move { shutdown.cancelled().await }

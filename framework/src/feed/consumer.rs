@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
+use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
@@ -35,7 +36,7 @@ pub enum OnUndecodable {
 }
 
 /// Where and how a feed consumer pulls.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FeedConfig {
     /// The producer's `events` endpoint, e.g. `http://user-service:8080/events`.
@@ -51,6 +52,8 @@ pub struct FeedConfig {
     pub on_undecodable: OnUndecodable,
     /// Delays between attempts when the producer cannot be reached.
     pub backoff: Backoff,
+    /// Sent as `Authorization: Bearer <token>` (the producer's internal token). Never logged.
+    pub token: Option<SecretString>,
 }
 
 impl Default for FeedConfig {
@@ -65,6 +68,7 @@ impl Default for FeedConfig {
                 initial: Duration::from_millis(200),
                 max: Duration::from_secs(10),
             },
+            token: None,
         }
     }
 }
@@ -294,9 +298,11 @@ impl<H: Handler> FeedConsumer<H> {
             .append_pair("after", &after.to_string())
             .append_pair("limit", &self.config.limit.to_string())
             .append_pair("wait_ms", &self.config.wait.as_millis().to_string());
-        let response = self
-            .client
-            .get(url)
+        let mut request = self.client.get(url);
+        if let Some(token) = &self.config.token {
+            request = request.bearer_auth(token.expose_secret());
+        }
+        let response = request
             .send()
             .await
             .map_err(|e| Error::Http(e.without_url().to_string()))?;

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use diesel_async::{AsyncConnection, AsyncPgConnection};
+use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio_util::sync::CancellationToken;
@@ -61,7 +62,7 @@ pub trait Cache: Send + Sync + 'static {
 }
 
 /// When and against what the reconciler runs.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ReconcileConfig {
     /// The producer's snapshot endpoint, e.g. `http://user-service:8080/snapshot`.
@@ -77,6 +78,8 @@ pub struct ReconcileConfig {
     /// How long fetching the whole snapshot may take.
     #[serde(with = "duration_ms", rename = "timeout_ms")]
     pub timeout: Duration,
+    /// Sent as `Authorization: Bearer <token>` (the producer's internal token). Never logged.
+    pub token: Option<SecretString>,
 }
 
 impl Default for ReconcileConfig {
@@ -86,6 +89,7 @@ impl Default for ReconcileConfig {
             interval: Duration::from_secs(3600),
             newer_margin: Duration::from_secs(60),
             timeout: Duration::from_secs(600),
+            token: None,
         }
     }
 }
@@ -229,9 +233,11 @@ impl<C: Cache> Reconciler<C> {
                 "reconcile.snapshot_url is not set: nothing to reconcile with".into(),
             ));
         };
-        let response = self
-            .client
-            .get(url)
+        let mut request = self.client.get(url);
+        if let Some(token) = &self.config.token {
+            request = request.bearer_auth(token.expose_secret());
+        }
+        let response = request
             .send()
             .await
             .and_then(reqwest::Response::error_for_status)

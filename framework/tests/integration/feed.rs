@@ -48,6 +48,7 @@ fn feed_config(url: &str, on_undecodable: OnUndecodable) -> FeedConfig {
             initial: Duration::from_millis(20),
             max: Duration::from_millis(200),
         },
+        token: None,
     }
 }
 

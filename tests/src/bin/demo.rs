@@ -16,6 +16,8 @@ use serde_json::{Value, json};
 
 const USER_DB: &str = "ferrybox_demo_user_service";
 const AUTH_DB: &str = "ferrybox_demo_auth_service";
+/// The token user-service requires on its internal endpoints in the demo.
+const INTERNAL_TOKEN: &str = "demo-internal-token";
 
 #[derive(QueryableByName, Debug)]
 struct OutboxRow {
@@ -268,7 +270,14 @@ async fn scenario(demo: &mut Demo) -> anyhow::Result<()> {
     println!("   auth-service found its id in the inbox and skipped it");
 
     section("The same events as a pulled feed (GET /events on user-service)");
-    let page = api.get(&format!("{user}/events?after=0&limit=3")).await?;
+    let page = api
+        .send(
+            reqwest::Method::GET,
+            &format!("{user}/events?after=0&limit=3"),
+            None,
+            Some(INTERNAL_TOKEN),
+        )
+        .await?;
     ensure!(page.status == 200, "feed: {page:?}");
     for event in page.body["events"].as_array().context("no events")? {
         println!(
@@ -370,7 +379,9 @@ async fn main() -> anyhow::Result<()> {
         ));
         env
     };
-    let user_env = env("USER_SERVICE_", USER_DB);
+    let mut user_env = env("USER_SERVICE_", USER_DB);
+    // /snapshot and /events carry password hashes: only callers with this token get them.
+    user_env.push(("USER_SERVICE_INTERNAL_TOKEN".into(), INTERNAL_TOKEN.into()));
     let mut auth_env = env("AUTH_SERVICE_", AUTH_DB);
     auth_env.push(("AUTH_SERVICE_DATABASE__URL".into(), database_url(AUTH_DB)));
     auth_env.push((
@@ -389,6 +400,11 @@ async fn main() -> anyhow::Result<()> {
     auth_env.push((
         "AUTH_SERVICE_FEED__URL".into(),
         format!("{}/events", user_service.url),
+    ));
+    auth_env.push(("AUTH_SERVICE_FEED__TOKEN".into(), INTERNAL_TOKEN.into()));
+    auth_env.push((
+        "AUTH_SERVICE_RECONCILE__TOKEN".into(),
+        INTERNAL_TOKEN.into(),
     ));
     let auth_service =
         match ServiceProcess::start(&binary("auth-service")?, &["serve"], &auth_env, start).await {
