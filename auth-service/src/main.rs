@@ -53,8 +53,8 @@ enum Feed {
     /// Show the stored position (and, with `--set`, change it first: after a reconciliation,
     /// to skip a message the consumer halted on, or to start from a snapshot's watermark).
     Position {
-        /// The new position.
-        #[arg(long)]
+        /// The new position (0 or more).
+        #[arg(long, value_parser = clap::value_parser!(i64).range(0..))]
         set: Option<i64>,
     },
 }

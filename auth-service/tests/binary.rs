@@ -30,3 +30,58 @@ async fn serves_and_stops_cleanly_on_sigterm() {
     let status = service.terminate(Duration::from_secs(30)).await.unwrap();
     assert!(status.success(), "exit status {status}");
 }
+
+async fn run(env: &[(String, String)], args: &[&str]) -> (Option<i32>, String, String) {
+    let out = tokio::process::Command::new(EXE)
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn feed_and_reconcile_commands_answer_scripts_clearly() {
+    let db = TestDatabase::create().await;
+    let env = testing::service_env("AUTH_SERVICE_", db.url());
+    let (code, _, err) = run(&env, &["migrate"]).await;
+    assert_eq!(code, Some(0), "{err}");
+
+    let (code, out, err) = run(&env, &["--transport", "feed", "feed", "position", "--json"]).await;
+    assert_eq!(code, Some(0), "{err}");
+    let shown: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(shown["position"], 0);
+    let (code, out, err) = run(&env, &["feed", "position", "--set", "42"]).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("position 42"), "{out}");
+    let (code, _, err) = run(&env, &["feed", "position", "--set=-1"]).await;
+    assert_eq!(code, Some(2), "a negative position is a usage error: {err}");
+    let (code, _, err) = run(&env, &["--transport", "pigeon", "feed", "position"]).await;
+    assert_eq!(
+        code,
+        Some(2),
+        "an unknown transport is a usage error: {err}"
+    );
+
+    // Nothing listens on port 9 (discard): the run fails with a clear error, status 1.
+    let mut unreachable = env.clone();
+    unreachable.push((
+        "AUTH_SERVICE_RECONCILE__SNAPSHOT_URL".into(),
+        "http://127.0.0.1:9/snapshot".into(),
+    ));
+    let (code, _, err) = run(&unreachable, &["reconcile"]).await;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("reconciliation") && err.contains("snapshot"),
+        "{err}"
+    );
+    let missing = std::env::temp_dir().join(testing::unique("no-such-snapshot"));
+    let (code, _, err) = run(&env, &["reconcile", "--file", missing.to_str().unwrap()]).await;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("invalid snapshot"), "{err}");
+}

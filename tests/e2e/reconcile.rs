@@ -275,3 +275,39 @@ async fn the_snapshot_and_the_feed_need_the_internal_token() {
     assert_eq!(reply.status, 200);
     stack.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_service_reconciles_on_its_schedule_and_reports_the_last_run() {
+    let stack = Stack::start().await.unwrap();
+    let api = Api::default();
+    let ids = register(&stack, &api, 2).await;
+    // A second auth-service on the same database, reconciling every 200 ms.
+    let mut settings = reconcile_settings(&stack, None);
+    settings.listen = ([127, 0, 0, 1], 0).into();
+    settings.inbox.group_id = testing::unique("scheduled");
+    settings.reconcile.interval = std::time::Duration::from_millis(200);
+    let app = auth_service::Application::build(settings).await.unwrap();
+    let url = format!("http://{}", app.local_addr().unwrap());
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(app.run(stop.clone()));
+
+    execute(
+        stack.auth_db.url(),
+        &format!("DELETE FROM cached_users WHERE id = '{}'", ids[0]),
+    )
+    .await;
+    wait_until(
+        CONVERGE,
+        "a scheduled run repairs the lost user",
+        || async { cached(&stack, &ids[0], "version").await == "1" },
+    )
+    .await;
+    wait_until(CONVERGE, "the last report shows the repair", || async {
+        let last = api.get(&format!("{url}/reconcile/last")).await.unwrap();
+        last.status == 200 && last.body["checked"] == 2 && last.body["in_sync"] == 2
+    })
+    .await;
+    stop.cancel();
+    running.await.unwrap().unwrap();
+    stack.stop().await.unwrap();
+}

@@ -510,6 +510,6 @@ async fn outbox_status_and_replay_subcommands() {
     .unwrap();
     assert_eq!(failing.publish_batch(&mut conn).await.unwrap().failed, 1);
     let (code, out, _) = run_cli(&env, &["outbox", "status"]).await;
-    assert_eq!(code, 2, "{out}");
+    assert_eq!(code, 3, "rows with errors: {out}");
     assert!(out.contains("with errors:            1"), "{out}");
 }

@@ -257,18 +257,16 @@ impl<C: Cache> Reconciler<C> {
         self.run(Lines::File(BufReader::new(file))).await
     }
 
-    /// Runs every `interval` until `shutdown` (the first run right away). Failed runs are
-    /// logged and tried again at the next turn.
+    /// Runs every `interval` until `shutdown`, the first time one interval after the start
+    /// (services usually start together, and messages catch up on their own first). Failed
+    /// runs are logged and tried again at the next turn.
     pub async fn run_on_schedule(self, shutdown: CancellationToken) {
         if self.config.interval.is_zero() || self.config.snapshot_url.is_none() {
             return;
         }
-        loop {
+        while !sleep_or_shutdown(self.config.interval, &shutdown).await {
             if let Err(e) = self.run_once().await {
                 tracing::warn!(error = %e, "reconciliation run failed; trying again at the next turn");
-            }
-            if sleep_or_shutdown(self.config.interval, &shutdown).await {
-                return;
             }
         }
     }

@@ -417,3 +417,30 @@ async fn a_row_sent_again_keeps_its_feed_position_and_positions_stay_gap_free() 
         "nothing is sent a third time"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_waiting_request_is_answered_as_soon_as_new_events_are_recorded() {
+    let fx = Fixture::new(1).await;
+    let stop = CancellationToken::new();
+    let url = serve_feed(&fx, &stop).await;
+    // Nothing yet: the request waits (up to a minute, far longer than the test takes).
+    let waiting = tokio::spawn(async move {
+        reqwest::get(format!("{url}?after=0&wait_ms=60000"))
+            .await
+            .unwrap()
+            .json::<serde_json::Value>()
+            .await
+            .unwrap()
+    });
+    fx.change("k1", 1).await;
+    let relay =
+        RunningRelay::start(Relay::feed_only(fx.db.config(), Fixture::relay_config()).unwrap());
+    let page = tokio::time::timeout(TIMEOUT, waiting)
+        .await
+        .expect("the waiting request is answered")
+        .unwrap();
+    assert_eq!(page["events"][0]["position"], 1, "{page}");
+    assert_eq!(page["events"][0]["key"], "k1");
+    relay.stop().await;
+    stop.cancel();
+}
