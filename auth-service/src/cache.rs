@@ -80,6 +80,7 @@ impl Handler for UserEvents {
 /// Writes the user's new state if `version` is newer than the cached one. Without `details`,
 /// only status and version change; a deleted user's details are cleared. A user who is no
 /// longer active loses their sessions in the same transaction. True when it wrote.
+#[tracing::instrument(name = "cache upsert", skip(conn, details), fields(user_id = %id))]
 async fn upsert(
     conn: &mut AsyncPgConnection,
     id: Uuid,

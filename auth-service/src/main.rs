@@ -108,7 +108,7 @@ async fn main() -> anyhow::Result<ExitCode> {
         settings.transport = transport;
         settings.validate()?;
     }
-    ferrybox::telemetry::init_logging(settings.log_json);
+    let _telemetry = ferrybox::telemetry::init("auth-service", settings.log_json);
     match cli.command.unwrap_or(Command::Serve) {
         Command::Migrate => auth_service::startup::migrate(&settings).await?,
         Command::Serve => {

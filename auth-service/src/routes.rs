@@ -45,6 +45,10 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .fallback(ferrybox::http::not_found_fallback)
         .layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
+        .layer(
+            tower_http::trace::TraceLayer::new_for_http()
+                .make_span_with(ferrybox::telemetry::http_span::<axum::body::Body>),
+        )
 }
 
 async fn login(

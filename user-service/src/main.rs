@@ -84,7 +84,7 @@ struct Replay {
 async fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     let settings = Settings::load(cli.config.as_deref())?;
-    ferrybox::telemetry::init_logging(settings.log_json);
+    let _telemetry = ferrybox::telemetry::init("user-service", settings.log_json);
     match cli.command.unwrap_or(Command::Serve) {
         Command::Migrate => user_service::startup::migrate(&settings).await?,
         Command::Serve => {

@@ -35,6 +35,11 @@ pub fn router(
         .layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))
         .with_state(users)
         .merge(ferrybox::http::require_bearer(internal, internal_token))
+        // Each request starts (or continues) the trace its events carry to consumers.
+        .layer(
+            tower_http::trace::TraceLayer::new_for_http()
+                .make_span_with(ferrybox::telemetry::http_span::<axum::body::Body>),
+        )
 }
 
 /// Streams the snapshot as NDJSON (see `ferrybox::reconcile`).

@@ -306,7 +306,11 @@ impl<H: Handler> Applier<H> {
     ) -> Result<(), HandlerError> {
         let timeout = self.handler_timeout;
         tx.transaction::<_, HandlerError, _>(async |savepoint| {
-            match tokio::time::timeout(timeout, self.handler.handle(savepoint, message)).await {
+            let handled = tracing::Instrument::instrument(
+                self.handler.handle(savepoint, message),
+                message.span(),
+            );
+            match tokio::time::timeout(timeout, handled).await {
                 Ok(result) => result,
                 Err(_) => Err(HandlerError::retryable(format!(
                     "handler timed out after {timeout:?}"

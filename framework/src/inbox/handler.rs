@@ -20,6 +20,17 @@ pub struct ReceivedMessage {
 }
 
 impl ReceivedMessage {
+    /// The span to process this message in: a child of the trace it carries (see
+    /// [`telemetry`](crate::telemetry)); a disabled span when traces are off.
+    pub fn span(&self) -> tracing::Span {
+        crate::telemetry::message_span(
+            &self.envelope.message_type,
+            &self.envelope.topic,
+            &self.envelope.id.to_string(),
+            &self.envelope.headers,
+        )
+    }
+
     /// Deserializes the payload into `T`; a mismatch is a permanent error.
     pub fn body<T: DeserializeOwned>(&self) -> Result<T, HandlerError> {
         apache_avro::from_value::<T>(&self.value).map_err(|e| {
@@ -107,7 +118,8 @@ pub trait Handler: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), HandlerError>> + Send;
 
     /// Applies several new messages, in order, in one go. The default calls
-    /// [`Handler::handle`] for each; override it to write a whole batch in one statement.
+    /// [`Handler::handle`] for each, inside the message's [span](ReceivedMessage::span);
+    /// override it to write a whole batch in one statement.
     ///
     /// It runs under a savepoint: when it fails, the consumer rolls it back and applies the
     /// messages one by one, each under its own savepoint, to find and isolate the failing one.
@@ -118,7 +130,7 @@ pub trait Handler: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), HandlerError>> + Send {
         async move {
             for message in messages {
-                self.handle(conn, message).await?;
+                tracing::Instrument::instrument(self.handle(conn, message), message.span()).await?;
             }
             Ok(())
         }

@@ -101,7 +101,10 @@ impl Outbox {
         if depth.is_none() {
             return Err(Error::NotInTransaction);
         }
-        let headers = serde_json::to_value(message.kafka_headers(&self.source))
+        let mut headers = message.kafka_headers(&self.source);
+        // The trace of the request that made the change travels with its message.
+        crate::telemetry::inject_current(&mut headers);
+        let headers = serde_json::to_value(headers)
             .map_err(|e| Error::Config(format!("headers are not JSON: {e}")))?;
         let sql = if self.notify {
             ENQUEUE_SQL

@@ -457,7 +457,17 @@ impl Relay {
             });
         };
         let mut sent = Sent::default();
-        for (row, result) in rows.iter().zip(send_all(&producer, &rows).await) {
+        let results = if crate::telemetry::tracing_enabled() {
+            let headers: Vec<BTreeMap<String, String>> = rows
+                .iter()
+                .map(|row| BTreeMap::deserialize(&row.headers).unwrap_or_default())
+                .collect();
+            let span = crate::telemetry::batch_span("publish", "producer", &headers);
+            tracing::Instrument::instrument(send_all(&producer, &rows), span).await
+        } else {
+            send_all(&producer, &rows).await
+        };
+        for (row, result) in rows.iter().zip(results) {
             match result {
                 Ok((partition, offset)) => {
                     sent.acked.push(row.id);
