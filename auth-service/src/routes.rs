@@ -33,8 +33,12 @@ pub struct AppState {
     pub reconcile: Arc<std::sync::Mutex<Option<ferrybox::reconcile::Report>>>,
 }
 
-/// The service's routes.
-pub fn router(state: AppState, max_body_bytes: usize) -> Router {
+/// The service's routes, with `/health/live`, `/health/ready` and `/metrics`.
+pub fn router(
+    state: AppState,
+    readiness: &ferrybox::health::Readiness,
+    max_body_bytes: usize,
+) -> Router {
     Router::new()
         .route("/login", post(login))
         .route("/session", get(session))
@@ -45,6 +49,8 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .fallback(ferrybox::http::not_found_fallback)
         .layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
+        .merge(readiness.router())
+        .merge(ferrybox::metrics::router())
         .layer(
             tower_http::trace::TraceLayer::new_for_http()
                 .make_span_with(ferrybox::telemetry::http_span::<axum::body::Body>),

@@ -29,6 +29,7 @@ pub struct Application {
     state: AppState,
     consumer: Consumer,
     reconciler: Reconciler<UserCache>,
+    readiness: ferrybox::health::Readiness,
     max_body_bytes: usize,
 }
 
@@ -63,6 +64,14 @@ impl Application {
         db::migrate_service(&pool, MIGRATIONS)
             .await
             .context("database migrations")?;
+        if let Err(e) = ferrybox::metrics::install() {
+            tracing::warn!(error = %e, "metrics are off");
+        }
+        let readiness = ferrybox::health::Readiness::new(pool.clone());
+        let readiness = match settings.transport {
+            Transport::Kafka => readiness.with_broker(&settings.kafka)?,
+            Transport::Feed => readiness.with_feed(&settings.feed.url, settings.feed.token.clone()),
+        };
         let codec = AvroCodec::new(&settings.schema_registry_url);
         let readers = crate::events::reader_schemas().context("the service's contract")?;
         let alerter = Alerter::new(&settings.alert)?;
@@ -119,6 +128,7 @@ impl Application {
             state,
             consumer,
             reconciler,
+            readiness,
             max_body_bytes: settings.max_body_bytes,
         })
     }
@@ -140,7 +150,7 @@ impl Application {
             }
         });
         let reconcile_task = tokio::spawn(self.reconciler.run_on_schedule(shutdown.child_token()));
-        let app = crate::routes::router(self.state, self.max_body_bytes);
+        let app = crate::routes::router(self.state, &self.readiness, self.max_body_bytes);
         let served = axum::serve(self.listener, app)
             .with_graceful_shutdown({
                 let shutdown = shutdown.clone();

@@ -5,5 +5,6 @@ mod bad_input;
 mod consumer_crash;
 mod evolution;
 mod flow;
+mod observability;
 mod reconcile;
 mod replay;

@@ -6,6 +6,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use ferrybox::FeedServer;
+use ferrybox::health::Readiness;
 use ferrybox::http::{ApiError, Json};
 use secrecy::SecretString;
 use uuid::Uuid;
@@ -19,6 +20,7 @@ use crate::users::{NewUser, Suspension, User, UserPatch, Users};
 pub fn router(
     users: Users,
     feed: &FeedServer,
+    readiness: &Readiness,
     internal_token: Option<&SecretString>,
     max_body_bytes: usize,
 ) -> Router {
@@ -35,6 +37,8 @@ pub fn router(
         .layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))
         .with_state(users)
         .merge(ferrybox::http::require_bearer(internal, internal_token))
+        .merge(readiness.router())
+        .merge(ferrybox::metrics::router())
         // Each request starts (or continues) the trace its events carry to consumers.
         .layer(
             tower_http::trace::TraceLayer::new_for_http()

@@ -23,6 +23,7 @@ pub struct Application {
     users: Users,
     relay: Relay,
     feed: FeedServer,
+    readiness: ferrybox::health::Readiness,
     /// Stops the feed's listener when the service stops.
     feed_stop: CancellationToken,
     settings: Settings,
@@ -69,6 +70,11 @@ impl Application {
             .register::<UserDeleted>(&topic)
             .await
             .context(registering)?;
+        if let Err(e) = ferrybox::metrics::install() {
+            tracing::warn!(error = %e, "metrics are off");
+        }
+        let readiness =
+            ferrybox::health::Readiness::new(pool.clone()).with_broker(&settings.kafka)?;
         let feed_stop = CancellationToken::new();
         let feed = FeedServer::start(
             pool.clone(),
@@ -95,6 +101,7 @@ impl Application {
             users,
             relay,
             feed,
+            readiness,
             feed_stop,
             settings,
         })
@@ -113,6 +120,7 @@ impl Application {
         let app = crate::routes::router(
             self.users,
             &self.feed,
+            &self.readiness,
             self.settings.internal_token.as_ref(),
             self.settings.max_body_bytes,
         );

@@ -234,6 +234,15 @@ impl<H: Handler> FeedConsumer<H> {
                 return Ok(());
             };
             position = advanced;
+            if let Some(m) = crate::metrics::instruments() {
+                let attrs = [opentelemetry::KeyValue::new(
+                    "ferrybox.feed",
+                    self.config.name.clone(),
+                )];
+                m.feed_position.record(position, &attrs);
+                m.feed_lag
+                    .record(page.head.max(position) - position, &attrs);
+            }
         }
         Ok(())
     }

@@ -266,6 +266,24 @@ impl<H: Handler> Applier<H> {
         }
     }
 
+    /// Records how long a handler call took, when metrics are on.
+    fn record_duration(&self, started: std::time::Instant, ok: bool) {
+        if let Some(m) = crate::metrics::instruments() {
+            let mut attrs = vec![
+                opentelemetry::KeyValue::new("messaging.operation.name", "process"),
+                opentelemetry::KeyValue::new(
+                    "messaging.consumer.group.name",
+                    self.consumer.clone(),
+                ),
+            ];
+            if !ok {
+                attrs.push(opentelemetry::KeyValue::new("error.type", "handler"));
+            }
+            m.process_duration
+                .record(started.elapsed().as_secs_f64(), &attrs);
+        }
+    }
+
     /// Moves the feed position (when this applier keeps one) to the last of `finished`.
     async fn store_position(
         &self,
@@ -286,17 +304,21 @@ impl<H: Handler> Applier<H> {
         messages: &[&ReceivedMessage],
     ) -> Result<(), HandlerError> {
         let timeout = self.handler_timeout;
-        tx.transaction::<_, HandlerError, _>(async |savepoint| {
-            match tokio::time::timeout(timeout, self.handler.handle_batch(savepoint, messages))
-                .await
-            {
-                Ok(result) => result,
-                Err(_) => Err(HandlerError::retryable(format!(
-                    "batch handler timed out after {timeout:?}"
-                ))),
-            }
-        })
-        .await
+        let started = std::time::Instant::now();
+        let handled = tx
+            .transaction::<_, HandlerError, _>(async |savepoint| {
+                match tokio::time::timeout(timeout, self.handler.handle_batch(savepoint, messages))
+                    .await
+                {
+                    Ok(result) => result,
+                    Err(_) => Err(HandlerError::retryable(format!(
+                        "batch handler timed out after {timeout:?}"
+                    ))),
+                }
+            })
+            .await;
+        self.record_duration(started, handled.is_ok());
+        handled
     }
 
     async fn handle_in_savepoint(
@@ -305,19 +327,23 @@ impl<H: Handler> Applier<H> {
         message: &ReceivedMessage,
     ) -> Result<(), HandlerError> {
         let timeout = self.handler_timeout;
-        tx.transaction::<_, HandlerError, _>(async |savepoint| {
-            let handled = tracing::Instrument::instrument(
-                self.handler.handle(savepoint, message),
-                message.span(),
-            );
-            match tokio::time::timeout(timeout, handled).await {
-                Ok(result) => result,
-                Err(_) => Err(HandlerError::retryable(format!(
-                    "handler timed out after {timeout:?}"
-                ))),
-            }
-        })
-        .await
+        let started = std::time::Instant::now();
+        let result = tx
+            .transaction::<_, HandlerError, _>(async |savepoint| {
+                let handled = tracing::Instrument::instrument(
+                    self.handler.handle(savepoint, message),
+                    message.span(),
+                );
+                match tokio::time::timeout(timeout, handled).await {
+                    Ok(result) => result,
+                    Err(_) => Err(HandlerError::retryable(format!(
+                        "handler timed out after {timeout:?}"
+                    ))),
+                }
+            })
+            .await;
+        self.record_duration(started, result.is_ok());
+        result
     }
 }
 

@@ -95,6 +95,39 @@ impl<H: Handler> Pipeline<H> {
         }
     }
 
+    /// Counts a finished record in the stats and, when on, the metrics.
+    fn counted(&self, done: Done, record: &Record) {
+        let (counter, outcome) = match done {
+            Done::Applied => (&self.stats.applied, "applied"),
+            Done::Duplicate => (&self.stats.duplicates, "duplicate"),
+            Done::DeadLettered => (&self.stats.dead_lettered, "dead_lettered"),
+            Done::Parked => (&self.stats.parked, "parked"),
+        };
+        InboxStats::add(counter, 1);
+        if let Some(m) = crate::metrics::instruments() {
+            let mut attrs = self.metric_attrs(record);
+            attrs.push(opentelemetry::KeyValue::new("ferrybox.outcome", outcome));
+            m.consumed.add(1, &attrs);
+        }
+    }
+
+    /// The transport, topic and consumer group a record's metrics carry.
+    fn metric_attrs(&self, record: &Record) -> Vec<opentelemetry::KeyValue> {
+        let system = if self.applier.checkpoint.is_some() {
+            "ferrybox_feed"
+        } else {
+            "kafka"
+        };
+        vec![
+            opentelemetry::KeyValue::new("messaging.system", system),
+            opentelemetry::KeyValue::new("messaging.destination.name", record.topic.clone()),
+            opentelemetry::KeyValue::new(
+                "messaging.consumer.group.name",
+                self.applier.consumer.clone(),
+            ),
+        ]
+    }
+
     /// Deletes expired inbox rows in the background until `shutdown`.
     pub(crate) fn spawn_cleaner(&self, shutdown: &CancellationToken) -> JoinHandle<()> {
         tokio::spawn(clean_periodically(
@@ -127,12 +160,14 @@ impl<H: Handler> Pipeline<H> {
             .count();
         if run > 0 {
             let applied = self.applier.apply_batch(&records[..run]).await;
-            for outcome in &applied.outcomes {
-                let counter = match outcome {
-                    Outcome::Applied => &self.stats.applied,
-                    Outcome::Duplicate => &self.stats.duplicates,
-                };
-                InboxStats::add(counter, 1);
+            for (outcome, record) in applied.outcomes.iter().zip(records) {
+                self.counted(
+                    match outcome {
+                        Outcome::Applied => Done::Applied,
+                        Outcome::Duplicate => Done::Duplicate,
+                    },
+                    record,
+                );
             }
             if !applied.outcomes.is_empty() {
                 return Progress::Done(applied.outcomes.len());
@@ -155,13 +190,7 @@ impl<H: Handler> Pipeline<H> {
             attempt += 1;
             let failure = match self.try_once(record, blocked).await {
                 Ok(done) => {
-                    let counter = match done {
-                        Done::Applied => &self.stats.applied,
-                        Done::Duplicate => &self.stats.duplicates,
-                        Done::DeadLettered => &self.stats.dead_lettered,
-                        Done::Parked => &self.stats.parked,
-                    };
-                    InboxStats::add(counter, 1);
+                    self.counted(done, record);
                     return Step::Finished;
                 }
                 Err(failure) => failure,
@@ -187,6 +216,9 @@ impl<H: Handler> Pipeline<H> {
                 };
             }
             InboxStats::add(&self.stats.retries, 1);
+            if let Some(m) = crate::metrics::instruments() {
+                m.retries.add(1, &self.metric_attrs(record));
+            }
             let delay = self.config.backoff.delay(attempt);
             tracing::warn!(kind = failure.kind, error = %failure.error, attempt, ?delay,
                 topic = record.topic, partition = record.partition, offset = record.offset, "message failed; retrying");
@@ -241,7 +273,7 @@ impl<H: Handler> Pipeline<H> {
                 Ok(()) => {
                     tracing::error!(kind = failure.kind, error = %failure.error,
                         topic = record.topic, partition = record.partition, offset = record.offset, "message dead-lettered");
-                    InboxStats::add(&self.stats.dead_lettered, 1);
+                    self.counted(Done::DeadLettered, record);
                     return Some(Done::DeadLettered);
                 }
                 Err(e) => {

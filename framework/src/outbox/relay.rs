@@ -115,6 +115,9 @@ pub struct BatchOutcome {
 /// two-key form, which PostgreSQL keeps apart from the one-key locks `enqueue` takes per key.
 const RELAY_LOCK: (i32, i32) = (0x6665_7272, 0x7962_6f78);
 
+/// How often the active relay measures the backlog for the metrics (when they are on).
+const BACKLOG_GAUGE_INTERVAL: Duration = Duration::from_secs(5);
+
 /// An outbox row as the relay (and replay) sends it.
 #[derive(Queryable, Selectable)]
 #[diesel(table_name = ferrybox_outbox)]
@@ -124,6 +127,12 @@ pub(super) struct OutboxRecord {
     message_key: String,
     headers: serde_json::Value,
     payload: Vec<u8>,
+}
+
+impl OutboxRecord {
+    pub(super) fn topic(&self) -> &str {
+        &self.topic
+    }
 }
 
 /// Queues every record with `producer` (librdkafka pipelines them), then awaits each delivery
@@ -306,12 +315,24 @@ impl Relay {
         // lock: a row marked after its acknowledgement is true whoever marks it.)
         let mut marker = self.connect().await?;
         let mut next_cleanup = tokio::time::Instant::now();
+        let mut next_gauges = tokio::time::Instant::now();
         let mut failed_batches = 0u32;
         // A batch sent and acknowledged (or failed) but not recorded yet.
         let mut sent = Sent::default();
         while !shutdown.is_cancelled() {
             if tokio::time::Instant::now() >= next_cleanup && self.clean_some(conn).await? {
                 next_cleanup = tokio::time::Instant::now() + self.config.cleanup_interval;
+            }
+            if let Some(m) = crate::metrics::instruments()
+                && tokio::time::Instant::now() >= next_gauges
+            {
+                let (rows, age, errors) = sent_log::backlog(conn).await?;
+                m.outbox_backlog
+                    .record(u64::try_from(rows).unwrap_or(0), &[]);
+                m.outbox_oldest_age.record(age, &[]);
+                m.outbox_errors
+                    .record(u64::try_from(errors).unwrap_or(0), &[]);
+                next_gauges = tokio::time::Instant::now() + BACKLOG_GAUGE_INTERVAL;
             }
             if !sent.failed.is_empty() {
                 // The broker is down or refusing: record it, then back off, ignoring wake-ups
@@ -467,6 +488,9 @@ impl Relay {
         } else {
             send_all(&producer, &rows).await
         };
+        if let Some(m) = crate::metrics::instruments() {
+            record_sent(m, &rows, &results);
+        }
         for (row, result) in rows.iter().zip(results) {
             match result {
                 Ok((partition, offset)) => {
@@ -522,6 +546,35 @@ impl Relay {
             .await?;
         }
         Ok(outcome)
+    }
+}
+
+/// Counts a batch's sends per topic, acknowledged and refused.
+fn record_sent(
+    m: &crate::metrics::Instruments,
+    rows: &[OutboxRecord],
+    results: &[std::result::Result<(i32, i64), String>],
+) {
+    let mut counts: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+    for (row, result) in rows.iter().zip(results) {
+        let c = counts.entry(row.topic.as_str()).or_default();
+        if result.is_ok() {
+            c.0 += 1;
+        } else {
+            c.1 += 1;
+        }
+    }
+    for (topic, (acked, refused)) in counts {
+        let attrs = crate::metrics::kafka_attrs(topic);
+        m.sent.add(acked, &attrs);
+        if refused > 0 {
+            let mut failed = attrs.to_vec();
+            failed.push(opentelemetry::KeyValue::new(
+                "error.type",
+                "delivery_failed",
+            ));
+            m.sent.add(refused, &failed);
+        }
     }
 }
 

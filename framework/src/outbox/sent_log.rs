@@ -86,6 +86,29 @@ pub struct OutboxStatus {
     pub sent_log_oldest: Option<DateTime<Utc>>,
 }
 
+/// The unpublished backlog alone (cheap: it reads only unpublished rows): (rows, age of the
+/// oldest in seconds, rows with errors).
+pub(crate) async fn backlog(conn: &mut AsyncPgConnection) -> Result<(i64, f64, i64)> {
+    #[derive(QueryableByName)]
+    struct Backlog {
+        #[diesel(sql_type = BigInt)]
+        rows: i64,
+        #[diesel(sql_type = Double)]
+        age: f64,
+        #[diesel(sql_type = BigInt)]
+        errors: i64,
+    }
+    let b: Backlog = diesel::sql_query(
+        "SELECT count(*) AS rows, \
+                coalesce(extract(epoch FROM now() - min(created_at))::float8, 0) AS age, \
+                count(*) FILTER (WHERE last_error IS NOT NULL) AS errors \
+         FROM ferrybox_outbox WHERE published_at IS NULL",
+    )
+    .get_result(conn)
+    .await?;
+    Ok((b.rows, b.age, b.errors))
+}
+
 /// The backlog, its age, rows with errors and what the sent log holds.
 pub async fn status(conn: &mut AsyncPgConnection) -> Result<OutboxStatus> {
     Ok(diesel::sql_query(
@@ -231,9 +254,14 @@ pub async fn replay(
         after = last.id;
         tokio::time::sleep_until(started + per_message * queued).await;
         queued = queued.saturating_add(u32::try_from(rows.len()).unwrap_or(u32::MAX));
-        for result in send_all(producer, &rows).await {
+        for (row, result) in rows.iter().zip(send_all(producer, &rows).await) {
             match result {
-                Ok(_) => report.sent += 1,
+                Ok(_) => {
+                    report.sent += 1;
+                    if let Some(m) = crate::metrics::instruments() {
+                        m.replayed.add(1, &crate::metrics::kafka_attrs(row.topic()));
+                    }
+                }
                 Err(e) => {
                     report.failed += 1;
                     report.first_error.get_or_insert(e);

@@ -394,6 +394,26 @@ impl<C: Cache> Reconciler<C> {
             duration_ms = report.duration_ms,
             "reconciliation finished"
         );
+        if let Some(m) = crate::metrics::instruments() {
+            for (outcome, n) in [
+                ("checked", report.checked),
+                ("in_sync", report.in_sync),
+                ("repaired", report.repaired),
+                ("skipped_newer", report.skipped_newer),
+                ("unresolved", report.unresolved),
+            ] {
+                m.reconcile_entities.record(
+                    n,
+                    &[
+                        opentelemetry::KeyValue::new("ferrybox.outcome", outcome),
+                        opentelemetry::KeyValue::new(
+                            "ferrybox.reconcile.source",
+                            report.source.clone(),
+                        ),
+                    ],
+                );
+            }
+        }
         if report.unresolved > 0 {
             self.alerter
                 .raise(&Alert::new(

@@ -1,0 +1,108 @@
+//! Metrics and health endpoints of both services, against the real broker and database.
+
+use ferrybox::testing::{self, wait_until};
+use ferrybox_e2e::{Api, CONVERGE, Stack};
+
+/// The sum of the samples of `metric` whose labels contain every one of `labels`.
+async fn sample(url: &str, metric: &str, labels: &[String]) -> f64 {
+    let text = reqwest::get(format!("{url}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(metric) && l[metric.len()..].starts_with('{'))
+        .filter(|l| labels.iter().all(|label| l.contains(label.as_str())))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_counters_move_as_messages_flow_and_readiness_reports_the_dependencies() {
+    let stack = Stack::start().await.unwrap();
+    let api = Api::default();
+    let topic = format!("messaging_destination_name=\"{}\"", stack.topic);
+    let applied = [topic.clone(), "ferrybox_outcome=\"applied\"".to_owned()];
+    let sent = "messaging_client_sent_messages_total";
+    let consumed = "messaging_client_consumed_messages_total";
+
+    for (n, email) in ["first@example.com", "second@example.com"]
+        .iter()
+        .enumerate()
+    {
+        let user = api
+            .register(&stack.user_url, email, "Metered", "metered-password")
+            .await
+            .unwrap();
+        let id = user["id"].as_str().unwrap().to_owned();
+        wait_until(CONVERGE, "the user is cached", || async {
+            api.cached_version(&stack.auth_url, &id).await.unwrap() == Some(1)
+        })
+        .await;
+        let expected = f64::from(u32::try_from(n + 1).unwrap());
+        wait_until(CONVERGE, "the counters count each message", || async {
+            sample(&stack.user_url, sent, std::slice::from_ref(&topic)).await == expected
+                && sample(&stack.auth_url, consumed, &applied).await == expected
+        })
+        .await;
+    }
+    assert!(
+        sample(
+            &stack.auth_url,
+            "messaging_process_duration_seconds_count",
+            &[]
+        )
+        .await
+            >= 2.0,
+        "handler durations recorded"
+    );
+    wait_until(CONVERGE, "the relay reports its backlog", || async {
+        reqwest::get(format!("{}/metrics", stack.user_url))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+            .lines()
+            .any(|l| l.starts_with("ferrybox_outbox_backlog"))
+    })
+    .await;
+
+    for url in [&stack.user_url, &stack.auth_url] {
+        let live = api.get(&format!("{url}/health/live")).await.unwrap();
+        assert_eq!(live.status, 200);
+        let ready = api.get(&format!("{url}/health/ready")).await.unwrap();
+        assert_eq!(ready.status, 200, "{:?}", ready.body);
+        assert_eq!(ready.body["checks"]["database"], "ok");
+        assert_eq!(ready.body["checks"]["broker"], "ok");
+    }
+    stack.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn readiness_says_which_dependency_is_down() {
+    let db = testing::TestDatabase::create().await;
+    let mut gone = db.config();
+    // A database that does not exist, and a port nothing listens on.
+    gone.url = db
+        .url()
+        .rsplit_once('/')
+        .map(|(base, _)| format!("{base}/{}", testing::unique("no_such_db")))
+        .unwrap()
+        .into();
+    let pool = ferrybox::db::pool(&gone).unwrap();
+    let readiness = ferrybox::health::Readiness::new(pool)
+        .with_broker(&ferrybox::KafkaConfig::new("127.0.0.1:9"))
+        .unwrap();
+    let report = readiness.check().await;
+    assert_eq!(report.status, "not_ready");
+    assert_ne!(report.checks["database"], "ok", "{report:?}");
+    assert_ne!(report.checks["broker"], "ok", "{report:?}");
+    let healthy = ferrybox::health::Readiness::new(db.pool())
+        .with_broker(&testing::kafka())
+        .unwrap()
+        .check()
+        .await;
+    assert_eq!(healthy.status, "ready", "{healthy:?}");
+}
