@@ -85,3 +85,103 @@ async fn feed_and_reconcile_commands_answer_scripts_clearly() {
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("invalid snapshot"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_secret_reaches_a_log_line_or_an_error_message() {
+    const SECRETS: [&str; 5] = [
+        "db-hunter2",
+        "kafka-s3cret",
+        "feed-t0ken",
+        "snapshot-t0ken",
+        "hook-t0ken",
+    ];
+    let db = TestDatabase::create().await;
+    let secret_env = |database_url: String| {
+        vec![
+            ("RUST_LOG".to_owned(), "debug".to_owned()),
+            ("AUTH_SERVICE_DATABASE__URL".to_owned(), database_url),
+            (
+                "AUTH_SERVICE_KAFKA__BOOTSTRAP_SERVERS".to_owned(),
+                testing::kafka().bootstrap_servers,
+            ),
+            (
+                "AUTH_SERVICE_KAFKA__SETTINGS__SASL_PASSWORD".to_owned(),
+                "kafka-s3cret".to_owned(),
+            ),
+            (
+                "AUTH_SERVICE_FEED__TOKEN".to_owned(),
+                "feed-t0ken".to_owned(),
+            ),
+            (
+                "AUTH_SERVICE_FEED__URL".to_owned(),
+                "http://reader:feed-t0ken@127.0.0.1:9/events".to_owned(),
+            ),
+            (
+                "AUTH_SERVICE_RECONCILE__TOKEN".to_owned(),
+                "snapshot-t0ken".to_owned(),
+            ),
+            (
+                "AUTH_SERVICE_RECONCILE__SNAPSHOT_URL".to_owned(),
+                "http://127.0.0.1:9/snapshot?token=snapshot-t0ken".to_owned(),
+            ),
+            (
+                "AUTH_SERVICE_ALERT__WEBHOOK_URL".to_owned(),
+                "http://127.0.0.1:9/hooks/hook-t0ken".to_owned(),
+            ),
+        ]
+    };
+    let assert_clean = |what: &str, out: &str| {
+        for secret in SECRETS {
+            assert!(!out.contains(secret), "{what} leaks {secret}:\n{out}");
+        }
+    };
+    // A database that refuses the password, with debug logs on.
+    let refused = db
+        .url()
+        .replacen("postgres://", "postgres://nobody:db-hunter2@", 1);
+    let (code, out, err) = run(&secret_env(refused.clone()), &["serve"]).await;
+    assert_ne!(code, Some(0), "{err}");
+    assert_clean("serve with a bad database", &format!("{out}{err}"));
+    // A bad setting next to the secrets.
+    let mut env = secret_env(refused);
+    env.push(("AUTH_SERVICE_SESSION_TTL_SECS".to_owned(), "1".to_owned()));
+    let (code, out, err) = run(&env, &["serve"]).await;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("session_ttl_secs"), "{err}");
+    assert_clean("serve with a bad setting", &format!("{out}{err}"));
+    // A reconciliation and an alert that fail to reach anything, with a working database.
+    let (code, _, err) = run(&secret_env(db.url().to_owned()), &["migrate"]).await;
+    assert_eq!(code, Some(0), "{err}");
+    let (code, out, err) = run(&secret_env(db.url().to_owned()), &["reconcile"]).await;
+    assert_eq!(code, Some(1), "{err}");
+    assert_clean("reconcile", &format!("{out}{err}"));
+    // The feed consumer reaching a dead feed, logged at debug, until SIGTERM.
+    let mut env = secret_env(db.url().to_owned());
+    env.push(("AUTH_SERVICE_TRANSPORT".to_owned(), "feed".to_owned()));
+    env.push(("AUTH_SERVICE_LISTEN".to_owned(), "127.0.0.1:0".to_owned()));
+    let mut child = tokio::process::Command::new(EXE)
+        .arg("serve")
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stderr));
+    let mut seen = String::new();
+    // Read until the consumer has failed to reach the feed a few times.
+    while seen.matches("feed unreachable").count() < 2 {
+        match tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await {
+            Ok(Ok(Some(line))) => {
+                seen.push_str(&line);
+                seen.push('\n');
+            }
+            other => panic!("the feed consumer never reported the dead feed ({other:?}):\n{seen}"),
+        }
+    }
+    let status = testing::terminate(child, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(status.success(), "exit status {status}");
+    assert_clean("the feed consumer's logs", &seen);
+}

@@ -58,8 +58,9 @@ impl DatabaseConfig {
     }
 }
 
-/// How to reach Kafka. Every key in `settings` is passed to librdkafka unchanged.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// How to reach Kafka. Every key in `settings` is passed to librdkafka unchanged. Its `Debug`
+/// output hides the values of secret settings (passwords, secrets, tokens, keys).
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct KafkaConfig {
     /// `bootstrap.servers`.
@@ -75,6 +76,38 @@ pub struct KafkaConfig {
     /// Lets `settings` weaken the producer's durability (`acks` other than `all`,
     /// `enable.idempotence=false`). Off by default; for experiments only.
     pub allow_weak_durability: bool,
+}
+
+/// Whether a librdkafka setting holds a secret (`sasl.password`, `ssl.key.password`,
+/// `sasl.oauthbearer.client.secret`, `ssl.key.pem`, ...).
+fn is_secret_setting(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    ["password", "secret", "token", "pem", "jaas"]
+        .iter()
+        .any(|s| key.contains(s))
+}
+
+impl std::fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let settings: BTreeMap<&str, &str> = self
+            .settings
+            .iter()
+            .map(|(k, v)| {
+                let shown = if is_secret_setting(k) {
+                    "[redacted]"
+                } else {
+                    v.as_str()
+                };
+                (k.as_str(), shown)
+            })
+            .collect();
+        f.debug_struct("KafkaConfig")
+            .field("bootstrap_servers", &self.bootstrap_servers)
+            .field("settings", &settings)
+            .field("strict_durability", &self.strict_durability)
+            .field("allow_weak_durability", &self.allow_weak_durability)
+            .finish()
+    }
 }
 
 impl Default for KafkaConfig {
