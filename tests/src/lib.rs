@@ -220,6 +220,11 @@ impl Api {
         })
     }
 
+    /// A GET whose body is text (`/metrics`).
+    pub async fn http_text(&self, url: &str) -> anyhow::Result<String> {
+        Ok(self.http.get(url).send().await?.text().await?)
+    }
+
     /// auth-service's inbox counters.
     pub async fn inbox_stats(&self, auth_url: &str) -> anyhow::Result<Value> {
         Ok(self.get(&format!("{auth_url}/inbox/stats")).await?.body)

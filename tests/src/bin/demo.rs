@@ -362,6 +362,56 @@ async fn summary(demo: &mut Demo) -> anyhow::Result<Value> {
     Ok(stats)
 }
 
+/// Prints where an operator looks, with a few live readings.
+async fn where_to_look(demo: &Demo) -> anyhow::Result<()> {
+    section("Where to look");
+    let metric = |text: &str, name: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let user_metrics = demo
+        .api
+        .http_text(&format!("{}/metrics", demo.user))
+        .await?;
+    let auth_metrics = demo
+        .api
+        .http_text(&format!("{}/metrics", demo.auth))
+        .await?;
+    println!(
+        "   {}/metrics        messaging_client_sent_messages_total = {}",
+        demo.user,
+        metric(&user_metrics, "messaging_client_sent_messages_total")
+    );
+    println!(
+        "   {}/metrics        messaging_client_consumed_messages_total = {}",
+        demo.auth,
+        metric(&auth_metrics, "messaging_client_consumed_messages_total")
+    );
+    for url in [&demo.user, &demo.auth] {
+        let ready = demo.api.get(&format!("{url}/health/ready")).await?;
+        println!(
+            "   {url}/health/ready   {} {}",
+            ready.status, ready.body["checks"]
+        );
+    }
+    println!(
+        "   {}/inbox/stats    consumer counters and dead letters",
+        demo.auth
+    );
+    println!(
+        "   {}/reconcile/last the last scheduled reconciliation",
+        demo.auth
+    );
+    println!("   user-service outbox status | outbox replay | snapshot --out FILE");
+    println!("   auth-service dlq list | dlq redrive | reconcile | feed position");
+    println!(
+        "   traces: set OTEL_EXPORTER_OTLP_ENDPOINT (e.g. http://localhost:4318) on both services"
+    );
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let topic = format!("demo-users-{}", &testing::unique("run")[4..]);
@@ -428,7 +478,10 @@ async fn main() -> anyhow::Result<()> {
         auth_env: auth_env.clone(),
     };
     let outcome = match scenario(&mut demo).await {
-        Ok(()) => summary(&mut demo).await.map(|_| ()),
+        Ok(()) => match summary(&mut demo).await {
+            Ok(_) => where_to_look(&demo).await,
+            Err(e) => Err(e),
+        },
         Err(e) => Err(e),
     };
 
