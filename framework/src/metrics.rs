@@ -17,6 +17,7 @@
 //! | `ferrybox.outbox.replayed` | `ferrybox_outbox_replayed_total` | messages sent again by `replay` |
 //! | `ferrybox.feed.position` / `ferrybox.feed.lag` | `ferrybox_feed_position`, `ferrybox_feed_lag` | a feed consumer's position and how far the head is ahead |
 //! | `ferrybox.reconcile.entities` | `ferrybox_reconcile_entities` | the last reconciliation's counts, by `ferrybox.outcome` |
+//! | `ferrybox.inbox.lag` | `ferrybox_inbox_lag` | Kafka consumer lag per partition (from librdkafka's statistics, every 5 s) |
 
 use std::sync::OnceLock;
 
@@ -106,6 +107,7 @@ pub(crate) struct Instruments {
     pub(crate) feed_position: Gauge<i64>,
     pub(crate) feed_lag: Gauge<i64>,
     pub(crate) reconcile_entities: Gauge<u64>,
+    pub(crate) consumer_lag: Gauge<i64>,
 }
 
 impl Instruments {
@@ -168,6 +170,11 @@ impl Instruments {
                 .u64_gauge("ferrybox.reconcile.entities")
                 .with_unit("{entity}")
                 .with_description("The last reconciliation's counts, by outcome")
+                .build(),
+            consumer_lag: meter
+                .i64_gauge("ferrybox.inbox.lag")
+                .with_unit("{message}")
+                .with_description("Messages between a partition's committed position and its end")
                 .build(),
         }
     }

@@ -69,6 +69,22 @@ async fn the_counters_move_as_messages_flow_and_readiness_reports_the_dependenci
     })
     .await;
 
+    wait_until(
+        CONVERGE,
+        "the consumer reports its lag per partition",
+        || async {
+            reqwest::get(format!("{}/metrics", stack.auth_url))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+                .lines()
+                .any(|l| l.starts_with("ferrybox_inbox_lag{") && l.contains(topic.as_str()))
+        },
+    )
+    .await;
+
     for url in [&stack.user_url, &stack.auth_url] {
         let live = api.get(&format!("{url}/health/live")).await.unwrap();
         assert_eq!(live.status, 200);

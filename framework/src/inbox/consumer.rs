@@ -18,9 +18,51 @@ use crate::db::PgPool;
 use crate::error::{Error, Result};
 use crate::outbox::sleep_or_shutdown;
 
+/// How often librdkafka reports statistics (and so consumer lag) when metrics are on.
+const LAG_INTERVAL_MS: &str = "5000";
+
+/// Records each assigned partition's consumer lag (`ferrybox.inbox.lag`) from librdkafka's
+/// statistics.
+pub(crate) struct LagContext {
+    group: String,
+}
+
+impl rdkafka::ClientContext for LagContext {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let Some(m) = crate::metrics::instruments() else {
+            return;
+        };
+        for (topic, t) in &statistics.topics {
+            for (partition, p) in &t.partitions {
+                // -1: the internal unassigned partition, or a lag not known yet.
+                if *partition < 0 || p.consumer_lag < 0 {
+                    continue;
+                }
+                m.consumer_lag.record(
+                    p.consumer_lag,
+                    &[
+                        opentelemetry::KeyValue::new("messaging.system", "kafka"),
+                        opentelemetry::KeyValue::new("messaging.destination.name", topic.clone()),
+                        opentelemetry::KeyValue::new(
+                            "messaging.destination.partition.id",
+                            partition.to_string(),
+                        ),
+                        opentelemetry::KeyValue::new(
+                            "messaging.consumer.group.name",
+                            self.group.clone(),
+                        ),
+                    ],
+                );
+            }
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for LagContext {}
+
 /// Reads topics through the inbox and hands each new message to a [`Handler`].
 pub struct InboxConsumer<H> {
-    consumer: StreamConsumer,
+    consumer: StreamConsumer<LagContext>,
     pipeline: Pipeline<H>,
 }
 
@@ -63,7 +105,15 @@ impl<H: Handler> InboxConsumer<H> {
         client
             .set("group.id", &config.group_id)
             .set("enable.auto.offset.store", "false");
-        let consumer: StreamConsumer = client.create()?;
+        // Lag per partition comes from librdkafka's statistics, when metrics are on.
+        if crate::metrics::instruments().is_some()
+            && kafka.setting("statistics.interval.ms").is_none()
+        {
+            client.set("statistics.interval.ms", LAG_INTERVAL_MS);
+        }
+        let consumer: StreamConsumer<LagContext> = client.create_with_context(LagContext {
+            group: config.group_id.clone(),
+        })?;
         let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
         let dead_letter_topic = match &config.dead_letter_topic {
