@@ -8,7 +8,13 @@ use ferrybox::inbox::DeadLetterFilter;
 
 /// auth-service: caches users from their events and logs them in.
 #[derive(Parser)]
-#[command(version)]
+#[command(
+    version,
+    after_help = "Exit status: 0 done; 1 failed, or `reconcile` left differences unresolved, or \
+                  `dlq redrive` saw a message fail again; 2 usage error.\n\
+                  Endpoints (serve): /login, /session, /users/{id}, /inbox/stats, \
+                  /reconcile/last, /metrics, /health/live, /health/ready."
+)]
 struct Cli {
     /// A TOML settings file; `AUTH_SERVICE_*` variables override it.
     #[arg(long, global = true, env = "AUTH_SERVICE_CONFIG")]

@@ -17,6 +17,7 @@
 //! | `ferrybox.outbox.replayed` | `ferrybox_outbox_replayed_total` | messages sent again by `replay` |
 //! | `ferrybox.feed.position` / `ferrybox.feed.lag` | `ferrybox_feed_position`, `ferrybox_feed_lag` | a feed consumer's position and how far the head is ahead |
 //! | `ferrybox.reconcile.entities` | `ferrybox_reconcile_entities` | the last reconciliation's counts, by `ferrybox.outcome` |
+//! | `ferrybox.inbox.dead_letters` / `ferrybox.inbox.blocked_keys` | `ferrybox_inbox_dead_letters{ferrybox_status}`, `ferrybox_inbox_blocked_keys` | open dead letters and parked messages, keys held back (every 15 s) |
 //! | `ferrybox.inbox.lag` | `ferrybox_inbox_lag` | Kafka consumer lag per partition (from librdkafka's statistics, every 5 s) |
 
 use std::sync::OnceLock;
@@ -108,6 +109,8 @@ pub(crate) struct Instruments {
     pub(crate) feed_lag: Gauge<i64>,
     pub(crate) reconcile_entities: Gauge<u64>,
     pub(crate) consumer_lag: Gauge<i64>,
+    pub(crate) dead_letters: Gauge<u64>,
+    pub(crate) blocked_keys: Gauge<u64>,
 }
 
 impl Instruments {
@@ -170,6 +173,16 @@ impl Instruments {
                 .u64_gauge("ferrybox.reconcile.entities")
                 .with_unit("{entity}")
                 .with_description("The last reconciliation's counts, by outcome")
+                .build(),
+            dead_letters: meter
+                .u64_gauge("ferrybox.inbox.dead_letters")
+                .with_unit("{message}")
+                .with_description("Open dead letters, by status (dead, parked)")
+                .build(),
+            blocked_keys: meter
+                .u64_gauge("ferrybox.inbox.blocked_keys")
+                .with_unit("{key}")
+                .with_description("Keys held back behind a dead letter")
                 .build(),
             consumer_lag: meter
                 .i64_gauge("ferrybox.inbox.lag")

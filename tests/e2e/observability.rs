@@ -84,6 +84,18 @@ async fn the_counters_move_as_messages_flow_and_readiness_reports_the_dependenci
         },
     )
     .await;
+    // No dead letter here: the gauges say zero (they are measured every 15 s).
+    wait_until(CONVERGE, "the dead-letter gauges are reported", || async {
+        let text = reqwest::get(format!("{}/metrics", stack.auth_url))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .any(|l| l.starts_with("ferrybox_inbox_blocked_keys{") && l.ends_with(" 0"))
+    })
+    .await;
 
     for url in [&stack.user_url, &stack.auth_url] {
         let live = api.get(&format!("{url}/health/live")).await.unwrap();

@@ -8,7 +8,13 @@ use user_service::{Application, Settings, ops};
 
 /// user-service: owns user accounts and publishes their changes through the outbox.
 #[derive(Parser)]
-#[command(version)]
+#[command(
+    version,
+    after_help = "Exit status: 0 done; 1 failed, or `outbox replay` left messages unacknowledged; \
+                  2 usage error; 3 `outbox status` found rows the broker refused.\n\
+                  Endpoints (serve): /users, /snapshot and /events (internal, bearer token), \
+                  /metrics, /health/live, /health/ready."
+)]
 struct Cli {
     /// A TOML settings file; `USER_SERVICE_*` variables override it.
     #[arg(long, global = true, env = "USER_SERVICE_CONFIG")]

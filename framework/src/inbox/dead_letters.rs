@@ -314,6 +314,8 @@ pub struct DeadLetterCounts {
     pub parked: i64,
     /// Applied (or found applied) by a redrive.
     pub redriven: i64,
+    /// Keys held back: keys with a dead or parked message.
+    pub blocked_keys: i64,
 }
 
 /// What a redrive did.
@@ -392,7 +394,16 @@ impl DeadLetters {
             .select((dl::status, diesel::dsl::count_star()))
             .load(&mut conn)
             .await?;
-        let mut counts = DeadLetterCounts::default();
+        let blocked_keys: i64 = dl::table
+            .filter(dl::consumer.eq(&self.consumer))
+            .filter(dl::status.ne("redriven"))
+            .select(diesel::dsl::count(dl::message_key).aggregate_distinct())
+            .first(&mut conn)
+            .await?;
+        let mut counts = DeadLetterCounts {
+            blocked_keys,
+            ..DeadLetterCounts::default()
+        };
         for (status, n) in rows {
             match status.as_str() {
                 "dead" => counts.dead = n,

@@ -128,14 +128,23 @@ impl<H: Handler> Pipeline<H> {
         ]
     }
 
-    /// Deletes expired inbox rows in the background until `shutdown`.
+    /// Deletes expired inbox rows in the background until `shutdown`, and (when metrics are
+    /// on) reports the dead letters.
     pub(crate) fn spawn_cleaner(&self, shutdown: &CancellationToken) -> JoinHandle<()> {
-        tokio::spawn(clean_periodically(
+        let cleaning = clean_periodically(
             self.applier.pool.clone(),
             self.config.clone(),
             Arc::clone(&self.stats),
             shutdown.child_token(),
-        ))
+        );
+        let reporting = report_dead_letters(
+            super::DeadLetters::new(self.applier.pool.clone(), self.config.consumer_name()),
+            self.applier.consumer.clone(),
+            shutdown.child_token(),
+        );
+        tokio::spawn(async move {
+            tokio::join!(cleaning, reporting);
+        })
     }
 
     /// Finishes the leading records of `records`: a batch of those whose keys are not blocked,
@@ -308,6 +317,45 @@ async fn clean_periodically(
                 InboxStats::add(&stats.cleaned, n);
             }
             Err(e) => tracing::warn!(error = %e, "inbox cleanup failed; will try again"),
+        }
+    }
+}
+
+/// How often the dead-letter gauges are measured.
+const DEAD_LETTER_GAUGE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Records the open dead letters, parked messages and blocked keys every
+/// `DEAD_LETTER_GAUGE_INTERVAL` until `shutdown`; nothing when metrics are off.
+async fn report_dead_letters(
+    letters: super::DeadLetters,
+    consumer: String,
+    shutdown: CancellationToken,
+) {
+    let Some(m) = crate::metrics::instruments() else {
+        return;
+    };
+    let group = opentelemetry::KeyValue::new("messaging.consumer.group.name", consumer);
+    loop {
+        match letters.counts().await {
+            Ok(counts) => {
+                for (status, n) in [("dead", counts.dead), ("parked", counts.parked)] {
+                    m.dead_letters.record(
+                        u64::try_from(n).unwrap_or(0),
+                        &[
+                            group.clone(),
+                            opentelemetry::KeyValue::new("ferrybox.status", status),
+                        ],
+                    );
+                }
+                m.blocked_keys.record(
+                    u64::try_from(counts.blocked_keys).unwrap_or(0),
+                    std::slice::from_ref(&group),
+                );
+            }
+            Err(e) => tracing::debug!(error = %e, "dead letters not counted; trying again"),
+        }
+        if sleep_or_shutdown(DEAD_LETTER_GAUGE_INTERVAL, &shutdown).await {
+            return;
         }
     }
 }
