@@ -35,6 +35,9 @@ enum Command {
     Serve,
     /// Create or update the database tables, then exit.
     Migrate,
+    /// Check the configuration (file and `AUTH_SERVICE_*` variables) and exit: status 0 when
+    /// it is valid, 1 with the reason otherwise. Connects to nothing.
+    CheckConfig,
     /// Inspect and redrive dead letters. Exit status 1 when a redriven message fails again.
     Dlq {
         #[command(subcommand)]
@@ -117,6 +120,7 @@ async fn main() -> anyhow::Result<ExitCode> {
     let _telemetry = ferrybox::telemetry::init("auth-service", settings.log_json);
     match cli.command.unwrap_or(Command::Serve) {
         Command::Migrate => auth_service::startup::migrate(&settings).await?,
+        Command::CheckConfig => println!("configuration ok"),
         Command::Serve => {
             let shutdown = ferrybox::shutdown::on_signals();
             let app = Application::build(settings).await?;

@@ -6,6 +6,7 @@
 #   infra.sh down      stop what this script started
 #   infra.sh status    show what is running
 #   infra.sh run CMD   bring everything up, run CMD, then stop only what this call started
+#   infra.sh validator install (once) the Compose file validator; print its path
 #
 # Logs and data live in deploy/local/data/ (ignored by git).
 set -euo pipefail
@@ -143,6 +144,24 @@ status() {
     return $rc
 }
 
+# --- the Compose file validator (check-jsonschema from PyPI, with the compose-spec schema) ---
+
+VALIDATOR_VERSION=0.39.0
+
+validator() {
+    local venv="$DATA/venv-check-jsonschema-$VALIDATOR_VERSION"
+    # Tests ask for it in parallel: one installs, the others wait.
+    exec 9>"$DATA/validator.lock"
+    flock 9
+    if [[ ! -x "$venv/bin/check-jsonschema" ]]; then
+        log "installing check-jsonschema $VALIDATOR_VERSION (once per machine)"
+        rm -rf "$venv"
+        python3 -m venv "$venv"
+        "$venv/bin/pip" install --quiet --disable-pip-version-check "check-jsonschema==$VALIDATOR_VERSION"
+    fi
+    echo "$venv/bin/check-jsonschema"
+}
+
 STARTED=()
 run() {
     port_open "$KAFKA_PORT" || STARTED+=(tansu)
@@ -162,5 +181,6 @@ case "${1:-}" in
     down) down ;;
     status) status ;;
     run) shift; [[ $# -gt 0 ]] || { echo "usage: $0 run CMD..." >&2; exit 2; }; run "$@" ;;
-    *) echo "usage: $0 up|down|status|run CMD..." >&2; exit 2 ;;
+    validator) validator ;;
+    *) echo "usage: $0 up|down|status|run CMD...|validator" >&2; exit 2 ;;
 esac

@@ -34,6 +34,9 @@ enum Command {
     Relay,
     /// Create or update the database tables, then exit.
     Migrate,
+    /// Check the configuration (file and `USER_SERVICE_*` variables) and exit: status 0 when
+    /// it is valid, 1 with the reason otherwise. Connects to nothing.
+    CheckConfig,
     /// Inspect the outbox and replay its sent log.
     Outbox {
         #[command(subcommand)]
@@ -93,6 +96,7 @@ async fn main() -> anyhow::Result<ExitCode> {
     let _telemetry = ferrybox::telemetry::init("user-service", settings.log_json);
     match cli.command.unwrap_or(Command::Serve) {
         Command::Migrate => user_service::startup::migrate(&settings).await?,
+        Command::CheckConfig => println!("configuration ok"),
         Command::Serve => {
             let shutdown = ferrybox::shutdown::on_signals();
             let app = Application::build(settings).await?;

@@ -1,0 +1,17 @@
+# user-service: built in a Rust image, run in a slim Debian one as an unprivileged user.
+# Build context: the repository root (see deploy/docker-compose.yml).
+FROM rust:1.88-bookworm AS build
+WORKDIR /src
+COPY . .
+RUN cargo build --release --locked -p user-service --bin user-service
+
+FROM debian:bookworm-slim
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates curl \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --system --uid 10001 --no-create-home ferrybox
+COPY --from=build /src/target/release/user-service /usr/local/bin/user-service
+USER ferrybox
+EXPOSE 8080
+ENTRYPOINT ["/usr/local/bin/user-service"]
+CMD ["serve"]

@@ -1,0 +1,317 @@
+//! The docker-compose environment, proved without a Docker engine: the file is valid by the
+//! Compose Specification (checked by `check-jsonschema` from PyPI, with the compose-spec
+//! schema it ships), every variable given to a service is one its configuration reads, every
+//! Dockerfile builds a binary the workspace defines, and every topic the services use is
+//! created with durable settings.
+//!
+//! Runs the service binaries from the workspace's target directory: `make test` builds them.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the workspace root")
+        .to_path_buf()
+}
+
+fn compose_file() -> PathBuf {
+    root().join("deploy/docker-compose.yml")
+}
+
+/// The validator, installed by the project's own script on first use.
+fn validator() -> PathBuf {
+    let out = Command::new(root().join("deploy/local/infra.sh"))
+        .arg("validator")
+        .output()
+        .expect("run infra.sh validator");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+fn validate(file: &Path) -> (bool, String) {
+    let out = Command::new(validator())
+        .args(["--builtin-schema", "vendor.compose-spec"])
+        .arg(file)
+        .output()
+        .expect("run check-jsonschema");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// The compose file as JSON, read by the validator's own YAML parser (ruamel.yaml), with
+/// anchors and merge keys resolved.
+fn compose() -> Value {
+    let python = validator().with_file_name("python");
+    let out = Command::new(python)
+        .args([
+            "-c",
+            "import json, sys; from ruamel.yaml import YAML; \
+             print(json.dumps(YAML(typ='safe').load(open(sys.argv[1]))))",
+        ])
+        .arg(compose_file())
+        .output()
+        .expect("run the validator's python");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("compose as JSON")
+}
+
+/// Compose's `${NAME:-default}` interpolation, with nothing set in the environment.
+fn interpolate(value: &str) -> String {
+    let mut out = String::new();
+    let mut rest = value;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let end = rest[start..].find('}').expect("closing brace") + start;
+        let inner = &rest[start + 2..end];
+        out.push_str(inner.split_once(":-").map_or("", |(_, default)| default));
+        rest = &rest[end + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// A service's environment, interpolated.
+fn environment(compose: &Value, service: &str) -> BTreeMap<String, String> {
+    let env = &compose["services"][service]["environment"];
+    env.as_object()
+        .unwrap_or_else(|| panic!("{service} has an environment map"))
+        .iter()
+        .map(|(k, v)| {
+            let v = v.as_str().map_or_else(|| v.to_string(), str::to_owned);
+            (k.clone(), interpolate(&v))
+        })
+        .collect()
+}
+
+/// A workspace binary, built by `make test` (cargo builds every package's binaries for the
+/// workspace's tests).
+fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target directory");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace first (make test does)",
+        path.display()
+    );
+    path
+}
+
+#[test]
+fn the_compose_file_is_valid_by_the_compose_specification() {
+    let (valid, output) = validate(&compose_file());
+    assert!(valid, "{output}");
+    // The check bites: a misspelt key is refused.
+    let broken = std::env::temp_dir().join(format!(
+        "ferrybox-broken-compose-{}.yml",
+        std::process::id()
+    ));
+    let text = std::fs::read_to_string(compose_file()).unwrap();
+    std::fs::write(
+        &broken,
+        text.replacen("    healthcheck:", "    healthchek:", 1),
+    )
+    .unwrap();
+    let (valid, output) = validate(&broken);
+    std::fs::remove_file(&broken).unwrap();
+    assert!(!valid, "a misspelt key passed: {output}");
+}
+
+#[test]
+fn every_variable_given_to_a_service_is_one_its_configuration_reads() {
+    let compose = compose();
+    for (service, prefix) in [
+        ("user-service", "USER_SERVICE_"),
+        ("auth-service", "AUTH_SERVICE_"),
+    ] {
+        let env = environment(&compose, service);
+        for key in env.keys() {
+            assert!(
+                key.starts_with(prefix) || key.starts_with("OTEL_") || key == "RUST_LOG",
+                "{service}: {key} is read by nothing"
+            );
+        }
+        // The binary refuses unknown keys (serde `deny_unknown_fields`) and bad values.
+        let out = Command::new(binary(service))
+            .arg("check-config")
+            .env_clear()
+            .envs(&env)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{service} refuses its compose environment: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // ...which this check relies on: a misspelt variable is an error.
+        let mut misspelt = env.clone();
+        misspelt.insert(format!("{prefix}KAFKA__STRICT_DURABLITY"), "true".into());
+        let out = Command::new(binary(service))
+            .arg("check-config")
+            .env_clear()
+            .envs(&misspelt)
+            .output()
+            .unwrap();
+        assert!(
+            !out.status.success(),
+            "{service} accepted a misspelt variable"
+        );
+        assert_eq!(
+            env.get(&format!("{prefix}KAFKA__STRICT_DURABILITY"))
+                .map(String::as_str),
+            Some("true"),
+            "{service} runs with strict durability"
+        );
+    }
+}
+
+#[test]
+fn every_dockerfile_builds_a_binary_the_workspace_defines() {
+    let compose = compose();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let metadata = Command::new(cargo)
+        .args(["metadata", "--no-deps", "--format-version", "1"])
+        .current_dir(root())
+        .output()
+        .unwrap();
+    assert!(metadata.status.success());
+    let metadata: Value = serde_json::from_slice(&metadata.stdout).unwrap();
+    let bins: Vec<(String, String)> = metadata["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| {
+            let package = p["name"].as_str().unwrap().to_owned();
+            p["targets"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|t| t["kind"].as_array().unwrap().iter().any(|k| k == "bin"))
+                .map(move |t| (package.clone(), t["name"].as_str().unwrap().to_owned()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+
+    let mut built = Vec::new();
+    for (name, service) in compose["services"].as_object().unwrap() {
+        let Some(build) = service.get("build") else {
+            continue;
+        };
+        let context = compose_file()
+            .parent()
+            .unwrap()
+            .join(build["context"].as_str().unwrap());
+        let dockerfile = context.join(build["dockerfile"].as_str().unwrap());
+        let text = std::fs::read_to_string(&dockerfile)
+            .unwrap_or_else(|e| panic!("{name}: {}: {e}", dockerfile.display()));
+        let words: Vec<&str> = text
+            .lines()
+            .find(|l| l.contains("cargo build"))
+            .unwrap_or_else(|| panic!("{name}: no cargo build in {}", dockerfile.display()))
+            .split_whitespace()
+            .collect();
+        let after = |flag: &str| {
+            words
+                .iter()
+                .position(|w| *w == flag)
+                .and_then(|i| words.get(i + 1))
+                .map(|w| (*w).to_owned())
+                .unwrap_or_else(|| panic!("{name}: cargo build without {flag}"))
+        };
+        let (package, bin) = (after("-p"), after("--bin"));
+        assert!(
+            bins.contains(&(package.clone(), bin.clone())),
+            "{name}: the workspace has no binary {bin} in package {package}"
+        );
+        assert!(words.contains(&"--release") && words.contains(&"--locked"));
+        assert!(
+            text.contains(&format!("target/release/{bin} ")),
+            "{name}: the image copies a different binary"
+        );
+        assert!(
+            text.contains(&format!("ENTRYPOINT [\"/usr/local/bin/{bin}\"]")),
+            "{name}: the image runs a different binary"
+        );
+        assert!(
+            text.lines().filter(|l| l.starts_with("FROM ")).count() >= 2,
+            "{name}: a multi-stage build"
+        );
+        built.push(bin);
+    }
+    built.sort();
+    assert_eq!(built, ["auth-service", "user-service"]);
+}
+
+#[test]
+fn every_topic_the_services_use_is_created_with_durable_settings() {
+    let compose = compose();
+    let init = compose["services"]["kafka-init"]["command"][0]
+        .as_str()
+        .expect("kafka-init's script");
+    for setting in [
+        "--replication-factor 3",
+        "--config min.insync.replicas=2",
+        "--config unclean.leader.election.enable=false",
+    ] {
+        assert!(init.contains(setting), "topics are created with {setting}");
+    }
+    let created: BTreeMap<&str, &str> = init
+        .lines()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            (words.next() == Some("create")).then(|| (words.next().unwrap(), words.next().unwrap()))
+        })
+        .collect();
+
+    let user = environment(&compose, "user-service");
+    let auth = environment(&compose, "auth-service");
+    let users_topic = &user["USER_SERVICE_USERS_TOPIC__NAME"];
+    assert_eq!(&auth["AUTH_SERVICE_USERS_TOPIC__NAME"], users_topic);
+    assert_eq!(
+        created.get(users_topic.as_str()).copied(),
+        Some(user["USER_SERVICE_USERS_TOPIC__PARTITIONS"].as_str()),
+        "the users topic is created with the partitions the services expect"
+    );
+    let dlq = &auth["AUTH_SERVICE_INBOX__DEAD_LETTER_TOPIC"];
+    assert!(
+        created.contains_key(dlq.as_str()),
+        "the dead-letter topic {dlq} is created"
+    );
+
+    for broker in ["kafka-1", "kafka-2", "kafka-3"] {
+        let env = &compose["services"][broker]["environment"];
+        assert_eq!(env["KAFKA_DEFAULT_REPLICATION_FACTOR"], "3", "{broker}");
+        assert_eq!(env["KAFKA_MIN_INSYNC_REPLICAS"], "2", "{broker}");
+        assert_eq!(
+            env["KAFKA_UNCLEAN_LEADER_ELECTION_ENABLE"], "false",
+            "{broker}"
+        );
+        assert_eq!(env["KAFKA_AUTO_CREATE_TOPICS_ENABLE"], "false", "{broker}");
+        assert_eq!(
+            env["KAFKA_PROCESS_ROLES"], "broker,controller",
+            "{broker}: KRaft"
+        );
+    }
+}
