@@ -43,6 +43,8 @@ pub struct Settings {
     pub reconcile: ReconcileConfig,
     /// Where alerts go besides the log.
     pub alert: AlertConfig,
+    /// Login attempts allowed per account and per client address.
+    pub login_limits: crate::limits::LoginLimits,
     /// How long a login session lasts, in seconds.
     pub session_ttl_secs: i64,
     /// Log JSON lines instead of text.
@@ -74,6 +76,7 @@ impl Default for Settings {
                 ..ReconcileConfig::default()
             },
             alert: AlertConfig::default(),
+            login_limits: crate::limits::LoginLimits::default(),
             session_ttl_secs: 3600,
             log_json: false,
             max_body_bytes: 16 * 1024,
@@ -101,6 +104,7 @@ impl Settings {
         }
         self.reconcile.validate()?;
         self.alert.validate()?;
+        self.login_limits.validate()?;
         if self.inbox.topics != [self.users_topic.name.clone()] {
             return Err(ferrybox::Error::Config(
                 "inbox.topics must be the users topic".into(),

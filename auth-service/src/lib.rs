@@ -15,6 +15,7 @@
 pub mod cache;
 pub mod config;
 pub mod events;
+pub mod limits;
 pub mod login;
 pub mod ops;
 pub mod routes;

@@ -81,6 +81,13 @@ static DUMMY_HASH: LazyLock<String> = LazyLock::new(|| {
         .unwrap_or_default()
 });
 
+/// The hash an unknown account is checked against. Its algorithm, version and parameters are
+/// user-service's, so a login for an account that does not exist costs what a wrong password
+/// costs.
+pub fn dummy_hash() -> &'static str {
+    &DUMMY_HASH
+}
+
 async fn verify(password: String, hash: Option<String>) -> bool {
     tokio::task::spawn_blocking(move || {
         let exists = hash.is_some();

@@ -31,6 +31,8 @@ pub struct AppState {
     pub dead_letters: ferrybox::inbox::DeadLetters,
     /// The last reconciliation's report.
     pub reconcile: Arc<std::sync::Mutex<Option<ferrybox::reconcile::Report>>>,
+    /// Login attempts per account and per address.
+    pub limiter: Arc<crate::limits::LoginLimiter>,
 }
 
 /// The service's routes, with `/health/live`, `/health/ready` and `/metrics`.
@@ -57,13 +59,31 @@ pub fn router(
         )
 }
 
+/// Rate-limited per account and per client address: `429 too_many_attempts` with
+/// `Retry-After` once either budget is spent.
 async fn login(
     State(state): State<AppState>,
+    axum::extract::ConnectInfo(client): axum::extract::ConnectInfo<std::net::SocketAddr>,
     Json(credentials): Json<Credentials>,
-) -> Result<Json<Session>, ApiError> {
-    Ok(Json(
-        login::login(&state.pool, credentials, state.session_ttl).await?,
-    ))
+) -> Result<Json<Session>, axum::response::Response> {
+    use axum::response::IntoResponse;
+    if let Err(wait) = state.limiter.check(&credentials.email, client.ip()) {
+        let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        let error = ApiError::new(
+            axum::http::StatusCode::TOO_MANY_REQUESTS,
+            "too_many_attempts",
+            format!("too many login attempts; try again in {seconds} s"),
+        );
+        return Err((
+            [(axum::http::header::RETRY_AFTER, seconds.to_string())],
+            error,
+        )
+            .into_response());
+    }
+    login::login(&state.pool, credentials, state.session_ttl)
+        .await
+        .map(Json)
+        .map_err(IntoResponse::into_response)
 }
 
 async fn session(

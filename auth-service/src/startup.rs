@@ -118,6 +118,7 @@ impl Application {
                 Consumer::Feed(c) => c.stats(),
             },
             reconcile: reconciler.last_report(),
+            limiter: std::sync::Arc::new(crate::limits::LoginLimiter::new(settings.login_limits)),
             session_ttl: chrono::Duration::seconds(settings.session_ttl_secs),
         };
         let listener = TcpListener::bind(settings.listen)
@@ -151,6 +152,8 @@ impl Application {
         });
         let reconcile_task = tokio::spawn(self.reconciler.run_on_schedule(shutdown.child_token()));
         let app = crate::routes::router(self.state, &self.readiness, self.max_body_bytes);
+        // Client addresses feed the login rate limit.
+        let app = app.into_make_service_with_connect_info::<SocketAddr>();
         let served = axum::serve(self.listener, app)
             .with_graceful_shutdown({
                 let shutdown = shutdown.clone();

@@ -8,3 +8,4 @@ mod flow;
 mod observability;
 mod reconcile;
 mod replay;
+mod security;

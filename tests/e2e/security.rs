@@ -1,0 +1,136 @@
+//! Login hardening: rate limits per account and per address, and no tell between an unknown
+//! account and a wrong password.
+
+use argon2::password_hash::PasswordHash;
+use ferrybox::CancellationToken;
+use ferrybox::testing::{self, wait_until};
+use ferrybox_e2e::{Api, CONVERGE, Stack, auth_settings, point_at_user_service};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn logins_are_rate_limited_per_account_and_per_address() {
+    let stack = Stack::start().await.unwrap();
+    let api = Api::default();
+    let ada = api
+        .register(
+            &stack.user_url,
+            "ada@example.com",
+            "Ada",
+            "analytical-engine",
+        )
+        .await
+        .unwrap();
+    let id = ada["id"].as_str().unwrap().to_owned();
+    wait_until(CONVERGE, "Ada is cached", || async {
+        api.cached_version(&stack.auth_url, &id).await.unwrap() == Some(1)
+    })
+    .await;
+    // An auth-service on the same cache with small budgets.
+    let mut settings = auth_settings(&stack.auth_db, &stack.topic);
+    point_at_user_service(&mut settings, &stack.user_url);
+    settings.inbox.group_id = testing::unique("limited");
+    settings.login_limits.per_account_per_minute = 3;
+    settings.login_limits.per_address_per_minute = 5;
+    let app = auth_service::Application::build(settings).await.unwrap();
+    let url = format!("http://{}", app.local_addr().unwrap());
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(app.run(stop.clone()));
+
+    for _ in 0..3 {
+        let reply = api
+            .login(&url, "ada@example.com", "wrong-guess")
+            .await
+            .unwrap();
+        assert_eq!(reply.status, 401);
+    }
+    // The account's budget is spent: even the right password waits.
+    let http = reqwest::Client::new();
+    let limited = http
+        .post(format!("{url}/login"))
+        .json(&serde_json::json!({ "email": "ADA@example.com", "password": "analytical-engine" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(limited.status(), 429);
+    let retry_after: u64 = limited.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry_after), "{retry_after}");
+    let body: serde_json::Value = limited.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "too_many_attempts");
+    // The address has one attempt left (four used), on any other account; then it waits too.
+    let other = api
+        .login(&url, "nobody@example.com", "guess")
+        .await
+        .unwrap();
+    assert_eq!(other.status, 401);
+    let other = api
+        .login(&url, "someone@example.com", "guess")
+        .await
+        .unwrap();
+    assert_eq!(other.status, 429, "{:?}", other.body);
+    // The shared service, with its own budgets, still lets Ada in.
+    let ok = api
+        .login(&stack.auth_url, "ada@example.com", "analytical-engine")
+        .await
+        .unwrap();
+    assert_eq!(ok.status, 200);
+
+    stop.cancel();
+    running.await.unwrap().unwrap();
+    stack.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unknown_account_costs_what_a_wrong_password_costs() {
+    let stack = Stack::start().await.unwrap();
+    let api = Api::default();
+    let ada = api
+        .register(
+            &stack.user_url,
+            "ada2@example.com",
+            "Ada",
+            "analytical-engine",
+        )
+        .await
+        .unwrap();
+    let id = ada["id"].as_str().unwrap().to_owned();
+    wait_until(CONVERGE, "Ada is cached", || async {
+        api.cached_version(&stack.auth_url, &id).await.unwrap() == Some(1)
+    })
+    .await;
+    #[derive(diesel::QueryableByName)]
+    struct Hash {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        password_hash: String,
+    }
+    use diesel_async::{AsyncConnection, RunQueryDsl};
+    let mut conn = diesel_async::AsyncPgConnection::establish(stack.auth_db.url())
+        .await
+        .unwrap();
+    let stored: Hash = diesel::sql_query(format!(
+        "SELECT password_hash FROM cached_users WHERE id = '{id}'"
+    ))
+    .get_result(&mut conn)
+    .await
+    .unwrap();
+    // Same algorithm, version and cost parameters: verifying against the dummy hash is the
+    // same work as verifying a real user's.
+    let real = PasswordHash::new(&stored.password_hash).unwrap();
+    let dummy = PasswordHash::new(auth_service::login::dummy_hash()).unwrap();
+    assert_eq!(real.algorithm, dummy.algorithm);
+    assert_eq!(real.version, dummy.version);
+    assert_eq!(real.params, dummy.params);
+    // And both answers are the same.
+    let unknown = api
+        .login(&stack.auth_url, "nobody@example.com", "analytical-engine")
+        .await
+        .unwrap();
+    let wrong = api
+        .login(&stack.auth_url, "ada2@example.com", "wrong-password")
+        .await
+        .unwrap();
+    assert_eq!((unknown.status, &unknown.body), (wrong.status, &wrong.body));
+    stack.stop().await.unwrap();
+}
