@@ -45,6 +45,10 @@ pub struct Settings {
     pub alert: AlertConfig,
     /// Login attempts allowed per account and per client address.
     pub login_limits: crate::limits::LoginLimits,
+    /// The secret session tokens are signed with (32 bytes or more), shared with the services
+    /// that verify them (user-service). Unset: a random one per process, and no other service
+    /// can verify the tokens. Never logged.
+    pub token_secret: Option<secrecy::SecretString>,
     /// How long a login session lasts, in seconds.
     pub session_ttl_secs: i64,
     /// Log JSON lines instead of text.
@@ -77,6 +81,7 @@ impl Default for Settings {
             },
             alert: AlertConfig::default(),
             login_limits: crate::limits::LoginLimits::default(),
+            token_secret: None,
             session_ttl_secs: 3600,
             log_json: false,
             max_body_bytes: 16 * 1024,
@@ -105,6 +110,9 @@ impl Settings {
         self.reconcile.validate()?;
         self.alert.validate()?;
         self.login_limits.validate()?;
+        if let Some(secret) = &self.token_secret {
+            ferrybox::token::TokenKey::new(secret)?;
+        }
         if self.inbox.topics != [self.users_topic.name.clone()] {
             return Err(ferrybox::Error::Config(
                 "inbox.topics must be the users topic".into(),

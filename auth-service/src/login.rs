@@ -4,13 +4,10 @@ use std::sync::LazyLock;
 
 use argon2::Argon2;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 use ferrybox::http::ApiError;
-use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
@@ -109,11 +106,13 @@ fn token_hash(token: &str) -> String {
     format!("{:x}", Sha256::digest(token.as_bytes()))
 }
 
-/// Checks the credentials against an active cached user and opens a session.
+/// Checks the credentials against an active cached user and opens a session: a signed token
+/// (see `ferrybox::token`) whose hash is stored, so suspending or deleting the user revokes it.
 pub async fn login(
     pool: &ferrybox::db::PgPool,
     credentials: Credentials,
     ttl: chrono::Duration,
+    key: &ferrybox::token::TokenKey,
 ) -> Result<Session, ApiError> {
     let mut conn = ferrybox::db::connection(pool).await?;
     let email = credentials.email.trim().to_lowercase();
@@ -134,10 +133,8 @@ pub async fn login(
         return Err(invalid_credentials());
     }
     let user_id = user_id.ok_or_else(invalid_credentials)?;
-    let mut bytes = [0u8; 32];
-    rand::rng().fill_bytes(&mut bytes);
-    let token = URL_SAFE_NO_PAD.encode(bytes);
     let expires_at = Utc::now() + ttl;
+    let token = key.issue(user_id, Uuid::now_v7(), expires_at)?;
     diesel::insert_into(sessions::table)
         .values((
             sessions::token_hash.eq(token_hash(&token)),
@@ -155,8 +152,22 @@ pub async fn login(
     })
 }
 
-/// The session a bearer token opens, if it is valid, unexpired and its user still active.
-pub async fn session(pool: &ferrybox::db::PgPool, token: &str) -> Result<SessionInfo, ApiError> {
+/// The session a bearer token opens, if its signature and expiry check out, its session was not
+/// revoked and its user is still active.
+pub async fn session(
+    pool: &ferrybox::db::PgPool,
+    token: &str,
+    key: &ferrybox::token::TokenKey,
+) -> Result<SessionInfo, ApiError> {
+    let invalid = || {
+        ApiError::new(
+            axum::http::StatusCode::UNAUTHORIZED,
+            "invalid_token",
+            "the token is unknown, expired or revoked",
+        )
+    };
+    // A forged or expired token is refused before the database is asked.
+    key.verify(token).map_err(|_| invalid())?;
     let mut conn = ferrybox::db::connection(pool).await?;
     let found: Option<(Uuid, DateTime<Utc>)> = sessions::table
         .inner_join(cached_users::table.on(cached_users::id.eq(sessions::user_id)))
@@ -173,11 +184,5 @@ pub async fn session(pool: &ferrybox::db::PgPool, token: &str) -> Result<Session
             user_id,
             expires_at,
         })
-        .ok_or_else(|| {
-            ApiError::new(
-                axum::http::StatusCode::UNAUTHORIZED,
-                "invalid_token",
-                "the token is unknown, expired or revoked",
-            )
-        })
+        .ok_or_else(invalid)
 }

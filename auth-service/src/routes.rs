@@ -33,6 +33,8 @@ pub struct AppState {
     pub reconcile: Arc<std::sync::Mutex<Option<ferrybox::reconcile::Report>>>,
     /// Login attempts per account and per address.
     pub limiter: Arc<crate::limits::LoginLimiter>,
+    /// Signs and verifies session tokens.
+    pub tokens: ferrybox::token::TokenKey,
 }
 
 /// The service's routes, with `/health/live`, `/health/ready` and `/metrics`.
@@ -80,7 +82,7 @@ async fn login(
         )
             .into_response());
     }
-    login::login(&state.pool, credentials, state.session_ttl)
+    login::login(&state.pool, credentials, state.session_ttl, &state.tokens)
         .await
         .map(Json)
         .map_err(IntoResponse::into_response)
@@ -101,7 +103,9 @@ async fn session(
                 "send Authorization: Bearer <token>",
             )
         })?;
-    Ok(Json(login::session(&state.pool, token.trim()).await?))
+    Ok(Json(
+        login::session(&state.pool, token.trim(), &state.tokens).await?,
+    ))
 }
 
 /// A cached user as this service sees it.

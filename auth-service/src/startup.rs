@@ -119,6 +119,15 @@ impl Application {
             },
             reconcile: reconciler.last_report(),
             limiter: std::sync::Arc::new(crate::limits::LoginLimiter::new(settings.login_limits)),
+            tokens: match &settings.token_secret {
+                Some(secret) => ferrybox::token::TokenKey::new(secret)?,
+                None => {
+                    tracing::warn!(
+                        "token_secret is not set: session tokens use a random key, die with this process, and no other service can verify them"
+                    );
+                    ferrybox::token::TokenKey::ephemeral()
+                }
+            },
             session_ttl: chrono::Duration::seconds(settings.session_ttl_secs),
         };
         let listener = TcpListener::bind(settings.listen)

@@ -51,6 +51,7 @@ pub mod shutdown;
 pub mod telemetry;
 #[cfg(feature = "test-util")]
 pub mod testing;
+pub mod token;
 
 pub use codec::AvroCodec;
 pub use config::{DatabaseConfig, KafkaConfig, TopicConfig};

@@ -4,7 +4,7 @@ use serde_json::json;
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_requests_get_clear_4xx_errors_and_never_a_500() {
     let stack = Stack::start().await.unwrap();
-    let api = Api::default();
+    let api = Api::service();
     let http = reqwest::Client::new();
     let user = stack.user_url.clone();
     let auth = stack.auth_url.clone();
@@ -186,7 +186,10 @@ async fn bad_requests_get_clear_4xx_errors_and_never_a_500() {
         (nobody.status, nobody.error_code()),
         (401, Some("invalid_credentials"))
     );
-    let no_token = api.get(&format!("{auth}/session")).await.unwrap();
+    let no_token = Api::default()
+        .get(&format!("{auth}/session"))
+        .await
+        .unwrap();
     assert_eq!(
         (no_token.status, no_token.error_code()),
         (401, Some("missing_token"))

@@ -17,7 +17,7 @@ async fn the_same_flow_works_through_the_pulled_event_feed() {
 /// logins follow, whichever way the events travel.
 async fn scenario(transport: Transport) {
     let stack = Stack::start_with(transport).await.unwrap();
-    let api = Api::default();
+    let api = Api::service();
     let (user, auth) = (stack.user_url.clone(), stack.auth_url.clone());
 
     let ada = api

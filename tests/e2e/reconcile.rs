@@ -65,7 +65,7 @@ async fn register(stack: &Stack, api: &Api, n: usize) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread")]
 async fn one_run_repairs_what_lost_messages_left_behind_and_counts_it() {
     let stack = Stack::start().await.unwrap();
-    let api = Api::default();
+    let api = Api::service();
     let ids = register(&stack, &api, 6).await;
     // A deletion that reaches the cache...
     let deleted = &ids[5];
@@ -159,7 +159,7 @@ async fn one_run_repairs_what_lost_messages_left_behind_and_counts_it() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_old_snapshot_never_overwrites_newer_cache_entries_and_absence_proves_nothing() {
     let stack = Stack::start().await.unwrap();
-    let api = Api::default();
+    let api = Api::service();
     let ids = register(&stack, &api, 3).await;
     let file = std::env::temp_dir().join(format!("{}.ndjson", testing::unique("snapshot")));
     user_service::ops::export_snapshot(&user_settings(&stack.user_db, &stack.topic), &file, true)
@@ -245,7 +245,7 @@ async fn an_old_snapshot_never_overwrites_newer_cache_entries_and_absence_proves
 #[tokio::test(flavor = "multi_thread")]
 async fn the_snapshot_and_the_feed_need_the_internal_token() {
     let stack = Stack::start().await.unwrap();
-    let api = Api::default();
+    let api = Api::service();
     for path in ["snapshot", "events"] {
         let url = format!("{}/{path}", stack.user_url);
         for bearer in [None, Some("wrong-token")] {

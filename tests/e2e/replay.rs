@@ -55,7 +55,7 @@ async fn auth_service_converges(db: &TestDatabase, topic: &str, expected: &[Stri
 #[tokio::test(flavor = "multi_thread")]
 async fn replaying_the_sent_log_after_broker_data_loss_restores_the_consumer() {
     let stack = Stack::start().await.unwrap();
-    let api = Api::default();
+    let api = Api::service();
     let user = stack.user_url.clone();
     let mut ids = Vec::new();
     for name in ["ann", "ben", "cat", "dan"] {

@@ -134,3 +134,147 @@ async fn an_unknown_account_costs_what_a_wrong_password_costs() {
     assert_eq!((unknown.status, &unknown.body), (wrong.status, &wrong.body));
     stack.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn changes_need_a_token_and_a_suspended_or_deleted_users_token_stops_working() {
+    let stack = Stack::start().await.unwrap();
+    let (anyone, service) = (Api::default(), Api::service());
+    let mut ids = Vec::new();
+    for (email, password) in [
+        ("eve@example.com", "eves-password"),
+        ("fay@example.com", "fays-password"),
+    ] {
+        let user = anyone
+            .register(&stack.user_url, email, "Someone", password)
+            .await
+            .unwrap();
+        let id = user["id"].as_str().unwrap().to_owned();
+        wait_until(CONVERGE, "the user is cached", || async {
+            anyone.cached_version(&stack.auth_url, &id).await.unwrap() == Some(1)
+        })
+        .await;
+        ids.push(id);
+    }
+    let (eve, fay) = (ids[0].clone(), ids[1].clone());
+    let login = anyone
+        .login(&stack.auth_url, "eve@example.com", "eves-password")
+        .await
+        .unwrap();
+    assert_eq!(login.status, 200);
+    let token = login.body["token"].as_str().unwrap().to_owned();
+    let patch = |id: &str, bearer: Option<&str>| {
+        let (api, url, bearer) = (
+            anyone.clone(),
+            format!("{}/users/{id}", stack.user_url),
+            bearer.map(str::to_owned),
+        );
+        async move {
+            api.send(
+                reqwest::Method::PATCH,
+                &url,
+                Some(serde_json::json!({ "name": "Changed" })),
+                bearer.as_deref(),
+            )
+            .await
+            .unwrap()
+        }
+    };
+
+    // No token, a forged one, an expired one: 401. Someone else's account: 403.
+    assert_eq!(patch(&eve, None).await.status, 401);
+    let forged =
+        ferrybox::token::TokenKey::new(&"another-secret-of-at-least-32-bytes!".to_owned().into())
+            .unwrap()
+            .issue(
+                eve.parse().unwrap(),
+                uuid::Uuid::now_v7(),
+                chrono::Utc::now() + chrono::Duration::minutes(5),
+            )
+            .unwrap();
+    assert_eq!(patch(&eve, Some(&forged)).await.status, 401);
+    let expired = ferrybox::token::TokenKey::new(&ferrybox_e2e::TOKEN_SECRET.to_owned().into())
+        .unwrap()
+        .issue(
+            eve.parse().unwrap(),
+            uuid::Uuid::now_v7(),
+            chrono::Utc::now() - chrono::Duration::seconds(1),
+        )
+        .unwrap();
+    assert_eq!(patch(&eve, Some(&expired)).await.status, 401);
+    let other = patch(&fay, Some(&token)).await;
+    assert_eq!((other.status, other.error_code()), (403, Some("forbidden")));
+    let suspend = anyone
+        .send(
+            reqwest::Method::POST,
+            &format!("{}/users/{eve}/suspend", stack.user_url),
+            None,
+            Some(&token),
+        )
+        .await
+        .unwrap();
+    assert_eq!(suspend.status, 403, "users cannot suspend, even themselves");
+    // Eve's own token changes Eve.
+    assert_eq!(patch(&eve, Some(&token)).await.status, 200);
+
+    // The service suspends Eve: her token stops working at user-service at once (it owns the
+    // users) and at auth-service once the event is applied.
+    let suspended = service
+        .post(
+            &format!("{}/users/{eve}/suspend", stack.user_url),
+            serde_json::json!({}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(suspended.status, 200);
+    assert_eq!(patch(&eve, Some(&token)).await.status, 401);
+    wait_until(CONVERGE, "auth-service revokes Eve's session", || async {
+        anyone
+            .send(
+                reqwest::Method::GET,
+                &format!("{}/session", stack.auth_url),
+                None,
+                Some(&token),
+            )
+            .await
+            .unwrap()
+            .status
+            == 401
+    })
+    .await;
+
+    // Fay deletes herself with her own token; it then opens nothing anywhere.
+    let fay_token = anyone
+        .login(&stack.auth_url, "fay@example.com", "fays-password")
+        .await
+        .unwrap()
+        .body["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let deleted = anyone
+        .send(
+            reqwest::Method::DELETE,
+            &format!("{}/users/{fay}", stack.user_url),
+            None,
+            Some(&fay_token),
+        )
+        .await
+        .unwrap();
+    assert_eq!(deleted.status, 204);
+    assert_eq!(patch(&fay, Some(&fay_token)).await.status, 401);
+    wait_until(CONVERGE, "auth-service revokes Fay's session", || async {
+        anyone
+            .send(
+                reqwest::Method::GET,
+                &format!("{}/session", stack.auth_url),
+                None,
+                Some(&fay_token),
+            )
+            .await
+            .unwrap()
+            .status
+            == 401
+    })
+    .await;
+    stack.stop().await.unwrap();
+}

@@ -44,12 +44,18 @@ pub fn user_settings(db: &TestDatabase, topic: &str) -> user_service::Settings {
             ..defaults.relay
         },
         internal_token: Some(INTERNAL_TOKEN.into()),
+        service_token: Some(SERVICE_TOKEN.into()),
+        token_secret: Some(TOKEN_SECRET.into()),
         ..defaults
     }
 }
 
 /// The bearer token test user-services require on `/snapshot` and `/events`.
 pub const INTERNAL_TOKEN: &str = "test-internal-token";
+/// The service credential test user-services accept for any change.
+pub const SERVICE_TOKEN: &str = "test-service-credential";
+/// The secret test auth-services sign session tokens with, and test user-services verify them.
+pub const TOKEN_SECRET: &str = "test-token-secret-of-at-least-32-bytes";
 
 /// auth-service settings for a test: port 0, its own database and consumer group, `topic`.
 pub fn auth_settings(db: &TestDatabase, topic: &str) -> auth_service::Settings {
@@ -59,6 +65,7 @@ pub fn auth_settings(db: &TestDatabase, topic: &str) -> auth_service::Settings {
     s.kafka = testing::kafka();
     s.schema_registry_url = testing::registry_url();
     s.inbox.group_id = testing::unique("auth");
+    s.token_secret = Some(TOKEN_SECRET.into());
     s
 }
 
@@ -126,6 +133,8 @@ impl Stack {
 #[derive(Clone, Default)]
 pub struct Api {
     http: reqwest::Client,
+    /// Sent when a request names no bearer token of its own.
+    bearer: Option<String>,
 }
 
 /// A response's status and JSON body (`Value::Null` when empty or not JSON).
@@ -145,7 +154,17 @@ impl Reply {
 }
 
 impl Api {
-    /// Sends a request with an optional JSON body.
+    /// A client that calls with the test user-services' service credential (it may change
+    /// any user).
+    pub fn service() -> Self {
+        Self {
+            bearer: Some(SERVICE_TOKEN.to_owned()),
+            ..Self::default()
+        }
+    }
+
+    /// Sends a request with an optional JSON body (and a bearer token: `bearer`, else this
+    /// client's own).
     pub async fn send(
         &self,
         method: reqwest::Method,
@@ -157,7 +176,7 @@ impl Api {
         if let Some(body) = body {
             request = request.json(&body);
         }
-        if let Some(token) = bearer {
+        if let Some(token) = bearer.or(self.bearer.as_deref()) {
             request = request.bearer_auth(token);
         }
         let response = request.send().await?;

@@ -27,6 +27,14 @@ pub struct Settings {
     /// When set, `GET /snapshot` and `GET /events` (which other services call, and which carry
     /// password hashes) need `Authorization: Bearer <token>`. Never logged.
     pub internal_token: Option<secrecy::SecretString>,
+    /// The credential other services present (`Authorization: Bearer <it>`) to change any
+    /// user. Never logged.
+    pub service_token: Option<secrecy::SecretString>,
+    /// auth-service's token secret: session tokens signed with it let a user change their own
+    /// account. Never logged.
+    pub token_secret: Option<secrecy::SecretString>,
+    /// `POST /users` without a token (self sign-up). Off: only the service credential registers.
+    pub open_registration: bool,
     /// Log JSON lines instead of text.
     pub log_json: bool,
     /// Largest request body accepted, in bytes.
@@ -44,6 +52,9 @@ impl Default for Settings {
             relay: RelayConfig::default(),
             feed: FeedServerConfig::default(),
             internal_token: None,
+            service_token: None,
+            token_secret: None,
+            open_registration: true,
             log_json: false,
             max_body_bytes: 16 * 1024,
         }
@@ -65,6 +76,9 @@ impl Settings {
         self.users_topic.validate()?;
         self.relay.validate()?;
         self.feed.validate()?;
+        if let Some(secret) = &self.token_secret {
+            ferrybox::token::TokenKey::new(secret)?;
+        }
         if self.schema_registry_url.is_empty() {
             return Err(ferrybox::Error::Config(
                 "schema_registry_url is empty".into(),

@@ -13,6 +13,7 @@
 //! - [`ops`]: operator commands: the relay on its own, `outbox status` and `outbox replay`.
 //! - [`config`]: settings from a file and `USER_SERVICE_*` variables.
 
+pub mod auth;
 pub mod config;
 pub mod events;
 pub mod ops;

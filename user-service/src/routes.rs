@@ -11,6 +11,7 @@ use ferrybox::http::{ApiError, Json};
 use secrecy::SecretString;
 use uuid::Uuid;
 
+use crate::auth::{Caller, MaybeCaller};
 use crate::snapshot::{SOURCE, UserSnapshot};
 use crate::users::{NewUser, Suspension, User, UserPatch, Users};
 
@@ -60,10 +61,24 @@ fn user_id(path: Result<Path<String>, PathRejection>) -> Result<Uuid, ApiError> 
     Uuid::parse_str(&raw).map_err(|_| ApiError::not_found(format!("no user {raw}")))
 }
 
+/// Open to anyone when `open_registration` is on (self sign-up); the service credential
+/// otherwise.
 async fn register(
     State(users): State<Users>,
+    MaybeCaller(caller): MaybeCaller,
     Json(input): Json<NewUser>,
 ) -> Result<(StatusCode, Json<User>), ApiError> {
+    if !users.auth.open_registration {
+        caller
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "registration needs the service credential",
+                )
+            })?
+            .must_be_service()?;
+    }
     Ok((StatusCode::CREATED, Json(users.register(input).await?)))
 }
 
@@ -74,20 +89,26 @@ async fn get_user(
     Ok(Json(users.get(user_id(id)?).await?))
 }
 
+/// The user themselves, or the service.
 async fn update(
     State(users): State<Users>,
+    caller: Caller,
     id: Result<Path<String>, PathRejection>,
     Json(patch): Json<UserPatch>,
 ) -> Result<Json<User>, ApiError> {
-    Ok(Json(users.update(user_id(id)?, patch).await?))
+    let id = user_id(id)?;
+    caller.may_change(id)?;
+    Ok(Json(users.update(id, patch).await?))
 }
 
-/// The body is optional: an empty one means no reason given.
+/// The service only. The body is optional: an empty one means no reason given.
 async fn suspend(
     State(users): State<Users>,
+    caller: Caller,
     id: Result<Path<String>, PathRejection>,
     body: axum::body::Bytes,
 ) -> Result<Json<User>, ApiError> {
+    caller.must_be_service()?;
     let suspension: Suspension = if body.iter().all(u8::is_ascii_whitespace) {
         Suspension::default()
     } else {
@@ -97,10 +118,14 @@ async fn suspend(
     Ok(Json(users.suspend(user_id(id)?, suspension).await?))
 }
 
+/// The user themselves, or the service.
 async fn delete(
     State(users): State<Users>,
+    caller: Caller,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<StatusCode, ApiError> {
-    users.delete(user_id(id)?).await?;
+    let id = user_id(id)?;
+    caller.may_change(id)?;
+    users.delete(id).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -82,7 +82,13 @@ impl Application {
             settings.feed.clone(),
             &feed_stop,
         )?;
+        let auth = crate::auth::Authenticator::new(
+            settings.service_token.as_ref(),
+            settings.token_secret.as_ref(),
+            settings.open_registration,
+        )?;
         let users = Users {
+            auth: std::sync::Arc::new(auth),
             pool,
             outbox: Outbox::new(SOURCE),
             codec,

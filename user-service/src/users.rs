@@ -132,6 +132,7 @@ pub struct Users {
     pub(crate) outbox: Outbox,
     pub(crate) codec: AvroCodec,
     pub(crate) topic: String,
+    pub(crate) auth: std::sync::Arc<crate::auth::Authenticator>,
 }
 
 /// An error inside a change transaction.

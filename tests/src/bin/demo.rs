@@ -18,6 +18,10 @@ const USER_DB: &str = "ferrybox_demo_user_service";
 const AUTH_DB: &str = "ferrybox_demo_auth_service";
 /// The token user-service requires on its internal endpoints in the demo.
 const INTERNAL_TOKEN: &str = "demo-internal-token";
+/// The demo's service credential (an admin service may change any user).
+const SERVICE_TOKEN: &str = "demo-service-credential";
+/// The secret auth-service signs session tokens with and user-service verifies them with.
+const TOKEN_SECRET: &str = "demo-token-secret-of-at-least-32-bytes";
 
 #[derive(QueryableByName, Debug)]
 struct OutboxRow {
@@ -432,6 +436,10 @@ async fn main() -> anyhow::Result<()> {
     let mut user_env = env("USER_SERVICE_", USER_DB);
     // /snapshot and /events carry password hashes: only callers with this token get them.
     user_env.push(("USER_SERVICE_INTERNAL_TOKEN".into(), INTERNAL_TOKEN.into()));
+    // Changes need a token: the demo acts as an admin service with the service credential;
+    // users' own session tokens from auth-service are verified with the shared secret.
+    user_env.push(("USER_SERVICE_SERVICE_TOKEN".into(), SERVICE_TOKEN.into()));
+    user_env.push(("USER_SERVICE_TOKEN_SECRET".into(), TOKEN_SECRET.into()));
     let mut auth_env = env("AUTH_SERVICE_", AUTH_DB);
     auth_env.push(("AUTH_SERVICE_DATABASE__URL".into(), database_url(AUTH_DB)));
     auth_env.push((
@@ -452,6 +460,7 @@ async fn main() -> anyhow::Result<()> {
         format!("{}/events", user_service.url),
     ));
     auth_env.push(("AUTH_SERVICE_FEED__TOKEN".into(), INTERNAL_TOKEN.into()));
+    auth_env.push(("AUTH_SERVICE_TOKEN_SECRET".into(), TOKEN_SECRET.into()));
     auth_env.push((
         "AUTH_SERVICE_RECONCILE__TOKEN".into(),
         INTERNAL_TOKEN.into(),
@@ -470,7 +479,7 @@ async fn main() -> anyhow::Result<()> {
     );
 
     let mut demo = Demo {
-        api: Api::default(),
+        api: Api::service(),
         user: user_service.url.clone(),
         auth: auth_service.url.clone(),
         user_db: AsyncPgConnection::establish(&database_url(USER_DB)).await?,
