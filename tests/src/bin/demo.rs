@@ -11,17 +11,13 @@ use diesel::QueryableByName;
 use diesel::sql_types::{BigInt, Integer, Nullable, Text};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use ferrybox::testing::{self, ServiceProcess, wait_until};
-use ferrybox_e2e::{Api, CONVERGE};
+use ferrybox_e2e::{Api, CONVERGE, SERVICE_TOKEN, TOKEN_SECRET};
 use serde_json::{Value, json};
 
 const USER_DB: &str = "ferrybox_demo_user_service";
 const AUTH_DB: &str = "ferrybox_demo_auth_service";
 /// The token user-service requires on its internal endpoints in the demo.
 const INTERNAL_TOKEN: &str = "demo-internal-token";
-/// The demo's service credential (an admin service may change any user).
-const SERVICE_TOKEN: &str = "demo-service-credential";
-/// The secret auth-service signs session tokens with and user-service verifies them with.
-const TOKEN_SECRET: &str = "demo-token-secret-of-at-least-32-bytes";
 
 #[derive(QueryableByName, Debug)]
 struct OutboxRow {
@@ -209,7 +205,7 @@ async fn scenario(demo: &mut Demo) -> anyhow::Result<()> {
     }
     let (ada, grace, alan) = (ids[0].clone(), ids[1].clone(), ids[2].clone());
 
-    section("Update Ada's name");
+    section("Update Ada's name (changes need a token: here an admin service's credential)");
     let reply = api
         .send(
             reqwest::Method::PATCH,
