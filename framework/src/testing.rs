@@ -524,6 +524,25 @@ impl Drop for PrivateBroker {
     }
 }
 
+/// Serves `router` on a free port of 127.0.0.1 until `stop`; returns its base URL
+/// (`http://127.0.0.1:PORT`).
+pub async fn serve(router: axum::Router, stop: &CancellationToken) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind a free port");
+    let url = format!(
+        "http://{}",
+        listener.local_addr().expect("the listener's address")
+    );
+    let stop = stop.clone();
+    tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await
+    });
+    url
+}
+
 /// An alert webhook on a free port that keeps what it receives, until `stop`: its URL and the
 /// alerts so far.
 pub async fn alert_sink(
@@ -546,18 +565,5 @@ pub async fn alert_sink(
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind the alert sink");
-    let url = format!(
-        "http://{}/alerts",
-        listener.local_addr().expect("the alert sink's address")
-    );
-    let stop = stop.clone();
-    tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await
-    });
-    (url, received)
+    (format!("{}/alerts", serve(app, stop).await), received)
 }

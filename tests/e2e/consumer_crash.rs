@@ -264,14 +264,7 @@ async fn feed_of_ticks(
         stop,
     )
     .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/events", listener.local_addr().unwrap());
-    let stop = stop.clone();
-    tokio::spawn(async move {
-        axum::serve(listener, feed.router())
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await
-    });
+    let url = format!("{}/events", testing::serve(feed.router(), stop).await);
     (producer_db, url, total)
 }
 

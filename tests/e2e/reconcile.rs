@@ -282,9 +282,7 @@ async fn the_service_reconciles_on_its_schedule_and_reports_the_last_run() {
     let api = Api::default();
     let ids = register(&stack, &api, 2).await;
     // A second auth-service on the same database, reconciling every 200 ms.
-    let mut settings = reconcile_settings(&stack, None);
-    settings.listen = ([127, 0, 0, 1], 0).into();
-    settings.inbox.group_id = testing::unique("scheduled");
+    let mut settings = stack.extra_auth_settings("scheduled");
     settings.reconcile.interval = std::time::Duration::from_millis(200);
     let app = auth_service::Application::build(settings).await.unwrap();
     let url = format!("http://{}", app.local_addr().unwrap());

@@ -3,31 +3,19 @@
 
 use argon2::password_hash::PasswordHash;
 use ferrybox::CancellationToken;
-use ferrybox::testing::{self, wait_until};
-use ferrybox_e2e::{Api, CONVERGE, Stack, auth_settings, point_at_user_service};
+use ferrybox::testing::wait_until;
+use ferrybox_e2e::{Api, CONVERGE, Stack};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn logins_are_rate_limited_per_account_and_per_address() {
     let stack = Stack::start().await.unwrap();
     let api = Api::default();
-    let ada = api
-        .register(
-            &stack.user_url,
-            "ada@example.com",
-            "Ada",
-            "analytical-engine",
-        )
+    stack
+        .register_cached("ada@example.com", "Ada", "analytical-engine")
         .await
         .unwrap();
-    let id = ada["id"].as_str().unwrap().to_owned();
-    wait_until(CONVERGE, "Ada is cached", || async {
-        api.cached_version(&stack.auth_url, &id).await.unwrap() == Some(1)
-    })
-    .await;
     // An auth-service on the same cache with small budgets.
-    let mut settings = auth_settings(&stack.auth_db, &stack.topic);
-    point_at_user_service(&mut settings, &stack.user_url);
-    settings.inbox.group_id = testing::unique("limited");
+    let mut settings = stack.extra_auth_settings("limited");
     settings.login_limits.per_account_per_minute = 3;
     settings.login_limits.per_address_per_minute = 5;
     let app = auth_service::Application::build(settings).await.unwrap();
@@ -86,20 +74,10 @@ async fn logins_are_rate_limited_per_account_and_per_address() {
 async fn an_unknown_account_costs_what_a_wrong_password_costs() {
     let stack = Stack::start().await.unwrap();
     let api = Api::default();
-    let ada = api
-        .register(
-            &stack.user_url,
-            "ada2@example.com",
-            "Ada",
-            "analytical-engine",
-        )
+    let id = stack
+        .register_cached("ada2@example.com", "Ada", "analytical-engine")
         .await
         .unwrap();
-    let id = ada["id"].as_str().unwrap().to_owned();
-    wait_until(CONVERGE, "Ada is cached", || async {
-        api.cached_version(&stack.auth_url, &id).await.unwrap() == Some(1)
-    })
-    .await;
     #[derive(diesel::QueryableByName)]
     struct Hash {
         #[diesel(sql_type = diesel::sql_types::Text)]
@@ -144,16 +122,12 @@ async fn changes_need_a_token_and_a_suspended_or_deleted_users_token_stops_worki
         ("eve@example.com", "eves-password"),
         ("fay@example.com", "fays-password"),
     ] {
-        let user = anyone
-            .register(&stack.user_url, email, "Someone", password)
-            .await
-            .unwrap();
-        let id = user["id"].as_str().unwrap().to_owned();
-        wait_until(CONVERGE, "the user is cached", || async {
-            anyone.cached_version(&stack.auth_url, &id).await.unwrap() == Some(1)
-        })
-        .await;
-        ids.push(id);
+        ids.push(
+            stack
+                .register_cached(email, "Someone", password)
+                .await
+                .unwrap(),
+        );
     }
     let (eve, fay) = (ids[0].clone(), ids[1].clone());
     let login = anyone

@@ -114,6 +114,38 @@ impl Stack {
         })
     }
 
+    /// Registers a user on user-service (open sign-up) and waits until auth-service has cached
+    /// it; returns its id.
+    pub async fn register_cached(
+        &self,
+        email: &str,
+        name: &str,
+        password: &str,
+    ) -> anyhow::Result<String> {
+        let api = Api::default();
+        let user = api.register(&self.user_url, email, name, password).await?;
+        let id = user["id"]
+            .as_str()
+            .ok_or_else(|| anyhow::anyhow!("no id in {user}"))?
+            .to_owned();
+        testing::wait_until(CONVERGE, "the user is cached", || async {
+            api.cached_version(&self.auth_url, &id)
+                .await
+                .is_ok_and(|v| v == Some(1))
+        })
+        .await;
+        Ok(id)
+    }
+
+    /// Settings for another auth-service on this stack's cache and user-service, in consumer
+    /// group `group`, on a free port.
+    pub fn extra_auth_settings(&self, group: &str) -> auth_service::Settings {
+        let mut settings = auth_settings(&self.auth_db, &self.topic);
+        point_at_user_service(&mut settings, &self.user_url);
+        settings.inbox.group_id = testing::unique(group);
+        settings
+    }
+
     /// Stops both services and waits for them to drain.
     pub async fn stop(self) -> anyhow::Result<()> {
         self.stop_keeping_databases().await.map(drop)

@@ -6,8 +6,7 @@
 use std::sync::OnceLock;
 
 use auth_service::config::Transport;
-use ferrybox::testing::wait_until;
-use ferrybox_e2e::{Api, CONVERGE, Stack};
+use ferrybox_e2e::Stack;
 use opentelemetry::trace::{SpanKind, TraceId};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
 
@@ -35,17 +34,11 @@ fn spans() -> Vec<SpanData> {
 async fn one_request_one_trace(transport: Transport) {
     exporter();
     let stack = Stack::start_with(transport).await.unwrap();
-    let api = Api::default();
     let email = format!("{}@example.com", ferrybox::testing::unique("traced"));
-    let user = api
-        .register(&stack.user_url, &email, "Traced", "traced-password")
+    let id = stack
+        .register_cached(&email, "Traced", "traced-password")
         .await
         .unwrap();
-    let id = user["id"].as_str().unwrap().to_owned();
-    wait_until(CONVERGE, "the user is cached", || async {
-        api.cached_version(&stack.auth_url, &id).await.unwrap() == Some(1)
-    })
-    .await;
 
     // The span of that request, from its `user_id` attribute-free name and the upsert that
     // names the user on the other side.

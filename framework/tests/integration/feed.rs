@@ -26,15 +26,7 @@ async fn serve_feed(fx: &Fixture, stop: &CancellationToken) -> String {
         stop,
     )
     .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/events", listener.local_addr().unwrap());
-    let stop = stop.clone();
-    tokio::spawn(async move {
-        axum::serve(listener, feed.router())
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await
-    });
-    url
+    format!("{}/events", testing::serve(feed.router(), stop).await)
 }
 
 fn feed_config(url: &str, on_undecodable: OnUndecodable) -> FeedConfig {
