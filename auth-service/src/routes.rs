@@ -92,19 +92,15 @@ async fn session(
     State(state): State<AppState>,
     headers: HeaderMap,
 ) -> Result<Json<SessionInfo>, ApiError> {
-    let token = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| {
-            ApiError::new(
-                axum::http::StatusCode::UNAUTHORIZED,
-                "missing_token",
-                "send Authorization: Bearer <token>",
-            )
-        })?;
+    let token = ferrybox::http::bearer_token(&headers).ok_or_else(|| {
+        ApiError::new(
+            axum::http::StatusCode::UNAUTHORIZED,
+            "missing_token",
+            "send Authorization: Bearer <token>",
+        )
+    })?;
     Ok(Json(
-        login::session(&state.pool, token.trim(), &state.tokens).await?,
+        login::session(&state.pool, token, &state.tokens).await?,
     ))
 }
 

@@ -125,26 +125,55 @@ pub async fn not_found_fallback(request: Request) -> ApiError {
     ))
 }
 
+/// The token of an `Authorization: Bearer <token>` header, trimmed.
+pub fn bearer_token(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
+/// A secret token kept as its SHA-256 digest: a presented token is compared digest to digest,
+/// so the comparison's timing tells nothing about the secret.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct TokenDigest([u8; 32]);
+
+impl TokenDigest {
+    /// The digest of `token`.
+    pub fn of(token: &secrecy::SecretString) -> Self {
+        use secrecy::ExposeSecret;
+        Self::of_presented(token.expose_secret())
+    }
+
+    fn of_presented(token: &str) -> Self {
+        use sha2::{Digest, Sha256};
+        Self(Sha256::digest(token.as_bytes()).into())
+    }
+
+    /// Whether `presented` is the token.
+    pub fn matches(&self, presented: &str) -> bool {
+        *self == Self::of_presented(presented)
+    }
+}
+
+impl std::fmt::Debug for TokenDigest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenDigest([redacted])")
+    }
+}
+
 /// Requires `Authorization: Bearer <token>` on every route of `router` when `token` is set
 /// (the endpoints other services call: a snapshot, the event feed); without a token the router
-/// is returned unchanged. A missing or wrong token is a `401 unauthorized`. Tokens are compared
-/// by their SHA-256 digests, so the comparison's timing tells nothing about the token.
+/// is returned unchanged. A missing or wrong token is a `401 unauthorized`.
 pub fn require_bearer(router: axum::Router, token: Option<&secrecy::SecretString>) -> axum::Router {
-    use secrecy::ExposeSecret;
-    use sha2::{Digest, Sha256};
     let Some(token) = token else {
         return router;
     };
-    let expected = Sha256::digest(token.expose_secret().as_bytes());
+    let expected = TokenDigest::of(token);
     router.route_layer(axum::middleware::from_fn(
         move |request: Request, next: axum::middleware::Next| async move {
-            let presented = request
-                .headers()
-                .get(axum::http::header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .map(|t| Sha256::digest(t.as_bytes()));
-            if presented == Some(expected) {
+            if bearer_token(request.headers()).is_some_and(|t| expected.matches(t)) {
                 next.run(request).await
             } else {
                 ApiError::new(

@@ -2,17 +2,14 @@
 //! service credential. Every change needs one or the other (registration too, unless
 //! `open_registration` is on).
 
-use std::sync::Arc;
-
 use axum::extract::FromRequestParts;
 use axum::http::StatusCode;
 use axum::http::request::Parts;
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
-use ferrybox::http::ApiError;
+use ferrybox::http::{ApiError, TokenDigest, bearer_token};
 use ferrybox::token::TokenKey;
-use secrecy::{ExposeSecret, SecretString};
-use sha2::{Digest, Sha256};
+use secrecy::SecretString;
 use uuid::Uuid;
 
 use crate::schema::users;
@@ -64,8 +61,8 @@ fn unauthorized() -> ApiError {
 
 /// What tokens are accepted.
 pub struct Authenticator {
-    /// SHA-256 of the service credential (compared as digests, so timing tells nothing).
-    service: Option<[u8; 32]>,
+    /// The service credential.
+    service: Option<TokenDigest>,
     /// Verifies auth-service's session tokens.
     tokens: Option<TokenKey>,
     /// Registration without a token.
@@ -91,7 +88,7 @@ impl Authenticator {
         open_registration: bool,
     ) -> ferrybox::Result<Self> {
         Ok(Self {
-            service: service_token.map(|t| Sha256::digest(t.expose_secret().as_bytes()).into()),
+            service: service_token.map(TokenDigest::of),
             tokens: token_secret.map(TokenKey::new).transpose()?,
             open_registration,
         })
@@ -101,8 +98,7 @@ impl Authenticator {
     /// forged or expired one, or a user who is suspended or deleted).
     pub async fn caller(&self, bearer: Option<&str>, users: &Users) -> Result<Caller, ApiError> {
         let token = bearer.ok_or_else(unauthorized)?;
-        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        if self.service == Some(digest) {
+        if self.service.is_some_and(|s| s.matches(token)) {
             return Ok(Caller::Service);
         }
         let claims = self
@@ -135,34 +131,6 @@ impl FromRequestParts<Users> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, users: &Users) -> Result<Self, ApiError> {
-        let bearer = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
-        let auth: Arc<Authenticator> = Arc::clone(&users.auth);
-        auth.caller(bearer, users).await
-    }
-}
-
-/// The caller, when the request carries a token (for endpoints open without one).
-#[derive(Debug, Clone, Copy)]
-pub struct MaybeCaller(pub Option<Caller>);
-
-impl FromRequestParts<Users> for MaybeCaller {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, users: &Users) -> Result<Self, ApiError> {
-        if parts
-            .headers
-            .contains_key(axum::http::header::AUTHORIZATION)
-        {
-            Caller::from_request_parts(parts, users)
-                .await
-                .map(|c| Self(Some(c)))
-        } else {
-            Ok(Self(None))
-        }
+        users.auth.caller(bearer_token(&parts.headers), users).await
     }
 }
