@@ -17,7 +17,7 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use diesel_async::RunQueryDsl;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 use serde::Serialize;
 
 use crate::config::KafkaConfig;
@@ -143,14 +143,9 @@ impl Readiness {
     }
 
     async fn feed(&self, feed: &Feed) -> Result<(), String> {
-        let separator = if feed.url.contains('?') { '&' } else { '?' };
-        let mut request = self
-            .client
-            .get(format!("{}{separator}after=0&limit=1", feed.url));
-        if let Some(token) = &feed.token {
-            request = request.bearer_auth(token.expose_secret());
-        }
-        let response = request
+        let url =
+            crate::feed::page_url(&feed.url, 0, 1, Duration::ZERO).map_err(|e| e.to_string())?;
+        let response = crate::http::get_with_token(&self.client, url, feed.token.as_ref())
             .send()
             .await
             .map_err(|e| e.without_url().to_string())?;

@@ -186,3 +186,18 @@ pub fn require_bearer(router: axum::Router, token: Option<&secrecy::SecretString
         },
     ))
 }
+
+/// A GET of `url` carrying `Authorization: Bearer <token>` when a token is given (how Ferrybox
+/// calls another service's internal endpoints).
+pub(crate) fn get_with_token(
+    client: &reqwest::Client,
+    url: impl reqwest::IntoUrl,
+    token: Option<&secrecy::SecretString>,
+) -> reqwest::RequestBuilder {
+    use secrecy::ExposeSecret;
+    let request = client.get(url);
+    match token {
+        Some(token) => request.bearer_auth(token.expose_secret()),
+        None => request,
+    }
+}

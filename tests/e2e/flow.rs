@@ -199,6 +199,14 @@ async fn scenario(transport: Transport) {
             )
             .await;
             assert_eq!(position, 6, "the feed position is at the sixth event");
+            // Readiness checks the feed (with its token) instead of a broker.
+            let ready = api
+                .get(&format!("{}/health/ready", stack.auth_url))
+                .await
+                .unwrap();
+            assert_eq!(ready.status, 200, "{:?}", ready.body);
+            assert_eq!(ready.body["checks"]["feed"], "ok");
+            assert!(ready.body["checks"].get("broker").is_none());
         }
     }
     stack.stop().await.unwrap();

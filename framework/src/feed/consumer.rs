@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
@@ -301,17 +301,8 @@ impl<H: Handler> FeedConsumer<H> {
     }
 
     async fn fetch(&self, after: i64) -> Result<FeedPage> {
-        let mut url = reqwest::Url::parse(&self.config.url)
-            .map_err(|e| Error::Config(format!("feed.url: {e}")))?;
-        url.query_pairs_mut()
-            .append_pair("after", &after.to_string())
-            .append_pair("limit", &self.config.limit.to_string())
-            .append_pair("wait_ms", &self.config.wait.as_millis().to_string());
-        let mut request = self.client.get(url);
-        if let Some(token) = &self.config.token {
-            request = request.bearer_auth(token.expose_secret());
-        }
-        let response = request
+        let url = super::page_url(&self.config.url, after, self.config.limit, self.config.wait)?;
+        let response = crate::http::get_with_token(&self.client, url, self.config.token.as_ref())
             .send()
             .await
             .map_err(|e| Error::Http(e.without_url().to_string()))?;

@@ -82,6 +82,23 @@ pub struct FeedPage {
     pub head: i64,
 }
 
+/// The URL of the page after `after` on the feed at `base`, at most `limit` events, waiting up
+/// to `wait` for the first.
+pub(crate) fn page_url(
+    base: &str,
+    after: i64,
+    limit: usize,
+    wait: std::time::Duration,
+) -> crate::Result<reqwest::Url> {
+    let mut url =
+        reqwest::Url::parse(base).map_err(|e| crate::Error::Config(format!("feed.url: {e}")))?;
+    url.query_pairs_mut()
+        .append_pair("after", &after.to_string())
+        .append_pair("limit", &limit.to_string())
+        .append_pair("wait_ms", &wait.as_millis().to_string());
+    Ok(url)
+}
+
 /// A consumer's stored position on `feed` (0 before its first message).
 pub async fn position(
     conn: &mut AsyncPgConnection,

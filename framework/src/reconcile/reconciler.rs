@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use diesel_async::{AsyncConnection, AsyncPgConnection};
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio_util::sync::CancellationToken;
@@ -233,11 +233,7 @@ impl<C: Cache> Reconciler<C> {
                 "reconcile.snapshot_url is not set: nothing to reconcile with".into(),
             ));
         };
-        let mut request = self.client.get(url);
-        if let Some(token) = &self.config.token {
-            request = request.bearer_auth(token.expose_secret());
-        }
-        let response = request
+        let response = crate::http::get_with_token(&self.client, url, self.config.token.as_ref())
             .send()
             .await
             .and_then(reqwest::Response::error_for_status)
