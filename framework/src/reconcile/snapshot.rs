@@ -41,15 +41,14 @@ struct Moment {
     watermark: i64,
 }
 
-/// Streams the snapshot of `source` (named `name` in its header) as NDJSON lines, read in one
-/// read-only repeatable-read transaction. The receiver gets each line as it is read, or the
-/// error that ended the stream; when the receiver goes away, reading stops and the transaction
-/// rolls back.
+/// Streams the snapshot of `source` (named `name` in its header), read in one read-only
+/// repeatable-read transaction. The receiver gets each line as it is read, or the error that
+/// ended the stream; when the receiver goes away, reading stops and the transaction rolls back.
 pub fn stream<S: SnapshotSource>(
     pool: PgPool,
     source: Arc<S>,
     name: String,
-) -> mpsc::Receiver<Result<Bytes>> {
+) -> mpsc::Receiver<Result<SnapshotLine>> {
     let (sender, receiver) = mpsc::channel(8);
     tokio::spawn(async move {
         if let Err(e) = produce(&pool, source.as_ref(), name, &sender).await {
@@ -65,7 +64,7 @@ async fn produce<S: SnapshotSource>(
     pool: &PgPool,
     source: &S,
     name: String,
-    sender: &mpsc::Sender<Result<Bytes>>,
+    sender: &mpsc::Sender<Result<SnapshotLine>>,
 ) -> Result<()> {
     let mut conn = db::connection(pool).await?;
     conn.build_transaction()
@@ -86,7 +85,7 @@ async fn produce<S: SnapshotSource>(
                 taken_at: moment.taken_at,
                 watermark: moment.watermark,
             });
-            send(sender, &header).await?;
+            send(sender, header).await?;
             let mut after: Option<String> = None;
             let mut entities = 0u64;
             loop {
@@ -95,24 +94,29 @@ async fn produce<S: SnapshotSource>(
                 after = page.last().map(|e| e.key.clone());
                 for entry in page {
                     entities += 1;
-                    send(sender, &SnapshotLine::Entry(entry)).await?;
+                    send(sender, SnapshotLine::Entry(entry)).await?;
                 }
                 if !full {
                     break;
                 }
             }
-            send(sender, &SnapshotLine::End { entities }).await
+            send(sender, SnapshotLine::End { entities }).await
         })
         .await
 }
 
-async fn send(sender: &mpsc::Sender<Result<Bytes>>, line: &SnapshotLine) -> Result<()> {
-    let mut bytes = serde_json::to_vec(line).map_err(|e| Error::Snapshot(e.to_string()))?;
-    bytes.push(b'\n');
+async fn send(sender: &mpsc::Sender<Result<SnapshotLine>>, line: SnapshotLine) -> Result<()> {
     sender
-        .send(Ok(Bytes::from(bytes)))
+        .send(Ok(line))
         .await
         .map_err(|_| Error::Task("snapshot reader went away".into()))
+}
+
+/// One NDJSON line.
+fn ndjson(line: &SnapshotLine) -> Result<Bytes> {
+    let mut bytes = serde_json::to_vec(line).map_err(|e| Error::Snapshot(e.to_string()))?;
+    bytes.push(b'\n');
+    Ok(Bytes::from(bytes))
 }
 
 /// An HTTP response streaming the snapshot (`application/x-ndjson`). An error after the first
@@ -122,7 +126,7 @@ pub fn response<S: SnapshotSource>(pool: PgPool, source: Arc<S>, name: String) -
     let body = futures::stream::unfold(receiver, |mut r| async move {
         let next = r.recv().await?;
         Some((
-            next.map_err(|e| {
+            next.and_then(|line| ndjson(&line)).map_err(|e| {
                 tracing::error!(error = %e, "snapshot stream failed");
                 std::io::Error::other(e.to_string())
             }),
@@ -149,9 +153,12 @@ pub async fn export<S: SnapshotSource, W: AsyncWrite + Unpin>(
     let mut ended = false;
     while let Some(line) = receiver.recv().await {
         let line = line?;
-        ended = line.starts_with(b"{\"end\"");
-        entities += u64::from(line.starts_with(b"{\"entry\""));
-        out.write_all(&line)
+        match &line {
+            SnapshotLine::Entry(_) => entities += 1,
+            SnapshotLine::End { .. } => ended = true,
+            SnapshotLine::Snapshot(_) => {}
+        }
+        out.write_all(&ndjson(&line)?)
             .await
             .map_err(|e| Error::Snapshot(format!("writing the export: {e}")))?;
     }
