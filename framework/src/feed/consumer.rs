@@ -264,15 +264,15 @@ impl<H: Handler> FeedConsumer<H> {
                 .iter()
                 .take_while(|r| !topics.contains(&r.topic))
                 .count();
-            let done = if foreign > 0 {
-                foreign
+            let (done, by_applier) = if foreign > 0 {
+                (foreign, false)
             } else {
                 let ours = rest
                     .iter()
                     .take_while(|r| topics.contains(&r.topic))
                     .count();
                 match self.pipeline.process_from(&rest[..ours], shutdown).await {
-                    Progress::Done(done) => done,
+                    Progress::Done { count, by_applier } => (count, by_applier),
                     Progress::Shutdown => return Ok(None),
                     Progress::Halted(failure) => {
                         return Err(Error::FeedHalted {
@@ -288,8 +288,10 @@ impl<H: Handler> FeedConsumer<H> {
             position = rest[done - 1].offset;
             next += done;
             // Applied messages moved the position in their own transaction; parked,
-            // dead-lettered and foreign ones move it here (never backwards).
-            self.store(position).await?;
+            // dead-lettered and foreign ones move it here.
+            if !by_applier {
+                self.store(position).await?;
+            }
         }
         Ok(Some(position))
     }

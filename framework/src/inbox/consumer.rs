@@ -178,7 +178,7 @@ impl<H: Handler> InboxConsumer<H> {
             let mut next = 0;
             while next < batch.len() {
                 let done = match self.pipeline.process_from(&batch[next..], &shutdown).await {
-                    Progress::Done(done) => done,
+                    Progress::Done { count, .. } => count,
                     // Shutdown came while a message was still failing: it and the rest of the
                     // batch are left for redelivery. (Kafka consumers dead-letter, never halt.)
                     Progress::Shutdown | Progress::Halted(_) => break 'consume,

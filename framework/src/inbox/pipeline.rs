@@ -40,7 +40,13 @@ pub(crate) enum OnPermanent {
 #[derive(Debug)]
 pub(crate) enum Progress {
     /// This many leading records are finished (applied, duplicate, parked or dead-lettered).
-    Done(usize),
+    Done {
+        /// How many.
+        count: usize,
+        /// They were applied or found duplicate by the applier, whose transaction also moved
+        /// the feed position (when it keeps one); parked and dead-lettered records were not.
+        by_applier: bool,
+    },
     /// The first record cannot be applied and the pipeline halts on such records.
     Halted(Failure),
     /// Shutdown came while the first record was still failing; it is left for redelivery.
@@ -49,7 +55,7 @@ pub(crate) enum Progress {
 
 /// One record's fate, as [`Pipeline::process`] saw it.
 enum Step {
-    Finished,
+    Finished(Done),
     Halted(Failure),
     Shutdown,
 }
@@ -95,24 +101,24 @@ impl<H: Handler> Pipeline<H> {
         }
     }
 
-    /// Counts a finished record in the stats and, when on, the metrics.
-    fn counted(&self, done: Done, record: &Record) {
+    /// Counts `n` records of `topic` finished as `done` in the stats and, when on, the metrics.
+    fn counted(&self, done: Done, topic: &str, n: u64) {
         let (counter, outcome) = match done {
             Done::Applied => (&self.stats.applied, "applied"),
             Done::Duplicate => (&self.stats.duplicates, "duplicate"),
             Done::DeadLettered => (&self.stats.dead_lettered, "dead_lettered"),
             Done::Parked => (&self.stats.parked, "parked"),
         };
-        InboxStats::add(counter, 1);
+        InboxStats::add(counter, n);
         if let Some(m) = crate::metrics::instruments() {
-            let mut attrs = self.metric_attrs(record);
+            let mut attrs = self.metric_attrs(topic);
             attrs.push(opentelemetry::KeyValue::new("ferrybox.outcome", outcome));
-            m.consumed.add(1, &attrs);
+            m.consumed.add(n, &attrs);
         }
     }
 
     /// The transport, topic and consumer group a record's metrics carry.
-    fn metric_attrs(&self, record: &Record) -> Vec<opentelemetry::KeyValue> {
+    fn metric_attrs(&self, topic: &str) -> Vec<opentelemetry::KeyValue> {
         let system = if self.applier.checkpoint.is_some() {
             "ferrybox_feed"
         } else {
@@ -120,7 +126,7 @@ impl<H: Handler> Pipeline<H> {
         };
         vec![
             opentelemetry::KeyValue::new("messaging.system", system),
-            opentelemetry::KeyValue::new("messaging.destination.name", record.topic.clone()),
+            opentelemetry::KeyValue::new("messaging.destination.name", topic.to_owned()),
             opentelemetry::KeyValue::new(
                 "messaging.consumer.group.name",
                 self.applier.consumer.clone(),
@@ -169,23 +175,36 @@ impl<H: Handler> Pipeline<H> {
             .count();
         if run > 0 {
             let applied = self.applier.apply_batch(&records[..run]).await;
+            // Counted by runs of one topic and outcome: one metric update per run, not per
+            // message.
+            let mut runs: Vec<(&str, Done, u64)> = Vec::new();
             for (outcome, record) in applied.outcomes.iter().zip(records) {
-                self.counted(
-                    match outcome {
-                        Outcome::Applied => Done::Applied,
-                        Outcome::Duplicate => Done::Duplicate,
-                    },
-                    record,
-                );
+                let done = match outcome {
+                    Outcome::Applied => Done::Applied,
+                    Outcome::Duplicate => Done::Duplicate,
+                };
+                match runs.last_mut() {
+                    Some((topic, d, n)) if *topic == record.topic && *d == done => *n += 1,
+                    _ => runs.push((&record.topic, done, 1)),
+                }
+            }
+            for (topic, done, n) in runs {
+                self.counted(done, topic, n);
             }
             if !applied.outcomes.is_empty() {
-                return Progress::Done(applied.outcomes.len());
+                return Progress::Done {
+                    count: applied.outcomes.len(),
+                    by_applier: true,
+                };
             }
         }
         // The first record is blocked or failed in the batch: handle it alone.
         let first_blocked = records[0].key_text().is_some_and(|k| blocked.contains(&k));
         match self.process(&records[0], first_blocked, shutdown).await {
-            Step::Finished => Progress::Done(1),
+            Step::Finished(done) => Progress::Done {
+                count: 1,
+                by_applier: matches!(done, Done::Applied | Done::Duplicate),
+            },
             Step::Halted(failure) => Progress::Halted(failure),
             Step::Shutdown => Progress::Shutdown,
         }
@@ -199,8 +218,8 @@ impl<H: Handler> Pipeline<H> {
             attempt += 1;
             let failure = match self.try_once(record, blocked).await {
                 Ok(done) => {
-                    self.counted(done, record);
-                    return Step::Finished;
+                    self.counted(done, &record.topic, 1);
+                    return Step::Finished(done);
                 }
                 Err(failure) => failure,
             };
@@ -220,13 +239,13 @@ impl<H: Handler> Pipeline<H> {
                     .dead_letter_until_stored(record, &failure, attempt, shutdown)
                     .await
                 {
-                    Some(_) => Step::Finished,
+                    Some(done) => Step::Finished(done),
                     None => Step::Shutdown,
                 };
             }
             InboxStats::add(&self.stats.retries, 1);
             if let Some(m) = crate::metrics::instruments() {
-                m.retries.add(1, &self.metric_attrs(record));
+                m.retries.add(1, &self.metric_attrs(&record.topic));
             }
             let delay = self.config.backoff.delay(attempt);
             tracing::warn!(kind = failure.kind, error = %failure.error, attempt, ?delay,
@@ -282,7 +301,7 @@ impl<H: Handler> Pipeline<H> {
                 Ok(()) => {
                     tracing::error!(kind = failure.kind, error = %failure.error,
                         topic = record.topic, partition = record.partition, offset = record.offset, "message dead-lettered");
-                    self.counted(Done::DeadLettered, record);
+                    self.counted(Done::DeadLettered, &record.topic, 1);
                     return Some(Done::DeadLettered);
                 }
                 Err(e) => {
