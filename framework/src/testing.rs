@@ -184,6 +184,17 @@ pub async fn count(database_url: &str, sql: &str) -> i64 {
         .n
 }
 
+/// Runs `sql` (one or more statements) on its own connection to `database_url`.
+pub async fn execute(database_url: &str, sql: &str) {
+    use diesel_async::SimpleAsyncConnection;
+    let mut conn = AsyncPgConnection::establish(database_url)
+        .await
+        .expect("connect to the test database");
+    conn.batch_execute(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
 /// Waits until `condition` returns true, checking every 20 ms; panics with `what` after
 /// `timeout`. Tests wait on conditions like this, never on fixed sleeps.
 pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut condition: F)

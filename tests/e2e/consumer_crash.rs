@@ -90,8 +90,17 @@ fn spawn_named_worker(
     group: &str,
     name: &str,
 ) -> tokio::process::Child {
+    spawn_worker_process(db, topic, group, &[("WORKER_NAME", name)])
+}
+
+/// An `inbox-worker` process on `db`, reading `topic` in `group`, with `extra` variables.
+fn spawn_worker_process(
+    db: &TestDatabase,
+    topic: &str,
+    group: &str,
+    extra: &[(&str, &str)],
+) -> tokio::process::Child {
     tokio::process::Command::new(WORKER)
-        .env("WORKER_NAME", name)
         .env("WORKER_DATABASE_URL", db.url())
         .env(
             "WORKER_BOOTSTRAP_SERVERS",
@@ -100,6 +109,7 @@ fn spawn_named_worker(
         .env("WORKER_REGISTRY_URL", testing::registry_url())
         .env("WORKER_TOPIC", topic)
         .env("WORKER_GROUP", group)
+        .envs(extra.iter().copied())
         .env(
             "RUST_LOG",
             std::env::var("WORKER_LOG").unwrap_or_else(|_| "warn".into()),
@@ -269,26 +279,16 @@ async fn feed_of_ticks(
 }
 
 fn spawn_feed_worker(db: &TestDatabase, feed_url: &str) -> tokio::process::Child {
-    tokio::process::Command::new(WORKER)
-        .env("WORKER_DATABASE_URL", db.url())
-        .env(
-            "WORKER_BOOTSTRAP_SERVERS",
-            testing::kafka().bootstrap_servers,
-        )
-        .env("WORKER_REGISTRY_URL", testing::registry_url())
-        .env("WORKER_TOPIC", "ticks")
-        .env("WORKER_GROUP", "feed-worker")
-        .env("WORKER_FEED_URL", feed_url)
-        // Each batch of 50 takes a while, so most kills land inside one.
-        .env("WORKER_HANDLER_DELAY_MS", "25")
-        .env(
-            "RUST_LOG",
-            std::env::var("WORKER_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .stdout(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap()
+    spawn_worker_process(
+        db,
+        "ticks",
+        "feed-worker",
+        &[
+            ("WORKER_FEED_URL", feed_url),
+            // Each batch of 50 takes a while, so most kills land inside one.
+            ("WORKER_HANDLER_DELAY_MS", "25"),
+        ],
+    )
 }
 
 #[tokio::test(flavor = "multi_thread")]

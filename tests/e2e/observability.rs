@@ -3,8 +3,8 @@
 use ferrybox::testing::{self, wait_until};
 use ferrybox_e2e::{Api, CONVERGE, Stack};
 
-/// The sum of the samples of `metric` whose labels contain every one of `labels`.
-async fn sample(url: &str, metric: &str, labels: &[String]) -> f64 {
+/// The values of the samples of `metric` whose labels contain every one of `labels`.
+async fn samples(url: &str, metric: &str, labels: &[String]) -> Vec<f64> {
     let text = reqwest::get(format!("{url}/metrics"))
         .await
         .unwrap()
@@ -12,10 +12,15 @@ async fn sample(url: &str, metric: &str, labels: &[String]) -> f64 {
         .await
         .unwrap();
     text.lines()
-        .filter(|l| l.starts_with(metric) && l[metric.len()..].starts_with('{'))
+        .filter(|l| l.starts_with(metric) && l[metric.len()..].starts_with(['{', ' ']))
         .filter(|l| labels.iter().all(|label| l.contains(label.as_str())))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+        .collect()
+}
+
+/// Their sum.
+async fn sample(url: &str, metric: &str, labels: &[String]) -> f64 {
+    samples(url, metric, labels).await.into_iter().sum()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -42,53 +47,47 @@ async fn the_counters_move_as_messages_flow_and_readiness_reports_the_dependenci
         })
         .await;
     }
+    // This test's consumer only: every test of this binary shares the process's metrics.
+    let group = format!("messaging_consumer_group_name=\"{}\"", stack.auth_group);
     assert!(
         sample(
             &stack.auth_url,
             "messaging_process_duration_seconds_count",
-            &[]
+            std::slice::from_ref(&group)
         )
         .await
             >= 2.0,
         "handler durations recorded"
     );
     wait_until(CONVERGE, "the relay reports its backlog", || async {
-        reqwest::get(format!("{}/metrics", stack.user_url))
+        !samples(&stack.user_url, "ferrybox_outbox_backlog", &[])
             .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-            .lines()
-            .any(|l| l.starts_with("ferrybox_outbox_backlog"))
+            .is_empty()
     })
     .await;
-
     wait_until(
         CONVERGE,
         "the consumer reports its lag per partition",
         || async {
-            reqwest::get(format!("{}/metrics", stack.auth_url))
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap()
-                .lines()
-                .any(|l| l.starts_with("ferrybox_inbox_lag{") && l.contains(topic.as_str()))
+            let lag = samples(
+                &stack.auth_url,
+                "ferrybox_inbox_lag",
+                &[topic.clone(), group.clone()],
+            )
+            .await;
+            !lag.is_empty() && lag.iter().all(|l| *l >= 0.0)
         },
     )
     .await;
     // No dead letter here: the gauges say zero (they are measured every 15 s).
     wait_until(CONVERGE, "the dead-letter gauges are reported", || async {
-        let text = reqwest::get(format!("{}/metrics", stack.auth_url))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .any(|l| l.starts_with("ferrybox_inbox_blocked_keys{") && l.ends_with(" 0"))
+        samples(
+            &stack.auth_url,
+            "ferrybox_inbox_blocked_keys",
+            std::slice::from_ref(&group),
+        )
+        .await
+            == [0.0]
     })
     .await;
 

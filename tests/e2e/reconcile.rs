@@ -1,16 +1,9 @@
 //! Reconciliation end to end: auth-service's cache compared with user-service's snapshot.
 
-use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
+use diesel_async::{AsyncConnection, AsyncPgConnection};
 use ferrybox::CancellationToken;
 use ferrybox::testing::{self, wait_until};
 use ferrybox_e2e::{Api, CONVERGE, Stack, auth_settings, point_at_user_service, user_settings};
-
-async fn execute(database_url: &str, sql: &str) {
-    let mut conn = AsyncPgConnection::establish(database_url).await.unwrap();
-    conn.batch_execute(sql)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
-}
 
 /// auth-service settings for one-off reconciliation runs against `stack`'s user-service.
 fn reconcile_settings(stack: &Stack, webhook: Option<String>) -> auth_service::Settings {
@@ -86,7 +79,7 @@ async fn one_run_repairs_what_lost_messages_left_behind_and_counts_it() {
 
     // ...then the damage: two users' messages lost, one user stale, the deletion lost, and a
     // user whose event was never sent at all (written straight into user-service's table).
-    execute(
+    testing::execute(
         stack.auth_db.url(),
         &format!(
             "DELETE FROM cached_users WHERE id IN ('{}', '{}');
@@ -98,7 +91,7 @@ async fn one_run_repairs_what_lost_messages_left_behind_and_counts_it() {
     )
     .await;
     let unsent = uuid::Uuid::now_v7().to_string();
-    execute(
+    testing::execute(
         stack.user_db.url(),
         &format!(
             "INSERT INTO users (id, email, name, password_hash, status, version)
@@ -198,7 +191,7 @@ async fn an_old_snapshot_never_overwrites_newer_cache_entries_and_absence_proves
     // Two users the snapshot does not know: one cached just now (created after the snapshot),
     // one cached long before it (the producer has no trace of it: unresolved).
     let (recent, old) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
-    execute(
+    testing::execute(
         stack.auth_db.url(),
         &format!(
             "INSERT INTO cached_users (id, email, name, password_hash, status, version, updated_at) VALUES
@@ -289,7 +282,7 @@ async fn the_service_reconciles_on_its_schedule_and_reports_the_last_run() {
     let stop = CancellationToken::new();
     let running = tokio::spawn(app.run(stop.clone()));
 
-    execute(
+    testing::execute(
         stack.auth_db.url(),
         &format!("DELETE FROM cached_users WHERE id = '{}'", ids[0]),
     )

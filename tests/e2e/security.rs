@@ -130,12 +130,7 @@ async fn changes_need_a_token_and_a_suspended_or_deleted_users_token_stops_worki
         );
     }
     let (eve, fay) = (ids[0].clone(), ids[1].clone());
-    let login = anyone
-        .login(&stack.auth_url, "eve@example.com", "eves-password")
-        .await
-        .unwrap();
-    assert_eq!(login.status, 200);
-    let token = login.body["token"].as_str().unwrap().to_owned();
+    let token = login_token(&stack, "eve@example.com", "eves-password").await;
     let patch = |id: &str, bearer: Option<&str>| {
         let (api, url, bearer) = (
             anyone.clone(),
@@ -156,24 +151,17 @@ async fn changes_need_a_token_and_a_suspended_or_deleted_users_token_stops_worki
 
     // No token, a forged one, an expired one: 401. Someone else's account: 403.
     assert_eq!(patch(&eve, None).await.status, 401);
-    let forged =
-        ferrybox::token::TokenKey::new(&"another-secret-of-at-least-32-bytes!".to_owned().into())
-            .unwrap()
-            .issue(
-                eve.parse().unwrap(),
-                uuid::Uuid::now_v7(),
-                chrono::Utc::now() + chrono::Duration::minutes(5),
-            )
-            .unwrap();
+    let forged = signed(
+        "another-secret-of-at-least-32-bytes!",
+        &eve,
+        chrono::Duration::minutes(5),
+    );
     assert_eq!(patch(&eve, Some(&forged)).await.status, 401);
-    let expired = ferrybox::token::TokenKey::new(&ferrybox_e2e::TOKEN_SECRET.to_owned().into())
-        .unwrap()
-        .issue(
-            eve.parse().unwrap(),
-            uuid::Uuid::now_v7(),
-            chrono::Utc::now() - chrono::Duration::seconds(1),
-        )
-        .unwrap();
+    let expired = signed(
+        ferrybox_e2e::TOKEN_SECRET,
+        &eve,
+        -chrono::Duration::seconds(1),
+    );
     assert_eq!(patch(&eve, Some(&expired)).await.status, 401);
     let other = patch(&fay, Some(&token)).await;
     assert_eq!((other.status, other.error_code()), (403, Some("forbidden")));
@@ -190,8 +178,9 @@ async fn changes_need_a_token_and_a_suspended_or_deleted_users_token_stops_worki
     // Eve's own token changes Eve.
     assert_eq!(patch(&eve, Some(&token)).await.status, 200);
 
-    // The service suspends Eve: her token stops working at user-service at once (it owns the
-    // users) and at auth-service once the event is applied.
+    // The service suspends Eve: her token, good at auth-service until now, stops working at
+    // user-service at once (it owns the users) and at auth-service once the event is applied.
+    assert_eq!(session_status(&stack, &token).await, 200);
     let suspended = service
         .post(
             &format!("{}/users/{eve}/suspend", stack.user_url),
@@ -202,29 +191,13 @@ async fn changes_need_a_token_and_a_suspended_or_deleted_users_token_stops_worki
     assert_eq!(suspended.status, 200);
     assert_eq!(patch(&eve, Some(&token)).await.status, 401);
     wait_until(CONVERGE, "auth-service revokes Eve's session", || async {
-        anyone
-            .send(
-                reqwest::Method::GET,
-                &format!("{}/session", stack.auth_url),
-                None,
-                Some(&token),
-            )
-            .await
-            .unwrap()
-            .status
-            == 401
+        session_status(&stack, &token).await == 401
     })
     .await;
 
     // Fay deletes herself with her own token; it then opens nothing anywhere.
-    let fay_token = anyone
-        .login(&stack.auth_url, "fay@example.com", "fays-password")
-        .await
-        .unwrap()
-        .body["token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let fay_token = login_token(&stack, "fay@example.com", "fays-password").await;
+    assert_eq!(session_status(&stack, &fay_token).await, 200);
     let deleted = anyone
         .send(
             reqwest::Method::DELETE,
@@ -237,18 +210,44 @@ async fn changes_need_a_token_and_a_suspended_or_deleted_users_token_stops_worki
     assert_eq!(deleted.status, 204);
     assert_eq!(patch(&fay, Some(&fay_token)).await.status, 401);
     wait_until(CONVERGE, "auth-service revokes Fay's session", || async {
-        anyone
-            .send(
-                reqwest::Method::GET,
-                &format!("{}/session", stack.auth_url),
-                None,
-                Some(&fay_token),
-            )
-            .await
-            .unwrap()
-            .status
-            == 401
+        session_status(&stack, &fay_token).await == 401
     })
     .await;
     stack.stop().await.unwrap();
+}
+
+/// Logs in on `stack`'s auth-service; the session token.
+async fn login_token(stack: &Stack, email: &str, password: &str) -> String {
+    let login = Api::default()
+        .login(&stack.auth_url, email, password)
+        .await
+        .unwrap();
+    assert_eq!(login.status, 200, "{:?}", login.body);
+    login.body["token"].as_str().unwrap().to_owned()
+}
+
+/// What auth-service's `GET /session` answers for `token`.
+async fn session_status(stack: &Stack, token: &str) -> u16 {
+    Api::default()
+        .send(
+            reqwest::Method::GET,
+            &format!("{}/session", stack.auth_url),
+            None,
+            Some(token),
+        )
+        .await
+        .unwrap()
+        .status
+}
+
+/// A token for `user` signed with `secret`, expiring `valid_for` from now (negative: expired).
+fn signed(secret: &str, user: &str, valid_for: chrono::Duration) -> String {
+    ferrybox::token::TokenKey::new(&secret.to_owned().into())
+        .unwrap()
+        .issue(
+            user.parse().unwrap(),
+            uuid::Uuid::now_v7(),
+            chrono::Utc::now() + valid_for,
+        )
+        .unwrap()
 }

@@ -23,6 +23,8 @@ pub struct Stack {
     pub auth_db: TestDatabase,
     /// The users topic.
     pub topic: String,
+    /// auth-service's consumer group (its metrics carry it).
+    pub auth_group: String,
     shutdown: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
@@ -96,6 +98,7 @@ impl Stack {
         let mut settings = auth_settings(&auth_db, &topic);
         settings.transport = transport;
         point_at_user_service(&mut settings, &user_url);
+        let auth_group = settings.inbox.group_id.clone();
         let auth = auth_service::Application::build(settings).await?;
         let auth_url = format!("http://{}", auth.local_addr()?);
         let shutdown = CancellationToken::new();
@@ -109,6 +112,7 @@ impl Stack {
             user_db,
             auth_db,
             topic,
+            auth_group,
             shutdown,
             tasks,
         })
