@@ -127,14 +127,31 @@ async fn a_consumer_killed_again_and_again_applies_each_message_exactly_once() {
     let total = produce(&topic, &codec, 40, 100).await;
     let group = testing::unique("crash");
 
-    for round in 0..ROUNDS {
+    kill_again_and_again(&db, ROUNDS, 30, total, || spawn_worker(&db, &topic, &group)).await;
+
+    let worker = spawn_worker(&db, &topic, &group);
+    all_applied(&db, total).await;
+    terminate(worker).await;
+    assert_applied_once_in_order(&mut conn, total, 100).await;
+}
+
+/// Starts a worker with `spawn` `rounds` times and SIGKILLs it each time, a random moment (up to
+/// `max_jitter_ms`) after it applied something.
+async fn kill_again_and_again(
+    db: &TestDatabase,
+    rounds: usize,
+    max_jitter_ms: u64,
+    total: usize,
+    spawn: impl Fn() -> tokio::process::Child,
+) {
+    for round in 0..rounds {
         let before = testing::count(db.url(), APPLIED_IDS).await;
-        let mut worker = spawn_worker(&db, &topic, &group);
+        let mut worker = spawn();
         wait_until(TIMEOUT, "the worker applies something", || async {
             testing::count(db.url(), APPLIED_IDS).await > before
         })
         .await;
-        let jitter = rand::rng().random_range(0..30);
+        let jitter = rand::rng().random_range(0..max_jitter_ms);
         tokio::time::sleep(Duration::from_millis(jitter)).await;
         worker.kill().await.unwrap();
         eprintln!(
@@ -142,11 +159,6 @@ async fn a_consumer_killed_again_and_again_applies_each_message_exactly_once() {
             testing::count(db.url(), APPLIED_IDS).await
         );
     }
-
-    let worker = spawn_worker(&db, &topic, &group);
-    all_applied(&db, total).await;
-    terminate(worker).await;
-    assert_applied_once_in_order(&mut conn, total, 100).await;
 }
 
 /// Waits until `total` distinct messages have been applied.
@@ -278,10 +290,10 @@ async fn feed_of_ticks(
     (producer_db, url, total)
 }
 
-fn spawn_feed_worker(db: &TestDatabase, feed_url: &str) -> tokio::process::Child {
+fn spawn_feed_worker(db: &TestDatabase, topic: &str, feed_url: &str) -> tokio::process::Child {
     spawn_worker_process(
         db,
-        "ticks",
+        topic,
         "feed-worker",
         &[
             ("WORKER_FEED_URL", feed_url),
@@ -296,34 +308,16 @@ async fn a_feed_consumer_killed_mid_batch_again_and_again_resumes_with_no_gap_an
 {
     const ROUNDS: usize = 6;
     let stop = ferrybox::CancellationToken::new();
-    let codec = AvroCodec::new(&testing::registry_url());
-    // The feed's events name this topic; the worker reads it (no Kafka topic is involved).
-    codec.register::<Tick>("ticks").await.unwrap();
-    let (_producer_db, url, total) = feed_of_ticks("ticks", &codec, 40, 50, &stop).await;
-    let (db, _pool) = TestDatabase::with_framework_tables().await;
-    let mut conn = AsyncPgConnection::establish(db.url()).await.unwrap();
-    diesel::sql_query(APPLIED_TABLE)
-        .execute(&mut conn)
-        .await
-        .unwrap();
+    // The feed's events name the topic; the worker reads them from the feed, not from Kafka.
+    let (db, mut conn, topic, codec) = setup(1).await;
+    let (_producer_db, url, total) = feed_of_ticks(&topic, &codec, 40, 50, &stop).await;
 
-    for round in 0..ROUNDS {
-        let before = testing::count(db.url(), APPLIED_IDS).await;
-        let mut worker = spawn_feed_worker(&db, &url);
-        wait_until(TIMEOUT, "the worker applies something", || async {
-            testing::count(db.url(), APPLIED_IDS).await > before
-        })
-        .await;
-        let jitter = rand::rng().random_range(0..40);
-        tokio::time::sleep(Duration::from_millis(jitter)).await;
-        worker.kill().await.unwrap();
-        eprintln!(
-            "round {round}: killed {jitter} ms after progress, {} of {total} applied",
-            testing::count(db.url(), APPLIED_IDS).await
-        );
-    }
+    kill_again_and_again(&db, ROUNDS, 40, total, || {
+        spawn_feed_worker(&db, &topic, &url)
+    })
+    .await;
 
-    let worker = spawn_feed_worker(&db, &url);
+    let worker = spawn_feed_worker(&db, &topic, &url);
     all_applied(&db, total).await;
     terminate(worker).await;
     assert_applied_once_in_order(&mut conn, total, 50).await;
