@@ -9,22 +9,25 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
 /// Where alerts go besides the log.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AlertConfig {
     /// POST each alert as JSON to this URL (Slack-style incoming webhooks, Alertmanager's
-    /// webhook receiver, a pager's endpoint). Off when unset.
-    pub webhook_url: Option<String>,
+    /// webhook receiver, a pager's endpoint). Off when unset. Kept secret: such URLs carry
+    /// tokens.
+    pub webhook_url: Option<SecretString>,
 }
 
 impl AlertConfig {
     /// Checks the webhook URL is an http(s) URL.
     pub fn validate(&self) -> crate::Result<()> {
         if let Some(url) = &self.webhook_url
-            && !(url.starts_with("http://") || url.starts_with("https://"))
+            && !(url.expose_secret().starts_with("http://")
+                || url.expose_secret().starts_with("https://"))
         {
             return Err(crate::Error::Config(
                 "alert.webhook_url must be an http:// or https:// URL".into(),
@@ -68,10 +71,18 @@ impl Alert {
 }
 
 /// Raises alerts: a log line always, a webhook call when configured.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Alerter {
-    webhook_url: Option<String>,
-    client: reqwest::Client,
+    /// The webhook's URL (it may carry a token) and the client that calls it.
+    webhook: Option<(String, reqwest::Client)>,
+}
+
+impl std::fmt::Debug for Alerter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Alerter")
+            .field("webhook", &self.webhook.as_ref().map(|_| "[redacted]"))
+            .finish()
+    }
 }
 
 /// How long a webhook gets to answer.
@@ -81,22 +92,21 @@ impl Alerter {
     /// An alerter for `config`.
     pub fn new(config: &AlertConfig) -> crate::Result<Self> {
         config.validate()?;
+        let Some(url) = &config.webhook_url else {
+            return Ok(Self::log_only());
+        };
         let client = reqwest::Client::builder()
             .timeout(WEBHOOK_TIMEOUT)
             .build()
             .map_err(|e| crate::Error::Config(format!("alert webhook client: {e}")))?;
         Ok(Self {
-            webhook_url: config.webhook_url.clone(),
-            client,
+            webhook: Some((url.expose_secret().to_owned(), client)),
         })
     }
 
     /// An alerter that only logs.
     pub fn log_only() -> Self {
-        Self {
-            webhook_url: None,
-            client: reqwest::Client::new(),
-        }
+        Self { webhook: None }
     }
 
     /// Logs `alert` and sends it to the webhook, if any. Never fails: a webhook that cannot be
@@ -109,11 +119,10 @@ impl Alerter {
             "{}",
             alert.summary
         );
-        let Some(url) = &self.webhook_url else {
+        let Some((url, client)) = &self.webhook else {
             return;
         };
-        let sent = self
-            .client
+        let sent = client
             .post(url)
             .json(alert)
             .send()

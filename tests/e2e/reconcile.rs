@@ -9,7 +9,7 @@ use ferrybox_e2e::{Api, CONVERGE, Stack, auth_settings, point_at_user_service, u
 fn reconcile_settings(stack: &Stack, webhook: Option<String>) -> auth_service::Settings {
     let mut settings = auth_settings(&stack.auth_db, &stack.topic);
     point_at_user_service(&mut settings, &stack.user_url);
-    settings.alert.webhook_url = webhook;
+    settings.alert.webhook_url = webhook.map(Into::into);
     settings
 }
 

@@ -234,7 +234,7 @@ async fn undecodable_data_halts_the_feed_consumer_and_raises_an_alert_by_default
     let url = serve_feed(&fx, &stop).await;
     let (webhook, alerts) = testing::alert_sink(&stop).await;
     let alerter = Alerter::new(&AlertConfig {
-        webhook_url: Some(webhook),
+        webhook_url: Some(webhook.into()),
     })
     .unwrap();
 
