@@ -59,3 +59,43 @@ pub async fn migrate_service(pool: &PgPool, migrations: EmbeddedMigrations) -> R
     run_migrations(pool, MIGRATIONS).await?;
     run_migrations(pool, migrations).await
 }
+
+/// A hand-written statement (a [`diesel::sql_query`] with its binds) that the connection
+/// prepares once and reuses, like the statements diesel builds from its DSL.
+///
+/// diesel never caches `sql_query` statements (their text could be anything), so each run costs
+/// a parse, a plan and an extra round trip to prepare. Wrap fixed SQL on hot paths with
+/// [`prepared`]: the connection keys its statement cache by the SQL text and bind types.
+/// Only for SQL that is the same text every time (binds for the values, never formatted in).
+#[derive(Debug, Clone, Copy)]
+pub struct Prepared<Q>(Q);
+
+/// Wraps `query` (fixed SQL with binds) so its statement is prepared once per connection.
+pub fn prepared<Q>(query: Q) -> Prepared<Q> {
+    Prepared(query)
+}
+
+impl<Q> diesel::query_builder::QueryId for Prepared<Q> {
+    // No static id: the statement cache falls back to keying by SQL text and bind types.
+    type QueryId = ();
+    const HAS_STATIC_QUERY_ID: bool = false;
+}
+
+impl<Q: diesel::query_builder::QueryFragment<diesel::pg::Pg>>
+    diesel::query_builder::QueryFragment<diesel::pg::Pg> for Prepared<Q>
+{
+    fn walk_ast<'b>(
+        &'b self,
+        pass: diesel::query_builder::AstPass<'_, 'b, diesel::pg::Pg>,
+    ) -> diesel::QueryResult<()> {
+        self.0.walk_ast(pass)
+    }
+
+    fn is_safe_to_cache_prepared(&self, _backend: &diesel::pg::Pg) -> diesel::QueryResult<bool> {
+        Ok(true)
+    }
+}
+
+impl<Q: diesel::query_builder::Query> diesel::query_builder::Query for Prepared<Q> {
+    type SqlType = Q::SqlType;
+}

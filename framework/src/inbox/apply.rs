@@ -363,28 +363,30 @@ async fn record_ids(
 ) -> Result<HashSet<uuid::Uuid>, diesel::result::Error> {
     use diesel::sql_types::{Array, BigInt, Integer, Text, Uuid};
     let envelopes = messages.iter().map(|m| &m.envelope);
-    let new: Vec<NewId> = diesel::sql_query(
-        "INSERT INTO ferrybox_inbox \
+    let new: Vec<NewId> = crate::db::prepared(
+        diesel::sql_query(
+            "INSERT INTO ferrybox_inbox \
            (consumer, message_id, message_type, topic, kafka_partition, kafka_offset) \
          SELECT $1, * FROM unnest($2::uuid[], $3::text[], $4::text[], $5::int[], $6::bigint[]) \
          ON CONFLICT DO NOTHING RETURNING message_id",
+        )
+        .bind::<Text, _>(consumer)
+        .bind::<Array<Uuid>, _>(envelopes.clone().map(|e| e.id.0).collect::<Vec<_>>())
+        .bind::<Array<Text>, _>(
+            envelopes
+                .clone()
+                .map(|e| e.message_type.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind::<Array<Text>, _>(
+            envelopes
+                .clone()
+                .map(|e| e.topic.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind::<Array<Integer>, _>(envelopes.clone().map(|e| e.partition).collect::<Vec<_>>())
+        .bind::<Array<BigInt>, _>(envelopes.map(|e| e.offset).collect::<Vec<_>>()),
     )
-    .bind::<Text, _>(consumer)
-    .bind::<Array<Uuid>, _>(envelopes.clone().map(|e| e.id.0).collect::<Vec<_>>())
-    .bind::<Array<Text>, _>(
-        envelopes
-            .clone()
-            .map(|e| e.message_type.as_str())
-            .collect::<Vec<_>>(),
-    )
-    .bind::<Array<Text>, _>(
-        envelopes
-            .clone()
-            .map(|e| e.topic.as_str())
-            .collect::<Vec<_>>(),
-    )
-    .bind::<Array<Integer>, _>(envelopes.clone().map(|e| e.partition).collect::<Vec<_>>())
-    .bind::<Array<BigInt>, _>(envelopes.map(|e| e.offset).collect::<Vec<_>>())
     .load(tx)
     .await?;
     Ok(new.into_iter().map(|n| n.message_id).collect())

@@ -9,15 +9,29 @@ use crate::message::OutgoingMessage;
 /// The channel the outbox notifies and the relay listens on.
 pub(crate) const NOTIFY_CHANNEL: &str = "ferrybox_outbox";
 
-/// Takes the key's lock, then inserts (so the row's id is drawn after the lock), then notifies.
+/// The advisory lock ("ferr", "wait") the active relay holds while it waits for work.
 ///
-/// The lock is a transaction-scoped advisory lock on a 64-bit hash of topic and key: a second
-/// transaction writing the same key waits until the first one ends, so for one key the outbox
-/// ids are in commit order and the relay, which publishes in id order, keeps it. Different keys
-/// never wait for each other (barring a hash collision, which only costs a short wait).
+/// Every enqueueing transaction tries to take it *shared* until it ends, and notifies only when
+/// it cannot: that is, when a relay holds it (waiting for a wake-up) or is queued for it (about
+/// to wait). A relay that is busy publishing, or absent, costs writers no `NOTIFY`, whose
+/// commit-time global lock would otherwise serialize every writer's commit. No wake-up is
+/// lost: before it waits, the relay takes the lock exclusively, which waits out every
+/// transaction that holds it shared (those that did not notify), and then looks at the outbox
+/// once more, so it sees their rows.
+pub(crate) const RELAY_WAITING_LOCK: (i32, i32) = (0x6665_7272, 0x7761_6974);
+
+/// Takes the key's lock, then inserts (so the row's id is drawn after the lock), then notifies
+/// if a relay is waiting (see [`RELAY_WAITING_LOCK`]; the numbers below are that lock).
+///
+/// The key lock is a transaction-scoped advisory lock on a 64-bit hash of topic and key: a
+/// second transaction writing the same key waits until the first one ends, so for one key the
+/// outbox ids are in commit order and the relay, which publishes in id order, keeps it.
+/// Different keys never wait for each other (barring a hash collision, which only costs a
+/// short wait).
 ///
 /// `pg_notify` with the same channel and payload is folded into one notification per
-/// transaction by PostgreSQL, so a transaction with many messages still notifies once.
+/// transaction by PostgreSQL, so a transaction with many messages still notifies once; and a
+/// transaction that already holds the waiting lock shared takes it again without notifying.
 const ENQUEUE_SQL: &str = "\
 WITH key_lock AS (
     SELECT pg_advisory_xact_lock(hashtextextended($2 || E'\\n' || $3, 0))
@@ -27,7 +41,8 @@ WITH key_lock AS (
     SELECT $1, $2, $3, $4, $5, $6, $7, $8 FROM key_lock
     RETURNING 1
 )
-SELECT pg_notify('ferrybox_outbox', '') FROM inserted";
+SELECT pg_notify('ferrybox_outbox', '') FROM inserted
+WHERE NOT pg_try_advisory_xact_lock_shared(1717924466, 2002872692)";
 
 /// The same without the notification, for outboxes whose relay only polls.
 const ENQUEUE_SQL_QUIET: &str = "\
@@ -111,17 +126,20 @@ impl Outbox {
         } else {
             ENQUEUE_SQL_QUIET
         };
-        diesel::sql_query(sql)
-            .bind::<Uuid, _>(message.id.0)
-            .bind::<Text, _>(&message.topic)
-            .bind::<Text, _>(&message.key)
-            .bind::<Text, _>(&message.message_type)
-            .bind::<BigInt, _>(message.entity_version)
-            .bind::<Jsonb, _>(headers)
-            .bind::<Bytea, _>(&message.payload)
-            .bind::<Timestamptz, _>(message.occurred_at)
-            .execute(conn)
-            .await?;
+        // Prepared once per connection: this runs in every business transaction.
+        crate::db::prepared(
+            diesel::sql_query(sql)
+                .bind::<Uuid, _>(message.id.0)
+                .bind::<Text, _>(&message.topic)
+                .bind::<Text, _>(&message.key)
+                .bind::<Text, _>(&message.message_type)
+                .bind::<BigInt, _>(message.entity_version)
+                .bind::<Jsonb, _>(headers)
+                .bind::<Bytea, _>(&message.payload)
+                .bind::<Timestamptz, _>(message.occurred_at),
+        )
+        .execute(conn)
+        .await?;
         Ok(())
     }
 }
@@ -134,6 +152,11 @@ mod tests {
     fn enqueue_notifies_the_channel_the_relay_listens_on() {
         assert!(ENQUEUE_SQL.contains(&format!("pg_notify('{NOTIFY_CHANNEL}', '')")));
         assert!(!ENQUEUE_SQL_QUIET.contains("pg_notify"));
+        // Notifies only when it cannot share the relay's waiting lock.
+        let (class, object) = super::RELAY_WAITING_LOCK;
+        assert!(ENQUEUE_SQL.contains(&format!(
+            "WHERE NOT pg_try_advisory_xact_lock_shared({class}, {object})"
+        )));
         // Both take the key lock before the insert draws the row's id.
         for sql in [ENQUEUE_SQL, ENQUEUE_SQL_QUIET] {
             let lock = sql.find("pg_advisory_xact_lock").expect("key lock");

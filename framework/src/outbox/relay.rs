@@ -15,7 +15,10 @@
 //! id order is commit order.
 //!
 //! The active relay wakes on `LISTEN/NOTIFY` and also polls every `poll_interval`, so a lost
-//! notification (or an outbox written without notify) only costs latency.
+//! notification (or an outbox written without notify) only costs latency. Writers notify only
+//! while a relay waits for work: before it waits, the relay takes the waiting lock (see
+//! `RELAY_WAITING_LOCK` in the enqueue module) and looks once more; busy, it costs writers
+//! nothing.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -32,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::enqueue::NOTIFY_CHANNEL;
+use super::enqueue::{NOTIFY_CHANNEL, RELAY_WAITING_LOCK};
 use super::schema::ferrybox_outbox;
 use super::sent_log;
 use crate::config::{Backoff, DatabaseConfig, KafkaConfig, duration_ms};
@@ -319,6 +322,8 @@ impl Relay {
         let mut failed_batches = 0u32;
         // A batch sent and acknowledged (or failed) but not recorded yet.
         let mut sent = Sent::default();
+        // Holding the waiting lock: writers notify.
+        let mut waiting = false;
         while !shutdown.is_cancelled() {
             if tokio::time::Instant::now() >= next_cleanup && self.clean_some(conn).await? {
                 next_cleanup = tokio::time::Instant::now() + self.config.cleanup_interval;
@@ -348,12 +353,25 @@ impl Relay {
             failed_batches = 0;
             if sent.is_empty() {
                 sent = self.send_batch(conn, &[]).await?;
-                if sent.is_empty() {
-                    tokio::select! {
-                        () = shutdown.cancelled() => break,
-                        () = tokio::time::sleep(self.config.poll_interval) => {}
-                        () = wake.notified() => {}
+                if !sent.is_empty() {
+                    if waiting {
+                        waiting = false;
+                        self.stop_waiting(conn).await?;
                     }
+                    continue;
+                }
+                if self.config.listen && !waiting {
+                    // Rows of writers that did not notify are committed once the lock is
+                    // granted: look once more before waiting.
+                    waiting = self.start_waiting(conn).await;
+                    if waiting {
+                        continue;
+                    }
+                }
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(self.config.poll_interval) => {}
+                    () = wake.notified() => {}
                 }
                 continue;
             }
@@ -367,6 +385,40 @@ impl Relay {
         }
         // Shutdown: what was sent is recorded before the relay lets go.
         self.record(&mut marker, &sent).await?;
+        if waiting {
+            self.stop_waiting(conn).await?;
+        }
+        Ok(())
+    }
+
+    /// Takes the waiting lock, so that writers notify from now on. Waits (up to
+    /// `poll_interval`) for the transactions that hold it shared: those enqueued without
+    /// notifying, and are committed (or gone) once it is granted. False when it was not
+    /// granted in time (a long transaction holds it): the relay then polls this round.
+    async fn start_waiting(&self, conn: &mut AsyncPgConnection) -> bool {
+        let (class, object) = RELAY_WAITING_LOCK;
+        let timeout_ms = self.config.poll_interval.as_millis().max(1);
+        // One implicit transaction: the timeout is local to it, the lock is the session's.
+        let sql = format!(
+            "SET LOCAL lock_timeout = {timeout_ms}; SELECT pg_advisory_lock({class}, {object})"
+        );
+        match conn.batch_execute(&sql).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!(error = %e, "relay waiting lock not granted in time; polling");
+                false
+            }
+        }
+    }
+
+    /// Lets go of the waiting lock: the relay is busy, writers need not notify.
+    async fn stop_waiting(&self, conn: &mut AsyncPgConnection) -> Result<()> {
+        let (class, object) = RELAY_WAITING_LOCK;
+        diesel::sql_query("SELECT pg_advisory_unlock($1, $2)")
+            .bind::<Integer, _>(class)
+            .bind::<Integer, _>(object)
+            .execute(conn)
+            .await?;
         Ok(())
     }
 
@@ -521,12 +573,14 @@ impl Relay {
         // `ferrybox-0005_feed` migration). A row sent again (after a crash before its mark, or
         // by an instance that lost the lock mid-batch) keeps the position it had.
         if !sent.acked.is_empty() {
-            diesel::sql_query("SELECT ferrybox_mark_published($1, $2, $3)")
-                .bind::<Array<BigInt>, _>(&sent.acked)
-                .bind::<Array<Nullable<Integer>>, _>(&sent.partitions)
-                .bind::<Array<Nullable<BigInt>>, _>(&sent.offsets)
-                .execute(conn)
-                .await?;
+            crate::db::prepared(
+                diesel::sql_query("SELECT ferrybox_mark_published($1, $2, $3)")
+                    .bind::<Array<BigInt>, _>(&sent.acked)
+                    .bind::<Array<Nullable<Integer>>, _>(&sent.partitions)
+                    .bind::<Array<Nullable<BigInt>>, _>(&sent.offsets),
+            )
+            .execute(conn)
+            .await?;
         }
         if !sent.failed.is_empty() {
             tracing::warn!(

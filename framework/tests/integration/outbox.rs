@@ -44,6 +44,45 @@ async fn business_row_and_message_commit_or_roll_back_together() {
     );
 }
 
+/// `enqueue` runs in every business transaction: its statement is prepared once per
+/// connection, not parsed and planned each time (as a plain `sql_query` would be).
+#[tokio::test(flavor = "multi_thread")]
+async fn enqueue_prepares_its_statement_once_per_connection() {
+    #[derive(diesel::QueryableByName)]
+    struct Prepared {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let fx = Fixture::new(1).await;
+    let mut conn = AsyncPgConnection::establish(fx.db.url()).await.unwrap();
+    for version in 1..=3 {
+        let event = ThingChanged {
+            thing_id: "prepared".into(),
+            version,
+            label: "x".into(),
+        };
+        let message = fx.codec.message(&fx.topic, &event).await.unwrap();
+        let outbox = fx.outbox.clone();
+        conn.transaction::<(), ferrybox::Error, _>(async |tx| outbox.enqueue(tx, &message).await)
+            .await
+            .unwrap();
+    }
+    // Named server-side statements of this very connection.
+    let prepared: Prepared = diesel::sql_query(
+        "SELECT count(*) AS n FROM pg_prepared_statements \
+         WHERE statement LIKE '%INSERT INTO ferrybox_outbox%' \
+           AND statement NOT LIKE '%pg_prepared_statements%'",
+    )
+    .get_result(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(prepared.n, 1);
+    assert_eq!(
+        fx.count("SELECT count(*) AS n FROM ferrybox_outbox").await,
+        3
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn enqueue_outside_a_transaction_is_refused() {
     let fx = Fixture::new(1).await;

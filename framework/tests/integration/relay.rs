@@ -128,6 +128,58 @@ async fn notify_wakes_the_relay_without_polling() {
     running.stop().await;
 }
 
+/// Writers notify only while a relay waits. A transaction that enqueued while no relay was
+/// waiting (so it will not notify) and commits just as the relay runs out of work must still be
+/// published without a poll: the relay waits for it before it starts waiting itself.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_writer_that_did_not_notify_is_published_without_polling() {
+    let fx = Fixture::new(1).await;
+    let event = ThingChanged {
+        thing_id: "quiet".into(),
+        version: 1,
+        label: "x".into(),
+    };
+    let message = fx.codec.message(&fx.topic, &event).await.unwrap();
+    // No relay yet: this transaction holds the waiting lock shared and will not notify.
+    let mut a = AsyncPgConnection::establish(fx.db.url()).await.unwrap();
+    Tm::begin_transaction(&mut a).await.unwrap();
+    fx.outbox.enqueue(&mut a, &message).await.unwrap();
+    let waiting_lock = "SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory' \
+        AND classid = 1717924466 AND objid = 2002872692";
+    assert_eq!(
+        fx.count(&format!(
+            "{waiting_lock} AND granted AND mode = 'ShareLock'"
+        ))
+        .await,
+        1
+    );
+    // A relay that polls once an hour finds the outbox empty and queues for the waiting lock
+    // behind the open transaction.
+    let running = RunningRelay::start(relay(
+        &fx,
+        RelayConfig {
+            poll_interval: Duration::from_secs(3600),
+            ..Fixture::relay_config()
+        },
+    ));
+    wait_until(TIMEOUT, "the relay queues for the waiting lock", || async {
+        fx.count(&format!("{waiting_lock} AND NOT granted")).await == 1
+    })
+    .await;
+    Tm::commit_transaction(&mut a).await.unwrap();
+    wait_until(TIMEOUT, "the quiet writer's row is published", || async {
+        fx.published().await == 1
+    })
+    .await;
+    // Waiting now, the relay is woken by the next writer's notification.
+    fx.change("loud", 1).await;
+    wait_until(TIMEOUT, "the notified relay publishes", || async {
+        fx.published().await == 2
+    })
+    .await;
+    running.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn three_relays_with_concurrent_writers_publish_each_row_once_in_key_order() {
     let fx = Arc::new(Fixture::new(3).await);
