@@ -146,57 +146,91 @@ impl<H: Handler> InboxConsumer<H> {
     /// background meanwhile.
     pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
         let cleaner = self.pipeline.spawn_cleaner(&shutdown);
-        let config = &self.pipeline.config;
         let mut receive_failures = 0u32;
-        'consume: loop {
+        let mut batch = self.gather(&shutdown, &mut receive_failures).await;
+        // The next batch is gathered while this one is applied: receiving and copying records
+        // is the consumer's work, applying them the database's.
+        while let Some(records) = batch.take() {
+            let (finished, next) = tokio::join!(
+                self.apply_and_store(&records, &shutdown),
+                self.gather(&shutdown, &mut receive_failures)
+            );
+            if !finished {
+                break;
+            }
+            batch = next;
+        }
+        self.finish(cleaner, &shutdown).await;
+        Ok(())
+    }
+
+    /// Receives the next batch: waits for one record, then takes what is already waiting, up
+    /// to `batch_size`. `None` on shutdown.
+    async fn gather(
+        &self,
+        shutdown: &CancellationToken,
+        receive_failures: &mut u32,
+    ) -> Option<Vec<Record>> {
+        let config = &self.pipeline.config;
+        let first = loop {
             let received = tokio::select! {
-                () = shutdown.cancelled() => break,
+                () = shutdown.cancelled() => return None,
                 r = self.consumer.recv() => r,
             };
-            let first = match received {
+            match received {
                 Ok(m) => {
-                    receive_failures = 0;
-                    Record::from_kafka(&m)
+                    *receive_failures = 0;
+                    break Record::from_kafka(&m);
                 }
                 Err(e) => {
-                    receive_failures += 1;
+                    *receive_failures += 1;
                     tracing::warn!(error = %e, "kafka receive failed");
-                    if sleep_or_shutdown(config.backoff.delay(receive_failures), &shutdown).await {
-                        break;
+                    if sleep_or_shutdown(config.backoff.delay(*receive_failures), shutdown).await {
+                        return None;
                     }
-                    continue;
-                }
-            };
-            // Gather what is already waiting, up to a batch.
-            let mut batch = vec![first];
-            while batch.len() < config.batch_size {
-                match tokio::time::timeout(config.batch_linger, self.consumer.recv()).await {
-                    Ok(Ok(m)) => batch.push(Record::from_kafka(&m)),
-                    _ => break,
                 }
             }
-            let mut next = 0;
-            while next < batch.len() {
-                let done = match self.pipeline.process_from(&batch[next..], &shutdown).await {
-                    Progress::Done { count, .. } => count,
-                    // Shutdown came while a message was still failing: it and the rest of the
-                    // batch are left for redelivery. (Kafka consumers dead-letter, never halt.)
-                    Progress::Shutdown | Progress::Halted(_) => break 'consume,
-                };
-                for record in &batch[next..next + done] {
-                    // A rebalance while the batch was gathered may have taken the partition
-                    // away: its new owner gets the message again and the inbox skips it.
-                    if let Err(e) =
-                        self.consumer
-                            .store_offset(&record.topic, record.partition, record.offset)
-                    {
-                        tracing::warn!(error = %e, topic = record.topic, partition = record.partition,
-                            offset = record.offset, "offset not stored (partition revoked?); the message will be redelivered and deduplicated");
-                    }
-                }
-                next += done;
+        };
+        let mut batch = Vec::with_capacity(config.batch_size);
+        batch.push(first);
+        while batch.len() < config.batch_size {
+            match tokio::time::timeout(config.batch_linger, self.consumer.recv()).await {
+                Ok(Ok(m)) => batch.push(Record::from_kafka(&m)),
+                _ => break,
             }
         }
+        Some(batch)
+    }
+
+    /// Finishes every record of `batch` in order (applied, duplicate, parked or dead-lettered)
+    /// and stores each one's offset once it is. False when shutdown stopped it first.
+    async fn apply_and_store(&self, batch: &[Record], shutdown: &CancellationToken) -> bool {
+        let mut next = 0;
+        while next < batch.len() {
+            let done = match self.pipeline.process_from(&batch[next..], shutdown).await {
+                Progress::Done { count, .. } => count,
+                // Shutdown came while a message was still failing: it and the rest of the
+                // batch are left for redelivery. (Kafka consumers dead-letter, never halt.)
+                Progress::Shutdown | Progress::Halted(_) => return false,
+            };
+            for record in &batch[next..next + done] {
+                // A rebalance while the batch was gathered may have taken the partition
+                // away: its new owner gets the message again and the inbox skips it.
+                if let Err(e) =
+                    self.consumer
+                        .store_offset(&record.topic, record.partition, record.offset)
+                {
+                    tracing::warn!(error = %e, topic = record.topic, partition = record.partition,
+                        offset = record.offset, "offset not stored (partition revoked?); the message will be redelivered and deduplicated");
+                }
+            }
+            next += done;
+        }
+        true
+    }
+
+    /// Commits the stored offsets, leaves the group and waits for the cleaner.
+    async fn finish(self, cleaner: tokio::task::JoinHandle<()>, shutdown: &CancellationToken) {
         match self.consumer.commit_consumer_state(CommitMode::Sync) {
             Ok(())
             | Err(rdkafka::error::KafkaError::ConsumerCommit(
@@ -211,6 +245,5 @@ impl<H: Handler> InboxConsumer<H> {
         if let Err(e) = cleaner.await {
             tracing::warn!(error = %e, "inbox cleaner task failed");
         }
-        Ok(())
     }
 }
