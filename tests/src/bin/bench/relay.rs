@@ -180,13 +180,17 @@ async fn write_rate(
                 };
                 let outbox = &outbox;
                 conn.transaction::<_, ferrybox::Error, _>(async |tx| {
-                    diesel::sql_query(
-                        "INSERT INTO accounts (id, email, name, profile) VALUES ($1, $2, $3, $4)",
+                    // Prepared once, as a service's own statements (built with diesel's DSL)
+                    // are.
+                    ferrybox::db::prepared(
+                        diesel::sql_query(
+                            "INSERT INTO accounts (id, email, name, profile) VALUES ($1, $2, $3, $4)",
+                        )
+                        .bind::<diesel::sql_types::Uuid, _>(id)
+                        .bind::<Text, _>(format!("{id}@example.com"))
+                        .bind::<Text, _>("Bench Account")
+                        .bind::<Text, _>("p".repeat(PAYLOAD)),
                     )
-                    .bind::<diesel::sql_types::Uuid, _>(id)
-                    .bind::<Text, _>(format!("{id}@example.com"))
-                    .bind::<Text, _>("Bench Account")
-                    .bind::<Text, _>("p".repeat(PAYLOAD))
                     .execute(tx)
                     .await?;
                     if with_outbox {
