@@ -271,7 +271,11 @@ impl<H: Handler> FeedConsumer<H> {
                     .iter()
                     .take_while(|r| topics.contains(&r.topic))
                     .count();
-                match self.pipeline.process_from(&rest[..ours], shutdown).await {
+                match self
+                    .pipeline
+                    .process_from(&rest[..ours], None, shutdown)
+                    .await
+                {
                     Progress::Done { count, by_applier } => (count, by_applier),
                     Progress::Shutdown => return Ok(None),
                     Progress::Halted(failure) => {

@@ -2,6 +2,7 @@
 //! Kafka offset only after that transaction committed; retry what may succeed later,
 //! dead-letter what cannot, and park the later messages of a dead-lettered key.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
@@ -17,6 +18,16 @@ use crate::contract::ReaderSchemas;
 use crate::db::PgPool;
 use crate::error::{Error, Result};
 use crate::outbox::sleep_or_shutdown;
+
+/// How far [`InboxConsumer::apply_and_store`] got with a batch.
+enum Applied {
+    /// Every record was applied or found duplicate.
+    All,
+    /// Every record is finished, some of them dead-lettered or parked.
+    AllWithDeadLetters,
+    /// Shutdown stopped it; the rest of the batch is left for redelivery.
+    Stopped,
+}
 
 /// How often librdkafka reports statistics (and so consumer lag) when metrics are on.
 const LAG_INTERVAL_MS: &str = "5000";
@@ -148,15 +159,29 @@ impl<H: Handler> InboxConsumer<H> {
         let cleaner = self.pipeline.spawn_cleaner(&shutdown);
         let mut receive_failures = 0u32;
         let mut batch = self.gather(&shutdown, &mut receive_failures).await;
-        // The next batch is gathered while this one is applied: receiving and copying records
-        // is the consumer's work, applying them the database's.
+        let mut checked = None;
+        // The next batch is gathered, and its keys checked against open dead letters, while
+        // this one is applied: receiving and copying records is the consumer's work, applying
+        // them the database's.
         while let Some(records) = batch.take() {
-            let (finished, next) = tokio::join!(
-                self.apply_and_store(&records, &shutdown),
-                self.gather(&shutdown, &mut receive_failures)
+            let gather_next = async {
+                let next = self.gather(&shutdown, &mut receive_failures).await;
+                let blocked = match &next {
+                    Some(records) => self.pipeline.blocked_keys(records).await,
+                    None => None,
+                };
+                (next, blocked)
+            };
+            let (applied, (next, blocked)) = tokio::join!(
+                self.apply_and_store(&records, checked.take(), &shutdown),
+                gather_next
             );
-            if !finished {
-                break;
+            match applied {
+                Applied::All => checked = blocked,
+                // A dead letter or parked message in this batch may block keys of the next
+                // one that its check (made meanwhile) did not see: look again then.
+                Applied::AllWithDeadLetters => {}
+                Applied::Stopped => break,
             }
             batch = next;
         }
@@ -203,15 +228,30 @@ impl<H: Handler> InboxConsumer<H> {
     }
 
     /// Finishes every record of `batch` in order (applied, duplicate, parked or dead-lettered)
-    /// and stores each one's offset once it is. False when shutdown stopped it first.
-    async fn apply_and_store(&self, batch: &[Record], shutdown: &CancellationToken) -> bool {
+    /// and stores each one's offset once it is. `checked`: the batch's blocked keys, if known.
+    async fn apply_and_store(
+        &self,
+        batch: &[Record],
+        mut checked: Option<HashSet<String>>,
+        shutdown: &CancellationToken,
+    ) -> Applied {
         let mut next = 0;
+        let mut outcome = Applied::All;
         while next < batch.len() {
-            let done = match self.pipeline.process_from(&batch[next..], shutdown).await {
-                Progress::Done { count, .. } => count,
+            let progress = self
+                .pipeline
+                .process_from(&batch[next..], checked.take(), shutdown)
+                .await;
+            let done = match progress {
+                Progress::Done { count, by_applier } => {
+                    if !by_applier {
+                        outcome = Applied::AllWithDeadLetters;
+                    }
+                    count
+                }
                 // Shutdown came while a message was still failing: it and the rest of the
                 // batch are left for redelivery. (Kafka consumers dead-letter, never halt.)
-                Progress::Shutdown | Progress::Halted(_) => return false,
+                Progress::Shutdown | Progress::Halted(_) => return Applied::Stopped,
             };
             for record in &batch[next..next + done] {
                 // A rebalance while the batch was gathered may have taken the partition
@@ -226,7 +266,7 @@ impl<H: Handler> InboxConsumer<H> {
             }
             next += done;
         }
-        true
+        outcome
     }
 
     /// Commits the stored offsets, leaves the group and waits for the cleaner.

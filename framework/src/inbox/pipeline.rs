@@ -3,6 +3,7 @@
 //! the later messages of a dead-lettered key. The Kafka consumer and the feed consumer differ
 //! only in how records arrive and how their position is kept.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use rdkafka::producer::FutureProducer;
@@ -153,21 +154,39 @@ impl<H: Handler> Pipeline<H> {
         })
     }
 
+    /// The keys of `records` held back by an open dead letter; `None` when the check failed.
+    pub(crate) async fn blocked_keys(&self, records: &[Record]) -> Option<HashSet<String>> {
+        let keys: Vec<String> = records.iter().filter_map(Record::key_text).collect();
+        match self.dead_letters.blocked_keys(&keys).await {
+            Ok(blocked) => Some(blocked),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not check for parked keys");
+                None
+            }
+        }
+    }
+
     /// Finishes the leading records of `records`: a batch of those whose keys are not blocked,
     /// or (when the first is blocked or fails) that one record on its own, retried, parked or
     /// dead-lettered. Returns how many leading records are done; `None` on shutdown.
+    ///
+    /// `checked`: the blocked keys among `records`, when the caller looked them up already
+    /// (since the last dead letter or parked message of this pipeline). A key found blocked
+    /// that a redrive has freed meanwhile is not lost: parking checks again under its lock.
     pub(crate) async fn process_from(
         &self,
         records: &[Record],
+        checked: Option<HashSet<String>>,
         shutdown: &CancellationToken,
     ) -> Progress {
-        let keys: Vec<String> = records.iter().filter_map(Record::key_text).collect();
-        let blocked = match self.dead_letters.blocked_keys(&keys).await {
-            Ok(blocked) => blocked,
-            Err(e) => {
-                tracing::warn!(error = %e, "could not check for parked keys; taking messages one by one");
-                keys.into_iter().collect()
-            }
+        let blocked = match checked {
+            Some(blocked) => blocked,
+            None => match self.blocked_keys(records).await {
+                Some(blocked) => blocked,
+                // Unknown: every key is treated as blocked, so messages go one by one and
+                // parking decides under each key's lock.
+                None => records.iter().filter_map(Record::key_text).collect(),
+            },
         };
         let run = records
             .iter()
