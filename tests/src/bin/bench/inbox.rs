@@ -2,6 +2,8 @@
 //!
 //! - `inbox_vs_raw_insert`: inbox apply rate for messages already in Kafka, over the rate of
 //!   inserting the same rows straight into PostgreSQL in batches of the same size.
+//! - `bare_consumer_vs_raw_insert` / `inbox_ids_vs_raw_insert`: what the broker alone and the
+//!   database alone (the inserts plus the ids the inbox records) allow against that floor.
 //! - `inbox_vs_naive`: the same inbox rate over a naive consumer doing one transaction and one
 //!   synchronous offset commit per message.
 //! - `e2e_latency_p99_ms`: producer commit to consumer commit, at a fixed moderate rate,
@@ -230,19 +232,56 @@ async fn inbox_rate(codec: &AvroCodec) -> anyhow::Result<(f64, f64)> {
     Ok((messages() as f64 / elapsed.as_secs_f64(), bare))
 }
 
-/// Rows per second inserted straight into PostgreSQL, in batches of the same size.
-async fn raw_insert_rate() -> anyhow::Result<f64> {
+/// Rows per second inserted straight into PostgreSQL, in batches of the same size; with
+/// `with_ids`, each batch also records its message ids as the inbox does (same statement, in
+/// the same transaction), still without Kafka, decoding or anything else.
+async fn raw_insert_rate(with_ids: bool) -> anyhow::Result<f64> {
     let (_db, mut conn) = database().await?;
     let rows = readings(messages());
     let started = Instant::now();
     for chunk in rows.chunks(BATCH) {
         let ids: Vec<uuid::Uuid> = chunk.iter().map(|_| uuid::Uuid::now_v7()).collect();
         conn.transaction::<_, diesel::result::Error, _>(async |tx| {
+            if with_ids {
+                record_ids(tx, &ids).await?;
+            }
             insert_readings(tx, ids, chunk).await
         })
         .await?;
     }
     Ok(messages() as f64 / started.elapsed().as_secs_f64())
+}
+
+/// The inbox's own id insert (see `ferrybox::inbox`), for the bound above.
+async fn record_ids(
+    conn: &mut AsyncPgConnection,
+    ids: &[uuid::Uuid],
+) -> Result<(), diesel::result::Error> {
+    #[derive(diesel::QueryableByName)]
+    struct NewId {
+        #[diesel(sql_type = SqlUuid)]
+        #[allow(dead_code)]
+        message_id: uuid::Uuid,
+    }
+    let n = ids.len();
+    let new: Vec<NewId> = ferrybox::db::prepared(
+        diesel::sql_query(
+            "INSERT INTO ferrybox_inbox \
+               (consumer, message_id, message_type, topic, kafka_partition, kafka_offset) \
+             SELECT $1, * FROM unnest($2::uuid[], $3::text[], $4::text[], $5::int[], $6::bigint[]) \
+             ON CONFLICT DO NOTHING RETURNING message_id",
+        )
+        .bind::<Text, _>("bench-raw")
+        .bind::<Array<SqlUuid>, _>(ids)
+        .bind::<Array<Text>, _>(vec![Reading::MESSAGE_TYPE; n])
+        .bind::<Array<Text>, _>(vec!["bench-raw-topic"; n])
+        .bind::<Array<diesel::sql_types::Integer>, _>(vec![0; n])
+        .bind::<Array<BigInt>, _>((0..i64::try_from(n).unwrap_or(0)).collect::<Vec<_>>()),
+    )
+    .load(conn)
+    .await?;
+    assert_eq!(new.len(), n, "fresh ids are all new");
+    Ok(())
 }
 
 /// Messages per second of a naive consumer: one transaction and one synchronous offset commit
@@ -381,12 +420,17 @@ pub(crate) async fn run(codec: &AvroCodec, report: &mut Report) -> anyhow::Resul
         messages()
     );
     let (inbox, bare) = inbox_rate(codec).await?;
-    let raw = raw_insert_rate().await?;
+    let raw = raw_insert_rate(false).await?;
+    let raw_with_ids = raw_insert_rate(true).await?;
     let naive = naive_rate(codec).await?;
     let (p50, p99) = e2e_latency(codec, 200, 10).await?;
     report.row("inbox apply rate (msg/s)", inbox);
     report.row("raw batched insert rate (rows/s)", raw);
     report.row("bare consumer, same topic, no database (msg/s)", bare);
+    report.row(
+        "raw batched insert + inbox ids, no Kafka (rows/s)",
+        raw_with_ids,
+    );
     report.row("naive consumer rate (msg/s)", naive);
     report.row("e2e latency p50 at 200 msg/s (ms)", p50);
     report.row("e2e latency p99 at 200 msg/s (ms)", p99);
@@ -394,6 +438,8 @@ pub(crate) async fn run(codec: &AvroCodec, report: &mut Report) -> anyhow::Resul
     // What the floor of inbox_vs_raw_insert needs of the broker alone: a consumer that
     // writes nothing, over the raw insert rate.
     report.ratio("bare_consumer_vs_raw_insert", bare / raw);
+    // ... and of the database alone: the same inserts plus the ids the inbox must record.
+    report.ratio("inbox_ids_vs_raw_insert", raw_with_ids / raw);
     report.ratio("inbox_vs_naive", inbox / naive);
     report.ratio("e2e_latency_p99_ms", p99);
     Ok(())

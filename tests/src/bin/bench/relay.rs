@@ -4,6 +4,8 @@
 //!   rdkafka producer sending the same messages with the same settings.
 //! - `outbox_write_overhead_1` / `_8`: business transactions per second with `enqueue` over the
 //!   same transactions without it, at 1 and 8 concurrent writers.
+//! - `bare_row_write_overhead_1` / `_8`: the same with a bare one-row insert instead of
+//!   `enqueue`: the least a transactional outbox can cost on this machine.
 //! - `notify_latency_p99_ms` / `poll_latency_p99_ms`: commit to acknowledged publish at a fixed
 //!   moderate rate, woken by `NOTIFY` and by polling only.
 
@@ -148,13 +150,26 @@ const ACCOUNTS: &str = "CREATE TABLE accounts (id UUID PRIMARY KEY, email TEXT N
                         name TEXT NOT NULL, profile TEXT NOT NULL, \
                         created_at TIMESTAMPTZ NOT NULL DEFAULT now())";
 
+/// What a business transaction writes besides its account.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Extra {
+    Nothing,
+    /// The matching event, through `Outbox::enqueue`.
+    Enqueue,
+    /// One 200-byte row in a table with nothing but a primary key, in its own statement: the
+    /// least any transactional outbox adds.
+    BareRow,
+}
+
+const BARE: &str = "CREATE TABLE bare (id BIGSERIAL PRIMARY KEY, payload BYTEA NOT NULL)";
+
 /// Business transactions per second: `writers` connections each registering accounts for
-/// `seconds`, with or without enqueueing the matching event.
+/// `seconds`, with `extra` written alongside.
 async fn write_rate(
     db: &TestDatabase,
     topic: &str,
     writers: usize,
-    with_outbox: bool,
+    extra: Extra,
     seconds: u64,
 ) -> anyhow::Result<f64> {
     let deadline = Instant::now() + Duration::from_secs(seconds);
@@ -193,8 +208,17 @@ async fn write_rate(
                     )
                     .execute(tx)
                     .await?;
-                    if with_outbox {
-                        outbox.enqueue(tx, &message).await?;
+                    match extra {
+                        Extra::Nothing => {}
+                        Extra::Enqueue => outbox.enqueue(tx, &message).await?,
+                        Extra::BareRow => {
+                            ferrybox::db::prepared(
+                                diesel::sql_query("INSERT INTO bare (payload) VALUES ($1)")
+                                    .bind::<diesel::sql_types::Bytea, _>(&message.payload),
+                            )
+                            .execute(tx)
+                            .await?;
+                        }
                     }
                     Ok(())
                 })
@@ -211,20 +235,25 @@ async fn write_rate(
     Ok(total as f64 / started.elapsed().as_secs_f64())
 }
 
-/// (with enqueue, without) transactions per second at `writers` concurrent writers.
-async fn write_overhead(writers: usize) -> anyhow::Result<(f64, f64)> {
+/// Transactions per second at `writers` concurrent writers: (with enqueue, without, with a
+/// bare extra row).
+async fn write_overhead(writers: usize) -> anyhow::Result<(f64, f64, f64)> {
     let (db, mut conn) = outbox_database().await?;
     diesel::sql_query(ACCOUNTS).execute(&mut conn).await?;
+    diesel::sql_query(BARE).execute(&mut conn).await?;
     let topic = testing::unique("bench-unpublished");
-    // Warm up, then alternate so drift affects both alike.
-    write_rate(&db, &topic, writers, true, 1).await?;
-    let mut with = 0.0;
-    let mut without = 0.0;
+    // Warm up, then alternate so drift affects all alike.
+    write_rate(&db, &topic, writers, Extra::Enqueue, 1).await?;
+    let mut rates = [0.0; 3];
     for _ in 0..2 {
-        without += write_rate(&db, &topic, writers, false, 3).await?;
-        with += write_rate(&db, &topic, writers, true, 3).await?;
+        for (i, extra) in [Extra::Enqueue, Extra::Nothing, Extra::BareRow]
+            .into_iter()
+            .enumerate()
+        {
+            rates[i] += write_rate(&db, &topic, writers, extra, 3).await? / 2.0;
+        }
     }
-    Ok((with / 2.0, without / 2.0))
+    Ok((rates[0], rates[1], rates[2]))
 }
 
 /// p99 of commit to acknowledged publish, in ms, at `rate` messages a second for `seconds`.
@@ -344,12 +373,14 @@ pub(crate) async fn run(report: &mut Report) -> anyhow::Result<()> {
     let (relay, raw) = drain_rates(n).await?;
     report.row("relay drain rate (msg/s)", relay);
     report.row("plain producer rate, same messages (msg/s)", raw);
-    let (with_1, without_1) = write_overhead(1).await?;
+    let (with_1, without_1, bare_1) = write_overhead(1).await?;
     report.row("business tx/s with enqueue, 1 writer", with_1);
     report.row("business tx/s without enqueue, 1 writer", without_1);
-    let (with_8, without_8) = write_overhead(8).await?;
+    report.row("business tx/s with a bare extra row, 1 writer", bare_1);
+    let (with_8, without_8, bare_8) = write_overhead(8).await?;
     report.row("business tx/s with enqueue, 8 writers", with_8);
     report.row("business tx/s without enqueue, 8 writers", without_8);
+    report.row("business tx/s with a bare extra row, 8 writers", bare_8);
     let notify = publish_latency_p99(true, 200, 5).await?;
     let poll = publish_latency_p99(false, 200, 5).await?;
     report.row("commit-to-publish p99 at 200 msg/s, NOTIFY (ms)", notify);
@@ -357,6 +388,9 @@ pub(crate) async fn run(report: &mut Report) -> anyhow::Result<()> {
     report.ratio("relay_vs_raw_producer", relay / raw);
     report.ratio("outbox_write_overhead_1", with_1 / without_1);
     report.ratio("outbox_write_overhead_8", with_8 / without_8);
+    // The least any outbox writing a row per transaction could score here.
+    report.ratio("bare_row_write_overhead_1", bare_1 / without_1);
+    report.ratio("bare_row_write_overhead_8", bare_8 / without_8);
     report.ratio("notify_latency_p99_ms", notify);
     report.ratio("poll_latency_p99_ms", poll);
     Ok(())
