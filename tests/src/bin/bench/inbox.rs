@@ -169,6 +169,21 @@ async fn database() -> anyhow::Result<(TestDatabase, AsyncPgConnection)> {
     Ok((db, conn))
 }
 
+/// An inbox consumer writing readings, reading the broker as every bench consumer does.
+fn readings_inbox(
+    db: &TestDatabase,
+    codec: &AvroCodec,
+    config: InboxConfig,
+) -> anyhow::Result<InboxConsumer<Readings>> {
+    Ok(InboxConsumer::new(
+        db.pool(),
+        &consumer_kafka(),
+        codec.clone(),
+        Readings,
+        config,
+    )?)
+}
+
 /// Messages per second a plain consumer (the inbox's consumer settings) reads from `topic`,
 /// doing nothing with them: how fast any Kafka consumer can go here, an upper bound for the
 /// inbox (timed, like the inbox, from subscribing).
@@ -208,13 +223,7 @@ async fn inbox_rate(codec: &AvroCodec) -> anyhow::Result<(f64, f64)> {
         batch_size: BATCH,
         ..InboxConfig::default()
     };
-    let consumer = InboxConsumer::new(
-        db.pool(),
-        &consumer_kafka(),
-        codec.clone(),
-        Readings,
-        config,
-    )?;
+    let consumer = readings_inbox(&db, codec, config)?;
     let stats = consumer.stats();
     let stop = CancellationToken::new();
     let started = Instant::now();
@@ -345,13 +354,7 @@ async fn e2e_latency(codec: &AvroCodec, rate: u32, seconds: u32) -> anyhow::Resu
         batch_linger: Duration::from_millis(1),
         ..InboxConfig::default()
     };
-    let consumer = InboxConsumer::new(
-        db.pool(),
-        &consumer_kafka(),
-        codec.clone(),
-        Readings,
-        config,
-    )?;
+    let consumer = readings_inbox(&db, codec, config)?;
     let stats = consumer.stats();
     let stop = CancellationToken::new();
     let relay_task = tokio::spawn({
