@@ -180,6 +180,66 @@ async fn a_writer_that_did_not_notify_is_published_without_polling() {
     running.stop().await;
 }
 
+/// The notifications on `ferrybox_outbox` that arrive before a sentinel sent after the writer's
+/// commit (notifications arrive in commit order, so no waiting on a clock).
+async fn notifications_before_sentinel(
+    fx: &Fixture,
+    listener: &mut AsyncPgConnection,
+    write: impl std::future::Future<Output = ()>,
+) -> usize {
+    use futures::StreamExt;
+    write.await;
+    let mut sender = AsyncPgConnection::establish(fx.db.url()).await.unwrap();
+    diesel_async::SimpleAsyncConnection::batch_execute(
+        &mut sender,
+        "NOTIFY ferrybox_outbox, 'sentinel'",
+    )
+    .await
+    .unwrap();
+    let mut before = 0;
+    let mut stream = std::pin::pin!(listener.notifications_stream());
+    loop {
+        let next = tokio::time::timeout(TIMEOUT, stream.next())
+            .await
+            .expect("the sentinel arrives")
+            .expect("the listener is open")
+            .unwrap();
+        if next.payload == "sentinel" {
+            return before;
+        }
+        before += 1;
+    }
+}
+
+/// Writers pay for `NOTIFY` (a commit-time global lock) only while a relay waits for work.
+#[tokio::test(flavor = "multi_thread")]
+async fn writers_notify_only_while_a_relay_waits() {
+    let fx = Fixture::new(1).await;
+    let mut listener = AsyncPgConnection::establish(fx.db.url()).await.unwrap();
+    diesel_async::SimpleAsyncConnection::batch_execute(&mut listener, "LISTEN ferrybox_outbox")
+        .await
+        .unwrap();
+    // No relay waits: the commit notifies no one.
+    let quiet = notifications_before_sentinel(&fx, &mut listener, async {
+        fx.change("a", 1).await;
+    })
+    .await;
+    assert_eq!(quiet, 0);
+    // A relay waits (it holds the waiting lock, as `Relay::run` does when the outbox is empty).
+    let mut relay = AsyncPgConnection::establish(fx.db.url()).await.unwrap();
+    diesel_async::SimpleAsyncConnection::batch_execute(
+        &mut relay,
+        "SELECT pg_advisory_lock(1717924466, 2002872692)",
+    )
+    .await
+    .unwrap();
+    let woken = notifications_before_sentinel(&fx, &mut listener, async {
+        fx.change("a", 2).await;
+    })
+    .await;
+    assert_eq!(woken, 1);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn three_relays_with_concurrent_writers_publish_each_row_once_in_key_order() {
     let fx = Arc::new(Fixture::new(3).await);
