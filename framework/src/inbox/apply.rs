@@ -209,7 +209,7 @@ impl<H: Handler> Applier<H> {
                     .collect();
                 let as_batch = fresh_messages.is_empty()
                     || self
-                        .handle_batch_in_savepoint(tx, &fresh_messages)
+                        .handle_in_savepoint(tx, Handling::Batch(&fresh_messages))
                         .await
                         .is_ok();
                 let outcomes: Vec<Outcome> = fresh
@@ -231,7 +231,7 @@ impl<H: Handler> Applier<H> {
                     if !fresh[i] {
                         continue;
                     }
-                    if let Err(e) = self.handle_in_savepoint(tx, message).await {
+                    if let Err(e) = self.handle_in_savepoint(tx, Handling::One(message)).await {
                         // This message and the new ones after it stay unapplied: forget their ids.
                         let unapplied: Vec<uuid::Uuid> = messages[i..]
                             .iter()
@@ -298,53 +298,57 @@ impl<H: Handler> Applier<H> {
         }
     }
 
-    async fn handle_batch_in_savepoint(
-        &self,
-        tx: &mut AsyncPgConnection,
-        messages: &[&ReceivedMessage],
-    ) -> Result<(), HandlerError> {
-        let timeout = self.handler_timeout;
-        let started = std::time::Instant::now();
-        let handled = tx
-            .transaction::<_, HandlerError, _>(async |savepoint| {
-                match tokio::time::timeout(timeout, self.handler.handle_batch(savepoint, messages))
-                    .await
-                {
-                    Ok(result) => result,
-                    Err(_) => Err(HandlerError::retryable(format!(
-                        "batch handler timed out after {timeout:?}"
-                    ))),
-                }
-            })
-            .await;
-        self.record_duration(started, handled.is_ok());
-        handled
-    }
-
+    /// Runs the handler on `handling` under a savepoint of `tx`, within the handler timeout (a
+    /// timeout is retryable), and records how long it took.
     async fn handle_in_savepoint(
         &self,
         tx: &mut AsyncPgConnection,
-        message: &ReceivedMessage,
+        handling: Handling<'_>,
     ) -> Result<(), HandlerError> {
         let timeout = self.handler_timeout;
         let started = std::time::Instant::now();
         let result = tx
             .transaction::<_, HandlerError, _>(async |savepoint| {
-                let handled = tracing::Instrument::instrument(
-                    self.handler.handle(savepoint, message),
-                    message.span(),
-                );
-                match tokio::time::timeout(timeout, handled).await {
-                    Ok(result) => result,
-                    Err(_) => Err(HandlerError::retryable(format!(
-                        "handler timed out after {timeout:?}"
-                    ))),
-                }
+                let (what, handled) = match handling {
+                    Handling::Batch(messages) => (
+                        "batch handler",
+                        tokio::time::timeout(
+                            timeout,
+                            self.handler.handle_batch(savepoint, messages),
+                        )
+                        .await,
+                    ),
+                    Handling::One(message) => (
+                        "handler",
+                        tokio::time::timeout(
+                            timeout,
+                            tracing::Instrument::instrument(
+                                self.handler.handle(savepoint, message),
+                                message.span(),
+                            ),
+                        )
+                        .await,
+                    ),
+                };
+                handled.unwrap_or_else(|_| {
+                    Err(HandlerError::retryable(format!(
+                        "{what} timed out after {timeout:?}"
+                    )))
+                })
             })
             .await;
         self.record_duration(started, result.is_ok());
         result
     }
+}
+
+/// What [`Applier::handle_in_savepoint`] hands the handler.
+#[derive(Clone, Copy)]
+enum Handling<'a> {
+    /// The new messages of a batch, to `handle_batch`.
+    Batch(&'a [&'a ReceivedMessage]),
+    /// One message, to `handle`, inside its span.
+    One(&'a ReceivedMessage),
 }
 
 #[derive(QueryableByName)]
