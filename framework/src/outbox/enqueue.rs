@@ -17,8 +17,9 @@ pub(crate) const NOTIFY_CHANNEL: &str = "ferrybox_outbox";
 /// commit-time global lock would otherwise serialize every writer's commit. No wake-up is
 /// lost: before it waits, the relay takes the lock exclusively, which waits out every
 /// transaction that holds it shared (those that did not notify), and then looks at the outbox
-/// once more, so it sees their rows.
-pub(crate) const RELAY_WAITING_LOCK: (i32, i32) = (0x6665_7272, 0x7761_6974);
+/// once more, so it sees their rows. In `pg_locks` it is the advisory lock with these `classid`
+/// and `objid`, held exclusively by the waiting relay.
+pub const RELAY_WAITING_LOCK: (i32, i32) = (0x6665_7272, 0x7761_6974);
 
 /// Takes the key's lock, then inserts (so the row's id is drawn after the lock), then notifies
 /// if a relay is waiting (see [`RELAY_WAITING_LOCK`]; the numbers below are that lock).

@@ -7,7 +7,7 @@ mod relay;
 pub(crate) mod schema;
 pub mod sent_log;
 
-pub use enqueue::Outbox;
+pub use enqueue::{Outbox, RELAY_WAITING_LOCK};
 pub use relay::{BatchOutcome, Relay, RelayConfig};
 pub(crate) use relay::{listen, sleep_or_shutdown};
 pub use sent_log::{OutboxStatus, ReplayOptions, ReplayReport, ReplaySelection};

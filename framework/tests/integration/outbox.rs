@@ -5,7 +5,7 @@ use diesel::sql_types::Text;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use ferrybox::{KafkaConfig, Relay};
 
-use crate::support::{Fixture, RunningRelay, TIMEOUT, ThingChanged, read_records};
+use crate::support::{Fixture, RunningRelay, TIMEOUT, read_records};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn business_row_and_message_commit_or_roll_back_together() {
@@ -13,12 +13,7 @@ async fn business_row_and_message_commit_or_roll_back_together() {
     fx.change("committed", 1).await;
 
     // A transaction that fails after enqueueing leaves neither row behind.
-    let event = ThingChanged {
-        thing_id: "rolled-back".into(),
-        version: 1,
-        label: "x".into(),
-    };
-    let message = fx.codec.message(&fx.topic, &event).await.unwrap();
+    let message = fx.message("rolled-back", 1).await;
     let mut conn = AsyncPgConnection::establish(fx.db.url()).await.unwrap();
     let outbox = fx.outbox.clone();
     let result = conn
@@ -56,12 +51,7 @@ async fn enqueue_prepares_its_statement_once_per_connection() {
     let fx = Fixture::new(1).await;
     let mut conn = AsyncPgConnection::establish(fx.db.url()).await.unwrap();
     for version in 1..=3 {
-        let event = ThingChanged {
-            thing_id: "prepared".into(),
-            version,
-            label: "x".into(),
-        };
-        let message = fx.codec.message(&fx.topic, &event).await.unwrap();
+        let message = fx.message("prepared", version).await;
         let outbox = fx.outbox.clone();
         conn.transaction::<(), ferrybox::Error, _>(async |tx| outbox.enqueue(tx, &message).await)
             .await
@@ -86,12 +76,7 @@ async fn enqueue_prepares_its_statement_once_per_connection() {
 #[tokio::test(flavor = "multi_thread")]
 async fn enqueue_outside_a_transaction_is_refused() {
     let fx = Fixture::new(1).await;
-    let event = ThingChanged {
-        thing_id: "t".into(),
-        version: 1,
-        label: "x".into(),
-    };
-    let message = fx.codec.message(&fx.topic, &event).await.unwrap();
+    let message = fx.message("t", 1).await;
     let mut conn = AsyncPgConnection::establish(fx.db.url()).await.unwrap();
     let err = fx.outbox.enqueue(&mut conn, &message).await.unwrap_err();
     assert!(matches!(err, ferrybox::Error::NotInTransaction), "{err}");

@@ -10,7 +10,7 @@ use ferrybox::outbox::sent_log;
 use ferrybox::testing::{self, ReadRecord, wait_until};
 use ferrybox::{CancellationToken, Relay, RelayConfig, ReplayOptions, ReplaySelection};
 
-use crate::support::{Fixture, RunningRelay, TIMEOUT, ThingChanged};
+use crate::support::{Fixture, RunningRelay, TIMEOUT};
 
 type Tm = <AsyncPgConnection as AsyncConnection>::TransactionManager;
 
@@ -34,19 +34,7 @@ fn relay(fx: &Fixture, config: RelayConfig) -> Relay {
 #[tokio::test(flavor = "multi_thread")]
 async fn one_key_is_published_in_commit_order_when_its_transactions_overlap() {
     let fx = Fixture::new(1).await;
-    let message = |version| {
-        let codec = fx.codec.clone();
-        let topic = fx.topic.clone();
-        async move {
-            let event = ThingChanged {
-                thing_id: "k".into(),
-                version,
-                label: "x".into(),
-            };
-            codec.message(&topic, &event).await.unwrap()
-        }
-    };
-    let (first, second) = (message(1).await, message(2).await);
+    let (first, second) = (fx.message("k", 1).await, fx.message("k", 2).await);
 
     // Transaction A enqueues version 1 and stays open.
     let mut a = AsyncPgConnection::establish(fx.db.url()).await.unwrap();
@@ -89,12 +77,7 @@ async fn one_key_is_published_in_commit_order_when_its_transactions_overlap() {
 #[tokio::test(flavor = "multi_thread")]
 async fn other_keys_do_not_wait_for_an_open_transaction() {
     let fx = Fixture::new(1).await;
-    let event = ThingChanged {
-        thing_id: "held".into(),
-        version: 1,
-        label: "x".into(),
-    };
-    let held = fx.codec.message(&fx.topic, &event).await.unwrap();
+    let held = fx.message("held", 1).await;
     let mut a = AsyncPgConnection::establish(fx.db.url()).await.unwrap();
     Tm::begin_transaction(&mut a).await.unwrap();
     fx.outbox.enqueue(&mut a, &held).await.unwrap();
@@ -134,18 +117,16 @@ async fn notify_wakes_the_relay_without_polling() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_writer_that_did_not_notify_is_published_without_polling() {
     let fx = Fixture::new(1).await;
-    let event = ThingChanged {
-        thing_id: "quiet".into(),
-        version: 1,
-        label: "x".into(),
-    };
-    let message = fx.codec.message(&fx.topic, &event).await.unwrap();
+    let message = fx.message("quiet", 1).await;
     // No relay yet: this transaction holds the waiting lock shared and will not notify.
     let mut a = AsyncPgConnection::establish(fx.db.url()).await.unwrap();
     Tm::begin_transaction(&mut a).await.unwrap();
     fx.outbox.enqueue(&mut a, &message).await.unwrap();
-    let waiting_lock = "SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory' \
-        AND classid = 1717924466 AND objid = 2002872692";
+    let (class, object) = ferrybox::outbox::RELAY_WAITING_LOCK;
+    let waiting_lock = format!(
+        "SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory' \
+         AND classid = {class} AND objid = {object}"
+    );
     assert_eq!(
         fx.count(&format!(
             "{waiting_lock} AND granted AND mode = 'ShareLock'"
@@ -226,10 +207,11 @@ async fn writers_notify_only_while_a_relay_waits() {
     .await;
     assert_eq!(quiet, 0);
     // A relay waits (it holds the waiting lock, as `Relay::run` does when the outbox is empty).
+    let (class, object) = ferrybox::outbox::RELAY_WAITING_LOCK;
     let mut relay = AsyncPgConnection::establish(fx.db.url()).await.unwrap();
     diesel_async::SimpleAsyncConnection::batch_execute(
         &mut relay,
-        "SELECT pg_advisory_lock(1717924466, 2002872692)",
+        &format!("SELECT pg_advisory_lock({class}, {object})"),
     )
     .await
     .unwrap();

@@ -3,7 +3,7 @@ use std::time::Duration;
 use diesel::sql_types::Text;
 use diesel_async::{AsyncConnection, RunQueryDsl};
 use ferrybox::testing::{self, TestDatabase};
-use ferrybox::{AvroCodec, CancellationToken, Event, Outbox, Relay, RelayConfig};
+use ferrybox::{AvroCodec, CancellationToken, Event, Outbox, OutgoingMessage, Relay, RelayConfig};
 use serde::{Deserialize, Serialize};
 
 pub(crate) const TIMEOUT: Duration = Duration::from_secs(60);
@@ -63,14 +63,20 @@ impl Fixture {
         }
     }
 
-    /// Commits one business change and its event.
-    pub(crate) async fn change(&self, thing_id: &str, version: i64) -> ferrybox::MessageId {
+    /// The event of `thing_id` at `version` on the fixture's topic (label `v{version}`).
+    pub(crate) async fn message(&self, thing_id: &str, version: i64) -> OutgoingMessage {
         let event = ThingChanged {
             thing_id: thing_id.into(),
             version,
             label: format!("v{version}"),
         };
-        let message = self.codec.message(&self.topic, &event).await.unwrap();
+        self.codec.message(&self.topic, &event).await.unwrap()
+    }
+
+    /// Commits one business change and its event.
+    pub(crate) async fn change(&self, thing_id: &str, version: i64) -> ferrybox::MessageId {
+        let message = self.message(thing_id, version).await;
+        let label = format!("v{version}");
         let mut conn = ferrybox::db::connection(&self.pool).await.unwrap();
         let outbox = self.outbox.clone();
         let id = message.id;
@@ -79,7 +85,7 @@ impl Fixture {
                 "INSERT INTO things (id, label) VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET label = EXCLUDED.label",
             )
             .bind::<Text, _>(thing_id)
-            .bind::<Text, _>(&event.label)
+            .bind::<Text, _>(&label)
             .execute(tx)
             .await?;
             outbox.enqueue(tx, &message).await
