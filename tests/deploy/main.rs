@@ -8,7 +8,8 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
+use std::sync::OnceLock;
 
 use serde_json::Value;
 
@@ -23,18 +24,26 @@ fn compose_file() -> PathBuf {
     root().join("deploy/docker-compose.yml")
 }
 
-/// The validator, installed by the project's own script on first use.
-fn validator() -> PathBuf {
-    let out = Command::new(root().join("deploy/local/infra.sh"))
-        .arg("validator")
+/// Runs `command`, which must succeed; its output.
+fn run_ok(command: &mut Command) -> Output {
+    let out = command
         .output()
-        .expect("run infra.sh validator");
+        .unwrap_or_else(|e| panic!("run {command:?}: {e}"));
     assert!(
         out.status.success(),
-        "{}",
+        "{command:?} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    out
+}
+
+/// The validator, installed by the project's own script on first use (once per test run).
+fn validator() -> &'static Path {
+    static VALIDATOR: OnceLock<PathBuf> = OnceLock::new();
+    VALIDATOR.get_or_init(|| {
+        let out = run_ok(Command::new(root().join("deploy/local/infra.sh")).arg("validator"));
+        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    })
 }
 
 fn validate(file: &Path) -> (bool, String) {
@@ -54,24 +63,21 @@ fn validate(file: &Path) -> (bool, String) {
 }
 
 /// The compose file as JSON, read by the validator's own YAML parser (ruamel.yaml), with
-/// anchors and merge keys resolved.
-fn compose() -> Value {
-    let python = validator().with_file_name("python");
-    let out = Command::new(python)
-        .args([
-            "-c",
-            "import json, sys; from ruamel.yaml import YAML; \
-             print(json.dumps(YAML(typ='safe').load(open(sys.argv[1]))))",
-        ])
-        .arg(compose_file())
-        .output()
-        .expect("run the validator's python");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("compose as JSON")
+/// anchors and merge keys resolved (once per test run).
+fn compose() -> &'static Value {
+    static COMPOSE: OnceLock<Value> = OnceLock::new();
+    COMPOSE.get_or_init(|| {
+        let out = run_ok(
+            Command::new(validator().with_file_name("python"))
+                .args([
+                    "-c",
+                    "import json, sys; from ruamel.yaml import YAML; \
+                     print(json.dumps(YAML(typ='safe').load(open(sys.argv[1]))))",
+                ])
+                .arg(compose_file()),
+        );
+        serde_json::from_slice(&out.stdout).expect("compose as JSON")
+    })
 }
 
 /// Compose's `${NAME:-default}` interpolation, with nothing set in the environment.
@@ -146,7 +152,7 @@ fn every_variable_given_to_a_service_is_one_its_configuration_reads() {
         ("user-service", "USER_SERVICE_"),
         ("auth-service", "AUTH_SERVICE_"),
     ] {
-        let env = environment(&compose, service);
+        let env = environment(compose, service);
         for key in env.keys() {
             assert!(
                 key.starts_with(prefix) || key.starts_with("OTEL_") || key == "RUST_LOG",
@@ -154,16 +160,11 @@ fn every_variable_given_to_a_service_is_one_its_configuration_reads() {
             );
         }
         // The binary refuses unknown keys (serde `deny_unknown_fields`) and bad values.
-        let out = Command::new(binary(service))
-            .arg("check-config")
-            .env_clear()
-            .envs(&env)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{service} refuses its compose environment: {}",
-            String::from_utf8_lossy(&out.stderr)
+        run_ok(
+            Command::new(binary(service))
+                .arg("check-config")
+                .env_clear()
+                .envs(&env),
         );
         // ...which this check relies on: a misspelt variable is an error.
         let mut misspelt = env.clone();
@@ -191,12 +192,11 @@ fn every_variable_given_to_a_service_is_one_its_configuration_reads() {
 fn every_dockerfile_builds_a_binary_the_workspace_defines() {
     let compose = compose();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let metadata = Command::new(cargo)
-        .args(["metadata", "--no-deps", "--format-version", "1"])
-        .current_dir(root())
-        .output()
-        .unwrap();
-    assert!(metadata.status.success());
+    let metadata = run_ok(
+        Command::new(cargo)
+            .args(["metadata", "--no-deps", "--format-version", "1"])
+            .current_dir(root()),
+    );
     let metadata: Value = serde_json::from_slice(&metadata.stdout).unwrap();
     let bins: Vec<(String, String)> = metadata["packages"]
         .as_array()
@@ -285,8 +285,8 @@ fn every_topic_the_services_use_is_created_with_durable_settings() {
         })
         .collect();
 
-    let user = environment(&compose, "user-service");
-    let auth = environment(&compose, "auth-service");
+    let user = environment(compose, "user-service");
+    let auth = environment(compose, "auth-service");
     let users_topic = &user["USER_SERVICE_USERS_TOPIC__NAME"];
     assert_eq!(&auth["AUTH_SERVICE_USERS_TOPIC__NAME"], users_topic);
     assert_eq!(
