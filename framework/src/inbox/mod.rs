@@ -13,6 +13,7 @@ pub(crate) mod pipeline;
 mod retention;
 pub(crate) mod schema;
 
+pub use apply::RECORD_IDS_SQL;
 pub use config::{InboxConfig, InboxStats, InboxStatsSnapshot};
 pub use consumer::InboxConsumer;
 pub use dead_letters::{

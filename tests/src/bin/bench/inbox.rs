@@ -261,7 +261,7 @@ async fn raw_insert_rate(with_ids: bool) -> anyhow::Result<f64> {
     Ok(messages() as f64 / started.elapsed().as_secs_f64())
 }
 
-/// The inbox's own id insert (see `ferrybox::inbox`), for the bound above.
+/// The inbox's own id insert ([`ferrybox::inbox::RECORD_IDS_SQL`]), for the bound above.
 async fn record_ids(
     conn: &mut AsyncPgConnection,
     ids: &[uuid::Uuid],
@@ -274,18 +274,13 @@ async fn record_ids(
     }
     let n = ids.len();
     let new: Vec<NewId> = ferrybox::db::prepared(
-        diesel::sql_query(
-            "INSERT INTO ferrybox_inbox \
-               (consumer, message_id, message_type, topic, kafka_partition, kafka_offset) \
-             SELECT $1, * FROM unnest($2::uuid[], $3::text[], $4::text[], $5::int[], $6::bigint[]) \
-             ON CONFLICT DO NOTHING RETURNING message_id",
-        )
-        .bind::<Text, _>("bench-raw")
-        .bind::<Array<SqlUuid>, _>(ids)
-        .bind::<Array<Text>, _>(vec![Reading::MESSAGE_TYPE; n])
-        .bind::<Array<Text>, _>(vec!["bench-raw-topic"; n])
-        .bind::<Array<diesel::sql_types::Integer>, _>(vec![0; n])
-        .bind::<Array<BigInt>, _>((0..i64::try_from(n).unwrap_or(0)).collect::<Vec<_>>()),
+        diesel::sql_query(ferrybox::inbox::RECORD_IDS_SQL)
+            .bind::<Text, _>("bench-raw")
+            .bind::<Array<SqlUuid>, _>(ids)
+            .bind::<Array<Text>, _>(vec![Reading::MESSAGE_TYPE; n])
+            .bind::<Array<Text>, _>(vec!["bench-raw-topic"; n])
+            .bind::<Array<diesel::sql_types::Integer>, _>(vec![0; n])
+            .bind::<Array<BigInt>, _>((0..i64::try_from(n).unwrap_or(0)).collect::<Vec<_>>()),
     )
     .load(conn)
     .await?;
