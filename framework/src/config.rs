@@ -21,6 +21,10 @@ pub struct DatabaseConfig {
     pub url: SecretString,
     /// The largest number of pooled connections.
     pub max_connections: usize,
+    /// How long a task waits for a free pooled connection (or for a new one to be opened)
+    /// before it fails with a clear error instead of hanging.
+    #[serde(with = "duration_ms", rename = "pool_timeout_ms")]
+    pub pool_timeout: Duration,
 }
 
 impl Default for DatabaseConfig {
@@ -28,6 +32,7 @@ impl Default for DatabaseConfig {
         Self {
             url: SecretString::from("postgres://postgres@127.0.0.1:5432/postgres"),
             max_connections: 10,
+            pool_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -52,6 +57,11 @@ impl DatabaseConfig {
         if self.max_connections == 0 {
             return Err(Error::Config(
                 "database.max_connections must be at least 1".into(),
+            ));
+        }
+        if self.pool_timeout.is_zero() {
+            return Err(Error::Config(
+                "database.pool_timeout_ms must be above zero".into(),
             ));
         }
         Ok(())

@@ -19,20 +19,55 @@ pub type PooledConnection = Object<AsyncPgConnection>;
 /// `ferrybox-`, so they never collide with a service's own migrations in the same database.
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 
-/// Builds a pool; connections are opened lazily.
+/// Builds a pool; connections are opened lazily. A task that finds every connection taken
+/// waits at most `config.pool_timeout`, then gets [`Error::Pool`] saying so: exhaustion is an
+/// error to see, never a hang.
 pub fn pool(config: &DatabaseConfig) -> Result<PgPool> {
+    use diesel_async::pooled_connection::ManagerConfig;
     config.validate()?;
-    let manager =
-        AsyncDieselConnectionManager::<AsyncPgConnection>::new(config.url.expose_secret());
+    let mut manager_config = ManagerConfig::default();
+    manager_config.custom_setup = Box::new(|url| Box::pin(establish(url)));
+    let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(
+        config.url.expose_secret(),
+        manager_config,
+    );
     Pool::builder(manager)
         .max_size(config.max_connections)
+        .runtime(deadpool::Runtime::Tokio1)
+        .wait_timeout(Some(config.pool_timeout))
+        .create_timeout(Some(config.pool_timeout))
         .build()
         .map_err(|e| Error::Pool(e.to_string()))
 }
 
-/// Takes a connection from the pool.
+/// Opens one connection to `url`, outside any pool, set up as pooled connections are.
+///
+/// The server is asked for its messages in English (`lc_messages = 'C'`) where the role may
+/// set it: [`crate::error::sqlstate`] recovers the SQLSTATEs diesel-async drops from them.
+/// Roles that may not keep the server's setting.
+pub async fn establish(url: &str) -> diesel::ConnectionResult<AsyncPgConnection> {
+    use diesel_async::{AsyncConnection, RunQueryDsl};
+    let mut conn = AsyncPgConnection::establish(url).await?;
+    if let Err(e) = diesel::sql_query("SET lc_messages TO 'C'")
+        .execute(&mut conn)
+        .await
+    {
+        tracing::debug!(error = %e, "lc_messages not set; server messages stay as configured");
+    }
+    Ok(conn)
+}
+
+/// Takes a connection from the pool, waiting at most the pool's timeout.
 pub async fn connection(pool: &PgPool) -> Result<PooledConnection> {
-    pool.get().await.map_err(|e| Error::Pool(e.to_string()))
+    use deadpool::managed::PoolError;
+    pool.get().await.map_err(|e| match e {
+        PoolError::Timeout(_) => Error::Pool(format!(
+            "no database connection free within the pool timeout (all {} in use): raise \
+             database.max_connections or database.pool_timeout_ms, or lower the load",
+            pool.status().max_size
+        )),
+        other => Error::Pool(other.to_string()),
+    })
 }
 
 /// Runs `migrations` (the framework's [`MIGRATIONS`] or a service's own) that have not run yet.

@@ -132,6 +132,7 @@ impl<H: Handler> FeedConsumer<H> {
             OnUndecodable::Halt => OnPermanent::Halt,
             OnUndecodable::DeadLetter => OnPermanent::DeadLetter,
         };
+        pipeline.alerter = alerter.clone();
         Ok(Self {
             pipeline,
             config: feed,

@@ -74,10 +74,10 @@ impl Failure {
 
     fn from_handler(e: &HandlerError) -> Self {
         Self {
-            kind: if e.is_retryable() {
-                "handler_retryable"
-            } else {
-                "handler"
+            kind: match e {
+                HandlerError::Panicked(_) => "panic",
+                e if e.is_retryable() => "handler_retryable",
+                _ => "handler",
             },
             error: e.to_string(),
             retryable: e.is_retryable(),
@@ -127,7 +127,7 @@ impl<H: Handler> Applier<H> {
     }
 
     /// Decodes a record and resolves it into the reader schema.
-    async fn prepare(&self, record: &Record) -> Result<ReceivedMessage, Failure> {
+    pub(crate) async fn prepare(&self, record: &Record) -> Result<ReceivedMessage, Failure> {
         let envelope = IncomingMessage::from_parts(
             &record.topic,
             record.partition,
@@ -192,66 +192,9 @@ impl<H: Handler> Applier<H> {
                 };
             }
         };
-        let consumer = self.consumer.as_str();
         let result = conn
             .transaction::<_, diesel::result::Error, _>(async |tx| {
-                let mut new = record_ids(tx, consumer, &messages).await?;
-                // Which messages are new (a second copy of an id within the batch is a duplicate).
-                let fresh: Vec<bool> = messages
-                    .iter()
-                    .map(|m| new.remove(&m.envelope.id.0))
-                    .collect();
-                let fresh_messages: Vec<&ReceivedMessage> = messages
-                    .iter()
-                    .zip(&fresh)
-                    .filter(|(_, f)| **f)
-                    .map(|(m, _)| m)
-                    .collect();
-                let as_batch = fresh_messages.is_empty()
-                    || self
-                        .handle_in_savepoint(tx, Handling::Batch(&fresh_messages))
-                        .await
-                        .is_ok();
-                let outcomes: Vec<Outcome> = fresh
-                    .iter()
-                    .map(|f| {
-                        if *f {
-                            Outcome::Applied
-                        } else {
-                            Outcome::Duplicate
-                        }
-                    })
-                    .collect();
-                if as_batch {
-                    self.store_position(tx, &records[..outcomes.len()]).await?;
-                    return Ok((outcomes, None));
-                }
-                // The batch failed: apply one by one to find the failing message.
-                for (i, message) in messages.iter().enumerate() {
-                    if !fresh[i] {
-                        continue;
-                    }
-                    if let Err(e) = self.handle_in_savepoint(tx, Handling::One(message)).await {
-                        // This message and the new ones after it stay unapplied: forget their ids.
-                        let unapplied: Vec<uuid::Uuid> = messages[i..]
-                            .iter()
-                            .zip(&fresh[i..])
-                            .filter(|(_, f)| **f)
-                            .map(|(m, _)| m.envelope.id.0)
-                            .collect();
-                        diesel::delete(
-                            ferrybox_inbox::table
-                                .filter(ferrybox_inbox::consumer.eq(consumer))
-                                .filter(ferrybox_inbox::message_id.eq_any(unapplied)),
-                        )
-                        .execute(tx)
-                        .await?;
-                        self.store_position(tx, &records[..i]).await?;
-                        return Ok((outcomes[..i].to_vec(), Some(Failure::from_handler(&e))));
-                    }
-                }
-                self.store_position(tx, &records[..outcomes.len()]).await?;
-                Ok((outcomes, None))
+                self.apply_prepared(tx, records, &messages).await
             })
             .await;
         match result {
@@ -264,6 +207,76 @@ impl<H: Handler> Applier<H> {
                 failure: Some(Failure::from_handler(&HandlerError::from(e))),
             },
         }
+    }
+
+    /// Applies `messages` (prepared from the leading records of `records`) in `tx`: records
+    /// their ids, runs the handler for the new ones (as a batch, then one by one to isolate a
+    /// failure) and moves the feed position. Returns the leading outcomes that may commit and
+    /// the handler failure that ended them, if any; `tx` is the caller's transaction.
+    pub(crate) async fn apply_prepared(
+        &self,
+        tx: &mut AsyncPgConnection,
+        records: &[Record],
+        messages: &[ReceivedMessage],
+    ) -> Result<(Vec<Outcome>, Option<Failure>), diesel::result::Error> {
+        let consumer = self.consumer.as_str();
+        let mut new = record_ids(tx, consumer, messages).await?;
+        // Which messages are new (a second copy of an id within the batch is a duplicate).
+        let fresh: Vec<bool> = messages
+            .iter()
+            .map(|m| new.remove(&m.envelope.id.0))
+            .collect();
+        let fresh_messages: Vec<&ReceivedMessage> = messages
+            .iter()
+            .zip(&fresh)
+            .filter(|(_, f)| **f)
+            .map(|(m, _)| m)
+            .collect();
+        let as_batch = fresh_messages.is_empty()
+            || self
+                .handle_in_savepoint(tx, Handling::Batch(&fresh_messages))
+                .await
+                .is_ok();
+        let outcomes: Vec<Outcome> = fresh
+            .iter()
+            .map(|f| {
+                if *f {
+                    Outcome::Applied
+                } else {
+                    Outcome::Duplicate
+                }
+            })
+            .collect();
+        if as_batch {
+            self.store_position(tx, &records[..outcomes.len()]).await?;
+            return Ok((outcomes, None));
+        }
+        // The batch failed: apply one by one to find the failing message.
+        for (i, message) in messages.iter().enumerate() {
+            if !fresh[i] {
+                continue;
+            }
+            if let Err(e) = self.handle_in_savepoint(tx, Handling::One(message)).await {
+                // This message and the new ones after it stay unapplied: forget their ids.
+                let unapplied: Vec<uuid::Uuid> = messages[i..]
+                    .iter()
+                    .zip(&fresh[i..])
+                    .filter(|(_, f)| **f)
+                    .map(|(m, _)| m.envelope.id.0)
+                    .collect();
+                diesel::delete(
+                    ferrybox_inbox::table
+                        .filter(ferrybox_inbox::consumer.eq(consumer))
+                        .filter(ferrybox_inbox::message_id.eq_any(unapplied)),
+                )
+                .execute(tx)
+                .await?;
+                self.store_position(tx, &records[..i]).await?;
+                return Ok((outcomes[..i].to_vec(), Some(Failure::from_handler(&e))));
+            }
+        }
+        self.store_position(tx, &records[..outcomes.len()]).await?;
+        Ok((outcomes, None))
     }
 
     /// Records how long a handler call took, when metrics are on.
@@ -298,47 +311,75 @@ impl<H: Handler> Applier<H> {
         }
     }
 
-    /// Runs the handler on `handling` under a savepoint of `tx`, within the handler timeout (a
-    /// timeout is retryable), and records how long it took.
+    /// Runs the handler on `handling` under a savepoint of `tx`, within the handler time limit,
+    /// and records how long it took. A panic is caught and becomes
+    /// [`HandlerError::Panicked`]; a handler over its limit has its statement cancelled on the
+    /// server (see [`within_limit`]) and the attempt counts as a retryable failure.
     async fn handle_in_savepoint(
         &self,
         tx: &mut AsyncPgConnection,
         handling: Handling<'_>,
     ) -> Result<(), HandlerError> {
-        let timeout = self.handler_timeout;
+        use futures::FutureExt as _;
+        let limit = self.handler_timeout;
+        let cancel = tx.cancel_token();
         let started = std::time::Instant::now();
         let result = tx
             .transaction::<_, HandlerError, _>(async |savepoint| {
-                let (what, handled) = match handling {
+                let (what, work) = match handling {
                     Handling::Batch(messages) => (
                         "batch handler",
-                        tokio::time::timeout(
-                            timeout,
-                            self.handler.handle_batch(savepoint, messages),
-                        )
-                        .await,
+                        self.handler.handle_batch(savepoint, messages).boxed(),
                     ),
                     Handling::One(message) => (
                         "handler",
-                        tokio::time::timeout(
-                            timeout,
-                            tracing::Instrument::instrument(
-                                self.handler.handle(savepoint, message),
-                                message.span(),
-                            ),
+                        tracing::Instrument::instrument(
+                            self.handler.handle(savepoint, message),
+                            message.span(),
                         )
-                        .await,
+                        .boxed(),
                     ),
                 };
-                handled.unwrap_or_else(|_| {
-                    Err(HandlerError::retryable(format!(
-                        "{what} timed out after {timeout:?}"
-                    )))
-                })
+                let work = std::panic::AssertUnwindSafe(work).catch_unwind();
+                match within_limit(work, limit, &cancel).await {
+                    Ok(Ok(handled)) => handled,
+                    Ok(Err(panic)) => Err(HandlerError::Panicked(crate::health::panic_text(
+                        panic.as_ref(),
+                    ))),
+                    Err(stopped) => Err(HandlerError::retryable(format!(
+                        "{what} exceeded its time limit of {limit:?}; {stopped}"
+                    ))),
+                }
             })
             .await;
         self.record_duration(started, result.is_ok());
         result
+    }
+}
+
+/// How long a handler over its limit gets, after its statement was cancelled, to notice and
+/// return.
+const CANCEL_GRACE: Duration = Duration::from_secs(5);
+
+/// Runs `work` for at most `limit`. Past it, the statement the handler is running is cancelled
+/// on the server (dropping the future alone would leave it running there, with the savepoint's
+/// rollback queued behind it), and the handler gets [`CANCEL_GRACE`] to return its error;
+/// `Err` says what was done.
+async fn within_limit<F: std::future::Future>(
+    work: F,
+    limit: Duration,
+    cancel: &tokio_postgres::CancelToken,
+) -> Result<F::Output, &'static str> {
+    let mut work = std::pin::pin!(work);
+    if let Ok(done) = tokio::time::timeout(limit, &mut work).await {
+        return Ok(done);
+    }
+    if let Err(e) = cancel.cancel_query(tokio_postgres::NoTls).await {
+        tracing::warn!(error = %e, "could not cancel the handler's statement");
+    }
+    match tokio::time::timeout(CANCEL_GRACE, &mut work).await {
+        Ok(_) => Err("its statement was cancelled on the server"),
+        Err(_) => Err("it did not return after its statement was cancelled and was dropped"),
     }
 }
 

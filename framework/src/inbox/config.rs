@@ -18,6 +18,19 @@ pub struct InboxConfig {
     pub topics: Vec<String>,
     /// The name this consumer's rows carry in the inbox table; defaults to the group id.
     pub consumer_name: Option<String>,
+    /// Static group membership (`group.instance.id`, on by default): a restarted instance
+    /// takes its own place in the group back at once, with no rebalance, instead of waiting
+    /// for its dead predecessor to be evicted (on Apache Kafka after `session.timeout.ms`; on
+    /// the local tansu broker, never). Failure modes: two live processes with one instance id
+    /// fence each other (the newer one wins and the older stops with a fatal error); an
+    /// instance that never comes back keeps its partitions until `session.timeout.ms` passes
+    /// (on Kafka) and is not evicted at all on tansu. Turn it off for short-lived consumers.
+    pub static_membership: bool,
+    /// This instance's id in the group when `static_membership` is on; defaults to the
+    /// consumer name and the host name (`auth-service-<host>`), which is stable across
+    /// restarts of one pod of a StatefulSet, or of one machine, and distinct between them.
+    /// Set it when several instances share a host.
+    pub instance_id: Option<String>,
     /// The consumer's version, recorded on dead letters (which code failed).
     pub consumer_version: Option<String>,
     /// The most messages applied in one database transaction.
@@ -50,6 +63,8 @@ impl Default for InboxConfig {
             group_id: String::new(),
             topics: Vec::new(),
             consumer_name: None,
+            static_membership: true,
+            instance_id: None,
             consumer_version: None,
             batch_size: 500,
             batch_linger: Duration::from_millis(5),
@@ -90,12 +105,36 @@ impl InboxConfig {
                 "inbox.dead_letter_topic must not be a topic the consumer reads".into(),
             ));
         }
+        if self
+            .instance_id
+            .as_ref()
+            .is_some_and(|id| id.trim().is_empty())
+        {
+            return Err(Error::Config(
+                "inbox.instance_id is empty: leave it unset for the default".into(),
+            ));
+        }
         if self.cleanup_interval.is_zero() {
             return Err(Error::Config(
                 "inbox.cleanup_interval_ms must be above zero".into(),
             ));
         }
         Ok(())
+    }
+
+    /// The `group.instance.id` this consumer joins with, when static membership is on.
+    pub fn instance_id(&self) -> Option<String> {
+        if !self.static_membership {
+            return None;
+        }
+        Some(match &self.instance_id {
+            Some(id) => id.clone(),
+            None => format!(
+                "{}-{}",
+                self.consumer_name(),
+                gethostname::gethostname().to_string_lossy()
+            ),
+        })
     }
 
     /// The name this consumer's inbox and dead-letter rows carry.

@@ -116,6 +116,11 @@ impl<H: Handler> InboxConsumer<H> {
         client
             .set("group.id", &config.group_id)
             .set("enable.auto.offset.store", "false");
+        if let Some(instance) = config.instance_id()
+            && kafka.setting("group.instance.id").is_none()
+        {
+            client.set("group.instance.id", instance);
+        }
         // Lag per partition comes from librdkafka's statistics, when metrics are on.
         if crate::metrics::instruments().is_some()
             && kafka.setting("statistics.interval.ms").is_none()
@@ -143,6 +148,14 @@ impl<H: Handler> InboxConsumer<H> {
     #[must_use]
     pub fn with_reader_schemas(mut self, readers: ReaderSchemas) -> Self {
         self.pipeline.applier.readers = Some(readers);
+        self
+    }
+
+    /// Raises alerts through `alerter` (for example when dead letters cannot be stored and a
+    /// partition waits on it); without it they are only logged.
+    #[must_use]
+    pub fn with_alerter(mut self, alerter: crate::alert::Alerter) -> Self {
+        self.pipeline.alerter = alerter;
         self
     }
 

@@ -358,6 +358,16 @@ impl DeadLetters {
     /// Open (dead and parked) letters matching `filter`, in origin order.
     pub async fn list(&self, filter: &DeadLetterFilter) -> Result<Vec<DeadLetter>> {
         let mut conn = db::connection(&self.pool).await?;
+        self.list_on(&mut conn, filter, None).await
+    }
+
+    /// [`DeadLetters::list`] on `conn`, at most `limit` letters.
+    async fn list_on(
+        &self,
+        conn: &mut AsyncPgConnection,
+        filter: &DeadLetterFilter,
+        limit: Option<i64>,
+    ) -> Result<Vec<DeadLetter>> {
         let mut query = dl::table
             .filter(dl::consumer.eq(&self.consumer))
             .filter(dl::status.ne("redriven"))
@@ -370,7 +380,10 @@ impl DeadLetters {
             DeadLetterFilter::Key(key) => query.filter(dl::message_key.eq(key.clone())),
             DeadLetterFilter::Kind(kind) => query.filter(dl::error_kind.eq(kind.clone())),
         };
-        Ok(query.load(&mut conn).await?)
+        if let Some(limit) = limit {
+            query = query.limit(limit);
+        }
+        Ok(query.load(conn).await?)
     }
 
     /// One letter by id, whatever its state.
@@ -417,6 +430,10 @@ impl DeadLetters {
     /// Runs the dead letters matching `filter`, and the messages parked behind them, through
     /// `handler` (deduplicated by the inbox), key by key in their original order. A message
     /// that fails again stays dead with its attempts raised, and its key stays blocked.
+    ///
+    /// Each message is applied and marked in one transaction, under its key's lock (the one
+    /// parking takes), on one connection: a redrive needs a single pooled connection, and a
+    /// message parked while its key is redriven is redriven after the others, in order.
     pub async fn redrive<H: Handler>(
         &self,
         filter: &DeadLetterFilter,
@@ -434,8 +451,9 @@ impl DeadLetters {
             handler_timeout,
             checkpoint: None,
         };
+        let mut conn = db::connection(&self.pool).await?;
         let selected: Vec<DeadLetter> = self
-            .list(filter)
+            .list_on(&mut conn, filter, None)
             .await?
             .into_iter()
             .filter(|d| d.status == "dead")
@@ -449,69 +467,100 @@ impl DeadLetters {
         keys.dedup();
         // Letters without a key block nothing: redrive them one by one.
         for letter in selected.iter().filter(|d| d.message_key.is_none()) {
-            self.redrive_rows(&applier, vec![letter.clone()], &mut report)
+            self.redrive_one(&mut conn, &applier, letter, &mut report)
                 .await?;
         }
         for key in keys {
-            // The lock lives as long as this transaction, so it is released whatever happens.
-            let mut lock = db::connection(&self.pool).await?;
-            let name = lock_name(&self.consumer, &key);
-            let report = &mut report;
-            lock.transaction::<_, Error, _>(async |tx| {
-                diesel::sql_query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
-                    .bind::<Text, _>(&name)
-                    .execute(tx)
-                    .await?;
-                let rows = self.list(&DeadLetterFilter::Key(key.clone())).await?;
-                self.redrive_rows(&applier, rows, report).await
-            })
-            .await?;
+            let filter = DeadLetterFilter::Key(key);
+            while let Some(letter) = self
+                .list_on(&mut conn, &filter, Some(1))
+                .await?
+                .into_iter()
+                .next()
+            {
+                if !self
+                    .redrive_one(&mut conn, &applier, &letter, &mut report)
+                    .await?
+                {
+                    let left = self.list_on(&mut conn, &filter, None).await?.len();
+                    report.still_parked += u64::try_from(left.saturating_sub(1)).unwrap_or(0);
+                    break;
+                }
+            }
         }
         Ok(report)
     }
 
-    async fn redrive_rows<H: Handler>(
+    /// Applies one letter and marks it (redriven, or dead again with the new failure) in one
+    /// transaction on `conn`, under its key's lock. True when it was applied or found applied.
+    async fn redrive_one<H: Handler>(
         &self,
+        conn: &mut AsyncPgConnection,
         applier: &Applier<H>,
-        rows: Vec<DeadLetter>,
+        letter: &DeadLetter,
         report: &mut RedriveReport,
-    ) -> Result<()> {
-        let total = rows.len();
-        for (done, letter) in rows.into_iter().enumerate() {
-            let mut conn = db::connection(&self.pool).await?;
-            match applier.apply(&letter.record()).await {
-                Ok(outcome) => {
-                    match outcome {
-                        Outcome::Applied => report.applied += 1,
-                        Outcome::Duplicate => report.duplicates += 1,
+    ) -> Result<bool> {
+        let record = letter.record();
+        // Decoding may ask the registry: before the transaction, so no lock waits on it.
+        let prepared = applier.prepare(&record).await;
+        let consumer = self.consumer.as_str();
+        let applied = conn
+            .transaction::<_, Error, _>(async |tx| {
+                if let Some(key) = &letter.message_key {
+                    diesel::sql_query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+                        .bind::<Text, _>(lock_name(consumer, key))
+                        .execute(tx)
+                        .await?;
+                }
+                let failure = match prepared {
+                    Ok(message) => {
+                        match applier
+                            .apply_prepared(tx, std::slice::from_ref(&record), &[message])
+                            .await?
+                        {
+                            (outcomes, None) => {
+                                let outcome = outcomes.into_iter().next();
+                                diesel::update(dl::table.find(letter.id))
+                                    .set((
+                                        dl::status.eq("redriven"),
+                                        dl::attempts.eq(dl::attempts + 1),
+                                        dl::updated_at.eq(diesel::dsl::now),
+                                    ))
+                                    .execute(tx)
+                                    .await?;
+                                return Ok(Ok(outcome));
+                            }
+                            (_, Some(failure)) => failure,
+                        }
                     }
-                    diesel::update(dl::table.find(letter.id))
-                        .set((
-                            dl::status.eq("redriven"),
-                            dl::attempts.eq(dl::attempts + 1),
-                            dl::updated_at.eq(diesel::dsl::now),
-                        ))
-                        .execute(&mut conn)
-                        .await?;
+                    Err(failure) => failure,
+                };
+                diesel::update(dl::table.find(letter.id))
+                    .set((
+                        dl::status.eq("dead"),
+                        dl::attempts.eq(dl::attempts + 1),
+                        dl::error_kind.eq(failure.kind),
+                        dl::error.eq(&failure.error),
+                        dl::updated_at.eq(diesel::dsl::now),
+                    ))
+                    .execute(tx)
+                    .await?;
+                Ok(Err(failure))
+            })
+            .await?;
+        match applied {
+            Ok(outcome) => {
+                match outcome {
+                    Some(Outcome::Duplicate) => report.duplicates += 1,
+                    _ => report.applied += 1,
                 }
-                Err(failure) => {
-                    report.failed += 1;
-                    report.still_parked += u64::try_from(total - done - 1).unwrap_or(0);
-                    tracing::warn!(id = letter.id, kind = failure.kind, error = %failure.error, "redrive failed again");
-                    diesel::update(dl::table.find(letter.id))
-                        .set((
-                            dl::status.eq("dead"),
-                            dl::attempts.eq(dl::attempts + 1),
-                            dl::error_kind.eq(failure.kind),
-                            dl::error.eq(&failure.error),
-                            dl::updated_at.eq(diesel::dsl::now),
-                        ))
-                        .execute(&mut conn)
-                        .await?;
-                    return Ok(());
-                }
+                Ok(true)
+            }
+            Err(failure) => {
+                report.failed += 1;
+                tracing::warn!(id = letter.id, kind = failure.kind, error = %failure.error, "redrive failed again");
+                Ok(false)
             }
         }
-        Ok(())
     }
 }

@@ -54,6 +54,11 @@ pub enum HandlerError {
     /// and the consumer moves on.
     #[error("permanent: {0}")]
     Permanent(#[source] BoxError),
+    /// The handler panicked: a bug, treated as a permanent failure of this message (it is
+    /// dead-lettered with the panic's text and its key parked), never as the end of the
+    /// consumer.
+    #[error("handler panicked: {0}")]
+    Panicked(String),
 }
 
 impl HandlerError {

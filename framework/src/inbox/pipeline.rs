@@ -68,7 +68,14 @@ pub(crate) struct Pipeline<H> {
     pub(crate) config: InboxConfig,
     pub(crate) stats: Arc<InboxStats>,
     pub(crate) on_permanent: OnPermanent,
+    /// Told when dead letters cannot be stored and the partition waits on it.
+    pub(crate) alerter: crate::alert::Alerter,
 }
+
+/// Failed dead-letter writes (of a retryable kind) before an alert is raised; a permanent
+/// failure (a dead-letter topic the consumer may not write, a record it will never take)
+/// alerts at once.
+const DEAD_LETTER_FAILURES_BEFORE_ALERT: u32 = 5;
 
 impl<H: Handler> Pipeline<H> {
     /// A pipeline for `config`'s consumer that dead-letters (to `dead_letter_topic` too, when
@@ -99,6 +106,7 @@ impl<H: Handler> Pipeline<H> {
             config,
             stats: Arc::default(),
             on_permanent: OnPermanent::DeadLetter,
+            alerter: crate::alert::Alerter::log_only(),
         }
     }
 
@@ -301,7 +309,9 @@ impl<H: Handler> Pipeline<H> {
     }
 
     /// Records a dead letter, retrying until it is stored (and published, when a dead-letter
-    /// topic is set) or shutdown comes; the offset moves on only once it is safe.
+    /// topic is set) or shutdown comes; the offset moves on only once it is safe. Failures back
+    /// off (up to the backoff's bound); one that cannot pass by itself, or that keeps failing,
+    /// raises an alert once, since the partition waits on it.
     async fn dead_letter_until_stored(
         &self,
         record: &Record,
@@ -310,9 +320,10 @@ impl<H: Handler> Pipeline<H> {
         shutdown: &CancellationToken,
     ) -> Option<Done> {
         let mut write_attempt = 0u32;
+        let mut alerted = false;
         loop {
             write_attempt += 1;
-            match self
+            let e = match self
                 .dead_letters
                 .record_dead(record, failure, attempts)
                 .await
@@ -323,12 +334,36 @@ impl<H: Handler> Pipeline<H> {
                     self.counted(Done::DeadLettered, &record.topic, 1);
                     return Some(Done::DeadLettered);
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "could not record the dead letter; the offset stays");
-                    if sleep_or_shutdown(self.config.backoff.delay(write_attempt), shutdown).await {
-                        return None;
-                    }
-                }
+                Err(e) => e,
+            };
+            let delay = self.config.backoff.delay(write_attempt);
+            tracing::warn!(error = %e, retryable = e.is_retryable(), attempt = write_attempt, ?delay,
+                "could not record the dead letter; the offset stays");
+            if !alerted && (!e.is_retryable() || write_attempt >= DEAD_LETTER_FAILURES_BEFORE_ALERT)
+            {
+                alerted = true;
+                self.alerter
+                    .raise(&crate::alert::Alert::new(
+                        format!("{} inbox consumer", self.applier.consumer),
+                        "dead_letter_write_failing",
+                        format!(
+                            "dead letter for {}/{}@{} cannot be stored; the partition waits",
+                            record.topic, record.partition, record.offset
+                        ),
+                        serde_json::json!({
+                            "consumer": self.applier.consumer,
+                            "topic": record.topic,
+                            "partition": record.partition,
+                            "offset": record.offset,
+                            "error": e.to_string(),
+                            "retryable": e.is_retryable(),
+                            "attempts": write_attempt,
+                        }),
+                    ))
+                    .await;
+            }
+            if sleep_or_shutdown(delay, shutdown).await {
+                return None;
             }
         }
     }

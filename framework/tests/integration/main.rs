@@ -2,6 +2,7 @@
 //! own database and topic.
 
 mod dead_letters;
+mod faults;
 mod feed;
 mod inbox;
 mod outbox;
