@@ -3,7 +3,7 @@
 
 INFRA := deploy/local/infra.sh
 
-.PHONY: demo test contracts bench lint infra-up infra-down infra-status
+.PHONY: demo test contracts bench lint infra-up infra-down infra-status fault-soak
 
 ## make demo: the whole flow on a local broker and database, with a summary.
 demo:
@@ -18,6 +18,14 @@ test: lint contracts
 bench:
 	cargo build --release -p ferrybox-e2e --bin bench
 	$(INFRA) run cargo run --release --quiet -p ferrybox-e2e --bin bench
+
+## make fault-soak: the fault test of the real binaries (tests/fault) with SEEDS random seeds
+## (default 10) and KILLS kills each (default 100); each run prints its seed, and
+## FERRYBOX_FAULT_SEED=<seed> reruns one.
+fault-soak:
+	$(INFRA) run sh -c 'for i in $$(seq 1 $${SEEDS:-10}); do \
+		FERRYBOX_FAULT_KILLS=$${KILLS:-100} cargo test --workspace --all-features --test fault -- --nocapture || exit 1; \
+	done'
 
 ## make contracts: every consumer can read every version its producers published. No server.
 contracts:

@@ -149,17 +149,29 @@ impl Application {
     }
 
     /// Serves HTTP, consumes and reconciles on schedule until `shutdown`, then drains all.
-    /// A feed consumer that halts (after alerting) stops consuming; the service keeps serving
-    /// logins from its cache until an operator acts.
+    ///
+    /// The consumer and the reconciler are supervised ([`ferrybox::health::supervise`]): if
+    /// either stops while the service serves (an error, a panic, a feed that halted on data it
+    /// cannot apply), readiness answers 503 with the reason, the service drains, and this
+    /// returns the error, so the process exits non-zero and is restarted.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        use ferrybox::health::supervise;
+        let consumer = self.consumer;
         let consumer_shutdown = shutdown.child_token();
-        let consumer_task = tokio::spawn(async move {
-            match self.consumer {
+        let consumer_task = supervise("consumer", &self.readiness, &shutdown, async move {
+            match consumer {
                 Consumer::Kafka(c) => c.run(consumer_shutdown).await,
                 Consumer::Feed(c) => c.run(consumer_shutdown).await,
             }
         });
-        let reconcile_task = tokio::spawn(self.reconciler.run_on_schedule(shutdown.child_token()));
+        let reconciler = self.reconciler;
+        let reconcile_shutdown = shutdown.child_token();
+        let reconcile_task = supervise("reconciler", &self.readiness, &shutdown, async move {
+            // It returns at once when reconciliation is off: that is not a stop.
+            reconciler.run_on_schedule(reconcile_shutdown.clone()).await;
+            reconcile_shutdown.cancelled().await;
+            Ok(())
+        });
         let app = crate::routes::router(self.state, &self.readiness, self.max_body_bytes);
         // Client addresses feed the login rate limit.
         let app = app.into_make_service_with_connect_info::<SocketAddr>();
@@ -171,12 +183,10 @@ impl Application {
             .await;
         shutdown.cancel();
         let consumed = consumer_task.await.context("consumer task")?;
-        reconcile_task.await.context("reconciler task")?;
+        let reconciled = reconcile_task.await.context("reconciler task")?;
         served.context("http server")?;
-        match consumed {
-            // Already alerted and logged when it happened.
-            Err(ferrybox::Error::FeedHalted { .. }) => Ok(()),
-            other => other.context("consumer"),
-        }
+        consumed.context("consumer")?;
+        reconciled.context("reconciler")?;
+        Ok(())
     }
 }

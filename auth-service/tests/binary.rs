@@ -185,3 +185,69 @@ async fn no_secret_reaches_a_log_line_or_an_error_message() {
     assert!(status.success(), "exit status {status}");
     assert_clean("the feed consumer's logs", &seen);
 }
+
+/// A consumer that stops while the service serves takes the service down with it: here the
+/// pulled feed serves a message that cannot be decoded and the consumer halts (its default).
+/// The process must not live on without consuming: readiness fails with the reason, and it
+/// exits non-zero so its orchestrator restarts it (and an operator is alerted).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_consumer_that_stops_fails_readiness_and_exits_non_zero() {
+    use base64::Engine as _;
+    let db = TestDatabase::create().await;
+    let stop = ferrybox::CancellationToken::new();
+    let event = ferrybox::feed::FeedEvent {
+        position: 1,
+        id: uuid::Uuid::new_v4(),
+        topic: "users".into(),
+        key: "k".into(),
+        message_type: "com.ferrybox.user.UserRegistered".into(),
+        headers: ferrybox::OutgoingMessage {
+            id: ferrybox::MessageId::new(),
+            topic: "users".into(),
+            key: "k".into(),
+            message_type: "com.ferrybox.user.UserRegistered".into(),
+            entity_version: 1,
+            occurred_at: ferrybox::message::now(),
+            payload: Vec::new(),
+            headers: Default::default(),
+        }
+        .kafka_headers("user-service"),
+        payload: base64::engine::general_purpose::STANDARD.encode(b"\xde\xad\xbe\xef"),
+    };
+    let page = serde_json::json!({ "events": [event], "next": 1, "head": 1 });
+    let feed = testing::serve(
+        axum::Router::new().route(
+            "/events",
+            axum::routing::get(move || {
+                let page = page.clone();
+                async move { axum::Json(page) }
+            }),
+        ),
+        &stop,
+    )
+    .await;
+    let mut env = testing::service_env("AUTH_SERVICE_", db.url());
+    env.push((
+        "AUTH_SERVICE_FEED__URL".to_owned(),
+        format!("{feed}/events"),
+    ));
+    env.push((
+        "AUTH_SERVICE_RECONCILE__INTERVAL_MS".to_owned(),
+        "0".to_owned(),
+    ));
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(EXE)
+            .args(["--transport", "feed", "serve"])
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .output(),
+    )
+    .await
+    .expect("the service stops by itself")
+    .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert!(log.contains("consumer stopped"), "{log}");
+    assert!(log.contains("halted"), "{log}");
+    stop.cancel();
+}

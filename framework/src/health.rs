@@ -6,9 +6,14 @@
 //! ```json
 //! {"status": "ready", "checks": {"database": "ok", "broker": "ok"}}
 //! ```
+//!
+//! A service's long-running loops (consumer, relay, reconciler) run under [`supervise`]: one
+//! that ends while the service is serving (an error, a panic, a halt) turns readiness 503
+//! with its reason and stops the service, so the process exits non-zero and its orchestrator
+//! restarts it. Never a live process that no longer consumes.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
@@ -34,6 +39,8 @@ pub struct Readiness {
     broker: Option<Arc<BaseConsumer>>,
     feed: Option<Feed>,
     client: reqwest::Client,
+    /// Supervised loops that stopped, with why.
+    stopped: Arc<Mutex<BTreeMap<&'static str, String>>>,
 }
 
 #[derive(Clone)]
@@ -71,7 +78,17 @@ impl Readiness {
                 .timeout(CHECK_TIMEOUT)
                 .build()
                 .unwrap_or_default(),
+            stopped: Arc::default(),
         }
+    }
+
+    /// Records that loop `name` stopped for `reason`: readiness fails from now on, with the
+    /// reason as that check's result.
+    pub fn loop_stopped(&self, name: &'static str, reason: impl Into<String>) {
+        self.stopped
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(name, format!("stopped: {}", reason.into()));
     }
 
     /// Also checks that the Kafka cluster answers a metadata request.
@@ -119,6 +136,13 @@ impl Readiness {
         if let Some(feed) = &self.feed {
             checks.insert("feed", outcome(self.feed(feed).await));
         }
+        checks.extend(
+            self.stopped
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .iter()
+                .map(|(name, reason)| (*name, reason.clone())),
+        );
         let ready = checks.values().all(|c| c == "ok");
         ReadinessReport {
             status: if ready { "ready" } else { "not_ready" },
@@ -169,4 +193,103 @@ async fn ready(State(readiness): State<Readiness>) -> (StatusCode, Json<Readines
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, Json(report))
+}
+
+/// Runs one of a service's long-running loops (`name`: `consumer`, `relay`, ...) as a task.
+///
+/// When it ends before `shutdown` (with an error, by panicking, or returning early) it is a
+/// stopped service: readiness answers 503 with the reason, `shutdown` is cancelled so the
+/// service drains, and the task's result is [`crate::Error::Task`] with the reason, for the
+/// binary to exit non-zero. A loop that ends because of `shutdown` gives its own result.
+pub fn supervise<F>(
+    name: &'static str,
+    readiness: &Readiness,
+    shutdown: &tokio_util::sync::CancellationToken,
+    work: F,
+) -> tokio::task::JoinHandle<crate::Result<()>>
+where
+    F: std::future::Future<Output = crate::Result<()>> + Send + 'static,
+{
+    let readiness = readiness.clone();
+    let shutdown = shutdown.clone();
+    let task = tokio::spawn(work);
+    tokio::spawn(async move {
+        let outcome = task.await;
+        let reason = match outcome {
+            Ok(result) if shutdown.is_cancelled() => return result,
+            Ok(Ok(())) => "it ended while the service was serving".to_owned(),
+            Ok(Err(e)) => e.to_string(),
+            Err(e) if e.is_panic() => {
+                format!("it panicked: {}", panic_text(e.into_panic().as_ref()))
+            }
+            Err(e) => format!("it was cancelled: {e}"),
+        };
+        tracing::error!(
+            task = name,
+            reason,
+            "a service loop stopped; the service is not ready and stops"
+        );
+        readiness.loop_stopped(name, &reason);
+        shutdown.cancel();
+        Err(crate::Error::Task(format!("{name} stopped: {reason}")))
+    })
+}
+
+/// The message a panic carried.
+pub(crate) fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_util::sync::CancellationToken;
+
+    fn readiness() -> Readiness {
+        let config = crate::DatabaseConfig::new("postgres://postgres@127.0.0.1:1/none");
+        Readiness::new(crate::db::pool(&config).unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_loop_that_ends_while_serving_fails_readiness_and_stops_the_service() {
+        let readiness = readiness();
+        let shutdown = CancellationToken::new();
+        let ended = supervise("consumer", &readiness, &shutdown, async {
+            Err(crate::Error::Config("boom".into()))
+        })
+        .await
+        .unwrap();
+        assert!(
+            matches!(&ended, Err(crate::Error::Task(r)) if r.contains("boom")),
+            "{ended:?}"
+        );
+        assert!(shutdown.is_cancelled());
+        let report = readiness.check().await;
+        assert_eq!(report.status, "not_ready");
+        assert!(report.checks["consumer"].contains("boom"), "{report:?}");
+
+        let panicked = supervise("relay", &readiness, &CancellationToken::new(), async {
+            panic!("handler bug");
+        })
+        .await
+        .unwrap();
+        assert!(matches!(&panicked, Err(crate::Error::Task(r)) if r.contains("handler bug")));
+        assert!(readiness.check().await.checks["relay"].contains("panicked"));
+    }
+
+    #[tokio::test]
+    async fn a_loop_that_ends_on_shutdown_is_not_a_failure() {
+        let readiness = readiness();
+        let shutdown = CancellationToken::new();
+        shutdown.cancel();
+        let ended = supervise("consumer", &readiness, &shutdown, async { Ok(()) })
+            .await
+            .unwrap();
+        assert!(ended.is_ok());
+        assert!(!readiness.check().await.checks.contains_key("consumer"));
+    }
 }

@@ -307,6 +307,11 @@ impl ServiceProcess {
         Ok(Self { child, url })
     }
 
+    /// The process id, while it runs.
+    pub fn id(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// Kills the process with SIGKILL (no chance to clean up) and waits for it to go.
     pub async fn kill(mut self) -> std::io::Result<()> {
         self.child.kill().await
@@ -578,3 +583,35 @@ pub async fn alert_sink(
     );
     (format!("{}/alerts", serve(app, stop).await), received)
 }
+
+/// The process id of the relay holding the relay lock in the database at `url`, from the name
+/// its connection carries (`ferrybox relay (pid N)`); `None` when no relay is active.
+pub async fn active_relay_pid(url: &str) -> Option<u32> {
+    #[derive(diesel::QueryableByName)]
+    struct Name {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        name: String,
+    }
+    let (class, object) = RELAY_LOCK_KEYS;
+    let mut conn = AsyncPgConnection::establish(url).await.ok()?;
+    let names: Vec<Name> = diesel::sql_query(format!(
+        "SELECT a.application_name AS name FROM pg_locks l \
+         JOIN pg_stat_activity a ON a.pid = l.pid \
+         WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 \
+           AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+           AND l.classid = {class} AND l.objid = {object}"
+    ))
+    .load(&mut conn)
+    .await
+    .ok()?;
+    names.into_iter().next().and_then(|n| {
+        n.name
+            .strip_prefix("ferrybox relay (pid ")?
+            .strip_suffix(')')?
+            .parse()
+            .ok()
+    })
+}
+
+/// The relay lock's two keys as `pg_locks` shows them (`classid`, `objid`).
+const RELAY_LOCK_KEYS: (u32, u32) = (0x6665_7272, 0x7962_6f78);

@@ -21,27 +21,22 @@ const TIMEOUT: Duration = Duration::from_secs(120);
 /// Distinct messages applied so far.
 const APPLIED_IDS: &str = "SELECT count(DISTINCT message_id) AS n FROM applied";
 
-/// Produces `versions` versions of each of `keys` keys, in order per key.
-///
-/// One record per batch: tansu 0.6's in-memory engine cannot fetch from an offset inside a
-/// record batch, and these tests resume consumers from offsets committed mid-stream.
+/// Produces `versions` versions of each of `keys` keys, in order per key, with the durable
+/// producer's own batching (what the relay sends): consumers resume from offsets committed
+/// inside record batches, which `a_consumer_resumes_from_an_offset_inside_a_record_batch`
+/// shows the broker serves.
 async fn produce(topic: &str, codec: &AvroCodec, keys: usize, versions: i64) -> usize {
     produce_versions(topic, codec, keys, 1..=versions).await
 }
 
-/// Produces `versions` of each of `keys` keys, in order per key (one record per batch).
+/// Produces `versions` of each of `keys` keys, in order per key, in the producer's batches.
 async fn produce_versions(
     topic: &str,
     codec: &AvroCodec,
     keys: usize,
     versions: std::ops::RangeInclusive<i64>,
 ) -> usize {
-    let mut kafka = testing::kafka();
-    kafka
-        .settings
-        .insert("batch.num.messages".into(), "1".into());
-    kafka.settings.insert("linger.ms".into(), "0".into());
-    let producer: FutureProducer = ferrybox::kafka::durable_producer(&kafka).unwrap();
+    let producer: FutureProducer = ferrybox::kafka::durable_producer(&testing::kafka()).unwrap();
     let mut pending = Vec::new();
     for version in versions {
         for k in 0..keys {
@@ -80,8 +75,9 @@ async fn setup(partitions: i32) -> (TestDatabase, AsyncPgConnection, String, Avr
     (db, conn, topic, codec)
 }
 
+/// A worker with the consumer's default settings.
 fn spawn_worker(db: &TestDatabase, topic: &str, group: &str) -> tokio::process::Child {
-    spawn_named_worker(db, topic, group, "worker")
+    spawn_worker_process(db, topic, group, &[])
 }
 
 fn spawn_named_worker(
@@ -90,7 +86,14 @@ fn spawn_named_worker(
     group: &str,
     name: &str,
 ) -> tokio::process::Child {
-    spawn_worker_process(db, topic, group, &[("WORKER_NAME", name)])
+    // Members that join and leave for good: dynamic membership (a static member that leaves
+    // keeps its partitions until it is evicted; see `InboxConfig::static_membership`).
+    spawn_worker_process(
+        db,
+        topic,
+        group,
+        &[("WORKER_NAME", name), ("WORKER_STATIC", "false")],
+    )
 }
 
 /// An `inbox-worker` process on `db`, reading `topic` in `group`, with `extra` variables.
@@ -331,4 +334,73 @@ async fn a_feed_consumer_killed_mid_batch_again_and_again_resumes_with_no_gap_an
         "the stored position is the last message"
     );
     stop.cancel();
+}
+
+/// Proves what the crash tests rely on: a consumer group that resumes from an offset
+/// committed inside a record batch (the relay and the durable producer send batches) gets
+/// exactly the records from that offset on, none before it, none twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_consumer_resumes_from_an_offset_inside_a_record_batch() {
+    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
+    use rdkafka::message::Message;
+    use rdkafka::{Offset, TopicPartitionList};
+    const RECORDS: i64 = 300;
+    const RESUME_AT: i64 = 137;
+    let topic = testing::create_topic(1).await;
+    // Queued all at once: the producer packs them into a few large batches.
+    let producer: FutureProducer = ferrybox::kafka::durable_producer(&testing::kafka()).unwrap();
+    let pending: Vec<_> = (0..RECORDS)
+        .map(|i| {
+            let payload = i.to_string();
+            producer
+                .send_result(
+                    FutureRecord::<str, str>::to(&topic)
+                        .key("k")
+                        .payload(&payload),
+                )
+                .map_err(|(e, _)| e)
+                .unwrap()
+        })
+        .collect();
+    for p in pending {
+        p.await.unwrap().unwrap();
+    }
+    let group = testing::unique("resume");
+    let committer: BaseConsumer = testing::kafka()
+        .client_config()
+        .set("group.id", &group)
+        .create()
+        .unwrap();
+    let mut offsets = TopicPartitionList::new();
+    offsets
+        .add_partition_offset(&topic, 0, Offset::Offset(RESUME_AT))
+        .unwrap();
+    committer.commit(&offsets, CommitMode::Sync).unwrap();
+    drop(committer);
+
+    let consumer: StreamConsumer = testing::kafka()
+        .client_config()
+        .set("group.id", &group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&topic]).unwrap();
+    let mut got = Vec::new();
+    while got.len() < usize::try_from(RECORDS - RESUME_AT).unwrap() {
+        let m = tokio::time::timeout(TIMEOUT, consumer.recv())
+            .await
+            .expect("records arrive")
+            .unwrap();
+        let payload: i64 = std::str::from_utf8(m.payload().unwrap())
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(payload, m.offset(), "each record at its own offset");
+        got.push(m.offset());
+    }
+    let expected: Vec<i64> = (RESUME_AT..RECORDS).collect();
+    assert_eq!(
+        got, expected,
+        "exactly the records from the committed offset on, once each"
+    );
 }

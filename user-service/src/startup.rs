@@ -118,11 +118,16 @@ impl Application {
         self.listener.local_addr()
     }
 
-    /// Serves HTTP and runs the relay until `shutdown`, then drains both.
+    /// Serves HTTP and runs the relay until `shutdown`, then drains both. The relay is
+    /// supervised ([`ferrybox::health::supervise`]): if it stops while the service serves,
+    /// readiness answers 503 with the reason, the service drains, and this returns the error.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let relay = self.relay;
         let relay_shutdown = shutdown.child_token();
-        let relay_task = tokio::spawn(async move { relay.run(relay_shutdown).await });
+        let relay_task =
+            ferrybox::health::supervise("relay", &self.readiness, &shutdown, async move {
+                relay.run(relay_shutdown).await
+            });
         let app = crate::routes::router(
             self.users,
             &self.feed,
@@ -138,6 +143,7 @@ impl Application {
         // However the server ended, stop and drain the relay.
         shutdown.cancel();
         self.feed_stop.cancel();
+        self.feed.stopped().await;
         let relayed = relay_task.await.context("relay task")?;
         served.context("http server")?;
         relayed.context("relay")?;

@@ -214,32 +214,6 @@ async fn relay_killed_at_random_moments_loses_nothing_and_keeps_key_order() {
     );
 }
 
-/// The process id of the relay holding the relay lock, from its connection's name.
-async fn active_relay_pid(url: &str) -> Option<u32> {
-    #[derive(QueryableByName)]
-    struct Name {
-        #[diesel(sql_type = diesel::sql_types::Text)]
-        name: String,
-    }
-    let mut conn = AsyncPgConnection::establish(url).await.unwrap();
-    let names: Vec<Name> = diesel::sql_query(
-        "SELECT a.application_name AS name FROM pg_locks l \
-         JOIN pg_stat_activity a ON a.pid = l.pid \
-         WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 \
-           AND l.classid = x'66657272'::int AND l.objid = x'79626f78'::int",
-    )
-    .load(&mut conn)
-    .await
-    .unwrap();
-    names.into_iter().next().and_then(|n| {
-        n.name
-            .strip_prefix("ferrybox relay (pid ")?
-            .strip_suffix(')')?
-            .parse()
-            .ok()
-    })
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_standby_relay_process_takes_over_when_the_active_one_is_killed() {
     let db = migrated_database().await;
@@ -260,15 +234,15 @@ async fn a_standby_relay_process_takes_over_when_the_active_one_is_killed() {
     // Twice: find the active process, kill it, and watch a standby carry on.
     for _ in 0..2 {
         wait_until(TIMEOUT, "a relay process holds the lock", || async {
-            active_relay_pid(db.url())
+            testing::active_relay_pid(db.url())
                 .await
                 .is_some_and(|pid| relays.contains_key(&pid))
         })
         .await;
-        let pid = active_relay_pid(db.url()).await.unwrap();
+        let pid = testing::active_relay_pid(db.url()).await.unwrap();
         relays.remove(&pid).unwrap().kill().await.unwrap();
         wait_until(TIMEOUT, "a standby takes the lock", || async {
-            active_relay_pid(db.url())
+            testing::active_relay_pid(db.url())
                 .await
                 .is_some_and(|p| p != pid && relays.contains_key(&p))
         })

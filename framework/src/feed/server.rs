@@ -75,6 +75,8 @@ pub struct FeedServer {
     /// Woken (all waiters) when the relay gives out new positions.
     new_events: Arc<Notify>,
     config: FeedServerConfig,
+    /// The notification listener, stopped by the `shutdown` given to [`FeedServer::start`].
+    tasks: tokio_util::task::TaskTracker,
 }
 
 impl std::fmt::Debug for FeedServer {
@@ -121,6 +123,12 @@ impl FeedRow {
 }
 
 impl FeedServer {
+    /// Waits until the listener has stopped (after the `shutdown` given to
+    /// [`FeedServer::start`] was cancelled).
+    pub async fn stopped(&self) {
+        self.tasks.wait().await;
+    }
+
     /// A feed over the outbox in `pool`'s database. Listens for the relay's notifications on
     /// its own connection (to `database`) until `shutdown`.
     pub fn start(
@@ -134,20 +142,20 @@ impl FeedServer {
         let wake = Arc::clone(&new_events);
         let url = database.url.expose_secret().to_owned();
         let stop = shutdown.child_token();
-        tokio::spawn(async move {
-            crate::outbox::listen(
-                url,
-                NOTIFY_CHANNEL,
-                move || wake.notify_waiters(),
-                Backoff::default(),
-                stop,
-            )
-            .await;
-        });
+        let tasks = tokio_util::task::TaskTracker::new();
+        tasks.spawn(crate::outbox::listen(
+            url,
+            NOTIFY_CHANNEL,
+            move || wake.notify_waiters(),
+            Backoff::default(),
+            stop,
+        ));
+        tasks.close();
         Ok(Self {
             pool,
             new_events,
             config,
+            tasks,
         })
     }
 

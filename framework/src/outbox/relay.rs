@@ -28,7 +28,6 @@ use diesel::prelude::*;
 use diesel::sql_types::{Array, BigInt, Bool, Integer, Nullable, Text};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
 use futures::StreamExt;
-use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
@@ -126,8 +125,12 @@ const BACKLOG_GAUGE_INTERVAL: Duration = Duration::from_secs(5);
 #[diesel(table_name = ferrybox_outbox)]
 pub(super) struct OutboxRecord {
     pub(super) id: i64,
+    message_id: uuid::Uuid,
     topic: String,
     message_key: String,
+    message_type: String,
+    entity_version: i64,
+    occurred_at: chrono::DateTime<chrono::Utc>,
     headers: serde_json::Value,
     payload: Vec<u8>,
 }
@@ -136,6 +139,57 @@ impl OutboxRecord {
     pub(super) fn topic(&self) -> &str {
         &self.topic
     }
+
+    /// The headers the record is sent with: the stored ones, with the CloudEvents headers the
+    /// row's own columns determine (id, type, subject, time, entity version) always set from
+    /// those columns. Stored headers that are not a JSON object of text are read leniently
+    /// (numbers and booleans as text, the rest left out, with a warning), so a damaged row is
+    /// still published with what a consumer needs to deduplicate and decode it.
+    pub(super) fn headers(&self) -> BTreeMap<String, String> {
+        use crate::message::headers as h;
+        let mut map = BTreeMap::<String, String>::deserialize(&self.headers).unwrap_or_else(|e| {
+            tracing::warn!(id = self.id, message_id = %self.message_id, error = %e,
+                "stored headers are not a map of text; publishing with what can be read and the row's own envelope");
+            lenient_headers(&self.headers)
+        });
+        for (name, value) in [
+            (h::ID, self.message_id.to_string()),
+            (h::TYPE, self.message_type.clone()),
+            (h::SUBJECT, self.message_key.clone()),
+            (h::ENTITY_VERSION, self.entity_version.to_string()),
+            (
+                h::TIME,
+                self.occurred_at
+                    .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            ),
+        ] {
+            map.insert(name.to_owned(), value);
+        }
+        map.entry(h::SPEC_VERSION.to_owned())
+            .or_insert_with(|| "1.0".to_owned());
+        map.entry(h::CONTENT_TYPE.to_owned())
+            .or_insert_with(|| h::AVRO_CONTENT_TYPE.to_owned());
+        map
+    }
+}
+
+/// The text, number and boolean entries of a JSON object; nothing from anything else.
+fn lenient_headers(stored: &serde_json::Value) -> BTreeMap<String, String> {
+    let Some(object) = stored.as_object() else {
+        return BTreeMap::new();
+    };
+    object
+        .iter()
+        .filter_map(|(name, value)| {
+            let text = match value {
+                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Number(n) => n.to_string(),
+                serde_json::Value::Bool(b) => b.to_string(),
+                _ => return None,
+            };
+            Some((name.clone(), text))
+        })
+        .collect()
 }
 
 /// Queues every record with `producer` (librdkafka pipelines them), then awaits each delivery
@@ -149,7 +203,7 @@ pub(super) async fn send_all(
         let record = FutureRecord::to(&row.topic)
             .key(&row.message_key)
             .payload(&row.payload)
-            .headers(kafka_headers(&row.headers));
+            .headers(crate::kafka::owned_headers(&row.headers()));
         in_flight.push(producer.send_result(record).map_err(|(e, _)| e.to_string()));
     }
     let mut results = Vec::with_capacity(records.len());
@@ -262,7 +316,7 @@ impl Relay {
     /// A connection of the relay's own, named so operators can see in `pg_stat_activity`
     /// which process holds the relay lock.
     async fn connect(&self) -> Result<AsyncPgConnection> {
-        let mut conn = AsyncPgConnection::establish(self.database.url.expose_secret())
+        let mut conn = crate::db::establish(self.database.url.expose_secret())
             .await
             .map_err(|e| Error::Pool(e.to_string()))?;
         conn.batch_execute(&format!(
@@ -301,18 +355,36 @@ impl Relay {
         shutdown: &CancellationToken,
     ) -> Result<()> {
         let wake = Arc::new(Notify::new());
-        // Stops the listener however this function ends.
         let listening = shutdown.child_token();
-        let _stop_listening = listening.clone().drop_guard();
+        let listener = tokio_util::task::TaskTracker::new();
         if self.config.listen {
             let url = self.database.url.expose_secret().to_owned();
             let wake = Arc::clone(&wake);
             let backoff = self.config.backoff;
             let wake_up = move || wake.notify_one();
-            tokio::spawn(async move {
-                listen(url, NOTIFY_CHANNEL, wake_up, backoff, listening).await;
-            });
+            listener.spawn(listen(
+                url,
+                NOTIFY_CHANNEL,
+                wake_up,
+                backoff,
+                listening.clone(),
+            ));
         }
+        listener.close();
+        let published = self.publish_loop(conn, &wake, shutdown).await;
+        // However publishing ended, the listener stops and is waited for.
+        listening.cancel();
+        listener.wait().await;
+        published
+    }
+
+    /// Publishes batch after batch (woken by `wake` or polling) until `shutdown`.
+    async fn publish_loop(
+        &self,
+        conn: &mut AsyncPgConnection,
+        wake: &Notify,
+        shutdown: &CancellationToken,
+    ) -> Result<()> {
         // Batches are recorded on a second connection while the next one is sent, so the
         // database work of one overlaps the broker round trip of the other. (Marking needs no
         // lock: a row marked after its acknowledgement is true whoever marks it.)
@@ -531,10 +603,8 @@ impl Relay {
         };
         let mut sent = Sent::default();
         let results = if crate::telemetry::tracing_enabled() {
-            let headers: Vec<BTreeMap<String, String>> = rows
-                .iter()
-                .map(|row| BTreeMap::deserialize(&row.headers).unwrap_or_default())
-                .collect();
+            let headers: Vec<BTreeMap<String, String>> =
+                rows.iter().map(OutboxRecord::headers).collect();
             let span = crate::telemetry::batch_span("publish", "producer", &headers);
             tracing::Instrument::instrument(send_all(&producer, &rows), span).await
         } else {
@@ -706,11 +776,6 @@ async fn listen_once(
             None => conn.batch_execute("SELECT 1").await?,
         }
     }
-}
-
-fn kafka_headers(stored: &serde_json::Value) -> OwnedHeaders {
-    let map = BTreeMap::<String, String>::deserialize(stored).unwrap_or_default();
-    crate::kafka::owned_headers(&map)
 }
 
 /// Sleeps for `delay`; true when shutdown came first.

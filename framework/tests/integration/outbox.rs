@@ -216,3 +216,61 @@ async fn only_one_relay_is_active_and_a_standby_takes_over() {
     second.stop().await;
     assert_eq!(read_records(&fx.topic, 2).await.len(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_row_whose_stored_headers_are_damaged_is_published_with_its_envelope() {
+    let fx = Fixture::new(1).await;
+    let damaged = fx.change("thing-1", 1).await;
+    let lenient = fx.change("thing-2", 1).await;
+    let mut conn = AsyncPgConnection::establish(fx.db.url()).await.unwrap();
+    // Not a map at all, and a map with a number, a nested object and a traceparent.
+    diesel::sql_query(
+        "UPDATE ferrybox_outbox SET headers = '[\"garbage\"]'::jsonb WHERE message_key = 'thing-1'",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    diesel::sql_query(
+        "UPDATE ferrybox_outbox SET headers = jsonb_build_object('x-count', 3, 'nested', jsonb_build_object('a', 1), \
+         'traceparent', '00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01', 'ce_source', 'integration-test') \
+         WHERE message_key = 'thing-2'",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let relay = Relay::new(
+        fx.db.config(),
+        &ferrybox::testing::kafka(),
+        Fixture::relay_config(),
+    )
+    .unwrap();
+    assert_eq!(relay.publish_batch(&mut conn).await.unwrap().published, 2);
+    let records = ferrybox::testing::read_topic(&fx.topic, 2, TIMEOUT).await;
+    let by_key: BTreeMap<String, &BTreeMap<String, String>> = records
+        .iter()
+        .map(|r| (r.headers["ce_subject"].clone(), &r.headers))
+        .collect();
+    let first = by_key["thing-1"];
+    assert_eq!(first["ce_id"], damaged.to_string());
+    assert_eq!(first["ce_type"], "com.ferrybox.test.ThingChanged");
+    assert_eq!(first["ce_entityversion"], "1");
+    assert!(first.contains_key("ce_time") && first.contains_key("ce_specversion"));
+    let second = by_key["thing-2"];
+    assert_eq!(second["ce_id"], lenient.to_string());
+    assert_eq!(second["x-count"], "3");
+    assert_eq!(second["ce_source"], "integration-test");
+    assert!(second["traceparent"].starts_with("00-0af7"));
+    assert!(!second.contains_key("nested"));
+    // Both envelopes read as Ferrybox messages.
+    for r in &records {
+        ferrybox::message::IncomingMessage::from_parts(
+            &fx.topic,
+            r.partition,
+            r.offset,
+            r.key.as_deref().map(str::as_bytes),
+            r.headers.clone(),
+            Some(b"payload"),
+        )
+        .unwrap();
+    }
+}

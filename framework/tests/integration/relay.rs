@@ -14,6 +14,11 @@ use crate::support::{Fixture, RunningRelay, TIMEOUT};
 
 type Tm = <AsyncPgConnection as AsyncConnection>::TransactionManager;
 
+/// `pg_locks` shows every database's locks: keep to the test's own (advisory locks are per
+/// database, and other tests run beside this one).
+const THIS_DATABASE: &str =
+    "database = (SELECT oid FROM pg_database WHERE datname = current_database())";
+
 /// Entity versions per key, in the order the records arrived (partition order, which is the
 /// order of one key).
 fn versions_by_key(records: &[ReadRecord]) -> BTreeMap<String, Vec<i64>> {
@@ -55,7 +60,7 @@ async fn one_key_is_published_in_commit_order_when_its_transactions_overlap() {
     wait_until(TIMEOUT, "B waits for A's key lock", || async {
         b.is_finished()
             || fx
-                .count("SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+                .count(&format!("SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND {THIS_DATABASE}"))
                 .await
                 > 0
     })
@@ -125,7 +130,7 @@ async fn a_writer_that_did_not_notify_is_published_without_polling() {
     let (class, object) = ferrybox::outbox::RELAY_WAITING_LOCK;
     let waiting_lock = format!(
         "SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory' \
-         AND classid = {class} AND objid = {object}"
+         AND classid = {class} AND objid = {object} AND {THIS_DATABASE}"
     );
     assert_eq!(
         fx.count(&format!(

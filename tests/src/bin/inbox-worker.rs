@@ -70,20 +70,24 @@ async fn main() -> anyhow::Result<()> {
     let delay = std::time::Duration::from_millis(
         std::env::var("WORKER_HANDLER_DELAY_MS").map_or(Ok(0), |v| v.parse())?,
     );
+    // The consumer's defaults, as a service runs them: static membership, so a killed and
+    // restarted worker takes its place back at once.
     let mut kafka = KafkaConfig::new(env("WORKER_BOOTSTRAP_SERVERS")?);
-    // A killed member never says goodbye: let the group notice within seconds.
-    kafka
-        .settings
-        .insert("session.timeout.ms".into(), "6000".into());
     if let Ok(debug) = std::env::var("WORKER_KAFKA_DEBUG") {
         kafka.settings.insert("debug".into(), debug);
     }
-    let config = InboxConfig {
+    let mut config = InboxConfig {
         group_id: env("WORKER_GROUP")?,
         topics: vec![env("WORKER_TOPIC")?],
         batch_size: 50,
         ..InboxConfig::default()
     };
+    // Several workers of one group on this host need ids of their own; a worker that leaves
+    // the group for good (a scale-down) goes without static membership.
+    config.instance_id = std::env::var("WORKER_INSTANCE_ID").ok();
+    if std::env::var("WORKER_STATIC").is_ok_and(|v| v == "false") {
+        config.static_membership = false;
+    }
     let codec = AvroCodec::new(&env("WORKER_REGISTRY_URL")?);
     let worker = std::env::var("WORKER_NAME").unwrap_or_else(|_| "worker".into());
     let handler = Append { worker, delay };
