@@ -118,7 +118,8 @@ impl<T: Serialize> IntoResponse for Json<T> {
     }
 }
 
-/// The answer for routes that do not exist.
+/// The answer for routes that do not exist (with a message naming the method and path; a
+/// router without a fallback of its own gets the same from [`json_errors`]).
 pub async fn not_found_fallback(request: Request) -> ApiError {
     ApiError::not_found(format!(
         "no route for {} {}",
