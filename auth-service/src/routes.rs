@@ -37,13 +37,15 @@ pub struct AppState {
     pub tokens: ferrybox::token::TokenKey,
 }
 
-/// The service's routes, with `/health/live`, `/health/ready` and `/metrics`.
+/// The service's routes, with `/health/live`, `/health/ready` and `/metrics`. Every error is
+/// JSON with a code ([`ferrybox::http::json_errors`]), the 404s, 405s and 413s axum answers by
+/// itself included.
 pub fn router(
     state: AppState,
     readiness: &ferrybox::health::Readiness,
     max_body_bytes: usize,
 ) -> Router {
-    Router::new()
+    let routes = Router::new()
         .route("/login", post(login))
         .route("/session", get(session))
         .route("/users/{id}", get(cached_user))
@@ -58,7 +60,8 @@ pub fn router(
         .layer(
             tower_http::trace::TraceLayer::new_for_http()
                 .make_span_with(ferrybox::telemetry::http_span::<axum::body::Body>),
-        )
+        );
+    ferrybox::http::json_errors(routes)
 }
 
 /// Rate-limited per account and per client address: `429 too_many_attempts` with

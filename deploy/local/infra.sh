@@ -7,6 +7,9 @@
 #   infra.sh status    show what is running
 #   infra.sh run CMD   bring everything up, run CMD, then stop only what this call started
 #   infra.sh validator install (once) the Compose file validator; print its path
+#   infra.sh registry-client
+#                      install (once) Confluent's Python client for the registry conformance
+#                      check; print the python that has it
 #
 # Logs and data live in deploy/local/data/ (ignored by git).
 set -euo pipefail
@@ -162,6 +165,31 @@ validator() {
     echo "$venv/bin/check-jsonschema"
 }
 
+# --- Confluent's Python client (confluent-kafka + fastavro from PyPI), for the registry's
+# --- conformance check (schema-registry/conformance/) -------------------------------------
+
+REGISTRY_CLIENT_REQUIREMENTS="$HERE/schema-registry/conformance/requirements.txt"
+
+registry_client() {
+    # The venv is named after the pinned requirements: changing a pin installs a new one.
+    local pins venv
+    pins="$(sha256sum "$REGISTRY_CLIENT_REQUIREMENTS" | cut -c1-12)"
+    venv="$DATA/venv-registry-client-$pins"
+    # Tests ask for it in parallel: one installs, the others wait.
+    exec 9>"$DATA/registry-client.lock"
+    flock 9
+    # The stamp is written last, so an install that was cut short is redone, not trusted.
+    if [[ ! -f "$venv/.installed" ]]; then
+        log "installing Confluent's Python client (once per machine)"
+        rm -rf "$venv"
+        python3 -m venv "$venv"
+        "$venv/bin/pip" install --quiet --disable-pip-version-check --no-input \
+            -r "$REGISTRY_CLIENT_REQUIREMENTS"
+        touch "$venv/.installed"
+    fi
+    echo "$venv/bin/python"
+}
+
 STARTED=()
 run() {
     port_open "$KAFKA_PORT" || STARTED+=(tansu)
@@ -182,5 +210,6 @@ case "${1:-}" in
     status) status ;;
     run) shift; [[ $# -gt 0 ]] || { echo "usage: $0 run CMD..." >&2; exit 2; }; run "$@" ;;
     validator) validator ;;
-    *) echo "usage: $0 up|down|status|run CMD...|validator" >&2; exit 2 ;;
+    registry-client) registry_client ;;
+    *) echo "usage: $0 up|down|status|run CMD...|validator|registry-client" >&2; exit 2 ;;
 esac

@@ -108,7 +108,8 @@ impl Readiness {
         self
     }
 
-    /// `GET /health/live` and `GET /health/ready`.
+    /// `GET /health/live` and `GET /health/ready`. Merge it into the service's router, and
+    /// give the whole router [`crate::http::json_errors`] so that its 405s are JSON too.
     pub fn router(&self) -> Router {
         Router::new()
             .route("/health/live", get(|| async { "ok" }))

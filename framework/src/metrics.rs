@@ -74,7 +74,8 @@ pub fn render() -> String {
     String::from_utf8(out).unwrap_or_default()
 }
 
-/// `GET /metrics`, for a service's router.
+/// `GET /metrics`, for a service's router: merge it in, and give the whole router
+/// [`crate::http::json_errors`] so that its 405s are JSON too.
 pub fn router() -> Router {
     Router::new().route(
         "/metrics",

@@ -221,3 +221,156 @@ async fn bad_requests_get_clear_4xx_errors_and_never_a_500() {
     assert_eq!(outbox_rows, 1);
     stack.stop().await.unwrap();
 }
+
+/// What axum and tower-http answer by themselves — a method the route does not have, a body
+/// over the limit, a route that does not exist — is JSON with a code like every other error,
+/// on every route of both services, the framework's own (`/events`, `/health/*`, `/metrics`)
+/// included.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_error_either_service_sends_is_json_with_a_code() {
+    let stack = Stack::start().await.unwrap();
+    let user = stack.user_url.clone();
+    let auth = stack.auth_url.clone();
+    let http = reqwest::Client::new();
+    let api = Api::service();
+    let ada = api
+        .register(&user, "ada@example.com", "Ada", "analytical-engine")
+        .await
+        .unwrap();
+    let ada_id = ada["id"].as_str().unwrap();
+
+    // (status, error code, Allow header) of a request with the service credential, or with the
+    // internal token for the endpoints other services call (`/events`, `/snapshot`: without it
+    // they answer 401 before looking at the method).
+    let send = |method: reqwest::Method, url: String, body: Vec<u8>| {
+        let http = http.clone();
+        async move {
+            let internal = url.ends_with("/events") || url.ends_with("/snapshot");
+            let token = if internal {
+                ferrybox_e2e::INTERNAL_TOKEN
+            } else {
+                ferrybox_e2e::SERVICE_TOKEN
+            };
+            let response = http
+                .request(method.clone(), &url)
+                .bearer_auth(token)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            let status = response.status().as_u16();
+            let content_type = response
+                .headers()
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let allow = response
+                .headers()
+                .get("allow")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let text = response.text().await.unwrap();
+            let body: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|_| {
+                panic!("{method} {url}: {status} with a body that is not JSON: {text:?}")
+            });
+            assert_eq!(
+                content_type.as_deref(),
+                Some("application/json"),
+                "{method} {url}: {status} {text}"
+            );
+            assert!(
+                body["error"]["message"]
+                    .as_str()
+                    .is_some_and(|m| !m.is_empty()),
+                "{method} {url}: no message in {body}"
+            );
+            let code = body["error"]["code"].as_str().map(str::to_owned);
+            (status, code, allow)
+        }
+    };
+    let code = |s: &str| Some(s.to_owned());
+
+    // A method the route does not have: 405 method_not_allowed, and Allow says which do.
+    let wrong_methods = [
+        (reqwest::Method::PUT, format!("{user}/users"), "POST"),
+        (reqwest::Method::GET, format!("{user}/users"), "POST"),
+        (
+            reqwest::Method::POST,
+            format!("{user}/users/{ada_id}"),
+            "PATCH",
+        ),
+        (
+            reqwest::Method::PUT,
+            format!("{user}/users/{ada_id}"),
+            "PATCH",
+        ),
+        (
+            reqwest::Method::GET,
+            format!("{user}/users/{ada_id}/suspend"),
+            "POST",
+        ),
+        (reqwest::Method::POST, format!("{user}/events"), "GET"),
+        (reqwest::Method::DELETE, format!("{user}/snapshot"), "GET"),
+        (reqwest::Method::POST, format!("{user}/metrics"), "GET"),
+        (reqwest::Method::POST, format!("{user}/health/ready"), "GET"),
+        (reqwest::Method::PUT, format!("{auth}/login"), "POST"),
+        (reqwest::Method::GET, format!("{auth}/login"), "POST"),
+        (reqwest::Method::DELETE, format!("{auth}/session"), "GET"),
+        (
+            reqwest::Method::POST,
+            format!("{auth}/users/{ada_id}"),
+            "GET",
+        ),
+        (reqwest::Method::POST, format!("{auth}/inbox/stats"), "GET"),
+        (reqwest::Method::POST, format!("{auth}/health/live"), "GET"),
+    ];
+    for (method, url, allowed) in wrong_methods {
+        let (status, error, allow) = send(method.clone(), url.clone(), Vec::new()).await;
+        assert_eq!(
+            (status, error),
+            (405, code("method_not_allowed")),
+            "{method} {url}"
+        );
+        assert!(
+            allow.as_deref().is_some_and(|a| a.contains(allowed)),
+            "{method} {url}: Allow {allow:?} lacks {allowed}"
+        );
+    }
+
+    // A body over the limit (16 KiB by default) on every POST and PATCH route: 413
+    // payload_too_large, whether the handler reads JSON or raw bytes.
+    let huge = format!(r#"{{"name":"{}"}}"#, "x".repeat(64 * 1024)).into_bytes();
+    let writes = [
+        (reqwest::Method::POST, format!("{user}/users")),
+        (reqwest::Method::PATCH, format!("{user}/users/{ada_id}")),
+        (
+            reqwest::Method::POST,
+            format!("{user}/users/{ada_id}/suspend"),
+        ),
+        (reqwest::Method::POST, format!("{auth}/login")),
+    ];
+    for (method, url) in writes {
+        assert_eq!(
+            send(method.clone(), url.clone(), huge.clone()).await,
+            (413, code("payload_too_large"), None),
+            "{method} {url}"
+        );
+    }
+
+    // Routes that do not exist: 404 not_found, under the framework's prefixes too.
+    for url in [
+        format!("{user}/nope"),
+        format!("{user}/users/{ada_id}/nope"),
+        format!("{user}/health/nope"),
+        format!("{auth}/nope"),
+        format!("{auth}/inbox/nope"),
+    ] {
+        assert_eq!(
+            send(reqwest::Method::GET, url.clone(), Vec::new()).await,
+            (404, code("not_found"), None),
+            "GET {url}"
+        );
+    }
+    stack.stop().await.unwrap();
+}

@@ -17,7 +17,8 @@ use crate::users::{NewUser, Suspension, User, UserPatch, Users};
 
 /// The service's routes: the users API, and for other services `GET /snapshot` (every user,
 /// for reconciliation) and `GET /events` (the pulled event feed), which need the internal
-/// bearer token when one is set.
+/// bearer token when one is set. Every error is JSON with a code
+/// ([`ferrybox::http::json_errors`]), the 404s, 405s and 413s axum answers by itself included.
 pub fn router(
     users: Users,
     feed: &FeedServer,
@@ -29,7 +30,7 @@ pub fn router(
         .route("/snapshot", get(snapshot))
         .with_state(users.clone())
         .merge(feed.router());
-    Router::new()
+    let routes = Router::new()
         .route("/users", post(register))
         .route("/users/{id}", get(get_user).patch(update).delete(delete))
         .route("/users/{id}/suspend", post(suspend))
@@ -44,7 +45,8 @@ pub fn router(
         .layer(
             tower_http::trace::TraceLayer::new_for_http()
                 .make_span_with(ferrybox::telemetry::http_span::<axum::body::Body>),
-        )
+        );
+    ferrybox::http::json_errors(routes)
 }
 
 /// Streams the snapshot as NDJSON (see `ferrybox::reconcile`).

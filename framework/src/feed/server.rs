@@ -159,7 +159,9 @@ impl FeedServer {
         })
     }
 
-    /// The routes: `GET /events`. Merge it into the service's router.
+    /// The routes: `GET /events`. Merge it into the service's router, and give the whole
+    /// router [`crate::http::json_errors`] so that what axum answers here by itself (a 405
+    /// for `POST /events`) is JSON too.
     pub fn router(&self) -> Router {
         Router::new()
             .route("/events", get(events))

@@ -3,18 +3,18 @@
 use apache_avro::Schema;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequestParts, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 use serde_json::{Value, json};
 
 use crate::error::{
     ApiError, INCOMPATIBLE_SCHEMA, INVALID_COMPATIBILITY_LEVEL, INVALID_VERSION,
     SUBJECT_LEVEL_NOT_CONFIGURED,
 };
-use crate::store::{self, SubjectVersion};
+use crate::store::{self, Include, SubjectVersion};
 use ferrybox::contract::Level;
 use ferrybox::db::{self, PgPool, PooledConnection};
 
@@ -45,9 +45,102 @@ fn ok(body: &Value) -> Result<Response, ApiError> {
     Ok(registry_json(StatusCode::OK, body))
 }
 
-/// The routes, over a pool of connections to the registry's database.
+/// [`axum::extract::Query`] whose rejection is Confluent's JSON (400, error code 400).
+#[derive(FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(ApiError))]
+struct Query<T>(T);
+
+/// [`axum::extract::Path`] whose rejection is Confluent's JSON (404, error code 404).
+#[derive(FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ApiError))]
+struct Path<T>(T);
+
+/// A boolean query parameter as Confluent's registry reads it: `true` or `false` in any case
+/// (its Python client sends `True` and `False`). Anything else is a 400, not a silent false:
+/// `permanent=yes` must not quietly become a soft delete.
+fn query_bool<'de, D: Deserializer<'de>>(deserializer: D) -> Result<bool, D::Error> {
+    let text = std::borrow::Cow::<'de, str>::deserialize(deserializer)?;
+    if text.eq_ignore_ascii_case("true") {
+        Ok(true)
+    } else if text.eq_ignore_ascii_case("false") {
+        Ok(false)
+    } else {
+        Err(serde::de::Error::custom(format!(
+            "'{text}' is not a boolean: use true or false"
+        )))
+    }
+}
+
+/// `?deleted=` and `?deletedOnly=` (also spelt `deleted_only`, as Confluent's Python client
+/// does), for the reads that can see soft-deleted versions.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DeletedQuery {
+    #[serde(default, deserialize_with = "query_bool")]
+    deleted: bool,
+    #[serde(default, alias = "deleted_only", deserialize_with = "query_bool")]
+    deleted_only: bool,
+}
+
+impl DeletedQuery {
+    fn include(&self) -> Include {
+        Include::from_flags(self.deleted, self.deleted_only)
+    }
+}
+
+/// `?offset=` and `?limit=` (a negative limit: no limit), for the lists.
+#[derive(Deserialize)]
+struct PageQuery {
+    #[serde(default)]
+    offset: usize,
+    #[serde(default = "no_limit")]
+    limit: i64,
+}
+
+fn no_limit() -> i64 {
+    -1
+}
+
+impl PageQuery {
+    fn page<T>(&self, items: Vec<T>) -> Vec<T> {
+        let taken = items.into_iter().skip(self.offset);
+        match usize::try_from(self.limit) {
+            Ok(limit) => taken.take(limit).collect(),
+            Err(_) => taken.collect(),
+        }
+    }
+}
+
+/// `?permanent=`, for the deletes.
+#[derive(Deserialize)]
+struct DeleteQuery {
+    #[serde(default, deserialize_with = "query_bool")]
+    permanent: bool,
+}
+
+/// `?normalize=` (and `?deleted=` for a lookup). The registry always stores a schema in one
+/// normal JSON form, so `normalize` is read (a bad value is still a 400) but changes nothing.
+#[derive(Deserialize)]
+struct SchemaQuery {
+    #[serde(default, deserialize_with = "query_bool")]
+    #[expect(
+        dead_code,
+        reason = "accepted for Confluent's clients; stored schemas are normal"
+    )]
+    normalize: bool,
+    #[serde(default, deserialize_with = "query_bool")]
+    deleted: bool,
+}
+
+/// Confluent's shape for the errors axum answers by itself.
+fn confluent_error(status: StatusCode, message: String) -> Response {
+    ApiError::http(status, message).into_response()
+}
+
+/// The routes, over a pool of connections to the registry's database. Every error is
+/// Confluent's JSON, the rejections of axum itself included (405 keeps its `Allow` header).
 pub fn router(pool: PgPool) -> Router {
-    Router::new()
+    let routes = Router::new()
         .route(
             "/",
             get(|| async { registry_json(StatusCode::OK, &json!({})) }),
@@ -61,11 +154,15 @@ pub fn router(pool: PgPool) -> Router {
             "/subjects/{subject}/versions",
             get(list_versions).post(register),
         )
-        .route("/subjects/{subject}/versions/{version}", get(get_version))
+        .route(
+            "/subjects/{subject}/versions/{version}",
+            get(get_version).delete(delete_version),
+        )
         .route(
             "/subjects/{subject}/versions/{version}/schema",
             get(get_version_schema),
         )
+        .route("/schemas/types", get(schema_types))
         .route("/schemas/ids/{id}", get(get_schema))
         .route("/schemas/ids/{id}/schema", get(get_raw_schema))
         .route("/schemas/ids/{id}/subjects", get(get_schema_subjects))
@@ -85,8 +182,9 @@ pub fn router(pool: PgPool) -> Router {
                 .put(put_subject_config)
                 .delete(delete_subject_config),
         )
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, 404, "HTTP 404 Not Found") })
-        .with_state(pool)
+        .fallback(|| async { ApiError::http(StatusCode::NOT_FOUND, "HTTP 404 Not Found") })
+        .with_state(pool);
+    ferrybox::http::json_errors_with(routes, confluent_error)
 }
 
 async fn conn(pool: &PgPool) -> Result<PooledConnection, ApiError> {
@@ -184,33 +282,75 @@ fn checked_against(level: Level, existing: &[SubjectVersion]) -> &[SubjectVersio
     &existing[level.checked_against(existing.len())]
 }
 
-async fn list_subjects(State(pool): State<PgPool>) -> Result<Response, ApiError> {
-    ok(&json!(store::subjects(&mut *conn(&pool).await?).await?))
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SubjectsQuery {
+    #[serde(default)]
+    subject_prefix: String,
+}
+
+async fn list_subjects(
+    State(pool): State<PgPool>,
+    Query(q): Query<SubjectsQuery>,
+    Query(deleted): Query<DeletedQuery>,
+    Query(page): Query<PageQuery>,
+) -> Result<Response, ApiError> {
+    let mut subjects = store::subjects(&mut *conn(&pool).await?, deleted.include()).await?;
+    subjects.retain(|s| s.starts_with(&q.subject_prefix));
+    ok(&json!(page.page(subjects)))
 }
 
 async fn list_versions(
     State(pool): State<PgPool>,
     Path(subject): Path<String>,
+    Query(deleted): Query<DeletedQuery>,
+    Query(page): Query<PageQuery>,
 ) -> Result<Response, ApiError> {
-    let versions = store::versions(&mut *conn(&pool).await?, &subject).await?;
-    ok(&json!(
+    let versions =
+        store::versions_including(&mut *conn(&pool).await?, &subject, deleted.include()).await?;
+    ok(&json!(page.page(
         versions.iter().map(|v| v.version).collect::<Vec<_>>()
-    ))
+    )))
+}
+
+/// The versions `deleted=true` lets a single-version read see.
+fn single_include(deleted: &DeletedQuery) -> Include {
+    if deleted.deleted {
+        Include::WithDeleted
+    } else {
+        Include::Live
+    }
 }
 
 async fn get_version(
     State(pool): State<PgPool>,
     Path((subject, version)): Path<(String, String)>,
+    Query(deleted): Query<DeletedQuery>,
 ) -> Result<Response, ApiError> {
-    let v = store::version(&mut *conn(&pool).await?, &subject, parse_version(&version)?).await?;
+    let version = parse_version(&version)?;
+    let v = store::version(
+        &mut *conn(&pool).await?,
+        &subject,
+        version,
+        single_include(&deleted),
+    )
+    .await?;
     ok(&version_json(&v))
 }
 
 async fn get_version_schema(
     State(pool): State<PgPool>,
     Path((subject, version)): Path<(String, String)>,
+    Query(deleted): Query<DeletedQuery>,
 ) -> Result<Response, ApiError> {
-    let v = store::version(&mut *conn(&pool).await?, &subject, parse_version(&version)?).await?;
+    let version = parse_version(&version)?;
+    let v = store::version(
+        &mut *conn(&pool).await?,
+        &subject,
+        version,
+        single_include(&deleted),
+    )
+    .await?;
     Ok(registry_json(
         StatusCode::OK,
         &serde_json::from_str(&v.schema).map_err(ApiError::internal)?,
@@ -220,6 +360,7 @@ async fn get_version_schema(
 async fn register(
     State(pool): State<PgPool>,
     Path(subject): Path<String>,
+    Query(_): Query<SchemaQuery>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let submitted = parse_body(&body)?;
@@ -247,15 +388,21 @@ async fn register(
 async fn lookup_schema(
     State(pool): State<PgPool>,
     Path(subject): Path<String>,
+    Query(q): Query<SchemaQuery>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let submitted = parse_body(&body)?;
+    let include = if q.deleted {
+        Include::WithDeleted
+    } else {
+        Include::Live
+    };
     let mut conn = conn(&pool).await?;
-    match store::lookup(&mut conn, &subject, &submitted.text).await? {
+    match store::lookup(&mut conn, &subject, &submitted.text, include).await? {
         Some(v) => ok(&version_json(&v)),
         None => {
             // Confluent says which of the two is missing.
-            store::versions(&mut conn, &subject).await?;
+            store::versions_including(&mut conn, &subject, include).await?;
             Err(ApiError::new(
                 StatusCode::NOT_FOUND,
                 crate::error::SCHEMA_NOT_FOUND,
@@ -268,10 +415,27 @@ async fn lookup_schema(
 async fn delete_subject(
     State(pool): State<PgPool>,
     Path(subject): Path<String>,
+    Query(q): Query<DeleteQuery>,
 ) -> Result<Response, ApiError> {
     ok(&json!(
-        store::delete_subject(&mut *conn(&pool).await?, &subject).await?
+        store::delete_subject(&mut *conn(&pool).await?, &subject, q.permanent).await?
     ))
+}
+
+async fn delete_version(
+    State(pool): State<PgPool>,
+    Path((subject, version)): Path<(String, String)>,
+    Query(q): Query<DeleteQuery>,
+) -> Result<Response, ApiError> {
+    let version = parse_version(&version)?;
+    ok(&json!(
+        store::delete_version(&mut *conn(&pool).await?, &subject, version, q.permanent).await?
+    ))
+}
+
+/// Only Avro: the other types are refused at registration.
+async fn schema_types() -> Response {
+    registry_json(StatusCode::OK, &json!(["AVRO"]))
 }
 
 async fn get_schema(State(pool): State<PgPool>, Path(id): Path<i32>) -> Result<Response, ApiError> {
@@ -294,12 +458,14 @@ async fn get_raw_schema(
 async fn get_schema_subjects(
     State(pool): State<PgPool>,
     Path(id): Path<i32>,
+    Query(deleted): Query<DeletedQuery>,
 ) -> Result<Response, ApiError> {
-    let mut subjects: Vec<String> = store::usages(&mut *conn(&pool).await?, id)
-        .await?
-        .into_iter()
-        .map(|v| v.subject)
-        .collect();
+    let mut subjects: Vec<String> =
+        store::usages(&mut *conn(&pool).await?, id, single_include(&deleted))
+            .await?
+            .into_iter()
+            .map(|v| v.subject)
+            .collect();
     subjects.dedup();
     ok(&json!(subjects))
 }
@@ -307,8 +473,9 @@ async fn get_schema_subjects(
 async fn get_schema_versions(
     State(pool): State<PgPool>,
     Path(id): Path<i32>,
+    Query(deleted): Query<DeletedQuery>,
 ) -> Result<Response, ApiError> {
-    let usages = store::usages(&mut *conn(&pool).await?, id).await?;
+    let usages = store::usages(&mut *conn(&pool).await?, id, single_include(&deleted)).await?;
     ok(&json!(
         usages
             .iter()
@@ -319,8 +486,14 @@ async fn get_schema_versions(
 
 #[derive(Deserialize)]
 struct CompatQuery {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "query_bool")]
     verbose: bool,
+    #[serde(default, deserialize_with = "query_bool")]
+    #[expect(
+        dead_code,
+        reason = "accepted for Confluent's clients; stored schemas are normal"
+    )]
+    normalize: bool,
 }
 
 fn compat_answer(problems: &[String], verbose: bool) -> Result<Response, ApiError> {
@@ -358,7 +531,8 @@ async fn test_against_version(
     let submitted = parse_body(&body)?;
     let mut conn = conn(&pool).await?;
     let level = store::effective_level(&mut conn, &subject).await?;
-    let existing = store::version(&mut conn, &subject, parse_version(&version)?).await?;
+    let existing =
+        store::version(&mut conn, &subject, parse_version(&version)?, Include::Live).await?;
     let problems = violations(level, &submitted.parsed, std::slice::from_ref(&existing))?;
     compat_answer(&problems, q.verbose)
 }
@@ -395,7 +569,7 @@ async fn put_global_config(State(pool): State<PgPool>, body: Bytes) -> Result<Re
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct SubjectConfigQuery {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "query_bool")]
     default_to_global: bool,
 }
 

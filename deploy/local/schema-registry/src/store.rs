@@ -47,14 +47,67 @@ struct SchemaText {
     schema_type: String,
 }
 
+/// One version of a subject with its soft-delete mark.
+#[derive(Debug, Clone, QueryableByName)]
+struct VersionRow {
+    #[diesel(sql_type = Integer)]
+    version: i32,
+    #[diesel(sql_type = Integer)]
+    schema_id: i32,
+    #[diesel(sql_type = Bool)]
+    deleted: bool,
+}
+
 const VERSION_SELECT: &str = "SELECT v.subject, v.version, s.id, s.schema, s.schema_type \
      FROM registry_subject_versions v JOIN registry_schemas s ON s.id = v.schema_id";
 
-/// Every subject with at least one live version.
-pub async fn subjects(conn: &mut AsyncPgConnection) -> Result<Vec<String>, ApiError> {
-    let rows: Vec<Name> = diesel::sql_query(
-        "SELECT DISTINCT subject AS name FROM registry_subject_versions WHERE NOT deleted ORDER BY 1",
-    )
+/// Which subject versions a read sees: Confluent's `deleted` and `deletedOnly` parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Include {
+    /// Live versions only (the default).
+    #[default]
+    Live,
+    /// Live and soft-deleted versions (`deleted=true`).
+    WithDeleted,
+    /// Soft-deleted versions only (`deletedOnly=true`).
+    DeletedOnly,
+}
+
+impl Include {
+    /// From the two query parameters; `deletedOnly` wins, as in Confluent's registry.
+    pub fn from_flags(deleted: bool, deleted_only: bool) -> Self {
+        match (deleted, deleted_only) {
+            (_, true) => Include::DeletedOnly,
+            (true, false) => Include::WithDeleted,
+            (false, false) => Include::Live,
+        }
+    }
+
+    /// The SQL condition on `registry_subject_versions` aliased `v`.
+    fn condition(self) -> &'static str {
+        match self {
+            Include::Live => "NOT v.deleted",
+            Include::WithDeleted => "true",
+            Include::DeletedOnly => "v.deleted",
+        }
+    }
+}
+
+/// The subjects with a version `include` sees; with [`Include::DeletedOnly`], the subjects
+/// that were soft-deleted (that have versions, none of them live).
+pub async fn subjects(
+    conn: &mut AsyncPgConnection,
+    include: Include,
+) -> Result<Vec<String>, ApiError> {
+    let having = match include {
+        Include::Live => "bool_or(NOT v.deleted)",
+        Include::WithDeleted => "true",
+        Include::DeletedOnly => "bool_and(v.deleted)",
+    };
+    let rows: Vec<Name> = diesel::sql_query(format!(
+        "SELECT v.subject AS name FROM registry_subject_versions v \
+         GROUP BY v.subject HAVING {having} ORDER BY 1"
+    ))
     .load(conn)
     .await?;
     Ok(rows.into_iter().map(|r| r.name).collect())
@@ -65,8 +118,18 @@ pub async fn versions(
     conn: &mut AsyncPgConnection,
     subject: &str,
 ) -> Result<Vec<SubjectVersion>, ApiError> {
+    versions_including(conn, subject, Include::Live).await
+}
+
+/// A subject's versions that `include` sees, oldest first; 40401 when there are none.
+pub async fn versions_including(
+    conn: &mut AsyncPgConnection,
+    subject: &str,
+    include: Include,
+) -> Result<Vec<SubjectVersion>, ApiError> {
     let rows: Vec<SubjectVersion> = diesel::sql_query(format!(
-        "{VERSION_SELECT} WHERE v.subject = $1 AND NOT v.deleted ORDER BY v.version"
+        "{VERSION_SELECT} WHERE v.subject = $1 AND {} ORDER BY v.version",
+        include.condition()
     ))
     .bind::<Text, _>(subject)
     .load(conn)
@@ -77,13 +140,14 @@ pub async fn versions(
     Ok(rows)
 }
 
-/// One version (`None` for the latest) of a subject.
+/// One version (`None` for the latest) of a subject, among those `include` sees.
 pub async fn version(
     conn: &mut AsyncPgConnection,
     subject: &str,
     version: Option<i32>,
+    include: Include,
 ) -> Result<SubjectVersion, ApiError> {
-    let all = versions(conn, subject).await?;
+    let all = versions_including(conn, subject, include).await?;
     match version {
         None => Ok(all
             .into_iter()
@@ -111,28 +175,32 @@ pub async fn schema_by_id(
         .ok_or_else(|| ApiError::schema_not_found(id))
 }
 
-/// The subject versions that use a schema id.
+/// The subject versions `include` sees that use a schema id.
 pub async fn usages(
     conn: &mut AsyncPgConnection,
     id: i32,
+    include: Include,
 ) -> Result<Vec<SubjectVersion>, ApiError> {
     schema_by_id(conn, id).await?;
     Ok(diesel::sql_query(format!(
-        "{VERSION_SELECT} WHERE s.id = $1 AND NOT v.deleted ORDER BY v.subject, v.version"
+        "{VERSION_SELECT} WHERE s.id = $1 AND {} ORDER BY v.subject, v.version",
+        include.condition()
     ))
     .bind::<Integer, _>(id)
     .load(conn)
     .await?)
 }
 
-/// The version of `subject` holding exactly `schema`, if any.
+/// The version of `subject` holding exactly `schema` among those `include` sees, if any.
 pub async fn lookup(
     conn: &mut AsyncPgConnection,
     subject: &str,
     schema: &str,
+    include: Include,
 ) -> Result<Option<SubjectVersion>, ApiError> {
     Ok(diesel::sql_query(format!(
-        "{VERSION_SELECT} WHERE v.subject = $1 AND s.schema = $2 AND NOT v.deleted ORDER BY v.version LIMIT 1"
+        "{VERSION_SELECT} WHERE v.subject = $1 AND s.schema = $2 AND {} ORDER BY v.version LIMIT 1",
+        include.condition()
     ))
     .bind::<Text, _>(subject)
     .bind::<Text, _>(schema)
@@ -193,24 +261,140 @@ pub async fn delete_level(conn: &mut AsyncPgConnection, subject: &str) -> Result
     Ok(n > 0)
 }
 
-/// Soft-deletes every version of a subject and returns their numbers.
+/// Takes the per-subject lock that serializes registrations and deletes, until `tx` ends.
+async fn lock_subject(tx: &mut AsyncPgConnection, subject: &str) -> Result<(), ApiError> {
+    diesel::sql_query("SELECT pg_advisory_xact_lock(hashtext($1))")
+        .bind::<Text, _>(subject)
+        .execute(tx)
+        .await?;
+    Ok(())
+}
+
+/// Every version of a subject, soft-deleted or not, oldest first.
+async fn version_rows(
+    tx: &mut AsyncPgConnection,
+    subject: &str,
+) -> Result<Vec<VersionRow>, ApiError> {
+    Ok(diesel::sql_query(
+        "SELECT version, schema_id, deleted FROM registry_subject_versions \
+         WHERE subject = $1 ORDER BY version",
+    )
+    .bind::<Text, _>(subject)
+    .load(tx)
+    .await?)
+}
+
+/// Removes the schemas among `ids` that no subject version uses any more: a hard delete
+/// removes the schema id with its last use, as Confluent's does.
+async fn drop_unused_schemas(tx: &mut AsyncPgConnection, ids: &[i32]) -> Result<(), ApiError> {
+    diesel::sql_query(
+        "DELETE FROM registry_schemas s WHERE s.id = ANY($1) \
+         AND NOT EXISTS (SELECT 1 FROM registry_subject_versions v WHERE v.schema_id = s.id)",
+    )
+    .bind::<diesel::sql_types::Array<Integer>, _>(ids)
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
+/// Deletes a subject and returns the numbers of the versions deleted, as Confluent's registry
+/// does: a soft delete (`permanent` false) marks its live versions deleted and removes its
+/// compatibility level (40404 when it was soft-deleted already); a hard delete removes the
+/// versions a soft delete marked, and the schemas nothing else uses (40405 while any version
+/// is live). 40401 when the subject has no versions at all.
 pub async fn delete_subject(
     conn: &mut AsyncPgConnection,
     subject: &str,
+    permanent: bool,
 ) -> Result<Vec<i32>, ApiError> {
-    let rows: Vec<Num> = diesel::sql_query(
-        "UPDATE registry_subject_versions SET deleted = true \
-         WHERE subject = $1 AND NOT deleted RETURNING version AS n",
-    )
-    .bind::<Text, _>(subject)
-    .load(conn)
-    .await?;
-    if rows.is_empty() {
-        return Err(ApiError::subject_not_found(subject));
-    }
-    let mut versions: Vec<i32> = rows.into_iter().map(|r| r.n).collect();
-    versions.sort_unstable();
-    Ok(versions)
+    conn.transaction::<_, ApiError, _>(async |tx| {
+        lock_subject(tx, subject).await?;
+        let rows = version_rows(tx, subject).await?;
+        if rows.is_empty() {
+            return Err(ApiError::subject_not_found(subject));
+        }
+        let live: Vec<i32> = rows.iter().filter(|r| !r.deleted).map(|r| r.version).collect();
+        if permanent {
+            if !live.is_empty() {
+                return Err(ApiError::subject_not_soft_deleted(subject));
+            }
+            diesel::sql_query("DELETE FROM registry_subject_versions WHERE subject = $1")
+                .bind::<Text, _>(subject)
+                .execute(tx)
+                .await?;
+            let ids: Vec<i32> = rows.iter().map(|r| r.schema_id).collect();
+            drop_unused_schemas(tx, &ids).await?;
+            delete_level(tx, subject).await?;
+            return Ok(rows.into_iter().map(|r| r.version).collect());
+        }
+        if live.is_empty() {
+            return Err(ApiError::subject_soft_deleted(subject));
+        }
+        diesel::sql_query(
+            "UPDATE registry_subject_versions SET deleted = true WHERE subject = $1 AND NOT deleted",
+        )
+        .bind::<Text, _>(subject)
+        .execute(tx)
+        .await?;
+        delete_level(tx, subject).await?;
+        Ok(live)
+    })
+    .await
+}
+
+/// Deletes one version (`None`: the latest live one) of a subject and returns its number, as
+/// Confluent's registry does: soft (40406 when it was soft-deleted already; deleting the last
+/// live version removes the subject's compatibility level), or hard (40407 unless it was
+/// soft-deleted first; the schema goes too when nothing else uses it). 40401 for a subject
+/// with no versions, 40402 for a version it does not have.
+pub async fn delete_version(
+    conn: &mut AsyncPgConnection,
+    subject: &str,
+    version: Option<i32>,
+    permanent: bool,
+) -> Result<i32, ApiError> {
+    conn.transaction::<_, ApiError, _>(async |tx| {
+        lock_subject(tx, subject).await?;
+        let rows = version_rows(tx, subject).await?;
+        if rows.is_empty() {
+            return Err(ApiError::subject_not_found(subject));
+        }
+        let row = match version {
+            Some(v) => rows.iter().find(|r| r.version == v),
+            None => rows.iter().rev().find(|r| !r.deleted),
+        }
+        .ok_or_else(|| ApiError::version_not_found(version.unwrap_or(-1)))?
+        .clone();
+        match (permanent, row.deleted) {
+            (false, true) => return Err(ApiError::version_soft_deleted(subject, row.version)),
+            (true, false) => return Err(ApiError::version_not_soft_deleted(subject, row.version)),
+            (true, true) => {
+                diesel::sql_query(
+                    "DELETE FROM registry_subject_versions WHERE subject = $1 AND version = $2",
+                )
+                .bind::<Text, _>(subject)
+                .bind::<Integer, _>(row.version)
+                .execute(tx)
+                .await?;
+                drop_unused_schemas(tx, &[row.schema_id]).await?;
+            }
+            (false, false) => {
+                diesel::sql_query(
+                    "UPDATE registry_subject_versions SET deleted = true \
+                     WHERE subject = $1 AND version = $2",
+                )
+                .bind::<Text, _>(subject)
+                .bind::<Integer, _>(row.version)
+                .execute(tx)
+                .await?;
+                if rows.iter().all(|r| r.deleted || r.version == row.version) {
+                    delete_level(tx, subject).await?;
+                }
+            }
+        }
+        Ok(row.version)
+    })
+    .await
 }
 
 /// Registers `schema` under `subject` unless it is there already, after `check` accepted it
@@ -226,11 +410,8 @@ where
     F: FnOnce(Level, &[SubjectVersion]) -> Result<(), ApiError> + Send,
 {
     conn.transaction::<_, ApiError, _>(async |tx| {
-        diesel::sql_query("SELECT pg_advisory_xact_lock(hashtext($1))")
-            .bind::<Text, _>(subject)
-            .execute(tx)
-            .await?;
-        if let Some(existing) = lookup(tx, subject, schema).await? {
+        lock_subject(tx, subject).await?;
+        if let Some(existing) = lookup(tx, subject, schema, Include::Live).await? {
             return Ok(existing.id);
         }
         let existing = match versions(tx, subject).await {

@@ -60,6 +60,10 @@ impl Registry {
     async fn put(&self, path: &str, body: Value) -> (u16, Value) {
         self.call(reqwest::Method::PUT, path, Some(body)).await
     }
+
+    async fn delete(&self, path: &str) -> (u16, Value) {
+        self.call(reqwest::Method::DELETE, path, None).await
+    }
 }
 
 impl Drop for Registry {
@@ -307,4 +311,272 @@ async fn the_ferrybox_codec_talks_to_it() {
         .await
         .unwrap_err();
     assert!(!err.is_retryable(), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn query_booleans_are_read_in_any_case() {
+    let r = Registry::start().await;
+    r.post("/subjects/s/versions", v1()).await;
+    // Confluent's Python client sends Python's spelling: verbose=True, normalize=False.
+    for spelling in ["True", "TRUE", "true", "tRuE"] {
+        let (status, body) = r
+            .post(
+                &format!(
+                    "/compatibility/subjects/s/versions/latest?normalize=False&verbose={spelling}"
+                ),
+                v2_required(),
+            )
+            .await;
+        assert_eq!(status, 200, "verbose={spelling}: {body}");
+        assert_eq!(body["is_compatible"], json!(false), "verbose={spelling}");
+        assert_eq!(
+            body["messages"].as_array().map(Vec::len),
+            Some(1),
+            "verbose={spelling}: {body}"
+        );
+    }
+    for spelling in ["False", "FALSE", "false"] {
+        assert_eq!(
+            r.post(
+                &format!("/compatibility/subjects/s/versions?verbose={spelling}"),
+                v2_optional(),
+            )
+            .await,
+            (200, json!({ "is_compatible": true })),
+            "verbose={spelling}"
+        );
+    }
+    let (status, found) = r
+        .post("/subjects/s?normalize=False&deleted=False", v1())
+        .await;
+    assert_eq!((status, found["version"].as_i64()), (200, Some(1)));
+    assert_eq!(
+        r.post("/subjects/s/versions?normalize=True", v1()).await.0,
+        200
+    );
+    assert_eq!(
+        r.get("/subjects?deleted=False&deleted_only=False&offset=0&limit=-1")
+            .await,
+        (200, json!(["s"]))
+    );
+    assert_eq!(r.delete("/subjects/s").await, (200, json!([1])));
+    assert_eq!(r.get("/subjects?deleted=True").await, (200, json!(["s"])));
+    assert_eq!(
+        r.delete("/subjects/s?permanent=True").await,
+        (200, json!([1]))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_rejection_is_a_confluent_json_error() {
+    let r = Registry::start().await;
+    r.post("/subjects/s/versions", v1()).await;
+    let code = |reply: (u16, Value)| {
+        assert!(
+            reply.1["message"].is_string(),
+            "no Confluent message: {}",
+            reply.1
+        );
+        (reply.0, reply.1["error_code"].as_i64())
+    };
+    // A query the extractor rejects.
+    assert_eq!(
+        code(
+            r.post(
+                "/compatibility/subjects/s/versions/latest?verbose=maybe",
+                v2_optional()
+            )
+            .await
+        ),
+        (400, Some(400))
+    );
+    assert_eq!(
+        code(r.delete("/subjects/s?permanent=yes").await),
+        (400, Some(400))
+    );
+    assert_eq!(
+        code(r.get("/subjects?offset=first").await),
+        (400, Some(400))
+    );
+    // A path parameter of the wrong type is, as in JAX-RS, a route that does not exist.
+    assert_eq!(
+        code(r.get("/schemas/ids/not-a-number").await),
+        (404, Some(404))
+    );
+    assert_eq!(
+        code(r.get("/schemas/ids/99999999999").await),
+        (404, Some(404))
+    );
+    // An unknown route.
+    assert_eq!(code(r.get("/no/such/route").await), (404, Some(404)));
+    // A known route, the wrong method: 405, and the Allow header says which would do.
+    assert_eq!(code(r.put("/subjects", json!({})).await), (405, Some(405)));
+    assert_eq!(
+        code(r.call(reqwest::Method::PATCH, "/config", None).await),
+        (405, Some(405))
+    );
+    let response = r
+        .http
+        .delete(format!("{}/schemas/ids/1", r.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 405);
+    let allow = response.headers()["allow"].to_str().unwrap().to_owned();
+    assert!(allow.contains("GET"), "Allow: {allow}");
+    // A body over the limit, and one that is not JSON.
+    // axum's default limit is 2 MiB.
+    let huge = json!({ "schema": "x".repeat(2 * 1024 * 1024 + 64 * 1024) });
+    assert_eq!(
+        code(r.post("/subjects/s/versions", huge).await),
+        (413, Some(413))
+    );
+    let response = r
+        .http
+        .post(format!("{}/subjects/s/versions", r.url))
+        .header("content-type", "application/vnd.schemaregistry.v1+json")
+        .body("{\"schema\":")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 422);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error_code"], json!(422), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn soft_and_hard_deletes_follow_confluent() {
+    let r = Registry::start().await;
+    let code = |reply: (u16, Value)| (reply.0, reply.1["error_code"].as_i64());
+    r.post("/subjects/s/versions", v1()).await;
+    r.post("/subjects/s/versions", v2_optional()).await;
+    let (_, body) = r.post("/subjects/only-here/versions", v2_required()).await;
+    let only_here = body["id"].as_i64().unwrap();
+    r.put("/config/s", json!({ "compatibility": "FULL" })).await;
+
+    // A version: soft, then hard; each in the wrong order is refused with Confluent's code.
+    assert_eq!(
+        code(r.delete("/subjects/s/versions/1?permanent=true").await),
+        (404, Some(40407))
+    );
+    assert_eq!(r.delete("/subjects/s/versions/1").await, (200, json!(1)));
+    assert_eq!(
+        code(r.delete("/subjects/s/versions/1").await),
+        (404, Some(40406))
+    );
+    assert_eq!(r.get("/subjects/s/versions").await, (200, json!([2])));
+    assert_eq!(
+        r.get("/subjects/s/versions?deleted=true").await,
+        (200, json!([1, 2]))
+    );
+    assert_eq!(
+        code(r.get("/subjects/s/versions/1").await),
+        (404, Some(40402))
+    );
+    assert_eq!(
+        r.get("/subjects/s/versions/1?deleted=true").await.1["version"],
+        json!(1)
+    );
+    assert_eq!(
+        r.delete("/subjects/s/versions/1?permanent=true").await,
+        (200, json!(1))
+    );
+    assert_eq!(
+        r.get("/subjects/s/versions?deleted=true").await,
+        (200, json!([2]))
+    );
+    assert_eq!(
+        code(r.delete("/subjects/s/versions/7").await),
+        (404, Some(40402))
+    );
+    assert_eq!(
+        code(r.delete("/subjects/missing/versions/1").await),
+        (404, Some(40401))
+    );
+
+    // A subject: soft (its level goes with it), then hard.
+    assert_eq!(
+        code(r.delete("/subjects/s?permanent=true").await),
+        (404, Some(40405))
+    );
+    assert_eq!(r.delete("/subjects/s").await, (200, json!([2])));
+    assert_eq!(code(r.get("/config/s").await), (404, Some(40408)));
+    assert_eq!(code(r.delete("/subjects/s").await), (404, Some(40404)));
+    assert_eq!(
+        r.get("/subjects?deleted=true").await,
+        (200, json!(["only-here", "s"]))
+    );
+    assert_eq!(
+        r.get("/subjects?deletedOnly=true").await,
+        (200, json!(["s"]))
+    );
+    assert_eq!(
+        r.delete("/subjects/s?permanent=true").await,
+        (200, json!([2]))
+    );
+    assert_eq!(
+        code(r.delete("/subjects/s?permanent=true").await),
+        (404, Some(40401))
+    );
+    assert_eq!(
+        r.get("/subjects?deleted=true").await,
+        (200, json!(["only-here"]))
+    );
+
+    // A soft delete keeps the schema id readable; a hard delete of its last use removes it.
+    r.delete("/subjects/only-here").await;
+    assert_eq!(r.get(&format!("/schemas/ids/{only_here}")).await.0, 200);
+    r.delete("/subjects/only-here?permanent=true").await;
+    assert_eq!(
+        code(r.get(&format!("/schemas/ids/{only_here}")).await),
+        (404, Some(40403))
+    );
+    // A subject deleted for good starts again at version 1.
+    r.post("/subjects/s/versions", v1()).await;
+    assert_eq!(r.get("/subjects/s/versions").await, (200, json!([1])));
+    assert_eq!(r.get("/schemas/types").await, (200, json!(["AVRO"])));
+}
+
+/// Confluent's own Python client (installed by `infra.sh registry-client`) passes the
+/// conformance script against this registry: registration, lookups, compatibility, config,
+/// deletes, error codes and the Avro serde.
+#[tokio::test(flavor = "multi_thread")]
+async fn confluents_python_client_passes_the_conformance_script() {
+    let r = Registry::start().await;
+    let local = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let install = tokio::process::Command::new("bash")
+        .arg(local.join("infra.sh"))
+        .arg("registry-client")
+        .output()
+        .await
+        .expect("run infra.sh registry-client");
+    assert!(
+        install.status.success(),
+        "infra.sh registry-client failed:\n{}",
+        String::from_utf8_lossy(&install.stderr)
+    );
+    let python = String::from_utf8(install.stdout).unwrap();
+    let python = python.trim().lines().last().expect("a python path");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("conformance")
+        .join("confluent_client.py");
+    let run = tokio::time::timeout(
+        std::time::Duration::from_secs(300),
+        tokio::process::Command::new(python)
+            .arg(&script)
+            .arg(&r.url)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the conformance script finishes within 5 minutes")
+    .expect("run the conformance script");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        run.status.success(),
+        "the conformance script failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
+        run.status
+    );
+    assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
 }
