@@ -615,3 +615,71 @@ pub async fn active_relay_pid(url: &str) -> Option<u32> {
 
 /// The relay lock's two keys as `pg_locks` shows them (`classid`, `objid`).
 const RELAY_LOCK_KEYS: (u32, u32) = (0x6665_7272, 0x7962_6f78);
+
+/// How the broker answers a fetch from an offset inside a record batch, as [`mid_batch_fetch`]
+/// found it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MidBatchFetch {
+    /// From that offset on, as Kafka does.
+    FromThatOffset,
+    /// From the next batch on: the rest of the batch is skipped for that consumer (tansu 0.6's
+    /// in-memory engine; a consumer that resumes inside a batch misses its tail).
+    FromTheNextBatch,
+}
+
+/// Finds out, once per process, how the test broker serves a fetch from inside a record batch
+/// (three batches of 100 records, read from offset 137). Panics on any other answer.
+pub async fn mid_batch_fetch() -> MidBatchFetch {
+    static FOUND: tokio::sync::OnceCell<MidBatchFetch> = tokio::sync::OnceCell::const_new();
+    FOUND
+        .get_or_init(|| async {
+            use rdkafka::consumer::{BaseConsumer, Consumer};
+            use rdkafka::message::Message;
+            use rdkafka::producer::{FutureProducer, FutureRecord};
+            use rdkafka::{Offset, TopicPartitionList};
+            let topic = create_topic(1).await;
+            let producer: FutureProducer =
+                crate::kafka::durable_producer(&kafka()).expect("producer");
+            for batch in 0..3i64 {
+                let sent: Vec<_> = (0..100)
+                    .map(|i| {
+                        let payload = (batch * 100 + i).to_string();
+                        producer
+                            .send_result(FutureRecord::<str, str>::to(&topic).payload(&payload))
+                            .map_err(|(e, _)| e)
+                            .expect("queued")
+                    })
+                    .collect();
+                for s in sent {
+                    s.await.expect("delivered").expect("acknowledged");
+                }
+            }
+            let client = kafka().client_config();
+            tokio::task::spawn_blocking(move || {
+                let consumer: BaseConsumer = client
+                    .clone()
+                    .set("group.id", unique("mid-batch"))
+                    .create()
+                    .expect("consumer");
+                let mut at = TopicPartitionList::new();
+                at.add_partition_offset(&topic, 0, Offset::Offset(137))
+                    .expect("offset");
+                consumer.assign(&at).expect("assign");
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while Instant::now() < deadline {
+                    if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+                        return match m.offset() {
+                            137 => MidBatchFetch::FromThatOffset,
+                            200 => MidBatchFetch::FromTheNextBatch,
+                            other => panic!("a fetch from offset 137 answered from {other}"),
+                        };
+                    }
+                }
+                panic!("a fetch from offset 137 answered nothing");
+            })
+            .await
+            .expect("probe task")
+        })
+        .await
+        .clone()
+}
