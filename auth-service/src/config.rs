@@ -6,10 +6,10 @@ use ferrybox::alert::AlertConfig;
 use ferrybox::feed::FeedConfig;
 use ferrybox::reconcile::ReconcileConfig;
 use ferrybox::{DatabaseConfig, InboxConfig, KafkaConfig, TopicConfig};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// How user events reach the service.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Transport {
     /// Consume the users topic from Kafka (the default).
@@ -19,8 +19,9 @@ pub enum Transport {
     Feed,
 }
 
-/// Everything auth-service can be configured with.
-#[derive(Debug, Clone, Deserialize)]
+/// Everything auth-service can be configured with. Serializing it (`check-config --print`)
+/// writes secrets as `"[redacted]"`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
     /// HTTP listen address.
@@ -48,6 +49,7 @@ pub struct Settings {
     /// The secret session tokens are signed with (32 bytes or more), shared with the services
     /// that verify them (user-service). Unset: a random one per process, and no other service
     /// can verify the tokens. Never logged.
+    #[serde(serialize_with = "ferrybox::config::secret::serialize_option")]
     pub token_secret: Option<secrecy::SecretString>,
     /// How long a login session lasts, in seconds.
     pub session_ttl_secs: i64,

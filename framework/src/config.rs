@@ -1,9 +1,10 @@
 //! Configuration structs shared by services built on Ferrybox.
 //!
-//! They are plain serde structs with defaults, meant to be layered by the service (file, then
-//! environment). Kafka client settings pass through as strings, so anything librdkafka
-//! understands can be set without a new release of Ferrybox. Secrets are wrapped so they never
-//! reach a log line or a `Debug` print.
+//! They are plain serde structs with defaults, layered by [`load`]: the service's own
+//! defaults, then a file, then the environment. Kafka client settings pass through as strings,
+//! so anything librdkafka understands can be set without a new release of Ferrybox. Secrets are
+//! wrapped so they never reach a log line, a `Debug` print or a serialized copy of the settings
+//! (see [`secret`]).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -14,10 +15,11 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 
 /// Where the database is and how many connections to keep.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DatabaseConfig {
     /// A `postgres://` URL. May contain a password: it is kept secret.
+    #[serde(serialize_with = "secret::serialize")]
     pub url: SecretString,
     /// The largest number of pooled connections.
     pub max_connections: usize,
@@ -68,7 +70,10 @@ pub struct KafkaConfig {
     /// Extra librdkafka settings (security, timeouts, ...), applied to every client. Keys may
     /// use `_` for `.` (`message_timeout_ms`), so they can be set from the environment.
     /// Numbers and booleans are accepted and passed on as text.
-    #[serde(deserialize_with = "scalar_map")]
+    #[serde(
+        deserialize_with = "scalar_map",
+        serialize_with = "secret::serialize_settings"
+    )]
     pub settings: BTreeMap<String, String>,
     /// Production mode: start-up fails when a topic's replication factor is below 3 or its
     /// `min.insync.replicas` below 2 (otherwise that is a warning).
@@ -80,7 +85,7 @@ pub struct KafkaConfig {
 
 /// Whether a librdkafka setting holds a secret (`sasl.password`, `ssl.key.password`,
 /// `sasl.oauthbearer.client.secret`, `ssl.key.pem`, ...).
-fn is_secret_setting(key: &str) -> bool {
+pub(crate) fn is_secret_setting(key: &str) -> bool {
     let key = key.to_ascii_lowercase();
     ["password", "secret", "token", "pem", "jaas"]
         .iter()
@@ -94,7 +99,7 @@ impl std::fmt::Debug for KafkaConfig {
             .iter()
             .map(|(k, v)| {
                 let shown = if is_secret_setting(k) {
-                    "[redacted]"
+                    secret::REDACTED
                 } else {
                     v.as_str()
                 };
@@ -238,6 +243,98 @@ impl TopicConfig {
     }
 }
 
+/// Serde support for secrets in settings structs (`secrecy` 0.10 has no `Serialize`).
+///
+/// A secret serializes as `"[redacted]"` ([`REDACTED`](secret::REDACTED)). The one exception
+/// is the in-memory layering in [`load`], which serializes the service's defaults into figment
+/// so the file and the environment merge over them field by field; only there, and only on
+/// that thread for the duration of that call, is the real value written, and the serialized
+/// copy is dropped when loading ends. So settings serialized anywhere else (`check-config --print`, a log line, an
+/// HTTP answer) never carry a secret.
+///
+/// Use with `#[serde(serialize_with = "ferrybox::config::secret::serialize")]` on a
+/// `SecretString` and `serialize_with = "...::serialize_option"` on an `Option<SecretString>`.
+pub mod secret {
+    use std::cell::Cell;
+    use std::collections::BTreeMap;
+
+    use secrecy::{ExposeSecret, SecretString};
+    use serde::Serializer;
+    use serde::ser::SerializeMap;
+
+    /// What a secret serializes as.
+    pub const REDACTED: &str = "[redacted]";
+
+    thread_local! {
+        /// Set only while [`exposed`] runs on this thread.
+        static EXPOSED: Cell<bool> = const { Cell::new(false) };
+    }
+
+    /// Runs `f` with secrets serialized as their real values, on this thread only. For the
+    /// loader's in-memory layering (and tests that compare settings in full); never for
+    /// anything that leaves the process.
+    pub(crate) fn exposed<R>(f: impl FnOnce() -> R) -> R {
+        struct Restore(bool);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                EXPOSED.with(|e| e.set(self.0));
+            }
+        }
+        let _restore = Restore(EXPOSED.with(|e| e.replace(true)));
+        f()
+    }
+
+    fn is_exposed() -> bool {
+        EXPOSED.with(Cell::get)
+    }
+
+    /// Writes a secret as [`REDACTED`] (its value only inside the loader's layering).
+    pub fn serialize<S: Serializer>(secret: &SecretString, s: S) -> Result<S::Ok, S::Error> {
+        if is_exposed() {
+            s.serialize_str(secret.expose_secret())
+        } else {
+            s.serialize_str(REDACTED)
+        }
+    }
+
+    /// Like [`serialize`], for an optional secret: unset stays unset (`null`).
+    pub fn serialize_option<S: Serializer>(
+        secret: &Option<SecretString>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match secret {
+            Some(secret) => s.serialize_some(&Shown(secret)),
+            None => s.serialize_none(),
+        }
+    }
+
+    struct Shown<'a>(&'a SecretString);
+
+    impl serde::Serialize for Shown<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            serialize(self.0, s)
+        }
+    }
+
+    /// Writes librdkafka pass-through settings, the values of secret ones (`sasl.password`,
+    /// `ssl.key.pem`, ...) as [`REDACTED`] (their values only inside the loader's layering).
+    pub fn serialize_settings<S: Serializer>(
+        settings: &BTreeMap<String, String>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        let exposed = is_exposed();
+        let mut map = s.serialize_map(Some(settings.len()))?;
+        for (key, value) in settings {
+            if exposed || !super::is_secret_setting(key) {
+                map.serialize_entry(key, value)?;
+            } else {
+                map.serialize_entry(key, REDACTED)?;
+            }
+        }
+        map.end()
+    }
+}
+
 /// Serde support for durations written as milliseconds.
 pub mod duration_ms {
     use std::time::Duration;
@@ -305,6 +402,32 @@ mod tests {
     fn database_url_is_not_printed() {
         let c = DatabaseConfig::new("postgres://app:hunter2@db/app");
         assert!(!format!("{c:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn serialized_settings_hide_secrets_outside_the_loader() {
+        let db = DatabaseConfig::new("postgres://app:hunter2@db/app");
+        let mut kafka = KafkaConfig::default();
+        kafka
+            .settings
+            .insert("sasl_password".into(), "kafka-s3cret".into());
+        kafka
+            .settings
+            .insert("security.protocol".into(), "SASL_SSL".into());
+        let shown = serde_json::json!({ "database": db, "kafka": kafka });
+        assert_eq!(shown["database"]["url"], secret::REDACTED);
+        assert_eq!(
+            shown["kafka"]["settings"]["sasl_password"],
+            secret::REDACTED
+        );
+        assert_eq!(shown["kafka"]["settings"]["security.protocol"], "SASL_SSL");
+        assert!(!shown.to_string().contains("hunter2"), "{shown}");
+        assert!(!shown.to_string().contains("kafka-s3cret"), "{shown}");
+        // Only the loader's layering sees the values, and only while it runs.
+        let inside = secret::exposed(|| serde_json::json!({ "database": db, "kafka": kafka }));
+        assert_eq!(inside["database"]["url"], "postgres://app:hunter2@db/app");
+        assert_eq!(inside["kafka"]["settings"]["sasl_password"], "kafka-s3cret");
+        assert_eq!(serde_json::json!(db)["url"], secret::REDACTED);
     }
 
     #[test]

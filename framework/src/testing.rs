@@ -34,6 +34,12 @@ pub fn registry_url() -> String {
     std::env::var("FERRYBOX_TEST_REGISTRY").unwrap_or_else(|_| "http://127.0.0.1:8081".into())
 }
 
+/// Runs `f` with secrets in settings serialized as their values instead of `"[redacted]"`
+/// (see [`crate::config::secret`]), so a test can compare two settings values in full.
+pub fn with_secrets_exposed<R>(f: impl FnOnce() -> R) -> R {
+    crate::config::secret::exposed(f)
+}
+
 /// A short random suffix for names.
 pub fn unique(prefix: &str) -> String {
     let n: u64 = rand::rng().random();

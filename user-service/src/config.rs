@@ -4,10 +4,11 @@ use std::net::SocketAddr;
 
 use ferrybox::feed::FeedServerConfig;
 use ferrybox::{DatabaseConfig, KafkaConfig, RelayConfig, TopicConfig};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-/// Everything user-service can be configured with.
-#[derive(Debug, Clone, Deserialize)]
+/// Everything user-service can be configured with. Serializing it (`check-config --print`)
+/// writes secrets as `"[redacted]"`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
     /// HTTP listen address.
@@ -26,12 +27,15 @@ pub struct Settings {
     pub feed: FeedServerConfig,
     /// When set, `GET /snapshot` and `GET /events` (which other services call, and which carry
     /// password hashes) need `Authorization: Bearer <token>`. Never logged.
+    #[serde(serialize_with = "ferrybox::config::secret::serialize_option")]
     pub internal_token: Option<secrecy::SecretString>,
     /// The credential other services present (`Authorization: Bearer <it>`) to change any
     /// user. Never logged.
+    #[serde(serialize_with = "ferrybox::config::secret::serialize_option")]
     pub service_token: Option<secrecy::SecretString>,
     /// auth-service's token secret: session tokens signed with it let a user change their own
     /// account. Never logged.
+    #[serde(serialize_with = "ferrybox::config::secret::serialize_option")]
     pub token_secret: Option<secrecy::SecretString>,
     /// `POST /users` without a token (self sign-up). Off: only the service credential registers.
     pub open_registration: bool,
