@@ -1,4 +1,5 @@
-//! The real `auth-service` executable: it starts, consumes, and stops cleanly on SIGTERM.
+//! The real `auth-service` executable: it starts, consumes, and stops cleanly on SIGTERM; its
+//! scripting commands answer clearly; `check-config --print` shows the effective settings.
 
 use std::time::Duration;
 
@@ -184,4 +185,55 @@ async fn no_secret_reaches_a_log_line_or_an_error_message() {
         .unwrap();
     assert!(status.success(), "exit status {status}");
     assert_clean("the feed consumer's logs", &seen);
+}
+
+#[test]
+fn check_config_prints_the_effective_settings_without_secrets() {
+    const SECRETS: [&str; 6] = [
+        "db-hunter2",
+        "kafka-s3cret",
+        "feed-t0ken",
+        "snapshot-t0ken",
+        "hook-t0ken",
+        "signing-secret-of-at-least-32-bytes!",
+    ];
+    let (default, _) = testing::printed_settings(EXE.as_ref(), &[]);
+    assert_eq!(default["listen"], "127.0.0.1:8082");
+    assert_eq!(default["inbox"]["group_id"], "auth-service");
+    assert_eq!(default["transport"], "kafka");
+    assert_eq!(default["feed"]["on_undecodable"], "halt");
+    assert_eq!(default["alert"]["webhook_url"], serde_json::Value::Null);
+
+    let (printed, output) = testing::printed_settings(
+        EXE.as_ref(),
+        &[
+            (
+                "AUTH_SERVICE_DATABASE__URL",
+                "postgres://app:db-hunter2@db/auth",
+            ),
+            (
+                "AUTH_SERVICE_KAFKA__SETTINGS__SASL_PASSWORD",
+                "kafka-s3cret",
+            ),
+            ("AUTH_SERVICE_FEED__TOKEN", "feed-t0ken"),
+            ("AUTH_SERVICE_RECONCILE__TOKEN", "snapshot-t0ken"),
+            (
+                "AUTH_SERVICE_ALERT__WEBHOOK_URL",
+                "https://alerts.example.com/hooks/hook-t0ken",
+            ),
+            ("AUTH_SERVICE_TOKEN_SECRET", SECRETS[5]),
+        ],
+    );
+    for secret in SECRETS {
+        assert!(
+            !output.contains(secret),
+            "the print leaks {secret}:\n{output}"
+        );
+    }
+    assert_eq!(printed["database"]["url"], "[redacted]");
+    assert_eq!(printed["kafka"]["settings"]["sasl_password"], "[redacted]");
+    assert_eq!(printed["feed"]["token"], "[redacted]");
+    assert_eq!(printed["reconcile"]["token"], "[redacted]");
+    assert_eq!(printed["alert"]["webhook_url"], "[redacted]");
+    assert_eq!(printed["token_secret"], "[redacted]");
 }

@@ -252,6 +252,34 @@ pub fn service_env(prefix: &str, database_url: &str) -> Vec<(String, String)> {
     ]
 }
 
+/// What `program check-config --print` printed, run with only `PATH` and `env` in its
+/// environment: the effective settings as JSON (secrets as `"[redacted]"`), and everything
+/// it wrote (stdout then stderr, to look for leaked secrets in). Panics, with its output, when
+/// it fails.
+pub fn printed_settings(
+    program: &std::path::Path,
+    env: &[(&str, &str)],
+) -> (serde_json::Value, String) {
+    let out = std::process::Command::new(program)
+        .args(["check-config", "--print"])
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .envs(env.iter().copied())
+        .output()
+        .unwrap_or_else(|e| panic!("run {}: {e}", program.display()));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "{} check-config --print with {env:?} failed ({}):\n{stderr}",
+        program.display(),
+        out.status
+    );
+    let settings = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("check-config --print printed no JSON ({e}):\n{stdout}"));
+    (settings, format!("{stdout}{stderr}"))
+}
+
 /// A service binary running as a child process, for tests and demos that exercise the real
 /// executable (start-up, SIGTERM handling).
 #[derive(Debug)]
