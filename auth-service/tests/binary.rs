@@ -237,3 +237,15 @@ fn check_config_prints_the_effective_settings_without_secrets() {
     assert_eq!(printed["alert"]["webhook_url"], "[redacted]");
     assert_eq!(printed["token_secret"], "[redacted]");
 }
+
+/// Every `AUTH_SERVICE_…=` example in the README, alone, sets exactly the setting it names.
+#[test]
+fn every_variable_the_readme_shows_sets_exactly_its_setting() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+        .expect("the README");
+    // The inbox always reads the users topic (Settings::load).
+    let derived = [("users_topic.name", "inbox.topics")];
+    let checked =
+        testing::check_documented_variables(EXE.as_ref(), "AUTH_SERVICE_", &readme, &derived);
+    eprintln!("checked {} examples: {checked:?}", checked.len());
+}

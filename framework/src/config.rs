@@ -442,16 +442,31 @@ mod tests {
     }
 }
 
-/// Loads a service's settings: the struct's serde defaults, then the TOML file (when given),
-/// then environment variables named `<PREFIX>SECTION__KEY` (for example
-/// `USER_SERVICE_DATABASE__URL`).
-pub fn load<T: serde::de::DeserializeOwned>(
+/// Loads a service's settings, layered field by field: the service's own defaults
+/// (`T::default()`, not each section type's `Default`), then the TOML file (when given), then
+/// environment variables named `<PREFIX>SECTION__KEY` (for example
+/// `USER_SERVICE_DATABASE__URL`). A variable or file key replaces only the field it names:
+/// `AUTH_SERVICE_DATABASE__MAX_CONNECTIONS=5` keeps the service's default database URL.
+pub fn load<T: Serialize + serde::de::DeserializeOwned + Default>(
+    file: Option<&std::path::Path>,
+    env_prefix: &str,
+) -> Result<T> {
+    load_over(&T::default(), file, env_prefix)
+}
+
+/// Like [`load`], layering the file and the environment over `defaults` instead of
+/// `T::default()`.
+///
+/// `defaults` is serialized into the layering with its secrets' real values (see [`secret`]);
+/// that copy lives only in memory, until this call returns.
+pub fn load_over<T: Serialize + serde::de::DeserializeOwned>(
+    defaults: &T,
     file: Option<&std::path::Path>,
     env_prefix: &str,
 ) -> Result<T> {
     use figment::Figment;
-    use figment::providers::{Env, Format, Toml};
-    let mut figment = Figment::new();
+    use figment::providers::{Env, Format, Serialized, Toml};
+    let mut figment = secret::exposed(|| Figment::from(Serialized::defaults(defaults)));
     if let Some(path) = file {
         if !path.exists() {
             return Err(Error::Config(format!(
@@ -473,7 +488,7 @@ pub fn load<T: serde::de::DeserializeOwned>(
 mod load_tests {
     use super::*;
 
-    #[derive(Debug, Default, Deserialize)]
+    #[derive(Debug, Default, Serialize, Deserialize)]
     #[serde(default, deny_unknown_fields)]
     struct Settings {
         database: DatabaseConfig,
@@ -512,6 +527,81 @@ mod load_tests {
         });
     }
 
+    /// Settings shaped like a service's: sections whose defaults are the service's own, not
+    /// their types'.
+    #[derive(Debug, Serialize, Deserialize)]
+    #[serde(default, deny_unknown_fields)]
+    struct Service {
+        database: DatabaseConfig,
+        users_topic: TopicConfig,
+        inbox: crate::InboxConfig,
+    }
+
+    impl Default for Service {
+        fn default() -> Self {
+            Self {
+                database: DatabaseConfig::new("postgres://postgres@127.0.0.1:5432/auth_service"),
+                users_topic: TopicConfig::new("users"),
+                inbox: crate::InboxConfig {
+                    group_id: "auth-service".into(),
+                    topics: vec!["users".into()],
+                    ..crate::InboxConfig::default()
+                },
+            }
+        }
+    }
+
+    #[test]
+    fn a_database_variable_keeps_the_services_database_url() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("SVC3_DATABASE__MAX_CONNECTIONS", "5");
+            let s: Service = load(None, "SVC3_").map_err(|e| e.to_string())?;
+            assert_eq!(s.database.max_connections, 5);
+            assert_eq!(
+                s.database.url.expose_secret(),
+                "postgres://postgres@127.0.0.1:5432/auth_service"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_topic_variable_keeps_the_services_topic_name() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("SVC4_USERS_TOPIC__PARTITIONS", "12");
+            let s: Service = load(None, "SVC4_").map_err(|e| e.to_string())?;
+            assert_eq!(
+                s.users_topic,
+                TopicConfig {
+                    partitions: 12,
+                    ..TopicConfig::new("users")
+                }
+            );
+            s.users_topic.validate().map_err(|e| e.to_string())?;
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn an_inbox_variable_keeps_the_services_group_and_topics() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("svc.toml", "[inbox]\nbatch_size = 50\n")?;
+            jail.set_env("SVC5_INBOX__MAX_ATTEMPTS", "5");
+            let s: Service =
+                load(Some(std::path::Path::new("svc.toml")), "SVC5_").map_err(|e| e.to_string())?;
+            assert_eq!(s.inbox.max_attempts, 5);
+            assert_eq!(s.inbox.batch_size, 50, "the file's key in the same section");
+            assert_eq!(s.inbox.group_id, "auth-service");
+            assert_eq!(s.inbox.topics, ["users"]);
+            assert_eq!(
+                s.inbox.handler_timeout,
+                crate::InboxConfig::default().handler_timeout
+            );
+            s.inbox.validate().map_err(|e| e.to_string())?;
+            Ok(())
+        });
+    }
+
     #[test]
     fn a_missing_file_or_unknown_key_is_an_error_without_secrets() {
         assert!(
@@ -525,5 +615,29 @@ mod load_tests {
             assert!(!err.contains("hunter2"), "{err}");
             Ok(())
         });
+        // Secrets in the service's defaults go through the layering too; an error next to
+        // them quotes none.
+        let defaults = Secrets {
+            database: DatabaseConfig::new("postgres://u:hunter2@h/db"),
+            token: Some(SecretString::from("t0ken-in-defaults")),
+            other: None,
+        };
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("SVC6_TOKENN", "typo");
+            let err = load_over(&defaults, None, "SVC6_").unwrap_err().to_string();
+            assert!(err.contains("tokenn"), "{err}");
+            assert!(!err.contains("hunter2") && !err.contains("t0ken"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[derive(Debug, Default, Serialize, Deserialize)]
+    #[serde(default, deny_unknown_fields)]
+    struct Secrets {
+        database: DatabaseConfig,
+        #[serde(serialize_with = "secret::serialize_option")]
+        token: Option<SecretString>,
+        #[serde(serialize_with = "secret::serialize_option")]
+        other: Option<SecretString>,
     }
 }

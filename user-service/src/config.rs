@@ -91,3 +91,88 @@ impl Settings {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use ferrybox::testing;
+
+    use super::*;
+
+    fn exposed(settings: &Settings) -> serde_json::Value {
+        testing::with_secrets_exposed(|| serde_json::to_value(settings).unwrap())
+    }
+
+    /// Every setting set to something other than its default.
+    fn everything_set() -> Settings {
+        let mut kafka = KafkaConfig::new("broker:9093");
+        kafka
+            .settings
+            .insert("sasl_password".into(), "kafka-pw".into());
+        kafka.strict_durability = true;
+        kafka.allow_weak_durability = true;
+        Settings {
+            listen: SocketAddr::from(([0, 0, 0, 0], 9000)),
+            database: DatabaseConfig {
+                max_connections: 7,
+                ..DatabaseConfig::new("postgres://app:pw@db:5433/users")
+            },
+            kafka,
+            schema_registry_url: "http://registry:8085".into(),
+            users_topic: TopicConfig {
+                name: "people".into(),
+                partitions: 12,
+                replication_factor: 3,
+            },
+            relay: RelayConfig {
+                batch_size: 10,
+                listen: false,
+                poll_interval: Duration::from_millis(7),
+                standby_interval: Duration::from_millis(8),
+                backoff: ferrybox::config::Backoff {
+                    initial: Duration::from_millis(9),
+                    max: Duration::from_millis(90),
+                },
+                retention: Duration::from_millis(11),
+                cleanup_interval: Duration::from_millis(12),
+            },
+            feed: FeedServerConfig {
+                default_limit: 13,
+                max_limit: 14,
+                max_wait: Duration::from_millis(15),
+                poll_interval: Duration::from_millis(16),
+            },
+            internal_token: Some("internal".into()),
+            service_token: Some("service".into()),
+            token_secret: Some("a signing secret of at least 32 bytes".into()),
+            open_registration: false,
+            log_json: true,
+            max_body_bytes: 17,
+        }
+    }
+
+    #[test]
+    fn the_defaults_come_back_from_the_loader_unchanged() {
+        // No file, and a prefix no variable has.
+        let loaded: Settings =
+            ferrybox::config::load(None, "USER_SERVICE_ROUND_TRIP_TEST_").unwrap();
+        let default = Settings::default();
+        assert_eq!(exposed(&loaded), exposed(&default));
+        assert_eq!(format!("{loaded:?}"), format!("{default:?}"));
+    }
+
+    #[test]
+    fn every_setting_round_trips_through_the_loader() {
+        let set = everything_set();
+        // The check covers every field: a new one must be set above too.
+        let default = testing::json_leaves(&exposed(&Settings::default()));
+        for (path, value) in testing::json_leaves(&exposed(&set)) {
+            assert_ne!(default.get(&path), Some(&value), "{path:?} is not set");
+        }
+        let loaded =
+            ferrybox::config::load_over(&set, None, "USER_SERVICE_ROUND_TRIP_TEST_").unwrap();
+        assert_eq!(exposed(&loaded), exposed(&set));
+        assert_eq!(format!("{loaded:?}"), format!("{set:?}"));
+    }
+}

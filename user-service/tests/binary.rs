@@ -117,3 +117,12 @@ fn check_config_prints_the_effective_settings_without_secrets() {
         assert_eq!(printed[token], "[redacted]", "{token}");
     }
 }
+
+/// Every `USER_SERVICE_…=` example in the README, alone, sets exactly the setting it names.
+#[test]
+fn every_variable_the_readme_shows_sets_exactly_its_setting() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+        .expect("the README");
+    let checked = testing::check_documented_variables(EXE.as_ref(), "USER_SERVICE_", &readme, &[]);
+    eprintln!("checked {} examples: {checked:?}", checked.len());
+}
