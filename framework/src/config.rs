@@ -190,8 +190,8 @@ fn scalar_map<'de, D: serde::Deserializer<'de>>(
             serde_json::Value::String(s) => Ok((key, s)),
             serde_json::Value::Number(n) => Ok((key, n.to_string())),
             serde_json::Value::Bool(b) => Ok((key, b.to_string())),
-            other => Err(D::Error::custom(format!(
-                "kafka setting {key} must be a string, number or boolean, not {other}"
+            _ => Err(D::Error::custom(format!(
+                "kafka setting {key} must be a string, number or boolean"
             ))),
         })
         .collect()
@@ -447,6 +447,9 @@ mod tests {
 /// environment variables named `<PREFIX>SECTION__KEY` (for example
 /// `USER_SERVICE_DATABASE__URL`). A variable or file key replaces only the field it names:
 /// `AUTH_SERVICE_DATABASE__MAX_CONNECTIONS=5` keeps the service's default database URL.
+///
+/// Error messages name the key and where it came from but never a value, so a secret with a
+/// typo or a wrong type next to it is not printed.
 pub fn load<T: Serialize + serde::de::DeserializeOwned + Default>(
     file: Option<&std::path::Path>,
     env_prefix: &str,
@@ -479,7 +482,55 @@ pub fn load_over<T: Serialize + serde::de::DeserializeOwned>(
     figment
         .merge(Env::prefixed(env_prefix).split("__"))
         .extract()
-        .map_err(|e| Error::Config(e.to_string()))
+        .map_err(config_error)
+}
+
+/// figment's error, without the values it quotes (`found string "hunter2"`): any of them may
+/// be a secret.
+fn config_error(error: figment::Error) -> Error {
+    use figment::error::{Actual, Kind};
+    let what = |actual: &Actual| -> String {
+        match actual {
+            Actual::Bool(_) => "a boolean".into(),
+            Actual::Unsigned(_) | Actual::Signed(_) => "an integer".into(),
+            Actual::Float(_) => "a float".into(),
+            Actual::Char(_) | Actual::Str(_) => "a string".into(),
+            Actual::Bytes(_) => "bytes".into(),
+            Actual::Other(_) => "another value".into(),
+            other => other.to_string(),
+        }
+    };
+    let text_hint = |actual: &Actual, expected: &str| {
+        let parsed = matches!(
+            actual,
+            Actual::Bool(_) | Actual::Unsigned(_) | Actual::Signed(_) | Actual::Float(_)
+        );
+        if parsed && expected.contains("string") {
+            " (a value that looks like a number or boolean is read as one: write it in double \
+             quotes to keep it text)"
+        } else {
+            ""
+        }
+    };
+    let messages: Vec<String> = error
+        .into_iter()
+        .map(|mut e| {
+            let message = match &e.kind {
+                Kind::InvalidType(actual, expected) => format!(
+                    "invalid type: found {}, expected {expected}{}",
+                    what(actual),
+                    text_hint(actual, expected)
+                ),
+                Kind::InvalidValue(actual, expected) => {
+                    format!("invalid value: found {}, expected {expected}", what(actual))
+                }
+                other => other.to_string(),
+            };
+            e.kind = Kind::Message(message);
+            e.to_string()
+        })
+        .collect();
+    Error::Config(messages.join("; "))
 }
 
 #[cfg(test)]
@@ -616,17 +667,47 @@ mod load_tests {
             Ok(())
         });
         // Secrets in the service's defaults go through the layering too; an error next to
-        // them quotes none.
+        // them, or about them, quotes none.
         let defaults = Secrets {
             database: DatabaseConfig::new("postgres://u:hunter2@h/db"),
             token: Some(SecretString::from("t0ken-in-defaults")),
             other: None,
         };
         figment::Jail::expect_with(|jail| {
+            jail.set_env("SVC6_DATABASE__MAX_CONNECTIONS", "many");
+            let err = load_over(&defaults, None, "SVC6_").unwrap_err().to_string();
+            assert!(
+                err.contains("MAX_CONNECTIONS") && err.contains("SVC6_"),
+                "{err}"
+            );
+            assert!(!err.contains("many"), "{err}");
+            jail.set_env("SVC6_DATABASE__MAX_CONNECTIONS", "5");
             jail.set_env("SVC6_TOKENN", "typo");
             let err = load_over(&defaults, None, "SVC6_").unwrap_err().to_string();
             assert!(err.contains("tokenn"), "{err}");
             assert!(!err.contains("hunter2") && !err.contains("t0ken"), "{err}");
+            // A secret that figment reads as a number is refused without being quoted.
+            jail.clear_env();
+            jail.set_env("SVC6_DATABASE__MAX_CONNECTIONS", "5");
+            jail.set_env("SVC6_OTHER", "12345678");
+            let err = load_over(&defaults, None, "SVC6_").unwrap_err().to_string();
+            assert!(err.contains("OTHER") && err.contains("quotes"), "{err}");
+            assert!(!err.contains("12345678"), "{err}");
+            jail.set_env("SVC6_OTHER", "\"12345678\"");
+            let loaded = load_over(&defaults, None, "SVC6_").map_err(|e| e.to_string())?;
+            assert_eq!(loaded.database.max_connections, 5);
+            assert_eq!(
+                loaded.database.url.expose_secret(),
+                "postgres://u:hunter2@h/db"
+            );
+            assert_eq!(
+                loaded.token.as_ref().map(ExposeSecret::expose_secret),
+                Some("t0ken-in-defaults")
+            );
+            assert_eq!(
+                loaded.other.as_ref().map(ExposeSecret::expose_secret),
+                Some("12345678")
+            );
             Ok(())
         });
     }
