@@ -445,7 +445,8 @@ mod tests {
 /// Loads a service's settings, layered field by field: the service's own defaults
 /// (`T::default()`, not each section type's `Default`), then the TOML file (when given), then
 /// environment variables named `<PREFIX>SECTION__KEY` (for example
-/// `USER_SERVICE_DATABASE__URL`). A variable or file key replaces only the field it names:
+/// `USER_SERVICE_DATABASE__URL`; `<PREFIX>CONFIG` is left out: it is the services' way to name
+/// the file, their `--config`). A variable or file key replaces only the field it names:
 /// `AUTH_SERVICE_DATABASE__MAX_CONNECTIONS=5` keeps the service's default database URL.
 ///
 /// Error messages name the key and where it came from but never a value, so a secret with a
@@ -480,7 +481,7 @@ pub fn load_over<T: Serialize + serde::de::DeserializeOwned>(
         figment = figment.merge(Toml::file(path));
     }
     figment
-        .merge(Env::prefixed(env_prefix).split("__"))
+        .merge(Env::prefixed(env_prefix).ignore(&["config"]).split("__"))
         .extract()
         .map_err(config_error)
 }
@@ -649,6 +650,18 @@ mod load_tests {
                 crate::InboxConfig::default().handler_timeout
             );
             s.inbox.validate().map_err(|e| e.to_string())?;
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_variable_naming_the_file_is_not_a_setting() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("svc.toml", "name = \"from-file\"\n")?;
+            jail.set_env("SVC7_CONFIG", "svc.toml");
+            let s: Settings =
+                load(Some(std::path::Path::new("svc.toml")), "SVC7_").map_err(|e| e.to_string())?;
+            assert_eq!(s.name, "from-file");
             Ok(())
         });
     }
