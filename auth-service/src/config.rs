@@ -175,6 +175,15 @@ mod tests {
         s.kafka
             .settings
             .insert("sasl_password".into(), "kafka-pw".into());
+        s.kafka
+            .producer_settings
+            .insert("linger.ms".into(), "10".into());
+        s.kafka
+            .consumer_settings
+            .insert("fetch_wait_max_ms".into(), "5".into());
+        s.kafka
+            .admin_settings
+            .insert("ssl.key.password".into(), "admin-pw".into());
         s.kafka.strict_durability = true;
         s.kafka.allow_weak_durability = true;
         s.schema_registry_url = "http://registry:8085".into();

@@ -60,8 +60,27 @@ impl DatabaseConfig {
     }
 }
 
-/// How to reach Kafka. Every key in `settings` is passed to librdkafka unchanged. Its `Debug`
-/// output hides the values of secret settings (passwords, secrets, tokens, keys).
+/// The kinds of Kafka client Ferrybox makes; each gets [`KafkaConfig::settings`] plus its own
+/// kind's map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ClientKind {
+    /// Producers: the relay's, the dead-letter topic's, replay's.
+    Producer,
+    /// Consumers: the inbox consumer's.
+    Consumer,
+    /// Topic administration and metadata lookups: topic creation, the start-up durability
+    /// check, partition counts, the readiness check.
+    Admin,
+}
+
+/// How to reach Kafka. Every key in the settings maps is passed to librdkafka unchanged:
+/// `settings` to every client, `producer_settings`, `consumer_settings` and `admin_settings`
+/// only to clients of that kind (see [`ClientKind`]), after `settings`, so a kind's value wins.
+/// A setting only one kind of client understands (`fetch.wait.max.ms`, `linger.ms`) belongs in
+/// that kind's map: librdkafka warns about it on every other kind.
+///
+/// Its `Debug` output and serialized form hide the values of secret settings (passwords,
+/// secrets, tokens, keys) in every map.
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct KafkaConfig {
@@ -75,10 +94,29 @@ pub struct KafkaConfig {
         serialize_with = "secret::serialize_settings"
     )]
     pub settings: BTreeMap<String, String>,
+    /// Like `settings`, for producers only (`linger.ms`, `batch.num.messages`, ...).
+    #[serde(
+        deserialize_with = "scalar_map",
+        serialize_with = "secret::serialize_settings"
+    )]
+    pub producer_settings: BTreeMap<String, String>,
+    /// Like `settings`, for consumers only (`fetch.wait.max.ms`, `session.timeout.ms`,
+    /// `group.instance.id`, ...).
+    #[serde(
+        deserialize_with = "scalar_map",
+        serialize_with = "secret::serialize_settings"
+    )]
+    pub consumer_settings: BTreeMap<String, String>,
+    /// Like `settings`, for topic administration and metadata lookups only.
+    #[serde(
+        deserialize_with = "scalar_map",
+        serialize_with = "secret::serialize_settings"
+    )]
+    pub admin_settings: BTreeMap<String, String>,
     /// Production mode: start-up fails when a topic's replication factor is below 3 or its
     /// `min.insync.replicas` below 2 (otherwise that is a warning).
     pub strict_durability: bool,
-    /// Lets `settings` weaken the producer's durability (`acks` other than `all`,
+    /// Lets the settings weaken the producer's durability (`acks` other than `all`,
     /// `enable.idempotence=false`). Off by default; for experiments only.
     pub allow_weak_durability: bool,
 }
@@ -92,23 +130,32 @@ pub(crate) fn is_secret_setting(key: &str) -> bool {
         .any(|s| key.contains(s))
 }
 
-impl std::fmt::Debug for KafkaConfig {
+/// A settings map as `Debug` shows it: secret values hidden.
+struct Redacted<'a>(&'a BTreeMap<String, String>);
+
+impl std::fmt::Debug for Redacted<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let settings: BTreeMap<&str, &str> = self
-            .settings
-            .iter()
-            .map(|(k, v)| {
+        f.debug_map()
+            .entries(self.0.iter().map(|(k, v)| {
                 let shown = if is_secret_setting(k) {
                     secret::REDACTED
                 } else {
                     v.as_str()
                 };
-                (k.as_str(), shown)
-            })
-            .collect();
+                (k, shown)
+            }))
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KafkaConfig")
             .field("bootstrap_servers", &self.bootstrap_servers)
-            .field("settings", &settings)
+            .field("settings", &Redacted(&self.settings))
+            .field("producer_settings", &Redacted(&self.producer_settings))
+            .field("consumer_settings", &Redacted(&self.consumer_settings))
+            .field("admin_settings", &Redacted(&self.admin_settings))
             .field("strict_durability", &self.strict_durability)
             .field("allow_weak_durability", &self.allow_weak_durability)
             .finish()
@@ -117,12 +164,7 @@ impl std::fmt::Debug for KafkaConfig {
 
 impl Default for KafkaConfig {
     fn default() -> Self {
-        Self {
-            bootstrap_servers: "127.0.0.1:9092".into(),
-            settings: BTreeMap::new(),
-            strict_durability: false,
-            allow_weak_durability: false,
-        }
+        Self::new("127.0.0.1:9092")
     }
 }
 
@@ -132,15 +174,39 @@ impl KafkaConfig {
         Self {
             bootstrap_servers: bootstrap_servers.into(),
             settings: BTreeMap::new(),
+            producer_settings: BTreeMap::new(),
+            consumer_settings: BTreeMap::new(),
+            admin_settings: BTreeMap::new(),
             strict_durability: false,
             allow_weak_durability: false,
         }
     }
 
-    /// The pass-through value of librdkafka setting `name` (given with `.` or `_`), if set.
-    pub fn setting(&self, name: &str) -> Option<&str> {
-        self.settings
-            .iter()
+    /// The settings only clients of `kind` get.
+    pub fn kind_settings(&self, kind: ClientKind) -> &BTreeMap<String, String> {
+        match kind {
+            ClientKind::Producer => &self.producer_settings,
+            ClientKind::Consumer => &self.consumer_settings,
+            ClientKind::Admin => &self.admin_settings,
+        }
+    }
+
+    /// The pass-through settings a client of `kind` gets, in the order they are applied
+    /// (`settings`, then the kind's own), with keys as written.
+    fn pass_through(
+        &self,
+        kind: ClientKind,
+    ) -> impl DoubleEndedIterator<Item = (&String, &String)> {
+        self.settings.iter().chain(self.kind_settings(kind))
+    }
+
+    /// The value of librdkafka setting `name` (given with `.` or `_`) a client of `kind` gets
+    /// from the pass-through settings, if any: its kind's map first, then `settings` (the
+    /// value applied last, as [`KafkaConfig::client_config`] applies them).
+    pub fn setting(&self, kind: ClientKind, name: &str) -> Option<&str> {
+        let name = librdkafka_name(name);
+        self.pass_through(kind)
+            .rev()
             .find(|(key, _)| librdkafka_name(key) == name)
             .map(|(_, value)| value.as_str())
     }
@@ -153,20 +219,25 @@ impl KafkaConfig {
         Ok(())
     }
 
-    /// A librdkafka client config with the bootstrap servers and pass-through settings.
-    pub fn client_config(&self) -> rdkafka::ClientConfig {
-        self.client_config_with_defaults(&[])
+    /// A librdkafka config for a client of `kind`: the bootstrap servers, `settings`, then
+    /// the kind's own settings.
+    pub fn client_config(&self, kind: ClientKind) -> rdkafka::ClientConfig {
+        self.client_config_with_defaults(kind, &[])
     }
 
     /// Like [`KafkaConfig::client_config`], with `defaults` applied first so pass-through
     /// settings override them.
-    pub fn client_config_with_defaults(&self, defaults: &[(&str, &str)]) -> rdkafka::ClientConfig {
+    pub fn client_config_with_defaults(
+        &self,
+        kind: ClientKind,
+        defaults: &[(&str, &str)],
+    ) -> rdkafka::ClientConfig {
         let mut config = rdkafka::ClientConfig::new();
         config.set("bootstrap.servers", &self.bootstrap_servers);
         for (key, value) in defaults {
             config.set(*key, *value);
         }
-        for (key, value) in &self.settings {
+        for (key, value) in self.pass_through(kind) {
             config.set(librdkafka_name(key), value);
         }
         config
@@ -431,6 +502,73 @@ mod tests {
     }
 
     #[test]
+    fn each_kafka_client_gets_the_common_settings_and_its_own_kinds_only() {
+        let mut kafka = KafkaConfig::new("b:9092");
+        let set = |map: &mut BTreeMap<String, String>, key: &str, value: &str| {
+            map.insert(key.into(), value.into());
+        };
+        set(&mut kafka.settings, "security.protocol", "SSL");
+        set(&mut kafka.settings, "message.timeout.ms", "1000");
+        set(&mut kafka.producer_settings, "linger_ms", "10");
+        set(&mut kafka.producer_settings, "message_timeout_ms", "2000");
+        set(&mut kafka.consumer_settings, "fetch_wait_max_ms", "5");
+        set(&mut kafka.admin_settings, "request.timeout.ms", "3000");
+        let get = |kind, name: &str| kafka.client_config(kind).get(name).map(str::to_owned);
+        for kind in [
+            ClientKind::Producer,
+            ClientKind::Consumer,
+            ClientKind::Admin,
+        ] {
+            assert_eq!(get(kind, "security.protocol").as_deref(), Some("SSL"));
+            assert_eq!(get(kind, "bootstrap.servers").as_deref(), Some("b:9092"));
+        }
+        use ClientKind::{Admin, Consumer, Producer};
+        assert_eq!(get(Producer, "linger.ms").as_deref(), Some("10"));
+        assert_eq!(get(Producer, "fetch.wait.max.ms"), None);
+        assert_eq!(get(Producer, "request.timeout.ms"), None);
+        assert_eq!(get(Consumer, "fetch.wait.max.ms").as_deref(), Some("5"));
+        assert_eq!(get(Consumer, "linger.ms"), None);
+        assert_eq!(get(Admin, "request.timeout.ms").as_deref(), Some("3000"));
+        assert_eq!(get(Admin, "fetch.wait.max.ms"), None);
+        assert_eq!(get(Admin, "linger.ms"), None);
+        // A kind's own value wins over the common one, and the lookup agrees with the client.
+        assert_eq!(get(Producer, "message.timeout.ms").as_deref(), Some("2000"));
+        assert_eq!(get(Consumer, "message.timeout.ms").as_deref(), Some("1000"));
+        assert_eq!(kafka.setting(Producer, "message.timeout.ms"), Some("2000"));
+        assert_eq!(kafka.setting(Producer, "message_timeout_ms"), Some("2000"));
+        assert_eq!(kafka.setting(Consumer, "message.timeout.ms"), Some("1000"));
+        assert_eq!(kafka.setting(Consumer, "fetch.wait.max.ms"), Some("5"));
+        assert_eq!(kafka.setting(Producer, "fetch.wait.max.ms"), None);
+    }
+
+    #[test]
+    fn kafka_secrets_are_hidden_in_every_settings_map() {
+        let mut kafka = KafkaConfig::default();
+        kafka
+            .settings
+            .insert("sasl.password".into(), "s3cret-1".into());
+        kafka
+            .producer_settings
+            .insert("ssl_key_password".into(), "s3cret-2".into());
+        kafka
+            .consumer_settings
+            .insert("sasl.oauthbearer.client.secret".into(), "s3cret-3".into());
+        kafka
+            .admin_settings
+            .insert("ssl.key.pem".into(), "s3cret-4".into());
+        kafka
+            .consumer_settings
+            .insert("fetch.wait.max.ms".into(), "5".into());
+        let debug = format!("{kafka:?}");
+        let serialized = serde_json::to_string(&kafka).unwrap();
+        for shown in [&debug, &serialized] {
+            assert!(!shown.contains("s3cret"), "{shown}");
+            assert_eq!(shown.matches(secret::REDACTED).count(), 4, "{shown}");
+            assert!(shown.contains("fetch.wait.max.ms"), "{shown}");
+        }
+    }
+
+    #[test]
     fn validation_rejects_nonsense() {
         assert!(DatabaseConfig::new("mysql://x").validate().is_err());
         assert!(KafkaConfig::new(" ").validate().is_err());
@@ -571,7 +709,9 @@ mod load_tests {
                 Some("1500")
             );
             assert_eq!(
-                s.kafka.client_config().get("message.timeout.ms"),
+                s.kafka
+                    .client_config(ClientKind::Producer)
+                    .get("message.timeout.ms"),
                 Some("1500")
             );
             assert_eq!(s.database.max_connections, 10);
@@ -650,6 +790,40 @@ mod load_tests {
                 crate::InboxConfig::default().handler_timeout
             );
             s.inbox.validate().map_err(|e| e.to_string())?;
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn kafka_client_kinds_settings_load_from_the_environment() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "svc.toml",
+                "[kafka.settings]\nsecurity_protocol = \"SSL\"\n\
+                 [kafka.producer_settings]\nlinger_ms = 10\n",
+            )?;
+            jail.set_env("SVC8_KAFKA__CONSUMER_SETTINGS__FETCH_WAIT_MAX_MS", "5");
+            jail.set_env("SVC8_KAFKA__ADMIN_SETTINGS__REQUEST_TIMEOUT_MS", "3000");
+            let s: Settings =
+                load(Some(std::path::Path::new("svc.toml")), "SVC8_").map_err(|e| e.to_string())?;
+            let get = |kind| s.kafka.client_config(kind);
+            assert_eq!(get(ClientKind::Producer).get("linger.ms"), Some("10"));
+            assert_eq!(get(ClientKind::Producer).get("fetch.wait.max.ms"), None);
+            assert_eq!(
+                get(ClientKind::Consumer).get("fetch.wait.max.ms"),
+                Some("5")
+            );
+            assert_eq!(
+                get(ClientKind::Admin).get("request.timeout.ms"),
+                Some("3000")
+            );
+            for kind in [
+                ClientKind::Producer,
+                ClientKind::Consumer,
+                ClientKind::Admin,
+            ] {
+                assert_eq!(get(kind).get("security.protocol"), Some("SSL"));
+            }
             Ok(())
         });
     }

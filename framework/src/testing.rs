@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use rand::Rng;
 
-use crate::config::{DatabaseConfig, KafkaConfig, TopicConfig};
+use crate::config::{ClientKind, DatabaseConfig, KafkaConfig, TopicConfig};
 use crate::db::{self, PgPool};
 use tokio_util::sync::CancellationToken;
 
@@ -593,7 +593,7 @@ impl ReadRecord {
 pub async fn read_topic(topic: &str, n: usize, timeout: Duration) -> Vec<ReadRecord> {
     use rdkafka::consumer::{Consumer, StreamConsumer};
     let consumer: StreamConsumer = kafka()
-        .client_config()
+        .client_config(ClientKind::Consumer)
         .set("group.id", unique("reader"))
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
@@ -626,7 +626,7 @@ pub async fn read_ids(
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::{Offset, TopicPartitionList};
     let topic = topic.to_owned();
-    let client = config.client_config();
+    let client = config.client_config(ClientKind::Consumer);
     let mut missing = ids.clone();
     let total = ids.len();
     tokio::task::spawn_blocking(move || {

@@ -38,9 +38,11 @@ async fn produce_versions(
 ) -> usize {
     let mut kafka = testing::kafka();
     kafka
-        .settings
+        .producer_settings
         .insert("batch.num.messages".into(), "1".into());
-    kafka.settings.insert("linger.ms".into(), "0".into());
+    kafka
+        .producer_settings
+        .insert("linger.ms".into(), "0".into());
     let producer: FutureProducer = ferrybox::kafka::durable_producer(&kafka).unwrap();
     let mut pending = Vec::new();
     for version in versions {

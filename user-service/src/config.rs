@@ -110,6 +110,15 @@ mod tests {
         kafka
             .settings
             .insert("sasl_password".into(), "kafka-pw".into());
+        kafka
+            .producer_settings
+            .insert("linger.ms".into(), "10".into());
+        kafka
+            .consumer_settings
+            .insert("fetch_wait_max_ms".into(), "5".into());
+        kafka
+            .admin_settings
+            .insert("ssl.key.password".into(), "admin-pw".into());
         kafka.strict_durability = true;
         kafka.allow_weak_durability = true;
         Settings {

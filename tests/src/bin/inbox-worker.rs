@@ -73,7 +73,7 @@ async fn main() -> anyhow::Result<()> {
     let mut kafka = KafkaConfig::new(env("WORKER_BOOTSTRAP_SERVERS")?);
     // A killed member never says goodbye: let the group notice within seconds.
     kafka
-        .settings
+        .consumer_settings
         .insert("session.timeout.ms".into(), "6000".into());
     if let Ok(debug) = std::env::var("WORKER_KAFKA_DEBUG") {
         kafka.settings.insert("debug".into(), debug);
