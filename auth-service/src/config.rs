@@ -6,10 +6,10 @@ use ferrybox::alert::AlertConfig;
 use ferrybox::feed::FeedConfig;
 use ferrybox::reconcile::ReconcileConfig;
 use ferrybox::{DatabaseConfig, InboxConfig, KafkaConfig, TopicConfig};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// How user events reach the service.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Transport {
     /// Consume the users topic from Kafka (the default).
@@ -19,8 +19,9 @@ pub enum Transport {
     Feed,
 }
 
-/// Everything auth-service can be configured with.
-#[derive(Debug, Clone, Deserialize)]
+/// Everything auth-service can be configured with. Serializing it (`check-config --print`)
+/// writes secrets as `"[redacted]"`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
     /// HTTP listen address.
@@ -48,6 +49,7 @@ pub struct Settings {
     /// The secret session tokens are signed with (32 bytes or more), shared with the services
     /// that verify them (user-service). Unset: a random one per process, and no other service
     /// can verify the tokens. Never logged.
+    #[serde(serialize_with = "ferrybox::config::secret::serialize_option")]
     pub token_secret: Option<secrecy::SecretString>,
     /// How long a login session lasts, in seconds.
     pub session_ttl_secs: i64,
@@ -147,5 +149,102 @@ impl Settings {
             });
         }
         topics
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use ferrybox::feed::OnUndecodable;
+    use ferrybox::testing;
+
+    use super::*;
+
+    fn exposed(settings: &Settings) -> serde_json::Value {
+        testing::with_secrets_exposed(|| serde_json::to_value(settings).unwrap())
+    }
+
+    /// Every setting set to something other than its default.
+    fn everything_set() -> Settings {
+        let mut s = Settings::default().with_users_topic("people");
+        s.listen = SocketAddr::from(([0, 0, 0, 0], 9000));
+        s.database = DatabaseConfig::new("postgres://app:pw@db:5433/auth");
+        s.database.max_connections = 7;
+        s.kafka.bootstrap_servers = "broker:9093".into();
+        s.kafka
+            .settings
+            .insert("sasl_password".into(), "kafka-pw".into());
+        s.kafka
+            .producer_settings
+            .insert("linger.ms".into(), "10".into());
+        s.kafka
+            .consumer_settings
+            .insert("fetch_wait_max_ms".into(), "5".into());
+        s.kafka
+            .admin_settings
+            .insert("ssl.key.password".into(), "admin-pw".into());
+        s.kafka.strict_durability = true;
+        s.kafka.allow_weak_durability = true;
+        s.schema_registry_url = "http://registry:8085".into();
+        s.users_topic.partitions = 12;
+        s.users_topic.replication_factor = 3;
+        s.inbox.group_id = "auth-2".into();
+        s.inbox.consumer_name = Some("auth-consumer".into());
+        s.inbox.consumer_version = Some("1.2.3".into());
+        s.inbox.batch_size = 10;
+        s.inbox.batch_linger = Duration::from_millis(11);
+        s.inbox.max_attempts = 12;
+        s.inbox.backoff.initial = Duration::from_millis(13);
+        s.inbox.backoff.max = Duration::from_millis(130);
+        s.inbox.handler_timeout = Duration::from_millis(14);
+        s.inbox.retention = Duration::from_millis(15);
+        s.inbox.cleanup_interval = Duration::from_millis(16);
+        s.transport = Transport::Feed;
+        s.feed.url = "http://users:8080/events".into();
+        s.feed.name = "users".into();
+        s.feed.limit = 17;
+        s.feed.wait = Duration::from_millis(18);
+        s.feed.on_undecodable = OnUndecodable::DeadLetter;
+        s.feed.backoff.initial = Duration::from_millis(19);
+        s.feed.backoff.max = Duration::from_millis(190);
+        s.feed.token = Some("feed-token".into());
+        s.reconcile.snapshot_url = Some("http://users:8080/snapshot".into());
+        s.reconcile.interval = Duration::from_millis(20);
+        s.reconcile.newer_margin = Duration::from_millis(21);
+        s.reconcile.timeout = Duration::from_millis(22);
+        s.reconcile.token = Some("snapshot-token".into());
+        s.alert.webhook_url = Some("https://alerts.example.com/hook".into());
+        s.login_limits.per_account_per_minute = 23;
+        s.login_limits.per_address_per_minute = 24;
+        s.token_secret = Some("a signing secret of at least 32 bytes".into());
+        s.session_ttl_secs = 25;
+        s.log_json = true;
+        s.max_body_bytes = 26;
+        s
+    }
+
+    #[test]
+    fn the_defaults_come_back_from_the_loader_unchanged() {
+        // No file, and a prefix no variable has.
+        let loaded: Settings =
+            ferrybox::config::load(None, "AUTH_SERVICE_ROUND_TRIP_TEST_").unwrap();
+        let default = Settings::default();
+        assert_eq!(exposed(&loaded), exposed(&default));
+        assert_eq!(format!("{loaded:?}"), format!("{default:?}"));
+    }
+
+    #[test]
+    fn every_setting_round_trips_through_the_loader() {
+        let set = everything_set();
+        // The check covers every field: a new one must be set above too.
+        let default = testing::json_leaves(&exposed(&Settings::default()));
+        for (path, value) in testing::json_leaves(&exposed(&set)) {
+            assert_ne!(default.get(&path), Some(&value), "{path:?} is not set");
+        }
+        let loaded =
+            ferrybox::config::load_over(&set, None, "AUTH_SERVICE_ROUND_TRIP_TEST_").unwrap();
+        assert_eq!(exposed(&loaded), exposed(&set));
+        assert_eq!(format!("{loaded:?}"), format!("{set:?}"));
     }
 }

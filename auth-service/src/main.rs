@@ -37,7 +37,12 @@ enum Command {
     Migrate,
     /// Check the configuration (file and `AUTH_SERVICE_*` variables) and exit: status 0 when
     /// it is valid, 1 with the reason otherwise. Connects to nothing.
-    CheckConfig,
+    CheckConfig {
+        /// Print the effective settings (defaults, then the file, then the environment) as
+        /// JSON instead of `configuration ok`; secrets are printed as "[redacted]".
+        #[arg(long)]
+        print: bool,
+    },
     /// Inspect and redrive dead letters. Exit status 1 when a redriven message fails again.
     Dlq {
         #[command(subcommand)]
@@ -120,7 +125,10 @@ async fn main() -> anyhow::Result<ExitCode> {
     let _telemetry = ferrybox::telemetry::init("auth-service", settings.log_json);
     match cli.command.unwrap_or(Command::Serve) {
         Command::Migrate => auth_service::startup::migrate(&settings).await?,
-        Command::CheckConfig => println!("configuration ok"),
+        Command::CheckConfig { print: false } => println!("configuration ok"),
+        Command::CheckConfig { print: true } => {
+            println!("{}", serde_json::to_string_pretty(&settings)?);
+        }
         Command::Serve => {
             let shutdown = ferrybox::shutdown::on_signals();
             let app = Application::build(settings).await?;

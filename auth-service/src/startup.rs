@@ -91,7 +91,8 @@ impl Application {
                         UserEvents,
                         settings.inbox.clone(),
                     )?
-                    .with_reader_schemas(readers),
+                    .with_reader_schemas(readers)
+                    .with_alerter(alerter.clone()),
                 )
             }
             Transport::Feed => Consumer::Feed(

@@ -1,4 +1,5 @@
-//! The real `auth-service` executable: it starts, consumes, and stops cleanly on SIGTERM.
+//! The real `auth-service` executable: it starts, consumes, and stops cleanly on SIGTERM; its
+//! scripting commands answer clearly; `check-config --print` shows the effective settings.
 
 use std::time::Duration;
 
@@ -250,4 +251,87 @@ async fn a_consumer_that_stops_fails_readiness_and_exits_non_zero() {
     assert!(log.contains("consumer stopped"), "{log}");
     assert!(log.contains("halted"), "{log}");
     stop.cancel();
+}
+
+#[test]
+fn check_config_prints_the_effective_settings_without_secrets() {
+    const SECRETS: [&str; 6] = [
+        "db-hunter2",
+        "kafka-s3cret",
+        "feed-t0ken",
+        "snapshot-t0ken",
+        "hook-t0ken",
+        "signing-secret-of-at-least-32-bytes!",
+    ];
+    let (default, _) = testing::printed_settings(EXE.as_ref(), &[]);
+    assert_eq!(default["listen"], "127.0.0.1:8082");
+    assert_eq!(default["inbox"]["group_id"], "auth-service");
+    assert_eq!(default["transport"], "kafka");
+    assert_eq!(default["feed"]["on_undecodable"], "halt");
+    assert_eq!(default["alert"]["webhook_url"], serde_json::Value::Null);
+
+    let (printed, output) = testing::printed_settings(
+        EXE.as_ref(),
+        &[
+            (
+                "AUTH_SERVICE_DATABASE__URL",
+                "postgres://app:db-hunter2@db/auth",
+            ),
+            (
+                "AUTH_SERVICE_KAFKA__SETTINGS__SASL_PASSWORD",
+                "kafka-s3cret",
+            ),
+            ("AUTH_SERVICE_FEED__TOKEN", "feed-t0ken"),
+            ("AUTH_SERVICE_RECONCILE__TOKEN", "snapshot-t0ken"),
+            (
+                "AUTH_SERVICE_ALERT__WEBHOOK_URL",
+                "https://alerts.example.com/hooks/hook-t0ken",
+            ),
+            ("AUTH_SERVICE_TOKEN_SECRET", SECRETS[5]),
+        ],
+    );
+    for secret in SECRETS {
+        assert!(
+            !output.contains(secret),
+            "the print leaks {secret}:\n{output}"
+        );
+    }
+    assert_eq!(printed["database"]["url"], "[redacted]");
+    assert_eq!(printed["kafka"]["settings"]["sasl_password"], "[redacted]");
+    assert_eq!(printed["feed"]["token"], "[redacted]");
+    assert_eq!(printed["reconcile"]["token"], "[redacted]");
+    assert_eq!(printed["alert"]["webhook_url"], "[redacted]");
+    assert_eq!(printed["token_secret"], "[redacted]");
+}
+
+/// Every `AUTH_SERVICE_…=` example in the README, alone, sets exactly the setting it names.
+#[test]
+fn every_variable_the_readme_shows_sets_exactly_its_setting() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+        .expect("the README");
+    // The inbox always reads the users topic (Settings::load).
+    let derived = [("users_topic.name", "inbox.topics")];
+    let checked =
+        testing::check_documented_variables(EXE.as_ref(), "AUTH_SERVICE_", &readme, &derived);
+    eprintln!("checked {} examples: {checked:?}", checked.len());
+}
+
+/// `AUTH_SERVICE_CONFIG` names the settings file (`--config`); it is not a setting itself.
+#[test]
+fn the_config_variable_names_the_settings_file() {
+    let file = std::env::temp_dir()
+        .join(testing::unique("auth-service-config"))
+        .with_extension("toml");
+    std::fs::write(
+        &file,
+        "max_body_bytes = 1234\n[database]\nmax_connections = 3\n",
+    )
+    .unwrap();
+    let (printed, _) = testing::printed_settings(
+        EXE.as_ref(),
+        &[("AUTH_SERVICE_CONFIG", file.to_str().unwrap())],
+    );
+    std::fs::remove_file(&file).unwrap();
+    assert_eq!(printed["max_body_bytes"], 1234);
+    assert_eq!(printed["database"]["max_connections"], 3);
 }

@@ -13,12 +13,13 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
 /// Where alerts go besides the log.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AlertConfig {
     /// POST each alert as JSON to this URL (Slack-style incoming webhooks, Alertmanager's
     /// webhook receiver, a pager's endpoint). Off when unset. Kept secret: such URLs carry
     /// tokens.
+    #[serde(serialize_with = "crate::config::secret::serialize_option")]
     pub webhook_url: Option<SecretString>,
 }
 

@@ -25,7 +25,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use secrecy::SecretString;
 use serde::Serialize;
 
-use crate::config::KafkaConfig;
+use crate::config::{ClientKind, KafkaConfig};
 use crate::db::{self, PgPool};
 use crate::http::Json;
 
@@ -91,9 +91,10 @@ impl Readiness {
             .insert(name, format!("stopped: {}", reason.into()));
     }
 
-    /// Also checks that the Kafka cluster answers a metadata request.
+    /// Also checks that the Kafka cluster answers a metadata request (with an admin client:
+    /// `settings` and `admin_settings`).
     pub fn with_broker(mut self, kafka: &KafkaConfig) -> crate::Result<Self> {
-        let client: BaseConsumer = kafka.client_config().create()?;
+        let client: BaseConsumer = kafka.client_config(ClientKind::Admin).create()?;
         self.broker = Some(Arc::new(client));
         Ok(self)
     }

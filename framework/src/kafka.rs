@@ -8,7 +8,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::FutureProducer;
 use rdkafka::types::RDKafkaErrorCode;
 
-use crate::config::{KafkaConfig, TopicConfig};
+use crate::config::{ClientKind, KafkaConfig, TopicConfig};
 use crate::error::{Error, Result};
 
 /// Settings a durable producer needs; a pass-through setting may not weaken them.
@@ -16,14 +16,15 @@ const DURABLE_PRODUCER: &[(&str, &str)] = &[("acks", "all"), ("enable.idempotenc
 
 /// An idempotent producer with `acks=all`.
 ///
-/// Refuses pass-through settings that would weaken durability (`acks` other than `all`/`-1`,
-/// `enable.idempotence=false`) unless `allow_weak_durability` is set, which is logged.
+/// Gets `settings` and `producer_settings`. Refuses pass-through settings that would weaken
+/// durability (`acks` other than `all`/`-1`, `enable.idempotence=false`, in either map) unless
+/// `allow_weak_durability` is set, which is logged.
 /// `message.timeout.ms` defaults to 30 s, so a relay notices a broker outage and backs off
 /// instead of waiting librdkafka's default five minutes.
 pub fn durable_producer(config: &KafkaConfig) -> Result<FutureProducer> {
     let mut weakened = Vec::new();
     for (key, required) in DURABLE_PRODUCER {
-        if let Some(value) = config.setting(key) {
+        if let Some(value) = config.setting(ClientKind::Producer, key) {
             let ok = value == *required || (*key == "acks" && value == "-1");
             if !ok && !config.allow_weak_durability {
                 return Err(Error::Config(format!(
@@ -41,8 +42,10 @@ pub fn durable_producer(config: &KafkaConfig) -> Result<FutureProducer> {
             }
         }
     }
-    let mut client =
-        config.client_config_with_defaults(&[("message.timeout.ms", "30000"), ("linger.ms", "5")]);
+    let mut client = config.client_config_with_defaults(
+        ClientKind::Producer,
+        &[("message.timeout.ms", "30000"), ("linger.ms", "5")],
+    );
     for (key, value) in DURABLE_PRODUCER {
         if !weakened.contains(key) {
             client.set(*key, *value);
@@ -128,7 +131,8 @@ pub async fn check_durability(
 /// A topic's partitions, replication factor and `min.insync.replicas`, from the broker.
 pub async fn topic_durability(config: &KafkaConfig, topic: &str) -> Result<TopicDurability> {
     let (partitions, replication_factor) = topic_layout(config, topic).await?;
-    let admin: AdminClient<DefaultClientContext> = config.client_config().create()?;
+    let admin: AdminClient<DefaultClientContext> =
+        config.client_config(ClientKind::Admin).create()?;
     let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
     let min_insync_replicas = match admin
         .describe_configs([&ResourceSpecifier::Topic(topic)], &options)
@@ -163,7 +167,8 @@ pub async fn ensure_topics(
     for topic in topics {
         topic.validate()?;
     }
-    let admin: AdminClient<DefaultClientContext> = config.client_config().create()?;
+    let admin: AdminClient<DefaultClientContext> =
+        config.client_config(ClientKind::Admin).create()?;
     let new_topics: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|t| {
@@ -196,7 +201,7 @@ pub async fn partition_count(config: &KafkaConfig, topic: &str) -> Result<i32> {
 
 /// A topic's partition count and the replica count of its least replicated partition.
 async fn topic_layout(config: &KafkaConfig, topic: &str) -> Result<(i32, i32)> {
-    let client = config.client_config();
+    let client = config.client_config(ClientKind::Admin);
     let name = topic.to_owned();
     tokio::task::spawn_blocking(move || {
         let consumer: BaseConsumer = client.create()?;
@@ -264,4 +269,43 @@ pub fn owned_headers(
                 value: Some(value.as_bytes()),
             })
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn producer_durability_is_checked_in_the_settings_producers_get() {
+        let weak = |configure: fn(&mut KafkaConfig)| {
+            let mut kafka = KafkaConfig::new("127.0.0.1:1");
+            configure(&mut kafka);
+            durable_producer(&kafka).err().map(|e| e.to_string())
+        };
+        let err = weak(|k| {
+            k.producer_settings.insert("acks".into(), "1".into());
+        });
+        assert!(err.is_some_and(|e| e.contains("acks=1")));
+        let err = weak(|k| {
+            k.settings
+                .insert("enable_idempotence".into(), "false".into());
+        });
+        assert!(err.is_some_and(|e| e.contains("enable.idempotence=false")));
+        // A kind's own value wins: the producer gets acks=all.
+        assert_eq!(
+            weak(|k| {
+                k.settings.insert("acks".into(), "1".into());
+                k.producer_settings.insert("acks".into(), "all".into());
+            }),
+            None
+        );
+        // Settings no producer gets do not concern it.
+        assert_eq!(
+            weak(|k| {
+                k.consumer_settings.insert("acks".into(), "0".into());
+                k.admin_settings.insert("acks".into(), "0".into());
+            }),
+            None
+        );
+    }
 }

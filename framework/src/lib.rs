@@ -54,7 +54,7 @@ pub mod testing;
 pub mod token;
 
 pub use codec::AvroCodec;
-pub use config::{DatabaseConfig, KafkaConfig, TopicConfig};
+pub use config::{ClientKind, DatabaseConfig, KafkaConfig, TopicConfig};
 pub use error::{Error, Result};
 pub use feed::{FeedConsumer, FeedServer};
 pub use inbox::{Handler, HandlerError, InboxConfig, InboxConsumer, ReceivedMessage};

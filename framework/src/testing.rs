@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use rand::Rng;
 
-use crate::config::{DatabaseConfig, KafkaConfig, TopicConfig};
+use crate::config::{ClientKind, DatabaseConfig, KafkaConfig, TopicConfig};
 use crate::db::{self, PgPool};
 use tokio_util::sync::CancellationToken;
 
@@ -32,6 +32,12 @@ pub fn kafka() -> KafkaConfig {
 /// The schema registry tests use.
 pub fn registry_url() -> String {
     std::env::var("FERRYBOX_TEST_REGISTRY").unwrap_or_else(|_| "http://127.0.0.1:8081".into())
+}
+
+/// Runs `f` with secrets in settings serialized as their values instead of `"[redacted]"`
+/// (see [`crate::config::secret`]), so a test can compare two settings values in full.
+pub fn with_secrets_exposed<R>(f: impl FnOnce() -> R) -> R {
+    crate::config::secret::exposed(f)
 }
 
 /// A short random suffix for names.
@@ -217,7 +223,27 @@ where
 
 #[cfg(test)]
 mod tests {
-    use super::replace_database;
+    use super::{documented_variables, replace_database};
+
+    #[test]
+    fn documented_variables_are_found_in_code_blocks_and_inline_code() {
+        let doc = "Set `SVC_A__B=1` or `SVC_OTHER` (no value), not SVC_C=2.\n\
+                   ```sh\n\
+                   SVC_D__E=http://x:1/y     # a comment\n\
+                   export SVC_F='quoted'\n\
+                   OTHER_G=3\n\
+                   svc_h=4\n\
+                   ```\n\
+                   SVC_I=5 outside code\n";
+        assert_eq!(
+            documented_variables(doc, "SVC_"),
+            [
+                ("SVC_A__B".to_owned(), "1".to_owned()),
+                ("SVC_D__E".to_owned(), "http://x:1/y".to_owned()),
+                ("SVC_F".to_owned(), "quoted".to_owned()),
+            ]
+        );
+    }
 
     #[test]
     fn database_name_is_replaced() {
@@ -244,6 +270,199 @@ pub fn service_env(prefix: &str, database_url: &str) -> Vec<(String, String)> {
         ),
         (format!("{prefix}SCHEMA_REGISTRY_URL"), registry_url()),
     ]
+}
+
+/// What `program check-config --print` printed, run with only `PATH` and `env` in its
+/// environment: the effective settings as JSON (secrets as `"[redacted]"`), and everything
+/// it wrote (stdout then stderr, to look for leaked secrets in). Panics, with its output, when
+/// it fails.
+pub fn printed_settings(
+    program: &std::path::Path,
+    env: &[(&str, &str)],
+) -> (serde_json::Value, String) {
+    try_printed_settings(program, env).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn try_printed_settings(
+    program: &std::path::Path,
+    env: &[(&str, &str)],
+) -> Result<(serde_json::Value, String), String> {
+    let out = std::process::Command::new(program)
+        .args(["check-config", "--print"])
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .envs(env.iter().copied())
+        .output()
+        .map_err(|e| format!("run {}: {e}", program.display()))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    if !out.status.success() {
+        return Err(format!(
+            "{} check-config --print with {env:?} failed ({}): {}",
+            program.display(),
+            out.status,
+            stderr.trim()
+        ));
+    }
+    let settings = serde_json::from_str(&stdout)
+        .map_err(|e| format!("check-config --print printed no JSON ({e}):\n{stdout}"))?;
+    Ok((settings, format!("{stdout}{stderr}")))
+}
+
+/// Every `<prefix>NAME=value` assignment `document` (a Markdown file) shows, in order: a line
+/// of a fenced code block that starts with one (optionally after `export `; the value ends at
+/// the first space, so a `# comment` after it is left out), or an `inline code` span that is
+/// one.
+pub fn documented_variables(document: &str, prefix: &str) -> Vec<(String, String)> {
+    let assignment = |text: &str| -> Option<(String, String)> {
+        let (name, value) = text.split_once('=')?;
+        let is_name = name.starts_with(prefix)
+            && name
+                .chars()
+                .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+        is_name.then(|| (name.to_owned(), value.to_owned()))
+    };
+    let mut found = Vec::new();
+    let mut in_code = false;
+    for line in document.lines() {
+        let line = line.trim_start();
+        if line.starts_with("```") {
+            in_code = !in_code;
+        } else if in_code {
+            let line = line.strip_prefix("export ").unwrap_or(line);
+            if let Some((name, value)) = assignment(line) {
+                let value = value.split_whitespace().next().unwrap_or_default();
+                let value = ['\'', '"']
+                    .iter()
+                    .find_map(|q| value.strip_prefix(*q)?.strip_suffix(*q))
+                    .unwrap_or(value);
+                found.push((name, value.to_owned()));
+            }
+        } else {
+            found.extend(line.split('`').skip(1).step_by(2).filter_map(assignment));
+        }
+    }
+    found
+}
+
+/// The leaves of a JSON value by path (objects are descended into; arrays, strings, numbers,
+/// booleans and nulls are leaves).
+pub fn json_leaves(
+    value: &serde_json::Value,
+) -> std::collections::BTreeMap<Vec<String>, serde_json::Value> {
+    fn walk(
+        value: &serde_json::Value,
+        path: &mut Vec<String>,
+        out: &mut std::collections::BTreeMap<Vec<String>, serde_json::Value>,
+    ) {
+        match value {
+            serde_json::Value::Object(map) => {
+                for (key, value) in map {
+                    path.push(key.clone());
+                    walk(value, path, out);
+                    path.pop();
+                }
+            }
+            leaf => {
+                out.insert(path.clone(), leaf.clone());
+            }
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    walk(value, &mut Vec::new(), &mut out);
+    out
+}
+
+/// Checks every `<prefix>…=value` example `document` shows against the service binary
+/// `program` (built on [`crate::config::load`], with `check-config --print`): run with only
+/// that variable set, the service accepts it, the setting the variable names
+/// (`<PREFIX>SECTION__KEY` is `section.key`) prints as the value given (a secret prints as
+/// `"[redacted]"`, and its value appears nowhere in the output), and no other setting moves
+/// from the default print — except the settings `derived` says follow from it (pairs of
+/// dotted paths: the variable's, and one the service derives from it). Panics listing every
+/// example that fails; returns the examples checked.
+pub fn check_documented_variables(
+    program: &std::path::Path,
+    prefix: &str,
+    document: &str,
+    derived: &[(&str, &str)],
+) -> Vec<(String, String)> {
+    let examples = documented_variables(document, prefix);
+    assert!(
+        !examples.is_empty(),
+        "the document shows no {prefix}… variable"
+    );
+    let (default, _) = printed_settings(program, &[]);
+    let default = json_leaves(&default);
+    let text = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let mut failures = Vec::new();
+    for (name, value) in &examples {
+        let example = format!("{name}={value}");
+        let path: Vec<String> = name[prefix.len()..]
+            .to_ascii_lowercase()
+            .split("__")
+            .map(str::to_owned)
+            .collect();
+        let dotted = path.join(".");
+        let (printed, output) = match try_printed_settings(program, &[(name, value)]) {
+            Ok(found) => found,
+            Err(e) => {
+                failures.push(format!("{example}: {e}"));
+                continue;
+            }
+        };
+        let printed = json_leaves(&printed);
+        match printed.get(&path) {
+            None => failures.push(format!("{example}: no setting {dotted} is printed")),
+            Some(shown) if shown == crate::config::secret::REDACTED && value != shown => {
+                // A secret: hidden, and nowhere in the output (short placeholders such as
+                // `...` could match anything).
+                if value.len() >= 8 && output.contains(value.as_str()) {
+                    failures.push(format!("{example}: the secret is printed"));
+                }
+            }
+            Some(shown) if text(shown) != *value => failures.push(format!(
+                "{example}: {dotted} is {shown}, not the value given"
+            )),
+            Some(_) => {}
+        }
+        let allowed: Vec<&str> = std::iter::once(dotted.as_str())
+            .chain(
+                derived
+                    .iter()
+                    .filter(|(from, _)| *from == dotted)
+                    .map(|(_, to)| *to),
+            )
+            .collect();
+        let keys: std::collections::BTreeSet<&Vec<String>> =
+            default.keys().chain(printed.keys()).collect();
+        for key in keys {
+            let moved = default.get(key) != printed.get(key);
+            if moved && !allowed.contains(&key.join(".").as_str()) {
+                failures.push(format!(
+                    "{example}: {} moved from {} to {}",
+                    key.join("."),
+                    default
+                        .get(key)
+                        .map_or("(unset)".into(), ToString::to_string),
+                    printed
+                        .get(key)
+                        .map_or("(unset)".into(), ToString::to_string),
+                ));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} documented examples fail:\n{}",
+        failures.len(),
+        examples.len(),
+        failures.join("\n")
+    );
+    examples
 }
 
 /// A service binary running as a child process, for tests and demos that exercise the real
@@ -379,7 +598,7 @@ impl ReadRecord {
 pub async fn read_topic(topic: &str, n: usize, timeout: Duration) -> Vec<ReadRecord> {
     use rdkafka::consumer::{Consumer, StreamConsumer};
     let consumer: StreamConsumer = kafka()
-        .client_config()
+        .client_config(ClientKind::Consumer)
         .set("group.id", unique("reader"))
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
@@ -412,7 +631,7 @@ pub async fn read_ids(
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::{Offset, TopicPartitionList};
     let topic = topic.to_owned();
-    let client = config.client_config();
+    let client = config.client_config(ClientKind::Consumer);
     let mut missing = ids.clone();
     let total = ids.len();
     tokio::task::spawn_blocking(move || {
@@ -654,7 +873,7 @@ pub async fn mid_batch_fetch() -> MidBatchFetch {
                     s.await.expect("delivered").expect("acknowledged");
                 }
             }
-            let client = kafka().client_config();
+            let client = kafka().client_config(crate::config::ClientKind::Consumer);
             tokio::task::spawn_blocking(move || {
                 let consumer: BaseConsumer = client
                     .clone()

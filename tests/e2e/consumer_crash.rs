@@ -41,9 +41,11 @@ async fn produce_versions(
     let mut kafka = testing::kafka();
     if testing::mid_batch_fetch().await == testing::MidBatchFetch::FromTheNextBatch {
         kafka
-            .settings
+            .producer_settings
             .insert("batch.num.messages".into(), "1".into());
-        kafka.settings.insert("linger.ms".into(), "0".into());
+        kafka
+            .producer_settings
+            .insert("linger.ms".into(), "0".into());
     }
     let producer: FutureProducer = ferrybox::kafka::durable_producer(&kafka).unwrap();
     let mut pending = Vec::new();
@@ -381,7 +383,7 @@ async fn a_consumer_resumes_from_an_offset_inside_a_record_batch_as_the_broker_s
     }
     let group = testing::unique("resume");
     let committer: BaseConsumer = testing::kafka()
-        .client_config()
+        .client_config(ferrybox::config::ClientKind::Consumer)
         .set("group.id", &group)
         .create()
         .unwrap();
@@ -393,7 +395,7 @@ async fn a_consumer_resumes_from_an_offset_inside_a_record_batch_as_the_broker_s
     drop(committer);
 
     let consumer: StreamConsumer = testing::kafka()
-        .client_config()
+        .client_config(ferrybox::config::ClientKind::Consumer)
         .set("group.id", &group)
         .set("enable.auto.commit", "false")
         // Were the committed offset not used, reading would start from the first record.

@@ -102,8 +102,10 @@ async fn replaying_the_sent_log_after_broker_data_loss_restores_the_consumer() {
     let (user_db, auth_db) = stack.stop_keeping_databases().await.unwrap();
 
     // The broker loses the topic's data.
-    let admin: AdminClient<DefaultClientContext> =
-        testing::kafka().client_config().create().unwrap();
+    let admin: AdminClient<DefaultClientContext> = testing::kafka()
+        .client_config(ferrybox::ClientKind::Admin)
+        .create()
+        .unwrap();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     for result in admin.delete_topics(&[&topic], &options).await.unwrap() {
         result.unwrap();
@@ -122,7 +124,10 @@ async fn replaying_the_sent_log_after_broker_data_loss_restores_the_consumer() {
         let topic = topic.clone();
         move || {
             use rdkafka::consumer::{BaseConsumer, Consumer};
-            let consumer: BaseConsumer = testing::kafka().client_config().create().unwrap();
+            let consumer: BaseConsumer = testing::kafka()
+                .client_config(ferrybox::ClientKind::Consumer)
+                .create()
+                .unwrap();
             (0..3).all(|p| {
                 consumer
                     .fetch_watermarks(&topic, p, Duration::from_secs(10))

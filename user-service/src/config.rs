@@ -4,10 +4,11 @@ use std::net::SocketAddr;
 
 use ferrybox::feed::FeedServerConfig;
 use ferrybox::{DatabaseConfig, KafkaConfig, RelayConfig, TopicConfig};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-/// Everything user-service can be configured with.
-#[derive(Debug, Clone, Deserialize)]
+/// Everything user-service can be configured with. Serializing it (`check-config --print`)
+/// writes secrets as `"[redacted]"`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
     /// HTTP listen address.
@@ -26,12 +27,15 @@ pub struct Settings {
     pub feed: FeedServerConfig,
     /// When set, `GET /snapshot` and `GET /events` (which other services call, and which carry
     /// password hashes) need `Authorization: Bearer <token>`. Never logged.
+    #[serde(serialize_with = "ferrybox::config::secret::serialize_option")]
     pub internal_token: Option<secrecy::SecretString>,
     /// The credential other services present (`Authorization: Bearer <it>`) to change any
     /// user. Never logged.
+    #[serde(serialize_with = "ferrybox::config::secret::serialize_option")]
     pub service_token: Option<secrecy::SecretString>,
     /// auth-service's token secret: session tokens signed with it let a user change their own
     /// account. Never logged.
+    #[serde(serialize_with = "ferrybox::config::secret::serialize_option")]
     pub token_secret: Option<secrecy::SecretString>,
     /// `POST /users` without a token (self sign-up). Off: only the service credential registers.
     pub open_registration: bool,
@@ -85,5 +89,99 @@ impl Settings {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use ferrybox::testing;
+
+    use super::*;
+
+    fn exposed(settings: &Settings) -> serde_json::Value {
+        testing::with_secrets_exposed(|| serde_json::to_value(settings).unwrap())
+    }
+
+    /// Every setting set to something other than its default.
+    fn everything_set() -> Settings {
+        let mut kafka = KafkaConfig::new("broker:9093");
+        kafka
+            .settings
+            .insert("sasl_password".into(), "kafka-pw".into());
+        kafka
+            .producer_settings
+            .insert("linger.ms".into(), "10".into());
+        kafka
+            .consumer_settings
+            .insert("fetch_wait_max_ms".into(), "5".into());
+        kafka
+            .admin_settings
+            .insert("ssl.key.password".into(), "admin-pw".into());
+        kafka.strict_durability = true;
+        kafka.allow_weak_durability = true;
+        Settings {
+            listen: SocketAddr::from(([0, 0, 0, 0], 9000)),
+            database: DatabaseConfig {
+                max_connections: 7,
+                ..DatabaseConfig::new("postgres://app:pw@db:5433/users")
+            },
+            kafka,
+            schema_registry_url: "http://registry:8085".into(),
+            users_topic: TopicConfig {
+                name: "people".into(),
+                partitions: 12,
+                replication_factor: 3,
+            },
+            relay: RelayConfig {
+                batch_size: 10,
+                listen: false,
+                poll_interval: Duration::from_millis(7),
+                standby_interval: Duration::from_millis(8),
+                backoff: ferrybox::config::Backoff {
+                    initial: Duration::from_millis(9),
+                    max: Duration::from_millis(90),
+                },
+                retention: Duration::from_millis(11),
+                cleanup_interval: Duration::from_millis(12),
+            },
+            feed: FeedServerConfig {
+                default_limit: 13,
+                max_limit: 14,
+                max_wait: Duration::from_millis(15),
+                poll_interval: Duration::from_millis(16),
+            },
+            internal_token: Some("internal".into()),
+            service_token: Some("service".into()),
+            token_secret: Some("a signing secret of at least 32 bytes".into()),
+            open_registration: false,
+            log_json: true,
+            max_body_bytes: 17,
+        }
+    }
+
+    #[test]
+    fn the_defaults_come_back_from_the_loader_unchanged() {
+        // No file, and a prefix no variable has.
+        let loaded: Settings =
+            ferrybox::config::load(None, "USER_SERVICE_ROUND_TRIP_TEST_").unwrap();
+        let default = Settings::default();
+        assert_eq!(exposed(&loaded), exposed(&default));
+        assert_eq!(format!("{loaded:?}"), format!("{default:?}"));
+    }
+
+    #[test]
+    fn every_setting_round_trips_through_the_loader() {
+        let set = everything_set();
+        // The check covers every field: a new one must be set above too.
+        let default = testing::json_leaves(&exposed(&Settings::default()));
+        for (path, value) in testing::json_leaves(&exposed(&set)) {
+            assert_ne!(default.get(&path), Some(&value), "{path:?} is not set");
+        }
+        let loaded =
+            ferrybox::config::load_over(&set, None, "USER_SERVICE_ROUND_TRIP_TEST_").unwrap();
+        assert_eq!(exposed(&loaded), exposed(&set));
+        assert_eq!(format!("{loaded:?}"), format!("{set:?}"));
     }
 }

@@ -36,7 +36,12 @@ enum Command {
     Migrate,
     /// Check the configuration (file and `USER_SERVICE_*` variables) and exit: status 0 when
     /// it is valid, 1 with the reason otherwise. Connects to nothing.
-    CheckConfig,
+    CheckConfig {
+        /// Print the effective settings (defaults, then the file, then the environment) as
+        /// JSON instead of `configuration ok`; secrets are printed as "[redacted]".
+        #[arg(long)]
+        print: bool,
+    },
     /// Inspect the outbox and replay its sent log.
     Outbox {
         #[command(subcommand)]
@@ -96,7 +101,10 @@ async fn main() -> anyhow::Result<ExitCode> {
     let _telemetry = ferrybox::telemetry::init("user-service", settings.log_json);
     match cli.command.unwrap_or(Command::Serve) {
         Command::Migrate => user_service::startup::migrate(&settings).await?,
-        Command::CheckConfig => println!("configuration ok"),
+        Command::CheckConfig { print: false } => println!("configuration ok"),
+        Command::CheckConfig { print: true } => {
+            println!("{}", serde_json::to_string_pretty(&settings)?);
+        }
         Command::Serve => {
             let shutdown = ferrybox::shutdown::on_signals();
             let app = Application::build(settings).await?;

@@ -1,5 +1,6 @@
 //! The real `user-service` executable: it starts, serves, and stops cleanly on SIGTERM; a bad
-//! configuration stops it at start-up with a clear error and no secret in it.
+//! configuration stops it at start-up with a clear error and no secret in it; `check-config
+//! --print` shows the effective settings.
 
 use std::time::Duration;
 
@@ -69,4 +70,79 @@ async fn a_bad_configuration_fails_fast_without_leaking_secrets() {
         .unwrap();
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("batch_siz"));
+}
+
+#[test]
+fn check_config_prints_the_effective_settings_without_secrets() {
+    const SECRETS: [&str; 5] = [
+        "db-hunter2",
+        "kafka-s3cret",
+        "internal-t0ken",
+        "service-t0ken",
+        "signing-secret-of-at-least-32-bytes!",
+    ];
+    let (default, _) = testing::printed_settings(EXE.as_ref(), &[]);
+    assert_eq!(default["listen"], "127.0.0.1:8080");
+    assert_eq!(default["users_topic"]["name"], "users");
+    assert_eq!(default["database"]["url"], "[redacted]");
+    assert_eq!(default["internal_token"], serde_json::Value::Null);
+
+    let (printed, output) = testing::printed_settings(
+        EXE.as_ref(),
+        &[
+            (
+                "USER_SERVICE_DATABASE__URL",
+                "postgres://app:db-hunter2@db/users",
+            ),
+            (
+                "USER_SERVICE_KAFKA__SETTINGS__SASL_PASSWORD",
+                "kafka-s3cret",
+            ),
+            ("USER_SERVICE_INTERNAL_TOKEN", "internal-t0ken"),
+            ("USER_SERVICE_SERVICE_TOKEN", "service-t0ken"),
+            ("USER_SERVICE_TOKEN_SECRET", SECRETS[4]),
+            ("USER_SERVICE_LISTEN", "0.0.0.0:9000"),
+        ],
+    );
+    for secret in SECRETS {
+        assert!(
+            !output.contains(secret),
+            "the print leaks {secret}:\n{output}"
+        );
+    }
+    assert_eq!(printed["listen"], "0.0.0.0:9000");
+    assert_eq!(printed["database"]["url"], "[redacted]");
+    assert_eq!(printed["kafka"]["settings"]["sasl_password"], "[redacted]");
+    for token in ["internal_token", "service_token", "token_secret"] {
+        assert_eq!(printed[token], "[redacted]", "{token}");
+    }
+}
+
+/// Every `USER_SERVICE_…=` example in the README, alone, sets exactly the setting it names.
+#[test]
+fn every_variable_the_readme_shows_sets_exactly_its_setting() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+        .expect("the README");
+    let checked = testing::check_documented_variables(EXE.as_ref(), "USER_SERVICE_", &readme, &[]);
+    eprintln!("checked {} examples: {checked:?}", checked.len());
+}
+
+/// `USER_SERVICE_CONFIG` names the settings file (`--config`); it is not a setting itself.
+#[test]
+fn the_config_variable_names_the_settings_file() {
+    let file = std::env::temp_dir()
+        .join(testing::unique("user-service-config"))
+        .with_extension("toml");
+    std::fs::write(
+        &file,
+        "max_body_bytes = 1234\n[database]\nmax_connections = 3\n",
+    )
+    .unwrap();
+    let (printed, _) = testing::printed_settings(
+        EXE.as_ref(),
+        &[("USER_SERVICE_CONFIG", file.to_str().unwrap())],
+    );
+    std::fs::remove_file(&file).unwrap();
+    assert_eq!(printed["max_body_bytes"], 1234);
+    assert_eq!(printed["database"]["max_connections"], 3);
 }

@@ -282,7 +282,7 @@ async fn relay_rides_out_a_broker_outage_without_a_restart() {
     let mut broker = PrivateBroker::start().await;
     let mut kafka = broker.kafka();
     kafka
-        .settings
+        .producer_settings
         .insert("message.timeout.ms".into(), "2000".into());
     let topic = ferrybox::TopicConfig {
         partitions: 2,
@@ -475,7 +475,7 @@ async fn outbox_status_and_replay_subcommands() {
         db.config(),
         &{
             let mut k = ferrybox::KafkaConfig::new("127.0.0.1:1");
-            k.settings
+            k.producer_settings
                 .insert("message.timeout.ms".into(), "1000".into());
             k
         },

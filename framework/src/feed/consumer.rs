@@ -36,7 +36,7 @@ pub enum OnUndecodable {
 }
 
 /// Where and how a feed consumer pulls.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FeedConfig {
     /// The producer's `events` endpoint, e.g. `http://user-service:8080/events`.
@@ -53,6 +53,7 @@ pub struct FeedConfig {
     /// Delays between attempts when the producer cannot be reached.
     pub backoff: Backoff,
     /// Sent as `Authorization: Bearer <token>` (the producer's internal token). Never logged.
+    #[serde(serialize_with = "crate::config::secret::serialize_option")]
     pub token: Option<SecretString>,
 }
 

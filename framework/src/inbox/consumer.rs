@@ -13,7 +13,7 @@ use super::config::{InboxConfig, InboxStats};
 use super::handler::Handler;
 use super::pipeline::{Pipeline, Progress};
 use crate::codec::AvroCodec;
-use crate::config::KafkaConfig;
+use crate::config::{ClientKind, KafkaConfig};
 use crate::contract::ReaderSchemas;
 use crate::db::PgPool;
 use crate::error::{Error, Result};
@@ -101,29 +101,36 @@ impl<H: Handler> InboxConsumer<H> {
         kafka.validate()?;
         config.validate()?;
         if kafka
-            .setting("enable.auto.offset.store")
+            .setting(ClientKind::Consumer, "enable.auto.offset.store")
             .is_some_and(|v| v != "false")
         {
             return Err(Error::Config(
                 "enable.auto.offset.store must stay false: offsets are stored after the inbox commit".into(),
             ));
         }
-        let mut client = kafka.client_config_with_defaults(&[
-            ("enable.auto.commit", "true"),
-            ("auto.offset.reset", "earliest"),
-            ("enable.partition.eof", "false"),
-        ]);
+        let mut client = kafka.client_config_with_defaults(
+            ClientKind::Consumer,
+            &[
+                ("enable.auto.commit", "true"),
+                ("auto.offset.reset", "earliest"),
+                ("enable.partition.eof", "false"),
+            ],
+        );
         client
             .set("group.id", &config.group_id)
             .set("enable.auto.offset.store", "false");
         if let Some(instance) = config.instance_id()
-            && kafka.setting("group.instance.id").is_none()
+            && kafka
+                .setting(ClientKind::Consumer, "group.instance.id")
+                .is_none()
         {
             client.set("group.instance.id", instance);
         }
         // Lag per partition comes from librdkafka's statistics, when metrics are on.
         if crate::metrics::instruments().is_some()
-            && kafka.setting("statistics.interval.ms").is_none()
+            && kafka
+                .setting(ClientKind::Consumer, "statistics.interval.ms")
+                .is_none()
         {
             client.set("statistics.interval.ms", LAG_INTERVAL_MS);
         }

@@ -62,7 +62,7 @@ pub trait Cache: Send + Sync + 'static {
 }
 
 /// When and against what the reconciler runs.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ReconcileConfig {
     /// The producer's snapshot endpoint, e.g. `http://user-service:8080/snapshot`.
@@ -79,6 +79,7 @@ pub struct ReconcileConfig {
     #[serde(with = "duration_ms", rename = "timeout_ms")]
     pub timeout: Duration,
     /// Sent as `Authorization: Bearer <token>` (the producer's internal token). Never logged.
+    #[serde(serialize_with = "crate::config::secret::serialize_option")]
     pub token: Option<SecretString>,
 }
 

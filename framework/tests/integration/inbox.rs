@@ -118,7 +118,7 @@ pub(crate) async fn publish_all(fx: &Fixture) {
 /// The committed offset of partition 0 for `group`, if any.
 pub(crate) fn committed_offset(topic: &str, group: &str) -> Option<i64> {
     let consumer: BaseConsumer = testing::kafka()
-        .client_config()
+        .client_config(ferrybox::ClientKind::Consumer)
         .set("group.id", group)
         .create()
         .unwrap();

@@ -150,7 +150,7 @@ async fn relay_marks_nothing_the_broker_did_not_acknowledge() {
     // A broker address nothing listens on, and a short delivery timeout.
     let mut unreachable = KafkaConfig::new("127.0.0.1:1");
     unreachable
-        .settings
+        .producer_settings
         .insert("message.timeout.ms".into(), "1500".into());
     let relay = Relay::new(fx.db.config(), &unreachable, Fixture::relay_config()).unwrap();
     let mut conn = AsyncPgConnection::establish(fx.db.url()).await.unwrap();

@@ -361,7 +361,7 @@ async fn status_reports_backlog_errors_and_the_sent_log() {
 
     let mut unreachable = ferrybox::KafkaConfig::new("127.0.0.1:1");
     unreachable
-        .settings
+        .producer_settings
         .insert("message.timeout.ms".into(), "1000".into());
     let failing = Relay::new(fx.db.config(), &unreachable, Fixture::relay_config()).unwrap();
     assert_eq!(failing.publish_batch(&mut conn).await.unwrap().failed, 2);

@@ -49,7 +49,9 @@ fn consumer_kafka() -> ferrybox::KafkaConfig {
     let mut kafka = testing::kafka();
     let wait = std::env::var("FERRYBOX_BENCH_FETCH_WAIT_MS")
         .unwrap_or_else(|_| DEFAULT_FETCH_WAIT_MS.to_owned());
-    kafka.settings.insert("fetch.wait.max.ms".into(), wait);
+    kafka
+        .consumer_settings
+        .insert("fetch.wait.max.ms".into(), wait);
     kafka
 }
 
@@ -137,7 +139,7 @@ fn readings(n: usize) -> Vec<Reading> {
 /// Produces `n` encoded messages straight to `topic` (not part of any measurement).
 async fn prefill(topic: &str, codec: &AvroCodec, n: usize) -> anyhow::Result<()> {
     let producer: FutureProducer = testing::kafka()
-        .client_config()
+        .client_config(ferrybox::ClientKind::Producer)
         .set("linger.ms", "20")
         .create()?;
     let mut pending = Vec::new();
@@ -189,11 +191,14 @@ fn readings_inbox(
 /// inbox (timed, like the inbox, from subscribing).
 async fn bare_consume_rate(topic: &str) -> anyhow::Result<f64> {
     let consumer: StreamConsumer = consumer_kafka()
-        .client_config_with_defaults(&[
-            ("enable.auto.commit", "true"),
-            ("auto.offset.reset", "earliest"),
-            ("enable.partition.eof", "false"),
-        ])
+        .client_config_with_defaults(
+            ferrybox::ClientKind::Consumer,
+            &[
+                ("enable.auto.commit", "true"),
+                ("auto.offset.reset", "earliest"),
+                ("enable.partition.eof", "false"),
+            ],
+        )
         .set("group.id", testing::unique("bare"))
         .set("enable.auto.offset.store", "false")
         .create()?;
@@ -295,7 +300,7 @@ async fn naive_rate(codec: &AvroCodec) -> anyhow::Result<f64> {
     prefill(&topic, codec, NAIVE_MESSAGES).await?;
     let (_db, mut conn) = database().await?;
     let consumer: StreamConsumer = consumer_kafka()
-        .client_config()
+        .client_config(ferrybox::ClientKind::Consumer)
         .set("group.id", testing::unique("naive"))
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
