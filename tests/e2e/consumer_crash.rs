@@ -353,7 +353,7 @@ async fn a_feed_consumer_killed_mid_batch_again_and_again_resumes_with_no_gap_an
 /// does. tansu 0.6's in-memory engine serves the next batch instead, skipping the rest of the
 /// batch for that consumer (see [`testing::MidBatchFetch`]): then this test proves exactly
 /// that, and the crash tests below produce one record per batch, so no resume point falls
-/// inside a batch. Against Kafka (`FERRYBOX_KAFKA`) they run on the producer's own batches.
+/// inside a batch. Against Kafka (`FERRYBOX_TEST_KAFKA`) they run on the producer's own batches.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_consumer_resumes_from_an_offset_inside_a_record_batch_as_the_broker_serves_it() {
     use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};

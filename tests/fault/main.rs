@@ -119,6 +119,18 @@ impl Cluster {
             ]
             .map(|(k, v)| (k.to_owned(), v)),
         );
+        // The one local-broker workaround: tansu 0.6 in memory serves a fetch from inside a
+        // record batch from the next batch (proved by `testing::mid_batch_fetch` and the e2e
+        // test of it), so an auth-service resuming inside one of the relay's message sets
+        // would miss its tail through no fault of Ferrybox's. On such a broker the relay's
+        // producer sends one record per message set; its own batches (thousands of rows
+        // claimed, sent and marked at once) stay as they are. Against Kafka nothing is set.
+        if testing::mid_batch_fetch().await == testing::MidBatchFetch::FromTheNextBatch {
+            user_env.push((
+                "USER_SERVICE_KAFKA__PRODUCER_SETTINGS__BATCH_NUM_MESSAGES".into(),
+                "1".into(),
+            ));
+        }
         for env in [&mut user_env, &mut auth_env] {
             env.push((
                 "RUST_LOG".into(),
@@ -561,7 +573,7 @@ async fn fault_run(transport: Transport) {
     assert_eq!(dead, 0, "no dead letters");
 
     // On the topic, per key, first deliveries follow version order.
-    let records = testing::read_topic(&cluster.topic, outbox.len(), CONVERGE).await;
+    let records = testing::read_ids(&testing::kafka(), &cluster.topic, &outbox, CONVERGE).await;
     let mut seen = BTreeSet::new();
     let mut last: BTreeMap<String, i64> = BTreeMap::new();
     let mut reordered = 0;

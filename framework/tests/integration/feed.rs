@@ -443,3 +443,26 @@ async fn a_waiting_request_is_answered_as_soon_as_new_events_are_recorded() {
     relay.stop().await;
     stop.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_feed_servers_listener_is_tracked_and_stops_with_its_shutdown() {
+    let fx = Fixture::new(1).await;
+    let stop = CancellationToken::new();
+    let feed = FeedServer::start(
+        fx.pool.clone(),
+        &fx.db.config(),
+        FeedServerConfig::default(),
+        &stop,
+    )
+    .unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), feed.stopped())
+            .await
+            .is_err(),
+        "the listener runs until shutdown"
+    );
+    stop.cancel();
+    tokio::time::timeout(TIMEOUT, feed.stopped())
+        .await
+        .expect("the listener stops and is awaited");
+}
