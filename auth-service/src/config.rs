@@ -171,6 +171,7 @@ mod tests {
         s.listen = SocketAddr::from(([0, 0, 0, 0], 9000));
         s.database = DatabaseConfig::new("postgres://app:pw@db:5433/auth");
         s.database.max_connections = 7;
+        s.database.pool_timeout = Duration::from_millis(27);
         s.kafka.bootstrap_servers = "broker:9093".into();
         s.kafka
             .settings
@@ -191,6 +192,8 @@ mod tests {
         s.users_topic.replication_factor = 3;
         s.inbox.group_id = "auth-2".into();
         s.inbox.consumer_name = Some("auth-consumer".into());
+        s.inbox.static_membership = false;
+        s.inbox.instance_id = Some("auth-pod-0".into());
         s.inbox.consumer_version = Some("1.2.3".into());
         s.inbox.batch_size = 10;
         s.inbox.batch_linger = Duration::from_millis(11);

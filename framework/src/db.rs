@@ -36,6 +36,7 @@ pub fn pool(config: &DatabaseConfig) -> Result<PgPool> {
         .runtime(deadpool::Runtime::Tokio1)
         .wait_timeout(Some(config.pool_timeout))
         .create_timeout(Some(config.pool_timeout))
+        .recycle_timeout(Some(config.pool_timeout))
         .build()
         .map_err(|e| Error::Pool(e.to_string()))
 }
@@ -48,9 +49,13 @@ pub fn pool(config: &DatabaseConfig) -> Result<PgPool> {
 pub async fn establish(url: &str) -> diesel::ConnectionResult<AsyncPgConnection> {
     use diesel_async::{AsyncConnection, RunQueryDsl};
     let mut conn = AsyncPgConnection::establish(url).await?;
-    if let Err(e) = diesel::sql_query("SET lc_messages TO 'C'")
-        .execute(&mut conn)
-        .await
+    // Where the role may not set it, the server's setting stays (and nothing is logged).
+    if let Err(e) = diesel::sql_query(
+        "DO $$ BEGIN SET lc_messages TO 'C'; \
+         EXCEPTION WHEN insufficient_privilege THEN NULL; END $$",
+    )
+    .execute(&mut conn)
+    .await
     {
         tracing::debug!(error = %e, "lc_messages not set; server messages stay as configured");
     }
@@ -60,8 +65,9 @@ pub async fn establish(url: &str) -> diesel::ConnectionResult<AsyncPgConnection>
 /// Takes a connection from the pool, waiting at most the pool's timeout.
 pub async fn connection(pool: &PgPool) -> Result<PooledConnection> {
     use deadpool::managed::PoolError;
+    use deadpool::managed::TimeoutType;
     pool.get().await.map_err(|e| match e {
-        PoolError::Timeout(_) => Error::Pool(format!(
+        PoolError::Timeout(TimeoutType::Wait) => Error::Pool(format!(
             "no database connection free within the pool timeout (all {} in use): raise \
              database.max_connections or database.pool_timeout_ms, or lower the load",
             pool.status().max_size

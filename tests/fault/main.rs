@@ -433,18 +433,16 @@ async fn kill_while_draining(cluster: &mut Cluster, rng: &mut StdRng) -> Vec<Whi
         cluster.kill_and_restart(Which::User, Duration::ZERO).await;
         kills.push(Which::User);
     }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while cluster.active_relay().await != Some(Which::Standby) {
-        if tokio::time::Instant::now() > deadline {
-            return kills;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until(START, "the standby relay takes over", || async {
+        cluster.active_relay().await == Some(Which::Standby)
+    })
+    .await;
     let pid = cluster.pid(Which::Standby).unwrap();
     signal("STOP", pid).await;
     let before = backlog(cluster).await;
     tokio::time::sleep(Duration::from_millis(rng.random_range(1_500..3_000))).await;
     let piled = backlog(cluster).await - before;
+    assert!(piled > 0, "writes pile up behind the frozen relay");
     cluster
         .kill_and_restart(Which::Standby, Duration::ZERO)
         .await;

@@ -125,6 +125,7 @@ mod tests {
             listen: SocketAddr::from(([0, 0, 0, 0], 9000)),
             database: DatabaseConfig {
                 max_connections: 7,
+                pool_timeout: Duration::from_millis(27),
                 ..DatabaseConfig::new("postgres://app:pw@db:5433/users")
             },
             kafka,

@@ -1,6 +1,5 @@
 //! The producer's side of the feed: an `events` endpoint over the sent log.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -99,24 +98,37 @@ struct EventsQuery {
 #[derive(Queryable, Selectable)]
 #[diesel(table_name = outbox)]
 struct FeedRow {
+    id: i64,
     feed_position: Option<i64>,
     message_id: uuid::Uuid,
     topic: String,
     message_key: String,
     message_type: String,
+    entity_version: i64,
+    occurred_at: chrono::DateTime<chrono::Utc>,
     headers: serde_json::Value,
     payload: Vec<u8>,
 }
 
 impl FeedRow {
     fn into_event(self) -> FeedEvent {
+        // The same headers the relay sends to Kafka: a damaged row still carries its envelope.
+        let headers = crate::outbox::envelope_headers(
+            &self.headers,
+            self.id,
+            self.message_id,
+            &self.message_type,
+            &self.message_key,
+            self.entity_version,
+            self.occurred_at,
+        );
         FeedEvent {
             position: self.feed_position.unwrap_or_default(),
             id: self.message_id,
             topic: self.topic,
             key: self.message_key,
             message_type: self.message_type,
-            headers: BTreeMap::deserialize(&self.headers).unwrap_or_default(),
+            headers,
             payload: base64::engine::general_purpose::STANDARD.encode(self.payload),
         }
     }

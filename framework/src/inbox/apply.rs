@@ -327,14 +327,16 @@ impl<H: Handler> Applier<H> {
         let result = tx
             .transaction::<_, HandlerError, _>(async |savepoint| {
                 let (what, work) = match handling {
+                    // Calls inside the futures, so a handler that panics before it returns
+                    // its future is caught too.
                     Handling::Batch(messages) => (
                         "batch handler",
-                        self.handler.handle_batch(savepoint, messages).boxed(),
+                        async move { self.handler.handle_batch(savepoint, messages).await }.boxed(),
                     ),
                     Handling::One(message) => (
                         "handler",
                         tracing::Instrument::instrument(
-                            self.handler.handle(savepoint, message),
+                            async move { self.handler.handle(savepoint, message).await },
                             message.span(),
                         )
                         .boxed(),
@@ -374,12 +376,19 @@ async fn within_limit<F: std::future::Future>(
     if let Ok(done) = tokio::time::timeout(limit, &mut work).await {
         return Ok(done);
     }
+    cancel_statement(cancel).await;
+    if tokio::time::timeout(CANCEL_GRACE, &mut work).await.is_ok() {
+        return Err("its statement was cancelled on the server");
+    }
+    // Still going (it was between statements at the first cancel, and started another):
+    // cancel what runs now, so the savepoint's rollback does not queue behind it.
+    cancel_statement(cancel).await;
+    Err("it did not return after its statement was cancelled and was dropped")
+}
+
+async fn cancel_statement(cancel: &tokio_postgres::CancelToken) {
     if let Err(e) = cancel.cancel_query(tokio_postgres::NoTls).await {
         tracing::warn!(error = %e, "could not cancel the handler's statement");
-    }
-    match tokio::time::timeout(CANCEL_GRACE, &mut work).await {
-        Ok(_) => Err("its statement was cancelled on the server"),
-        Err(_) => Err("it did not return after its statement was cancelled and was dropped"),
     }
 }
 

@@ -22,7 +22,8 @@ pub struct InboxConfig {
     /// takes its own place in the group back at once, with no rebalance, instead of waiting
     /// for its dead predecessor to be evicted (on Apache Kafka after `session.timeout.ms`; on
     /// the local tansu broker, never). Failure modes: two live processes with one instance id
-    /// fence each other (the newer one wins and the older stops with a fatal error); an
+    /// fence each other (the newer one wins; the older one's client fails for good, its
+    /// consumer stops, and a supervised service fails readiness and exits); an
     /// instance that never comes back keeps its partitions until `session.timeout.ms` passes
     /// (on Kafka) and is not evicted at all on tansu. Turn it off for short-lived consumers.
     pub static_membership: bool,
@@ -43,7 +44,9 @@ pub struct InboxConfig {
     /// Delay between attempts.
     pub backoff: Backoff,
     /// The longest a handler may run before its attempt counts as a retryable failure; keeps a
-    /// slow handler from pushing the consumer out of its group.
+    /// slow handler from pushing the consumer out of its group. Past it, the statement the
+    /// handler runs is cancelled on the server and the handler gets 5 s more to return before
+    /// it is dropped (what still runs then is cancelled too).
     #[serde(with = "duration_ms", rename = "handler_timeout_ms")]
     pub handler_timeout: Duration,
     /// Where dead letters are also published (with their origin in headers); none when unset.

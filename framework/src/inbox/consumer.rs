@@ -178,14 +178,19 @@ impl<H: Handler> InboxConsumer<H> {
     pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
         let cleaner = self.pipeline.spawn_cleaner(&shutdown);
         let mut receive_failures = 0u32;
-        let mut batch = self.gather(&shutdown, &mut receive_failures).await;
+        let mut fatal = None;
+        let mut batch = self
+            .gather(&shutdown, &mut receive_failures, &mut fatal)
+            .await;
         let mut checked = None;
         // The next batch is gathered, and its keys checked against open dead letters, while
         // this one is applied: receiving and copying records is the consumer's work, applying
         // them the database's.
         while let Some(records) = batch.take() {
             let gather_next = async {
-                let next = self.gather(&shutdown, &mut receive_failures).await;
+                let next = self
+                    .gather(&shutdown, &mut receive_failures, &mut fatal)
+                    .await;
                 let blocked = match &next {
                     Some(records) => self.pipeline.blocked_keys(records).await,
                     None => None,
@@ -206,15 +211,21 @@ impl<H: Handler> InboxConsumer<H> {
             batch = next;
         }
         self.finish(cleaner, &shutdown).await;
-        Ok(())
+        match fatal {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     /// Receives the next batch: waits for one record, then takes what is already waiting, up
-    /// to `batch_size`. `None` on shutdown.
+    /// to `batch_size`. `None` on shutdown, or when the client failed for good (fenced by
+    /// another instance with its `group.instance.id`, a fatal librdkafka error): then `fatal`
+    /// says why, and the consumer stops, so a supervised service fails readiness and exits.
     async fn gather(
         &self,
         shutdown: &CancellationToken,
         receive_failures: &mut u32,
+        fatal: &mut Option<Error>,
     ) -> Option<Vec<Record>> {
         let config = &self.pipeline.config;
         let first = loop {
@@ -228,6 +239,18 @@ impl<H: Handler> InboxConsumer<H> {
                     break Record::from_kafka(&m);
                 }
                 Err(e) => {
+                    if let Some((code, reason)) = self.consumer.client().fatal_error() {
+                        *fatal = Some(Error::Kafka(
+                            rdkafka::error::KafkaError::MessageConsumptionFatal(code),
+                        ));
+                        tracing::error!(error = %e, reason, "the kafka consumer failed for good");
+                        return None;
+                    }
+                    if !Error::Kafka(e.clone()).is_retryable() {
+                        tracing::error!(error = %e, "kafka receive failed for good");
+                        *fatal = Some(Error::Kafka(e));
+                        return None;
+                    }
                     *receive_failures += 1;
                     tracing::warn!(error = %e, "kafka receive failed");
                     if sleep_or_shutdown(config.backoff.delay(*receive_failures), shutdown).await {

@@ -482,8 +482,13 @@ impl DeadLetters {
                     .redrive_one(&mut conn, &applier, &letter, &mut report)
                     .await?
                 {
-                    let left = self.list_on(&mut conn, &filter, None).await?.len();
-                    report.still_parked += u64::try_from(left.saturating_sub(1)).unwrap_or(0);
+                    let parked = self
+                        .list_on(&mut conn, &filter, None)
+                        .await?
+                        .iter()
+                        .filter(|d| d.status == "parked")
+                        .count();
+                    report.still_parked += u64::try_from(parked).unwrap_or(0);
                     break;
                 }
             }
@@ -511,6 +516,16 @@ impl DeadLetters {
                         .bind::<Text, _>(lock_name(consumer, key))
                         .execute(tx)
                         .await?;
+                }
+                // Another redrive may have finished it meanwhile: look again under the lock.
+                let status: String = dl::table
+                    .find(letter.id)
+                    .select(dl::status)
+                    .for_update()
+                    .first(tx)
+                    .await?;
+                if status == "redriven" {
+                    return Ok(Ok(Some(Outcome::Duplicate)));
                 }
                 let failure = match prepared {
                     Ok(message) => {

@@ -15,7 +15,8 @@ use crate::message::IncomingMessage;
 pub struct ReceivedMessage {
     /// Id, type, key, entity version, origin and headers.
     pub envelope: IncomingMessage,
-    /// The payload decoded with the writer's schema.
+    /// The payload: decoded with the writer's schema and, when the consumer has reader schemas
+    /// (its contract, `with_reader_schemas`), resolved into the reader's.
     pub value: Value,
 }
 
@@ -55,8 +56,8 @@ pub enum HandlerError {
     #[error("permanent: {0}")]
     Permanent(#[source] BoxError),
     /// The handler panicked: a bug, treated as a permanent failure of this message (it is
-    /// dead-lettered with the panic's text and its key parked), never as the end of the
-    /// consumer.
+    /// dead-lettered with the panic's text and its key parked, or, for a feed consumer that
+    /// halts on permanent failures, halts it), never as a dead consumer task.
     #[error("handler panicked: {0}")]
     Panicked(String),
 }

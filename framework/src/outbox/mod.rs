@@ -9,5 +9,5 @@ pub mod sent_log;
 
 pub use enqueue::{Outbox, RELAY_WAITING_LOCK};
 pub use relay::{BatchOutcome, Relay, RelayConfig};
-pub(crate) use relay::{listen, sleep_or_shutdown};
+pub(crate) use relay::{envelope_headers, listen, sleep_or_shutdown};
 pub use sent_log::{OutboxStatus, ReplayOptions, ReplayReport, ReplaySelection};

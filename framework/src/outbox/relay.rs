@@ -140,37 +140,57 @@ impl OutboxRecord {
         &self.topic
     }
 
-    /// The headers the record is sent with: the stored ones, with the CloudEvents headers the
-    /// row's own columns determine (id, type, subject, time, entity version) always set from
-    /// those columns. Stored headers that are not a JSON object of text are read leniently
-    /// (numbers and booleans as text, the rest left out, with a warning), so a damaged row is
-    /// still published with what a consumer needs to deduplicate and decode it.
+    /// The headers the record is sent with (see [`envelope_headers`]).
     pub(super) fn headers(&self) -> BTreeMap<String, String> {
-        use crate::message::headers as h;
-        let mut map = BTreeMap::<String, String>::deserialize(&self.headers).unwrap_or_else(|e| {
-            tracing::warn!(id = self.id, message_id = %self.message_id, error = %e,
-                "stored headers are not a map of text; publishing with what can be read and the row's own envelope");
-            lenient_headers(&self.headers)
-        });
-        for (name, value) in [
-            (h::ID, self.message_id.to_string()),
-            (h::TYPE, self.message_type.clone()),
-            (h::SUBJECT, self.message_key.clone()),
-            (h::ENTITY_VERSION, self.entity_version.to_string()),
-            (
-                h::TIME,
-                self.occurred_at
-                    .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-            ),
-        ] {
-            map.insert(name.to_owned(), value);
-        }
-        map.entry(h::SPEC_VERSION.to_owned())
-            .or_insert_with(|| "1.0".to_owned());
-        map.entry(h::CONTENT_TYPE.to_owned())
-            .or_insert_with(|| h::AVRO_CONTENT_TYPE.to_owned());
-        map
+        envelope_headers(
+            &self.headers,
+            self.id,
+            self.message_id,
+            &self.message_type,
+            &self.message_key,
+            self.entity_version,
+            self.occurred_at,
+        )
     }
+}
+
+/// The headers an outbox row goes out with, on Kafka and on the feed: the stored ones, with
+/// the CloudEvents headers the row's own columns determine (id, type, subject, time, entity
+/// version) always set from those columns. Stored headers that are not a JSON object of text
+/// are read leniently (numbers and booleans as text, the rest left out, with a warning), so a
+/// damaged row still carries what a consumer needs to deduplicate and decode it.
+pub(crate) fn envelope_headers(
+    stored: &serde_json::Value,
+    row: i64,
+    message_id: uuid::Uuid,
+    message_type: &str,
+    key: &str,
+    entity_version: i64,
+    occurred_at: chrono::DateTime<chrono::Utc>,
+) -> BTreeMap<String, String> {
+    use crate::message::headers as h;
+    let mut map = BTreeMap::<String, String>::deserialize(stored).unwrap_or_else(|e| {
+        tracing::warn!(id = row, %message_id, error = %e,
+            "stored headers are not a map of text; sending what can be read and the row's own envelope");
+        lenient_headers(stored)
+    });
+    for (name, value) in [
+        (h::ID, message_id.to_string()),
+        (h::TYPE, message_type.to_owned()),
+        (h::SUBJECT, key.to_owned()),
+        (h::ENTITY_VERSION, entity_version.to_string()),
+        (
+            h::TIME,
+            occurred_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        ),
+    ] {
+        map.insert(name.to_owned(), value);
+    }
+    map.entry(h::SPEC_VERSION.to_owned())
+        .or_insert_with(|| "1.0".to_owned());
+    map.entry(h::CONTENT_TYPE.to_owned())
+        .or_insert_with(|| h::AVRO_CONTENT_TYPE.to_owned());
+    map
 }
 
 /// The text, number and boolean entries of a JSON object; nothing from anything else.
@@ -356,6 +376,8 @@ impl Relay {
     ) -> Result<()> {
         let wake = Arc::new(Notify::new());
         let listening = shutdown.child_token();
+        // Stops the listener however this function ends, also when its future is dropped.
+        let _stop_listening = listening.clone().drop_guard();
         let listener = tokio_util::task::TaskTracker::new();
         if self.config.listen {
             let url = self.database.url.expose_secret().to_owned();

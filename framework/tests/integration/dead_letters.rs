@@ -211,7 +211,10 @@ async fn a_rebalance_mid_stream_loses_nothing_and_applies_nothing_twice() {
         async || u64::try_from(fx.count("SELECT count(*) AS n FROM applied").await).unwrap();
     let keys = u64::try_from(KEYS).unwrap();
 
-    // A consumes alone.
+    // A consumes alone. Two members of one group in one process: dynamic membership (one
+    // static id would have B fence A instead of sharing partitions with it).
+    let mut config = config;
+    config.static_membership = false;
     let a = start_reading(&fx, config.clone(), Recorder::default(), None);
     publish_next(&mut version).await;
     wait_until(TIMEOUT, "A applied the first round", || async {
