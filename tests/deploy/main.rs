@@ -108,23 +108,6 @@ fn environment(compose: &Value, service: &str) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// A workspace binary, built by `make test` (cargo builds every package's binaries for the
-/// workspace's tests).
-fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target directory");
-    let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: build the workspace first (make test does)",
-        path.display()
-    );
-    path
-}
-
 #[test]
 fn the_compose_file_is_valid_by_the_compose_specification() {
     let (valid, output) = validate(&compose_file());
@@ -161,7 +144,7 @@ fn every_variable_given_to_a_service_is_one_its_configuration_reads() {
         }
         // The binary refuses unknown keys (serde `deny_unknown_fields`) and bad values.
         run_ok(
-            Command::new(binary(service))
+            Command::new(ferrybox_e2e::workspace_binary(service))
                 .arg("check-config")
                 .env_clear()
                 .envs(&env),
@@ -169,7 +152,7 @@ fn every_variable_given_to_a_service_is_one_its_configuration_reads() {
         // ...which this check relies on: a misspelt variable is an error.
         let mut misspelt = env.clone();
         misspelt.insert(format!("{prefix}KAFKA__STRICT_DURABLITY"), "true".into());
-        let out = Command::new(binary(service))
+        let out = Command::new(ferrybox_e2e::workspace_binary(service))
             .arg("check-config")
             .env_clear()
             .envs(&misspelt)

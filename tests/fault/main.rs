@@ -18,7 +18,6 @@
 //! (default 30); `make fault-soak` runs many seeds longer.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use diesel::QueryableByName;
@@ -35,23 +34,6 @@ use serde_json::json;
 const CONVERGE: Duration = Duration::from_secs(240);
 const START: Duration = Duration::from_secs(60);
 const WRITERS: usize = 4;
-
-/// A workspace binary, built by `make test` (cargo builds every package's binaries for the
-/// workspace's tests).
-fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target directory");
-    let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: build the workspace first",
-        path.display()
-    );
-    path
-}
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Transport {
@@ -157,16 +139,21 @@ impl Cluster {
     }
 
     async fn start_user(&mut self) {
-        let user = ServiceProcess::start(&binary("user-service"), &[], &self.user_env, START)
-            .await
-            .expect("user-service starts");
+        let user = ServiceProcess::start(
+            &ferrybox_e2e::workspace_binary("user-service"),
+            &[],
+            &self.user_env,
+            START,
+        )
+        .await
+        .expect("user-service starts");
         assert_eq!(user.url, self.user_url);
         self.user = Some(user);
     }
 
     fn start_standby(&mut self) {
         self.standby = Some(
-            tokio::process::Command::new(binary("user-service"))
+            tokio::process::Command::new(ferrybox_e2e::workspace_binary("user-service"))
                 .arg("relay")
                 .envs(self.user_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
                 .stdout(std::process::Stdio::null())
@@ -182,7 +169,7 @@ impl Cluster {
             Transport::Feed => "feed",
         };
         let auth = ServiceProcess::start(
-            &binary("auth-service"),
+            &ferrybox_e2e::workspace_binary("auth-service"),
             &["--transport", transport],
             &self.auth_env,
             START,

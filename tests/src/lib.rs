@@ -8,6 +8,23 @@ use ferrybox::CancellationToken;
 use ferrybox::testing::{self, TestDatabase};
 use serde_json::{Value, json};
 
+/// A workspace binary (`user-service`, `auth-service`) next to the running test executable:
+/// cargo builds every package's binaries for the workspace's tests (`make test` does).
+pub fn workspace_binary(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .expect("target directory");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace first (make test does)",
+        path.display()
+    );
+    path
+}
+
 /// How long a test waits for the flow to converge before failing.
 pub const CONVERGE: Duration = Duration::from_secs(60);
 
