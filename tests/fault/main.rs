@@ -416,14 +416,23 @@ fn kills() -> usize {
 async fn kill_while_draining(cluster: &mut Cluster, rng: &mut StdRng) -> Vec<Which> {
     let mut kills = Vec::new();
     // The API must stay up while the backlog grows: make the standby the active relay.
-    if cluster.active_relay().await == Some(Which::User) {
-        cluster.kill_and_restart(Which::User, Duration::ZERO).await;
-        kills.push(Which::User);
-    }
-    wait_until(START, "the standby relay takes over", || async {
-        cluster.active_relay().await == Some(Which::Standby)
+    // user-service comes back only once the standby holds the lock, or its relay, restarted
+    // at once, could win the lock again.
+    wait_until(START, "a relay is active", || async {
+        cluster.active_relay().await.is_some()
     })
     .await;
+    if cluster.active_relay().await == Some(Which::User) {
+        if let Some(p) = cluster.user.take() {
+            p.kill().await.unwrap();
+        }
+        kills.push(Which::User);
+        wait_until(START, "the standby relay takes over", || async {
+            cluster.active_relay().await == Some(Which::Standby)
+        })
+        .await;
+        cluster.start_user().await;
+    }
     let pid = cluster.pid(Which::Standby).unwrap();
     signal("STOP", pid).await;
     let before = backlog(cluster).await;
