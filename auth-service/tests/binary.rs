@@ -319,19 +319,5 @@ fn every_variable_the_readme_shows_sets_exactly_its_setting() {
 /// `AUTH_SERVICE_CONFIG` names the settings file (`--config`); it is not a setting itself.
 #[test]
 fn the_config_variable_names_the_settings_file() {
-    let file = std::env::temp_dir()
-        .join(testing::unique("auth-service-config"))
-        .with_extension("toml");
-    std::fs::write(
-        &file,
-        "max_body_bytes = 1234\n[database]\nmax_connections = 3\n",
-    )
-    .unwrap();
-    let (printed, _) = testing::printed_settings(
-        EXE.as_ref(),
-        &[("AUTH_SERVICE_CONFIG", file.to_str().unwrap())],
-    );
-    std::fs::remove_file(&file).unwrap();
-    assert_eq!(printed["max_body_bytes"], 1234);
-    assert_eq!(printed["database"]["max_connections"], 3);
+    testing::assert_config_variable_names_the_file(EXE.as_ref(), "AUTH_SERVICE_");
 }

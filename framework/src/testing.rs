@@ -902,3 +902,45 @@ pub async fn mid_batch_fetch() -> MidBatchFetch {
         .await
         .clone()
 }
+
+/// Checks a service's settings type `T` against [`crate::config::load`]: with no file and no
+/// environment (variables under `env_prefix`, which none should use) its defaults come back
+/// unchanged, and `everything_set`, which must move every field away from its default (checked,
+/// so a new field is not forgotten), comes back whole when loaded over.
+pub fn assert_settings_round_trip<T>(everything_set: &T, env_prefix: &str)
+where
+    T: serde::Serialize + serde::de::DeserializeOwned + Default + std::fmt::Debug,
+{
+    let exposed = |s: &T| with_secrets_exposed(|| serde_json::to_value(s).expect("settings"));
+    let default = T::default();
+    let loaded: T = crate::config::load(None, env_prefix).expect("defaults load");
+    assert_eq!(exposed(&loaded), exposed(&default));
+    assert_eq!(format!("{loaded:?}"), format!("{default:?}"));
+
+    let defaults = json_leaves(&exposed(&default));
+    for (path, value) in json_leaves(&exposed(everything_set)) {
+        assert_ne!(defaults.get(&path), Some(&value), "{path:?} is not set");
+    }
+    let loaded = crate::config::load_over(everything_set, None, env_prefix).expect("loads");
+    assert_eq!(exposed(&loaded), exposed(everything_set));
+    assert_eq!(format!("{loaded:?}"), format!("{everything_set:?}"));
+}
+
+/// Checks that `<prefix>CONFIG` names a settings file for `program` (`--config`) and is not
+/// taken for a setting: a file setting `max_body_bytes` and `database.max_connections` shows
+/// in `check-config --print`.
+pub fn assert_config_variable_names_the_file(program: &std::path::Path, prefix: &str) {
+    let file = std::env::temp_dir()
+        .join(unique("service-config"))
+        .with_extension("toml");
+    std::fs::write(
+        &file,
+        "max_body_bytes = 1234\n[database]\nmax_connections = 3\n",
+    )
+    .expect("write the settings file");
+    let variable = format!("{prefix}CONFIG");
+    let (printed, _) = printed_settings(program, &[(&variable, file.to_str().expect("utf-8"))]);
+    std::fs::remove_file(&file).expect("remove the settings file");
+    assert_eq!(printed["max_body_bytes"], 1234);
+    assert_eq!(printed["database"]["max_connections"], 3);
+}

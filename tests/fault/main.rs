@@ -447,6 +447,10 @@ async fn kill_while_draining(cluster: &mut Cluster, rng: &mut StdRng) -> Vec<Whi
     // batches: kill it mid-drain.
     tokio::time::sleep(Duration::from_millis(rng.random_range(900..1_600))).await;
     let draining = backlog(cluster).await;
+    assert!(
+        draining > 0,
+        "the successor relay is killed with a backlog to drain"
+    );
     let victim = cluster.active_relay().await.unwrap_or(Which::User);
     cluster.kill_and_restart(victim, Duration::ZERO).await;
     kills.push(victim);

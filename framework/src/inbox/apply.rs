@@ -220,6 +220,8 @@ impl<H: Handler> Applier<H> {
         messages: &[ReceivedMessage],
     ) -> Result<(Vec<Outcome>, Option<Failure>), diesel::result::Error> {
         let consumer = self.consumer.as_str();
+        // Cancels the handler's statement if it runs over its limit; one per transaction.
+        let cancel = tx.cancel_token();
         let mut new = record_ids(tx, consumer, messages).await?;
         // Which messages are new (a second copy of an id within the batch is a duplicate).
         let fresh: Vec<bool> = messages
@@ -234,7 +236,7 @@ impl<H: Handler> Applier<H> {
             .collect();
         let as_batch = fresh_messages.is_empty()
             || self
-                .handle_in_savepoint(tx, Handling::Batch(&fresh_messages))
+                .handle_in_savepoint(tx, &cancel, Handling::Batch(&fresh_messages))
                 .await
                 .is_ok();
         let outcomes: Vec<Outcome> = fresh
@@ -256,7 +258,10 @@ impl<H: Handler> Applier<H> {
             if !fresh[i] {
                 continue;
             }
-            if let Err(e) = self.handle_in_savepoint(tx, Handling::One(message)).await {
+            if let Err(e) = self
+                .handle_in_savepoint(tx, &cancel, Handling::One(message))
+                .await
+            {
                 // This message and the new ones after it stay unapplied: forget their ids.
                 let unapplied: Vec<uuid::Uuid> = messages[i..]
                     .iter()
@@ -318,11 +323,11 @@ impl<H: Handler> Applier<H> {
     async fn handle_in_savepoint(
         &self,
         tx: &mut AsyncPgConnection,
+        cancel: &tokio_postgres::CancelToken,
         handling: Handling<'_>,
     ) -> Result<(), HandlerError> {
         use futures::FutureExt as _;
         let limit = self.handler_timeout;
-        let cancel = tx.cancel_token();
         let started = std::time::Instant::now();
         let result = tx
             .transaction::<_, HandlerError, _>(async |savepoint| {
@@ -343,7 +348,7 @@ impl<H: Handler> Applier<H> {
                     ),
                 };
                 let work = std::panic::AssertUnwindSafe(work).catch_unwind();
-                match within_limit(work, limit, &cancel).await {
+                match within_limit(work, limit, cancel).await {
                     Ok(Ok(handled)) => handled,
                     Ok(Err(panic)) => Err(HandlerError::Panicked(crate::health::panic_text(
                         panic.as_ref(),

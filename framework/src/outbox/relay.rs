@@ -156,7 +156,7 @@ impl OutboxRecord {
 
 /// The headers an outbox row goes out with, on Kafka and on the feed: the stored ones, with
 /// the CloudEvents headers the row's own columns determine (id, type, subject, time, entity
-/// version) always set from those columns. Stored headers that are not a JSON object of text
+/// version) filled in from those columns where they are missing. Stored headers that are not a JSON object of text
 /// are read leniently (numbers and booleans as text, the rest left out, with a warning), so a
 /// damaged row still carries what a consumer needs to deduplicate and decode it.
 pub(crate) fn envelope_headers(
@@ -174,22 +174,21 @@ pub(crate) fn envelope_headers(
             "stored headers are not a map of text; sending what can be read and the row's own envelope");
         lenient_headers(stored)
     });
-    for (name, value) in [
-        (h::ID, message_id.to_string()),
-        (h::TYPE, message_type.to_owned()),
-        (h::SUBJECT, key.to_owned()),
-        (h::ENTITY_VERSION, entity_version.to_string()),
-        (
-            h::TIME,
-            occurred_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-        ),
-    ] {
-        map.insert(name.to_owned(), value);
-    }
-    map.entry(h::SPEC_VERSION.to_owned())
-        .or_insert_with(|| "1.0".to_owned());
-    map.entry(h::CONTENT_TYPE.to_owned())
-        .or_insert_with(|| h::AVRO_CONTENT_TYPE.to_owned());
+    // `enqueue` stored these from the same columns: an intact row costs no formatting here.
+    let mut fill = |name: &str, value: &dyn Fn() -> String| {
+        if !map.contains_key(name) {
+            map.insert(name.to_owned(), value());
+        }
+    };
+    fill(h::ID, &|| message_id.to_string());
+    fill(h::TYPE, &|| message_type.to_owned());
+    fill(h::SUBJECT, &|| key.to_owned());
+    fill(h::ENTITY_VERSION, &|| entity_version.to_string());
+    fill(h::TIME, &|| {
+        occurred_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+    });
+    fill(h::SPEC_VERSION, &|| "1.0".to_owned());
+    fill(h::CONTENT_TYPE, &|| h::AVRO_CONTENT_TYPE.to_owned());
     map
 }
 
