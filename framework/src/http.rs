@@ -199,6 +199,7 @@ async fn as_json_error(
 ) -> Response {
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
+    let request = request.map(|body| axum::body::Body::new(Lingering::new(body)));
     let response = next.run(request).await;
     let status = response.status();
     if !(status.is_client_error() || status.is_server_error()) || is_json(response.headers()) {
@@ -244,6 +245,86 @@ async fn as_json_error(
     parts.headers.remove(axum::http::header::CONTENT_TYPE);
     parts.headers.extend(rendered.headers);
     Response::from_parts(parts, body)
+}
+
+/// The most of a request body a rejected request is still read for after its answer, and for
+/// how long (see [`Lingering`]).
+const LINGER_BYTES: usize = 4 * 1024 * 1024;
+const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A request body that, when dropped unread (a 413 from the body limit, a 401 answered before
+/// the body was looked at), goes on reading and discarding what the client still sends, up to
+/// [`LINGER_BYTES`] or [`LINGER_TIME`]. Without it the server closes a socket that holds
+/// unread data, the kernel answers with a reset, and a client still writing its body loses
+/// the response it was sent ("broken pipe", "incomplete message"): nginx's lingering close.
+struct Lingering {
+    inner: Option<axum::body::Body>,
+}
+
+impl Lingering {
+    fn new(body: axum::body::Body) -> Self {
+        Self { inner: Some(body) }
+    }
+}
+
+impl http_body::Body for Lingering {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let Some(inner) = self.inner.as_mut() else {
+            return std::task::Poll::Ready(None);
+        };
+        let frame = std::pin::Pin::new(inner).poll_frame(cx);
+        if let std::task::Poll::Ready(None) = frame {
+            self.inner = None;
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner
+            .as_ref()
+            .is_none_or(http_body::Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.as_ref().map_or_else(
+            || http_body::SizeHint::with_exact(0),
+            http_body::Body::size_hint,
+        )
+    }
+}
+
+impl Drop for Lingering {
+    fn drop(&mut self) {
+        let Some(body) = self.inner.take() else {
+            return;
+        };
+        if http_body::Body::is_end_stream(&body) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            use futures::StreamExt;
+            let mut stream = body.into_data_stream();
+            let mut read = 0;
+            let _ = tokio::time::timeout(LINGER_TIME, async {
+                while let Some(Ok(chunk)) = stream.next().await {
+                    read += chunk.len();
+                    if read > LINGER_BYTES {
+                        break;
+                    }
+                }
+            })
+            .await;
+        });
+    }
 }
 
 /// Whether a response's body is JSON.
@@ -485,5 +566,26 @@ mod tests {
         assert_eq!(status, 405);
         assert_eq!(headers["allow"], "GET,HEAD,POST");
         assert_eq!(body["error_code"], 405);
+    }
+
+    /// A client that sends a body far over the limit reads the 413, every time: the rest of
+    /// the body is read and thrown away (up to a bound) instead of the connection being reset
+    /// under the client while it is still writing.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_body_far_over_the_limit_gets_its_answer_not_a_reset() {
+        let url = serve(json_errors(app())).await;
+        let http = reqwest::Client::new();
+        let huge = vec![b'x'; 64 * 1024];
+        for attempt in 0..500 {
+            let response = http
+                .post(format!("{url}/items"))
+                .body(huge.clone())
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("attempt {attempt}: {e:?}"));
+            assert_eq!(response.status(), 413, "attempt {attempt}");
+            let body: Value = response.json().await.unwrap();
+            assert_eq!(body["error"]["code"], "payload_too_large");
+        }
     }
 }
