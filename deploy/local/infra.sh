@@ -69,6 +69,62 @@ ensure_database() {
     fi
 }
 
+# --- a private PostgreSQL cluster that allows logical replication ---------------------------
+#
+# The relay's default mode reads the write-ahead log, which needs `wal_level = logical`. The
+# machine's own server is left untouched: a private cluster in $DATA/pg, made and started from
+# the machine's PostgreSQL binaries, listens on $LOCAL_PG_PORT. Every command run through
+# `infra.sh run` gets FERRYBOX_TEST_DATABASE_URL pointing at it.
+
+LOCAL_PG_PORT="${FERRYBOX_LOCAL_PG_PORT:-5433}"
+LOCAL_PG_DATA="$DATA/pg"
+
+pg_bin() { # pg_bin <program>: the newest installed PostgreSQL's program
+    local dir
+    dir="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1)"
+    if [[ -n "$dir" && -x "$dir/$1" ]]; then echo "$dir/$1"; else command -v "$1"; fi
+}
+
+# Runs a PostgreSQL program as the owner of the private cluster (PostgreSQL refuses root).
+as_pg_owner() {
+    if [[ "$(id -u)" == 0 ]]; then
+        runuser -u postgres -- "$@"
+    else
+        "$@"
+    fi
+}
+
+local_pg_ready() { pg_isready -q -h 127.0.0.1 -p "$LOCAL_PG_PORT"; }
+
+local_postgres_up() {
+    if local_pg_ready; then return 0; fi
+    if [[ ! -f "$LOCAL_PG_DATA/PG_VERSION" ]]; then
+        log "creating a private PostgreSQL cluster in $LOCAL_PG_DATA (logical replication on)"
+        rm -rf "$LOCAL_PG_DATA"
+        mkdir -p "$LOCAL_PG_DATA"
+        [[ "$(id -u)" == 0 ]] && chown postgres: "$LOCAL_PG_DATA"
+        as_pg_owner "$(pg_bin initdb)" -D "$LOCAL_PG_DATA" -U postgres --auth=trust \
+            --encoding=UTF8 --locale=C.UTF-8 >"$DATA/pg-initdb.log" 2>&1
+    fi
+    # Settings as the command line, so a cluster made by an older version of this script gets
+    # them too. Room for the tests' many databases, each with its own slot and sender.
+    log "starting the private PostgreSQL on 127.0.0.1:$LOCAL_PG_PORT"
+    as_pg_owner "$(pg_bin pg_ctl)" -D "$LOCAL_PG_DATA" -l "$LOCAL_PG_DATA/server.log" -w -t 60 \
+        -o "-c listen_addresses=127.0.0.1 -c port=$LOCAL_PG_PORT -c unix_socket_directories='' \
+            -c wal_level=logical -c max_replication_slots=200 -c max_wal_senders=200 \
+            -c max_connections=500 -c shared_buffers=512MB -c max_slot_wal_keep_size=4GB \
+            -c wal_sender_timeout=30s" \
+        start >/dev/null
+    wait_for "private PostgreSQL" 60 local_pg_ready
+}
+
+local_postgres_down() {
+    if [[ -f "$LOCAL_PG_DATA/postmaster.pid" ]] && local_pg_ready; then
+        log "stopping the private PostgreSQL"
+        as_pg_owner "$(pg_bin pg_ctl)" -D "$LOCAL_PG_DATA" -m fast -w stop >/dev/null || true
+    fi
+}
+
 # --- tansu (Kafka-protocol broker) -------------------------------------------------------
 
 tansu_installed() {
@@ -129,19 +185,22 @@ stop_pidfile() { # stop_pidfile <name>
 
 up() {
     postgres_up
+    local_postgres_up
     tansu_up
     registry_up
-    log "ready: postgres $PG_HOST:$PG_PORT, kafka 127.0.0.1:$KAFKA_PORT, registry http://127.0.0.1:$REGISTRY_PORT"
+    log "ready: postgres $PG_HOST:$PG_PORT, private postgres 127.0.0.1:$LOCAL_PG_PORT (logical replication), kafka 127.0.0.1:$KAFKA_PORT, registry http://127.0.0.1:$REGISTRY_PORT"
 }
 
 down() {
     stop_pidfile registry
     stop_pidfile tansu
+    local_postgres_down
 }
 
 status() {
     local rc=0
     if pg_ready; then echo "postgres  up    $PG_HOST:$PG_PORT"; else echo "postgres  down"; rc=1; fi
+    if local_pg_ready; then echo "postgres  up    127.0.0.1:$LOCAL_PG_PORT (private, logical replication)"; else echo "postgres  down  127.0.0.1:$LOCAL_PG_PORT (private)"; rc=1; fi
     if port_open "$KAFKA_PORT"; then echo "kafka     up    127.0.0.1:$KAFKA_PORT$(pid_alive "$DATA/tansu.pid" && echo " (started here, pid $(cat "$DATA/tansu.pid"))")"; else echo "kafka     down"; rc=1; fi
     if registry_ready; then echo "registry  up    http://127.0.0.1:$REGISTRY_PORT$(pid_alive "$DATA/registry.pid" && echo " (started here, pid $(cat "$DATA/registry.pid"))")"; else echo "registry  down"; rc=1; fi
     return $rc
@@ -193,14 +252,18 @@ registry_client() {
 STARTED=()
 run() {
     port_open "$KAFKA_PORT" || STARTED+=(tansu)
+    local_pg_ready || STARTED+=(local_postgres)
     registry_ready || STARTED+=(registry)
     cleanup() {
         local name
-        for name in "${STARTED[@]}"; do stop_pidfile "$name"; done
+        for name in "${STARTED[@]}"; do
+            if [[ "$name" == local_postgres ]]; then local_postgres_down; else stop_pidfile "$name"; fi
+        done
     }
     trap cleanup EXIT
     trap 'exit 130' INT TERM
     up
+    export FERRYBOX_TEST_DATABASE_URL="${FERRYBOX_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:$LOCAL_PG_PORT/postgres}"
     "$@"
 }
 

@@ -76,6 +76,17 @@ pub enum Error {
     /// A snapshot is malformed or not a Ferrybox snapshot.
     #[error("invalid snapshot: {0}")]
     Snapshot(String),
+
+    /// The logical replication stream the log relay reads failed (a lost connection, a slot
+    /// another process streams, a message that could not be decoded). Retried on a new
+    /// stream, which resumes from the slot's confirmed position.
+    #[error("replication: {0}")]
+    Replication(String),
+
+    /// The database cannot serve the log relay as it is set up (`wal_level`, privileges, the
+    /// publication, free slots): what to change is in the message.
+    #[error("the database is not set up for the log relay: {0}")]
+    ReplicationSetup(String),
 }
 
 impl Error {
@@ -84,14 +95,19 @@ impl Error {
         match self {
             Error::Database(e) => database_error_is_retryable(e),
             Error::Kafka(e) => kafka_error_is_retryable(e),
-            Error::Pool(_) | Error::Timeout(_) | Error::Task(_) | Error::Http(_) => true,
+            Error::Pool(_)
+            | Error::Timeout(_)
+            | Error::Task(_)
+            | Error::Http(_)
+            | Error::Replication(_) => true,
             Error::Codec(e) => e.is_retryable(),
             Error::Migration(_)
             | Error::Topic { .. }
             | Error::Config(_)
             | Error::NotInTransaction
             | Error::FeedHalted { .. }
-            | Error::Snapshot(_) => false,
+            | Error::Snapshot(_)
+            | Error::ReplicationSetup(_) => false,
         }
     }
 }

@@ -59,7 +59,9 @@ pub use error::{Error, Result};
 pub use feed::{FeedConsumer, FeedServer};
 pub use inbox::{Handler, HandlerError, InboxConfig, InboxConsumer, ReceivedMessage};
 pub use message::{Event, IncomingMessage, MessageId, OutgoingMessage};
-pub use outbox::{Outbox, OutboxStatus, Relay, RelayConfig, ReplayOptions, ReplaySelection};
+pub use outbox::{
+    Outbox, OutboxStatus, Relay, RelayConfig, RelayMode, ReplayOptions, ReplaySelection,
+};
 pub use tokio_util::sync::CancellationToken;
 
 // Re-exported so services use the same versions the framework was built with.

@@ -14,6 +14,9 @@
 //! | `ferrybox.outbox.backlog` | `ferrybox_outbox_backlog` | unpublished rows |
 //! | `ferrybox.outbox.oldest_age` | `ferrybox_outbox_oldest_age_seconds` | age of the oldest unpublished row |
 //! | `ferrybox.outbox.errors` | `ferrybox_outbox_errors` | unpublished rows the broker refused |
+//! | `ferrybox.relay.slot_lag` | `ferrybox_relay_slot_lag_bytes` | WAL the log relay has yet to confirm |
+//! | `ferrybox.relay.slot_retained` | `ferrybox_relay_slot_retained_bytes` | WAL the slot keeps on the server |
+//! | `ferrybox.relay.slot_recoveries` | `ferrybox_relay_slot_recoveries_total` | lost slots recovered from the table |
 //! | `ferrybox.outbox.replayed` | `ferrybox_outbox_replayed_total` | messages sent again by `replay` |
 //! | `ferrybox.feed.position` / `ferrybox.feed.lag` | `ferrybox_feed_position`, `ferrybox_feed_lag` | a feed consumer's position and how far the head is ahead |
 //! | `ferrybox.reconcile.entities` | `ferrybox_reconcile_entities` | the last reconciliation's counts, by `ferrybox.outcome` |
@@ -105,6 +108,9 @@ pub(crate) struct Instruments {
     pub(crate) outbox_backlog: Gauge<u64>,
     pub(crate) outbox_oldest_age: Gauge<f64>,
     pub(crate) outbox_errors: Gauge<u64>,
+    pub(crate) relay_slot_lag: Gauge<u64>,
+    pub(crate) relay_slot_retained: Gauge<u64>,
+    pub(crate) relay_slot_recoveries: Counter<u64>,
     pub(crate) replayed: Counter<u64>,
     pub(crate) feed_position: Gauge<i64>,
     pub(crate) feed_lag: Gauge<i64>,
@@ -155,6 +161,25 @@ impl Instruments {
                 .u64_gauge("ferrybox.outbox.errors")
                 .with_unit("{message}")
                 .with_description("Unpublished rows the broker refused so far")
+                .build(),
+            relay_slot_lag: meter
+                .u64_gauge("ferrybox.relay.slot_lag")
+                .with_unit("By")
+                .with_description(
+                    "WAL between the log relay's confirmed position and the current one",
+                )
+                .build(),
+            relay_slot_retained: meter
+                .u64_gauge("ferrybox.relay.slot_retained")
+                .with_unit("By")
+                .with_description("WAL the log relay's replication slot keeps on the server")
+                .build(),
+            relay_slot_recoveries: meter
+                .u64_counter("ferrybox.relay.slot_recoveries")
+                .with_unit("{recovery}")
+                .with_description(
+                    "Times the log relay found its slot lost and recovered from the table",
+                )
                 .build(),
             replayed: meter
                 .u64_counter("ferrybox.outbox.replayed")

@@ -107,6 +107,28 @@ impl Drop for TestDatabase {
                 .ok()?;
             runtime.block_on(async {
                 let mut conn = AsyncPgConnection::establish(&admin).await.ok()?;
+                // A log relay's replication slot keeps its database from being dropped: its
+                // sender is stopped and the slot dropped first (retried while the sender
+                // lets go).
+                for _ in 0..50 {
+                    let left = diesel::sql_query(format!(
+                        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
+                         WHERE database = '{name}' AND active_pid IS NOT NULL"
+                    ))
+                    .execute(&mut conn)
+                    .await
+                    .ok()?;
+                    let dropped = diesel::sql_query(format!(
+                        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+                         WHERE database = '{name}' AND NOT active"
+                    ))
+                    .execute(&mut conn)
+                    .await;
+                    if left == 0 && dropped.is_ok() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
                 diesel::sql_query(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
                     .execute(&mut conn)
                     .await

@@ -132,6 +132,8 @@ mod tests {
                 replication_factor: 3,
             },
             relay: RelayConfig {
+                mode: ferrybox::RelayMode::Table,
+                slot_name: Some("users_relay".into()),
                 batch_size: 10,
                 listen: false,
                 poll_interval: Duration::from_millis(7),

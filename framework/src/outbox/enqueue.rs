@@ -54,11 +54,23 @@ INSERT INTO ferrybox_outbox
     (message_id, topic, message_key, message_type, entity_version, headers, payload, occurred_at)
 SELECT $1, $2, $3, $4, $5, $6, $7, $8 FROM key_lock";
 
+/// The same for the log relay: the append-only table, no notification (the relay is woken
+/// by the stream itself). The key lock stays: for one key, ids follow commit order, which is
+/// the order a new slot's snapshot and `replay` publish in.
+const ENQUEUE_SQL_LOG: &str = "\
+WITH key_lock AS (
+    SELECT pg_advisory_xact_lock(hashtextextended($2 || E'\\n' || $3, 0))
+)
+INSERT INTO ferrybox_messages
+    (message_id, topic, message_key, message_type, entity_version, headers, payload, occurred_at)
+SELECT $1, $2, $3, $4, $5, $6, $7, $8 FROM key_lock";
+
 /// Writes messages to the outbox table. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Outbox {
     source: String,
     notify: bool,
+    log: bool,
 }
 
 impl Outbox {
@@ -68,7 +80,25 @@ impl Outbox {
         Self {
             source: source.into(),
             notify: true,
+            log: false,
         }
+    }
+
+    /// Writes for the relay mode `mode` (as [`RelayMode::resolve`] resolved it): the
+    /// append-only table the log relay streams, or the table the polling relay claims from.
+    /// A log relay publishes both tables, so a writer that still writes the polling table
+    /// loses nothing; the append-only one is cheaper for every business transaction.
+    ///
+    /// [`RelayMode::resolve`]: super::RelayMode::resolve
+    #[must_use]
+    pub fn for_mode(mut self, mode: super::RelayMode) -> Self {
+        self.log = mode == super::RelayMode::Log;
+        self
+    }
+
+    /// Whether this outbox writes for the log relay.
+    pub fn writes_for_log(&self) -> bool {
+        self.log
     }
 
     /// Does not send `NOTIFY`: the relay finds new rows by polling only. `NOTIFY` makes
@@ -122,7 +152,9 @@ impl Outbox {
         crate::telemetry::inject_current(&mut headers);
         let headers = serde_json::to_value(headers)
             .map_err(|e| Error::Config(format!("headers are not JSON: {e}")))?;
-        let sql = if self.notify {
+        let sql = if self.log {
+            ENQUEUE_SQL_LOG
+        } else if self.notify {
             ENQUEUE_SQL
         } else {
             ENQUEUE_SQL_QUIET
@@ -147,7 +179,7 @@ impl Outbox {
 
 #[cfg(test)]
 mod tests {
-    use super::{ENQUEUE_SQL, ENQUEUE_SQL_QUIET, NOTIFY_CHANNEL};
+    use super::{ENQUEUE_SQL, ENQUEUE_SQL_LOG, ENQUEUE_SQL_QUIET, NOTIFY_CHANNEL};
 
     #[test]
     fn enqueue_notifies_the_channel_the_relay_listens_on() {
@@ -159,7 +191,9 @@ mod tests {
             "WHERE NOT pg_try_advisory_xact_lock_shared({class}, {object})"
         )));
         // Both take the key lock before the insert draws the row's id.
-        for sql in [ENQUEUE_SQL, ENQUEUE_SQL_QUIET] {
+        assert!(!ENQUEUE_SQL_LOG.contains("pg_notify"));
+        assert!(ENQUEUE_SQL_LOG.contains("INSERT INTO ferrybox_messages"));
+        for sql in [ENQUEUE_SQL, ENQUEUE_SQL_QUIET, ENQUEUE_SQL_LOG] {
             let lock = sql.find("pg_advisory_xact_lock").expect("key lock");
             let insert = sql.find("INSERT INTO").expect("insert");
             assert!(lock < insert);

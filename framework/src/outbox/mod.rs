@@ -3,11 +3,17 @@
 //! `status` and `replay`.
 
 mod enqueue;
+mod log;
+mod publish;
+mod record;
 mod relay;
 pub(crate) mod schema;
 pub mod sent_log;
+mod wake;
 
 pub use enqueue::{Outbox, RELAY_WAITING_LOCK};
-pub use relay::{BatchOutcome, Relay, RelayConfig};
-pub(crate) use relay::{envelope_headers, listen, sleep_or_shutdown};
+pub use log::slot::SlotStatus;
+pub(crate) use record::envelope_headers;
+pub use relay::{BatchOutcome, Relay, RelayConfig, RelayMode};
 pub use sent_log::{OutboxStatus, ReplayOptions, ReplayReport, ReplaySelection};
+pub(crate) use wake::{listen, sleep_or_shutdown};

@@ -21,22 +21,24 @@
 //! nothing.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use diesel::prelude::*;
 use diesel::sql_types::{Array, BigInt, Bool, Integer, Nullable, Text};
-use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
-use futures::StreamExt;
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use diesel_async::{AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
+use rdkafka::producer::FutureProducer;
 use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::enqueue::{NOTIFY_CHANNEL, RELAY_WAITING_LOCK};
+use super::publish::KafkaPublisher;
+use super::record::{OutboxRecord, send_all};
 use super::schema::ferrybox_outbox;
 use super::sent_log;
+use super::wake::{listen, sleep_or_shutdown};
 use crate::config::{Backoff, DatabaseConfig, KafkaConfig, duration_ms};
 use crate::error::{Error, Result};
 
@@ -44,7 +46,15 @@ use crate::error::{Error, Result};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RelayConfig {
-    /// Rows claimed and sent per batch. Also bounds the relay's memory.
+    /// Where the relay learns of committed messages: `log` (PostgreSQL's write-ahead log,
+    /// through logical replication), `table` (polling the outbox table), or `auto` (the log
+    /// where the database allows it, the table otherwise).
+    pub mode: RelayMode,
+    /// The log relay's replication slot; `ferrybox_<database>` by default (slot names are
+    /// unique per server: two services on one server need two names).
+    pub slot_name: Option<String>,
+    /// Rows claimed and sent per batch by the polling relay; messages in flight at once for
+    /// the log relay. Also bounds the relay's memory.
     pub batch_size: i64,
     /// Wake on the outbox's `NOTIFY` as well as by polling.
     pub listen: bool,
@@ -66,9 +76,48 @@ pub struct RelayConfig {
     pub cleanup_interval: Duration,
 }
 
+/// Where the relay learns of committed messages (see [`RelayConfig::mode`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RelayMode {
+    /// The log where the database allows it (`wal_level = logical`, a role that may
+    /// replicate, the publication), the table otherwise.
+    #[default]
+    Auto,
+    /// Read the write-ahead log; fail with what to change when the database does not allow it.
+    Log,
+    /// Poll the outbox table.
+    Table,
+}
+
+impl RelayMode {
+    /// The mode this relay runs in on the database `conn` is connected to: `auto` becomes
+    /// `log` or `table`; `log` fails with what to change when the database cannot serve it.
+    /// A feed-only relay (no broker) polls the table: its feed positions are given there.
+    pub async fn resolve(self, conn: &mut AsyncPgConnection, has_broker: bool) -> Result<Self> {
+        match self {
+            RelayMode::Table => Ok(RelayMode::Table),
+            _ if !has_broker => Ok(RelayMode::Table),
+            RelayMode::Log => {
+                super::log::slot::check_setup(conn).await?;
+                Ok(RelayMode::Log)
+            }
+            RelayMode::Auto => match super::log::slot::unsupported(conn).await? {
+                None => Ok(RelayMode::Log),
+                Some(reason) => {
+                    tracing::info!(%reason, "the relay polls the outbox table: the database does not allow reading its log");
+                    Ok(RelayMode::Table)
+                }
+            },
+        }
+    }
+}
+
 impl Default for RelayConfig {
     fn default() -> Self {
         Self {
+            mode: RelayMode::Auto,
+            slot_name: None,
             batch_size: 5_000,
             listen: true,
             poll_interval: Duration::from_millis(500),
@@ -100,6 +149,9 @@ impl RelayConfig {
                 "relay.retention_ms must be above zero: the sent log is what replay reads".into(),
             ));
         }
+        if let Some(name) = &self.slot_name {
+            super::log::slot::validate_name(name)?;
+        }
         Ok(())
     }
 }
@@ -120,147 +172,17 @@ const RELAY_LOCK: (i32, i32) = (0x6665_7272, 0x7962_6f78);
 /// How often the active relay measures the backlog for the metrics (when they are on).
 const BACKLOG_GAUGE_INTERVAL: Duration = Duration::from_secs(5);
 
-/// An outbox row as the relay (and replay) sends it.
-#[derive(Queryable, Selectable)]
-#[diesel(table_name = ferrybox_outbox)]
-pub(super) struct OutboxRecord {
-    pub(super) id: i64,
-    message_id: uuid::Uuid,
-    topic: String,
-    message_key: String,
-    message_type: String,
-    entity_version: i64,
-    occurred_at: chrono::DateTime<chrono::Utc>,
-    headers: serde_json::Value,
-    payload: Vec<u8>,
-}
-
-impl OutboxRecord {
-    pub(super) fn topic(&self) -> &str {
-        &self.topic
-    }
-
-    /// The headers the record is sent with (see [`envelope_headers`]).
-    pub(super) fn headers(&self) -> BTreeMap<String, String> {
-        envelope_headers(
-            &self.headers,
-            self.id,
-            self.message_id,
-            &self.message_type,
-            &self.message_key,
-            self.entity_version,
-            self.occurred_at,
-        )
-    }
-}
-
-/// The headers an outbox row goes out with, on Kafka and on the feed: the stored ones, with
-/// the CloudEvents headers the row's own columns determine (id, type, subject, time, entity
-/// version) filled in from those columns where they are missing. Stored headers that are not a JSON object of text
-/// are read leniently (numbers and booleans as text, the rest left out, with a warning), so a
-/// damaged row still carries what a consumer needs to deduplicate and decode it.
-pub(crate) fn envelope_headers(
-    stored: &serde_json::Value,
-    row: i64,
-    message_id: uuid::Uuid,
-    message_type: &str,
-    key: &str,
-    entity_version: i64,
-    occurred_at: chrono::DateTime<chrono::Utc>,
-) -> BTreeMap<String, String> {
-    use crate::message::headers as h;
-    let mut map = BTreeMap::<String, String>::deserialize(stored).unwrap_or_else(|e| {
-        tracing::warn!(id = row, %message_id, error = %e,
-            "stored headers are not a map of text; sending what can be read and the row's own envelope");
-        lenient_headers(stored)
-    });
-    // `enqueue` stored these from the same columns: an intact row costs no formatting here.
-    let mut fill = |name: &str, value: &dyn Fn() -> String| {
-        if !map.contains_key(name) {
-            map.insert(name.to_owned(), value());
-        }
-    };
-    fill(h::ID, &|| message_id.to_string());
-    fill(h::TYPE, &|| message_type.to_owned());
-    fill(h::SUBJECT, &|| key.to_owned());
-    fill(h::ENTITY_VERSION, &|| entity_version.to_string());
-    fill(h::TIME, &|| {
-        occurred_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
-    });
-    fill(h::SPEC_VERSION, &|| "1.0".to_owned());
-    fill(h::CONTENT_TYPE, &|| h::AVRO_CONTENT_TYPE.to_owned());
-    map
-}
-
-/// The text, number and boolean entries of a JSON object; nothing from anything else.
-fn lenient_headers(stored: &serde_json::Value) -> BTreeMap<String, String> {
-    let Some(object) = stored.as_object() else {
-        return BTreeMap::new();
-    };
-    object
-        .iter()
-        .filter_map(|(name, value)| {
-            let text = match value {
-                serde_json::Value::String(s) => s.clone(),
-                serde_json::Value::Number(n) => n.to_string(),
-                serde_json::Value::Bool(b) => b.to_string(),
-                _ => return None,
-            };
-            Some((name.clone(), text))
-        })
-        .collect()
-}
-
-/// Queues every record with `producer` (librdkafka pipelines them), then awaits each delivery
-/// report: the acknowledged (partition, offset) or the error, in the records' order.
-pub(super) async fn send_all(
-    producer: &FutureProducer,
-    records: &[OutboxRecord],
-) -> Vec<std::result::Result<(i32, i64), String>> {
-    let mut in_flight = Vec::with_capacity(records.len());
-    for row in records {
-        let record = FutureRecord::to(&row.topic)
-            .key(&row.message_key)
-            .payload(&row.payload)
-            .headers(crate::kafka::owned_headers(&row.headers()));
-        in_flight.push(producer.send_result(record).map_err(|(e, _)| e.to_string()));
-    }
-    let mut results = Vec::with_capacity(records.len());
-    for sent in in_flight {
-        results.push(match sent {
-            Ok(delivery) => match delivery.await {
-                Ok(Ok(d)) => Ok((d.partition, d.offset)),
-                Ok(Err((e, _))) => Err(e.to_string()),
-                Err(_) => Err("delivery report lost: producer closed".to_owned()),
-            },
-            Err(e) => Err(e),
-        });
-    }
-    results
-}
-
 #[derive(QueryableByName)]
 struct Locked {
     #[diesel(sql_type = Bool)]
     locked: bool,
 }
 
-/// Where the relay sends rows.
-enum Sink {
-    Kafka {
-        config: KafkaConfig,
-        /// Replaced after a failed batch (see [`Relay::renew_producer`]).
-        producer: Mutex<FutureProducer>,
-    },
-    /// No broker: rows only get their feed positions, for services that serve the pulled
-    /// event feed alone.
-    FeedOnly,
-}
-
 /// Publishes the outbox to Kafka. See the module documentation for the guarantees.
 pub struct Relay {
     database: DatabaseConfig,
-    sink: Sink,
+    /// `None` for a feed-only relay.
+    kafka: Option<KafkaPublisher>,
     config: RelayConfig,
 }
 
@@ -280,10 +202,7 @@ impl Relay {
         config.validate()?;
         Ok(Self {
             database,
-            sink: Sink::Kafka {
-                config: kafka.clone(),
-                producer: Mutex::new(crate::kafka::durable_producer(kafka)?),
-            },
+            kafka: Some(KafkaPublisher::new(kafka)?),
             config,
         })
     }
@@ -296,7 +215,7 @@ impl Relay {
         config.validate()?;
         Ok(Self {
             database,
-            sink: Sink::FeedOnly,
+            kafka: None,
             config,
         })
     }
@@ -310,15 +229,16 @@ impl Relay {
         while !shutdown.is_cancelled() {
             let result = match self.become_active(&shutdown).await {
                 Ok(Some(mut conn)) => {
-                    tracing::info!("relay is active");
                     failures = 0;
-                    self.publish_until_shutdown(&mut conn, &shutdown).await
+                    self.publish_as_active(&mut conn, &shutdown).await
                 }
                 Ok(None) => return Ok(()),
                 Err(e) => Err(e),
             };
             match result {
                 Ok(()) => return Ok(()),
+                // The database must be changed first: say what, and stop.
+                Err(e @ Error::ReplicationSetup(_)) => return Err(e),
                 Err(e) => {
                     failures += 1;
                     let delay = self.config.backoff.delay(failures);
@@ -330,6 +250,33 @@ impl Relay {
             }
         }
         Ok(())
+    }
+
+    /// Publishes while this instance is the active relay, from the log or the table as the
+    /// mode resolves on this database.
+    async fn publish_as_active(
+        &self,
+        conn: &mut AsyncPgConnection,
+        shutdown: &CancellationToken,
+    ) -> Result<()> {
+        let mode = self.config.mode.resolve(conn, self.kafka.is_some()).await?;
+        match (mode, &self.kafka) {
+            (RelayMode::Log, Some(kafka)) => {
+                tracing::info!("relay is active (reading the write-ahead log)");
+                super::log::run(
+                    self.database.url.expose_secret(),
+                    &self.config,
+                    kafka,
+                    conn,
+                    shutdown,
+                )
+                .await
+            }
+            _ => {
+                tracing::info!("relay is active (polling the outbox table)");
+                self.publish_until_shutdown(conn, shutdown).await
+            }
+        }
     }
 
     /// A connection of the relay's own, named so operators can see in `pg_stat_activity`
@@ -549,37 +496,7 @@ impl Relay {
     }
 
     fn producer(&self) -> Option<FutureProducer> {
-        match &self.sink {
-            Sink::Kafka { producer, .. } => Some(
-                producer
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .clone(),
-            ),
-            Sink::FeedOnly => None,
-        }
-    }
-
-    /// Starts a new producer after a failed batch. The idempotent producer's state (producer
-    /// id, sequence numbers) may no longer match the broker's: after a fatal error it refuses
-    /// every message, and a broker that restarted or failed over can keep refusing an old
-    /// producer's sequence. Every row of the batch is unmarked and retried, so nothing is lost,
-    /// and a fresh producer costs only a connection.
-    fn renew_producer(&self, old: &FutureProducer) -> Result<()> {
-        let Sink::Kafka { config, producer } = &self.sink else {
-            return Ok(());
-        };
-        match old.client().fatal_error() {
-            Some((code, reason)) => {
-                tracing::error!(%code, %reason, "kafka producer hit a fatal error; starting a new one");
-            }
-            None => tracing::info!("starting a new kafka producer after a failed batch"),
-        }
-        let renewed = crate::kafka::durable_producer(config)?;
-        *producer
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = renewed;
-        Ok(())
+        self.kafka.as_ref().map(KafkaPublisher::producer)
     }
 
     /// Publishes one batch of unpublished rows, in id order: sends them all, awaits every
@@ -647,8 +564,10 @@ impl Relay {
                 }
             }
         }
-        if !sent.failed.is_empty() {
-            self.renew_producer(&producer)?;
+        if !sent.failed.is_empty()
+            && let Some(kafka) = &self.kafka
+        {
+            kafka.renew(&producer)?;
         }
         Ok(sent)
     }
@@ -664,34 +583,108 @@ impl Relay {
         // `ferrybox-0005_feed` migration). A row sent again (after a crash before its mark, or
         // by an instance that lost the lock mid-batch) keeps the position it had.
         if !sent.acked.is_empty() {
-            crate::db::prepared(
-                diesel::sql_query("SELECT ferrybox_mark_published($1, $2, $3)")
-                    .bind::<Array<BigInt>, _>(&sent.acked)
-                    .bind::<Array<Nullable<Integer>>, _>(&sent.partitions)
-                    .bind::<Array<Nullable<BigInt>>, _>(&sent.offsets),
-            )
-            .execute(conn)
-            .await?;
+            mark_published(conn, &sent.acked, &sent.partitions, &sent.offsets).await?;
         }
         if !sent.failed.is_empty() {
-            tracing::warn!(
-                failed = outcome.failed,
-                first_error = %sent.errors[0],
-                "broker did not acknowledge messages; they stay unpublished"
-            );
-            diesel::sql_query(
-                "UPDATE ferrybox_outbox AS o \
-                 SET attempts = o.attempts + 1, last_error = u.e \
-                 FROM unnest($1::bigint[], $2::text[]) AS u(id, e) \
-                 WHERE o.id = u.id AND o.id = ANY($1)",
-            )
-            .bind::<Array<BigInt>, _>(&sent.failed)
-            .bind::<Array<Text>, _>(&sent.errors)
-            .execute(conn)
-            .await?;
+            record_failures(conn, sent).await?;
         }
         Ok(outcome)
     }
+}
+
+/// Marks rows of the polling table published, with their partitions and offsets, and gives
+/// them their feed positions (see the `ferrybox-0005_feed` migration).
+pub(super) async fn mark_published(
+    conn: &mut AsyncPgConnection,
+    ids: &[i64],
+    partitions: &[Option<i32>],
+    offsets: &[Option<i64>],
+) -> Result<()> {
+    crate::db::prepared(
+        diesel::sql_query("SELECT ferrybox_mark_published($1, $2, $3)")
+            .bind::<Array<BigInt>, _>(ids)
+            .bind::<Array<Nullable<Integer>>, _>(partitions)
+            .bind::<Array<Nullable<BigInt>>, _>(offsets),
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Publishes the polling table's unpublished rows through `kafka` until none is left or a
+/// batch fails (for the log relay: rows written before its slot existed, or refused).
+/// With `only_refused`, only rows the broker refused before (the others may be in flight on
+/// the stream).
+pub(super) async fn drain_table(
+    kafka: &KafkaPublisher,
+    conn: &mut AsyncPgConnection,
+    batch_size: i64,
+    only_refused: bool,
+) -> Result<BatchOutcome> {
+    let mut total = BatchOutcome::default();
+    loop {
+        let mut query = ferrybox_outbox::table
+            .filter(ferrybox_outbox::published_at.is_null())
+            .into_boxed();
+        if only_refused {
+            query = query.filter(ferrybox_outbox::last_error.is_not_null());
+        }
+        let rows: Vec<OutboxRecord> = query
+            .order(ferrybox_outbox::id.asc())
+            .limit(batch_size)
+            .select(OutboxRecord::as_select())
+            .load(conn)
+            .await?;
+        if rows.is_empty() {
+            return Ok(total);
+        }
+        let producer = kafka.producer();
+        let results = send_all(&producer, &rows).await;
+        let mut sent = Sent::default();
+        for (row, result) in rows.iter().zip(results) {
+            match result {
+                Ok((partition, offset)) => {
+                    sent.acked.push(row.id);
+                    sent.partitions.push(Some(partition));
+                    sent.offsets.push(Some(offset));
+                }
+                Err(e) => {
+                    sent.failed.push(row.id);
+                    sent.errors.push(e);
+                }
+            }
+        }
+        if !sent.acked.is_empty() {
+            mark_published(conn, &sent.acked, &sent.partitions, &sent.offsets).await?;
+        }
+        total.published += sent.acked.len();
+        total.failed += sent.failed.len();
+        if !sent.failed.is_empty() {
+            record_failures(conn, &sent).await?;
+            kafka.renew(&producer)?;
+            return Ok(total);
+        }
+    }
+}
+
+/// Records attempts and the error on rows the broker did not acknowledge.
+async fn record_failures(conn: &mut AsyncPgConnection, sent: &Sent) -> Result<()> {
+    tracing::warn!(
+        failed = sent.failed.len(),
+        first_error = %sent.errors[0],
+        "broker did not acknowledge messages; they stay unpublished"
+    );
+    diesel::sql_query(
+        "UPDATE ferrybox_outbox AS o \
+         SET attempts = o.attempts + 1, last_error = u.e \
+         FROM unnest($1::bigint[], $2::text[]) AS u(id, e) \
+         WHERE o.id = u.id AND o.id = ANY($1)",
+    )
+    .bind::<Array<BigInt>, _>(&sent.failed)
+    .bind::<Array<Text>, _>(&sent.errors)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// Counts a batch's sends per topic, acknowledged and refused.
@@ -738,71 +731,5 @@ struct Sent {
 impl Sent {
     fn is_empty(&self) -> bool {
         self.acked.is_empty() && self.failed.is_empty()
-    }
-}
-
-/// Keeps a connection listening on `channel` and calls `wake` for each notification (and once
-/// after each (re)connection, for what was committed while no one listened), reconnecting
-/// when the connection fails, until `stop`.
-pub(crate) async fn listen(
-    url: String,
-    channel: &'static str,
-    wake: impl Fn() + Send,
-    backoff: Backoff,
-    stop: CancellationToken,
-) {
-    let mut failures = 0u32;
-    while !stop.is_cancelled() {
-        let error = match listen_once(&url, channel, &wake, &stop).await {
-            Ok(()) => return,
-            Err(e) => e,
-        };
-        failures += 1;
-        let delay = backoff.delay(failures);
-        tracing::warn!(error = %error, ?delay, channel, "listener lost its connection; polling until it is back");
-        if sleep_or_shutdown(delay, &stop).await {
-            return;
-        }
-    }
-}
-
-/// How often the listener checks its connection is alive.
-const LISTEN_HEALTH_CHECK: Duration = Duration::from_secs(10);
-
-async fn listen_once(
-    url: &str,
-    channel: &str,
-    wake: &(impl Fn() + Send),
-    stop: &CancellationToken,
-) -> Result<()> {
-    let mut conn = AsyncPgConnection::establish(url)
-        .await
-        .map_err(|e| Error::Pool(e.to_string()))?;
-    conn.batch_execute(&format!("LISTEN {channel}")).await?;
-    // Rows may have been committed while no one listened.
-    wake();
-    loop {
-        let next = {
-            let mut notifications = std::pin::pin!(conn.notifications_stream());
-            tokio::select! {
-                () = stop.cancelled() => return Ok(()),
-                next = notifications.next() => Some(next),
-                () = tokio::time::sleep(LISTEN_HEALTH_CHECK) => None,
-            }
-        };
-        match next {
-            Some(Some(Ok(_))) => wake(),
-            Some(Some(Err(e))) => return Err(e.into()),
-            Some(None) => return Err(Error::Pool("notification stream ended".into())),
-            None => conn.batch_execute("SELECT 1").await?,
-        }
-    }
-}
-
-/// Sleeps for `delay`; true when shutdown came first.
-pub(crate) async fn sleep_or_shutdown(delay: Duration, shutdown: &CancellationToken) -> bool {
-    tokio::select! {
-        () = shutdown.cancelled() => true,
-        () = tokio::time::sleep(delay) => false,
     }
 }

@@ -11,7 +11,7 @@ use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use rdkafka::producer::FutureProducer;
 use serde::Serialize;
 
-use super::relay::{OutboxRecord, send_all};
+use super::record::{OutboxRecord, send_all};
 use super::schema::ferrybox_outbox;
 use crate::error::{Error, Result};
 
@@ -49,6 +49,27 @@ pub(crate) async fn delete_expired_batch(
              SELECT id FROM ferrybox_outbox \
              WHERE published_at IS NOT NULL AND published_at < now() - $1 \
              ORDER BY published_at LIMIT $2)",
+    )
+    .bind::<Interval, _>(interval(retention))
+    .bind::<BigInt, _>(batch)
+    .execute(conn)
+    .await?;
+    Ok(u64::try_from(deleted).unwrap_or(0))
+}
+
+/// Deletes at most `batch` of the log relay's oldest messages (`ferrybox_messages`) that are
+/// older than `retention`; how many went. The oldest rows by id are looked at, so no index
+/// but the primary key is needed (ids follow creation closely: a row created slightly out
+/// of order is deleted by a later pass).
+pub(crate) async fn delete_expired_messages(
+    conn: &mut AsyncPgConnection,
+    retention: Duration,
+    batch: i64,
+) -> Result<u64> {
+    let deleted = diesel::sql_query(
+        "DELETE FROM ferrybox_messages WHERE id IN ( \
+             SELECT id FROM ferrybox_messages ORDER BY id LIMIT $2) \
+         AND created_at < now() - $1",
     )
     .bind::<Interval, _>(interval(retention))
     .bind::<BigInt, _>(batch)

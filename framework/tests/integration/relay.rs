@@ -8,7 +8,7 @@ use std::time::Duration;
 use diesel_async::{AsyncConnection, AsyncPgConnection, TransactionManager};
 use ferrybox::outbox::sent_log;
 use ferrybox::testing::{self, ReadRecord, wait_until};
-use ferrybox::{CancellationToken, Relay, RelayConfig, ReplayOptions, ReplaySelection};
+use ferrybox::{CancellationToken, Relay, RelayConfig, RelayMode, ReplayOptions, ReplaySelection};
 
 use crate::support::{Fixture, RunningRelay, TIMEOUT};
 
@@ -103,7 +103,7 @@ async fn notify_wakes_the_relay_without_polling() {
         &fx,
         RelayConfig {
             poll_interval: Duration::from_secs(3600),
-            ..Fixture::relay_config()
+            ..Fixture::relay_config_in(RelayMode::Table)
         },
     ));
     for round in 1..=3 {
@@ -145,7 +145,7 @@ async fn a_writer_that_did_not_notify_is_published_without_polling() {
         &fx,
         RelayConfig {
             poll_interval: Duration::from_secs(3600),
-            ..Fixture::relay_config()
+            ..Fixture::relay_config_in(RelayMode::Table)
         },
     ));
     wait_until(TIMEOUT, "the relay queues for the waiting lock", || async {

@@ -95,10 +95,20 @@ impl Fixture {
         id
     }
 
+    /// The relay's defaults (the log relay where the database allows it), polling fast.
     pub(crate) fn relay_config() -> RelayConfig {
         RelayConfig {
             poll_interval: Duration::from_millis(20),
             ..RelayConfig::default()
+        }
+    }
+
+    /// [`Fixture::relay_config`] in one mode: for tests of one mode's own mechanics, and the
+    /// tests every mode must pass.
+    pub(crate) fn relay_config_in(mode: ferrybox::RelayMode) -> RelayConfig {
+        RelayConfig {
+            mode,
+            ..Self::relay_config()
         }
     }
 

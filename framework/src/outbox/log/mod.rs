@@ -1,0 +1,565 @@
+//! The log relay: committed outbox rows arrive through PostgreSQL logical replication, in
+//! commit order, and are published as they arrive; the replication slot's confirmed position
+//! moves only past transactions whose every message the broker acknowledged. Nothing is
+//! written back per message: progress is the slot's position, plus a checkpoint row written
+//! once a second (for recovering a lost slot).
+//!
+//! Reading, sending and acknowledging overlap: a change is handed to the producer as soon as
+//! it is decoded, and acknowledgements are taken in stream order, up to `batch_size` messages
+//! in flight. A delivery that fails and may pass (the broker away) ends the stream: the relay
+//! starts a new producer and a new stream, which resumes at the confirmed position, so what
+//! was not acknowledged is sent again (a duplicate at worst, never a loss). A message the
+//! broker refuses for good (too large, say) is written to the polling table with its error,
+//! where `outbox status` shows it and the relay retries it, and the stream goes on.
+//!
+//! A slot that does not exist yet, was dropped, or was invalidated (`max_slot_wal_keep_size`)
+//! is made again with an exported snapshot: every row committed before it that may not have
+//! been acknowledged (its transaction id at or above the checkpoint's bound, or all of them
+//! the first time) is published from the table, then the stream starts at the new slot's
+//! consistent point. Nothing committed is lost; what the lost slot had already delivered may
+//! be sent again.
+
+mod decode;
+pub(crate) mod slot;
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Nullable, Text};
+use diesel_async::{AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use futures::stream::FuturesOrdered;
+use pgwire_replication::{Lsn, ReplicationClient, ReplicationEvent};
+use rdkafka::producer::FutureProducer;
+use tokio_util::sync::CancellationToken;
+
+use self::decode::{Change, Decoder, Table};
+use super::publish::KafkaPublisher;
+use super::record::OutboxRecord;
+use super::relay::RelayConfig;
+use crate::error::{Error, Result};
+
+/// How often the checkpoint row is written and the slot's lag measured.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Acknowledged rows of the polling table marked per statement at most, while busy.
+const MARK_BATCH: usize = 1_000;
+
+/// Rows read per query while publishing a new slot's snapshot.
+const SNAPSHOT_BATCH: i64 = 5_000;
+
+/// One step of the stream, taken in stream order once everything before it is done.
+enum Step {
+    /// A message and what the broker said.
+    Delivered {
+        table: Table,
+        record: Box<OutboxRecord>,
+        result: std::result::Result<(i32, i64), rdkafka::error::KafkaError>,
+    },
+    /// The end of a transaction: everything in it was acknowledged (or recorded as refused).
+    Committed(Lsn),
+}
+
+/// Runs the log relay while this instance holds the relay lock on `control`, until
+/// `shutdown` or an error (after which [`super::Relay::run`] starts again).
+pub(crate) async fn run(
+    url: &str,
+    config: &RelayConfig,
+    kafka: &KafkaPublisher,
+    control: &mut AsyncPgConnection,
+    shutdown: &CancellationToken,
+) -> Result<()> {
+    slot::check_setup(control).await?;
+    let slot_name = slot::name(config, control).await?;
+    let state = slot::state(control, &slot_name).await?;
+    // The stream starts at the slot's confirmed position or the checkpoint's, whichever is
+    // later (the server's rule): the last position a stopping relay confirmed may not have
+    // reached the server before it let go, but it reached the checkpoint.
+    let replication = slot::replication_config(url, &slot_name)?
+        .with_start_lsn(state.confirmed_lsn.unwrap_or(Lsn::ZERO));
+    let mut client = ReplicationClient::connect_gated(replication)
+        .await
+        .map_err(|e| Error::Replication(format!("connecting for replication: {e}")))?;
+    if let Some(why) = state.needs_new_slot() {
+        if state.lost() {
+            tracing::error!(slot = %slot_name, reason = why,
+                "replication slot lost; making it again and publishing from the table what it may not have delivered");
+            if let Some(m) = crate::metrics::instruments() {
+                m.relay_slot_recoveries.add(1, &[]);
+            }
+        } else {
+            tracing::info!(slot = %slot_name, reason = why, "creating the replication slot");
+        }
+        slot::begin_new_slot(control, &mut client, &slot_name, state.exists()).await?;
+        let snapshot = slot::create(&mut client, &slot_name).await?;
+        let recover_from = state.recover_from_xid.clone();
+        let published = publish_snapshot(url, &snapshot.name, recover_from, kafka, control).await?;
+        slot::snapshot_done(control, &slot_name, snapshot.consistent_point).await?;
+        tracing::info!(slot = %slot_name, published, consistent_point = %snapshot.consistent_point,
+            "replication slot ready; rows committed before it published");
+    }
+    client
+        .start()
+        .await
+        .map_err(|e| Error::Replication(format!("starting replication: {e}")))?;
+    client
+        .wait_started()
+        .await
+        .map_err(|e| Error::Replication(format!("starting replication: {e}")))?;
+    tracing::info!(slot = %slot_name, "relay is streaming the write-ahead log");
+    let streamed = stream(&mut client, config, kafka, control, &slot_name, shutdown).await;
+    let stopped = client.shutdown().await;
+    streamed?;
+    stopped.map_err(|e| Error::Replication(format!("stopping replication: {e}")))?;
+    Ok(())
+}
+
+/// The stream loop: decode, send, confirm in order.
+async fn stream(
+    client: &mut ReplicationClient,
+    config: &RelayConfig,
+    kafka: &KafkaPublisher,
+    control: &mut AsyncPgConnection,
+    slot_name: &str,
+    shutdown: &CancellationToken,
+) -> Result<()> {
+    let producer = kafka.producer();
+    let window = usize::try_from(config.batch_size)
+        .unwrap_or(usize::MAX)
+        .max(1);
+    let mut decoder = Decoder::default();
+    let mut in_flight: FuturesOrdered<BoxFuture<'static, Step>> = FuturesOrdered::new();
+    let mut messages_in_flight = 0usize;
+    let mut in_transaction = false;
+    let mut checkpoint = Checkpoint::default();
+    let mut to_mark = Marks::default();
+    let mut tick = tokio::time::interval(CHECKPOINT_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut next_cleanup = tokio::time::Instant::now();
+    let outcome = loop {
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break Ok(()),
+            _ = tick.tick() => {
+                to_mark.flush(control, client, &mut checkpoint).await?;
+                checkpoint.write(control, slot_name).await?;
+                slot::record_lag(control, slot_name).await?;
+                if tokio::time::Instant::now() >= next_cleanup {
+                    // Both tables' sent logs, a batch each per pass.
+                    super::sent_log::delete_expired_messages(control, config.retention, super::sent_log::CLEANUP_BATCH).await?;
+                    super::sent_log::delete_expired_batch(control, config.retention, super::sent_log::CLEANUP_BATCH).await?;
+                    drain_table(kafka, control, config, true).await?;
+                    next_cleanup = tokio::time::Instant::now() + config.cleanup_interval;
+                }
+            }
+            Some(step) = in_flight.next(), if !in_flight.is_empty() => match step {
+                Step::Delivered { table, record, result } => {
+                    messages_in_flight -= 1;
+                    if let Err(e) = delivered(table, &record, result, &mut to_mark, control, &producer).await {
+                        if let Some(kafka_error) = e.kafka() {
+                            tracing::warn!(error = %kafka_error, "broker did not acknowledge a message; resending from the confirmed position");
+                            kafka.renew(&producer)?;
+                        }
+                        break Err(e);
+                    }
+                }
+                Step::Committed(end) => {
+                    if to_mark.is_empty() {
+                        client.update_applied_lsn(end);
+                        checkpoint.confirmed = end;
+                    } else {
+                        // Rows of the polling table are marked before the slot moves past
+                        // them: caught up (or many waiting), now, so their feed positions
+                        // do not wait for the tick.
+                        to_mark.confirm_after = end;
+                        if in_flight.is_empty() || to_mark.len() >= MARK_BATCH {
+                            to_mark.flush(control, client, &mut checkpoint).await?;
+                        }
+                    }
+                }
+            },
+            event = client.recv(), if messages_in_flight < window => {
+                let event = event.map_err(|e| Error::Replication(e.to_string()))?;
+                match event {
+                    None => break Err(Error::Replication("the server ended the stream".into())),
+                    Some(ReplicationEvent::Begin { .. }) => in_transaction = true,
+                    Some(ReplicationEvent::XLogData { data, .. }) => {
+                        if let Change::Message(table, record) = decoder.decode(&data)? {
+                            messages_in_flight += 1;
+                            in_flight.push_back(send(&producer, table, record));
+                        }
+                    }
+                    Some(ReplicationEvent::Commit { end_lsn, .. }) => {
+                        in_transaction = false;
+                        in_flight.push_back(Box::pin(std::future::ready(Step::Committed(end_lsn))));
+                    }
+                    Some(ReplicationEvent::KeepAlive { wal_end, .. }) => {
+                        // Nothing of ours is waiting: the server may forget what it decoded
+                        // up to here (other databases' and tables' changes), or the slot
+                        // would hold WAL while the outbox is idle.
+                        if in_flight.is_empty() && !in_transaction && wal_end > checkpoint.confirmed {
+                            client.update_applied_lsn(wal_end);
+                            checkpoint.confirmed = wal_end;
+                        }
+                    }
+                    Some(ReplicationEvent::Message { .. }) => {}
+                    Some(ReplicationEvent::StoppedAt { .. }) => {
+                        break Err(Error::Replication("the stream stopped".into()));
+                    }
+                }
+            },
+        }
+    };
+    // Whatever ended the stream, what was sent is awaited and confirmed before letting go
+    // (on an error, up to the first failure).
+    if outcome.is_ok() {
+        while let Some(step) = in_flight.next().await {
+            match step {
+                Step::Delivered {
+                    table,
+                    record,
+                    result,
+                } => {
+                    if delivered(table, &record, result, &mut to_mark, control, &producer)
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+                Step::Committed(end) => {
+                    if to_mark.is_empty() {
+                        client.update_applied_lsn(end);
+                        checkpoint.confirmed = end;
+                    } else {
+                        to_mark.confirm_after = end;
+                    }
+                }
+            }
+        }
+    }
+    to_mark.flush(control, client, &mut checkpoint).await?;
+    checkpoint.write(control, slot_name).await?;
+    outcome
+}
+
+/// Sends one message; its step completes with the broker's answer.
+fn send(
+    producer: &FutureProducer,
+    table: Table,
+    record: Box<OutboxRecord>,
+) -> BoxFuture<'static, Step> {
+    let delivery = super::record::send_one(producer, &record);
+    Box::pin(async move {
+        let result = delivery.await;
+        Step::Delivered {
+            table,
+            record,
+            result,
+        }
+    })
+}
+
+/// Takes one delivery's outcome: an acknowledged row of the polling table is marked (in the
+/// next flush); a permanent refusal is recorded in the polling table; anything else ends the
+/// stream (`Err`), which is then resent from the confirmed position.
+async fn delivered(
+    table: Table,
+    record: &OutboxRecord,
+    result: std::result::Result<(i32, i64), rdkafka::error::KafkaError>,
+    to_mark: &mut Marks,
+    control: &mut AsyncPgConnection,
+    _producer: &FutureProducer,
+) -> Result<()> {
+    if let Some(m) = crate::metrics::instruments() {
+        super::record::count_sent(m, record.topic(), result.is_ok());
+    }
+    match result {
+        Ok((partition, offset)) => {
+            if table == Table::Outbox {
+                to_mark.push(record.id, partition, offset);
+            }
+            Ok(())
+        }
+        Err(e) if !refused_for_good(&e) => Err(Error::Kafka(e)),
+        Err(e) => {
+            tracing::error!(id = record.id, message_id = %record.message_id, topic = record.topic(), error = %e,
+                "the broker refused a message for good; it is kept in the outbox with its error");
+            refused(control, table, record, &e.to_string()).await
+        }
+    }
+}
+
+/// Whether the broker refused this message itself (too large, invalid, a topic it will not
+/// take), as opposed to trouble a new producer or a later try gets past (an outage, a fenced or
+/// fatally failed producer).
+fn refused_for_good(e: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    !crate::error::kafka_error_is_retryable(e)
+        && !matches!(
+            e.rdkafka_error_code(),
+            Some(
+                C::Fatal
+                    | C::Fenced
+                    | C::ProducerFenced
+                    | C::InvalidProducerEpoch
+                    | C::OutOfOrderSequenceNumber
+            )
+        )
+}
+
+/// Keeps a message the broker refused: a row of the polling table gets the error; a row of
+/// the append-only table is copied into the polling table with it (same message id), where
+/// `outbox status` counts it and the relay retries it.
+async fn refused(
+    control: &mut AsyncPgConnection,
+    table: Table,
+    record: &OutboxRecord,
+    error: &str,
+) -> Result<()> {
+    let sql = match table {
+        Table::Outbox => {
+            "UPDATE ferrybox_outbox SET attempts = attempts + 1, last_error = $2 WHERE id = $1"
+        }
+        Table::Messages => {
+            "INSERT INTO ferrybox_outbox \
+             (message_id, topic, message_key, message_type, entity_version, headers, payload, \
+              occurred_at, attempts, last_error) \
+             SELECT message_id, topic, message_key, message_type, entity_version, headers, \
+                    payload, occurred_at, 1, $2 \
+             FROM ferrybox_messages WHERE id = $1 \
+             ON CONFLICT (message_id) DO UPDATE SET attempts = ferrybox_outbox.attempts + 1, \
+                last_error = EXCLUDED.last_error"
+        }
+    };
+    diesel::sql_query(sql)
+        .bind::<BigInt, _>(record.id)
+        .bind::<Text, _>(error)
+        .execute(control)
+        .await?;
+    Ok(())
+}
+
+/// Acknowledged rows of the polling table, marked published in batches; the slot is
+/// confirmed past them only once they are marked (so a crash leaves them to the next
+/// stream, never unmarked behind the confirmed position).
+#[derive(Default)]
+struct Marks {
+    ids: Vec<i64>,
+    partitions: Vec<Option<i32>>,
+    offsets: Vec<Option<i64>>,
+    /// The end of the last transaction whose rows are all here: confirmed after the flush.
+    confirm_after: Lsn,
+}
+
+impl Marks {
+    fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    fn push(&mut self, id: i64, partition: i32, offset: i64) {
+        self.ids.push(id);
+        self.partitions.push(Some(partition));
+        self.offsets.push(Some(offset));
+    }
+
+    async fn flush(
+        &mut self,
+        conn: &mut AsyncPgConnection,
+        client: &ReplicationClient,
+        checkpoint: &mut Checkpoint,
+    ) -> Result<()> {
+        if !self.ids.is_empty() {
+            super::relay::mark_published(conn, &self.ids, &self.partitions, &self.offsets).await?;
+        }
+        if self.confirm_after > checkpoint.confirmed {
+            client.update_applied_lsn(self.confirm_after);
+            checkpoint.confirmed = self.confirm_after;
+        }
+        *self = Self::default();
+        Ok(())
+    }
+}
+
+/// The confirmed position and the recovery bound, written once per tick when they moved.
+#[derive(Default)]
+struct Checkpoint {
+    confirmed: Lsn,
+    written: Lsn,
+    /// (transaction-id horizon, WAL position) samples: the horizon holds as a recovery bound
+    /// once the confirmed position is past the WAL position taken after it.
+    samples: VecDeque<(String, Lsn)>,
+    bound: Option<String>,
+}
+
+#[derive(QueryableByName)]
+struct Horizon {
+    #[diesel(sql_type = Text)]
+    xid: String,
+}
+
+#[derive(QueryableByName)]
+struct WalPosition {
+    #[diesel(sql_type = Text)]
+    lsn: String,
+}
+
+impl Checkpoint {
+    async fn write(&mut self, conn: &mut AsyncPgConnection, slot_name: &str) -> Result<()> {
+        // The horizon first, the position after it: a transaction that commits after the
+        // position was taken was running (or not begun) when the horizon was.
+        let horizon: Horizon =
+            diesel::sql_query("SELECT pg_snapshot_xmin(pg_current_snapshot())::text AS xid")
+                .get_result(conn)
+                .await?;
+        let position: WalPosition = diesel::sql_query("SELECT pg_current_wal_lsn()::text AS lsn")
+            .get_result(conn)
+            .await?;
+        let lsn = Lsn::parse(&position.lsn)
+            .map_err(|e| Error::Replication(format!("a WAL position {}: {e}", position.lsn)))?;
+        self.samples.push_back((horizon.xid, lsn));
+        while let Some((_, at)) = self.samples.front() {
+            if *at > self.confirmed {
+                break;
+            }
+            self.bound = self.samples.pop_front().map(|(xid, _)| xid);
+        }
+        // Bounded: a relay confirming nothing for long keeps only its latest samples' worth.
+        while self.samples.len() > 3_600 {
+            self.samples.pop_front();
+        }
+        if self.confirmed == self.written || self.confirmed == Lsn::ZERO {
+            return Ok(());
+        }
+        slot::write_checkpoint(conn, slot_name, self.confirmed, self.bound.as_deref()).await?;
+        self.written = self.confirmed;
+        Ok(())
+    }
+}
+
+/// Publishes what was committed before a new slot, as its exported snapshot shows it: the
+/// polling table's unpublished rows (marked published on `control` once acknowledged), then,
+/// in id order, the rows of `ferrybox_messages` whose transaction id is at or above
+/// `recover_from` (all of them without it); waits for every acknowledgement. The count
+/// published.
+async fn publish_snapshot(
+    url: &str,
+    snapshot: &str,
+    recover_from: Option<String>,
+    kafka: &KafkaPublisher,
+    control: &mut AsyncPgConnection,
+) -> Result<u64> {
+    let mut conn = crate::db::establish(url)
+        .await
+        .map_err(|e| Error::Pool(e.to_string()))?;
+    conn.batch_execute(&format!(
+        "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET TRANSACTION SNAPSHOT '{}'",
+        snapshot.replace('\'', "''")
+    ))
+    .await?;
+    let producer = kafka.producer();
+    let mut published = 0u64;
+    let mut after = 0i64;
+    loop {
+        let rows: Vec<OutboxRecord> = diesel::sql_query(
+            "SELECT id, message_id, topic, message_key, message_type, entity_version, \
+                    occurred_at, headers, payload \
+             FROM ferrybox_outbox WHERE published_at IS NULL AND id > $1 ORDER BY id LIMIT $2",
+        )
+        .bind::<BigInt, _>(after)
+        .bind::<BigInt, _>(SNAPSHOT_BATCH)
+        .load(&mut conn)
+        .await?;
+        let Some(last) = rows.last() else {
+            break;
+        };
+        after = last.id;
+        let mut marks = (Vec::new(), Vec::new(), Vec::new());
+        for (row, result) in rows
+            .iter()
+            .zip(super::record::send_all(&producer, &rows).await)
+        {
+            let (partition, offset) = result.map_err(|e| {
+                Error::Replication(format!(
+                    "publishing the new slot's snapshot: outbox row {} not acknowledged: {e}",
+                    row.id
+                ))
+            })?;
+            marks.0.push(row.id);
+            marks.1.push(Some(partition));
+            marks.2.push(Some(offset));
+        }
+        super::relay::mark_published(control, &marks.0, &marks.1, &marks.2).await?;
+        published += u64::try_from(rows.len()).unwrap_or(0);
+    }
+    let mut after = 0i64;
+    loop {
+        let rows: Vec<OutboxRecord> = diesel::sql_query(
+            "SELECT id, message_id, topic, message_key, message_type, entity_version, \
+                    occurred_at, headers, payload \
+             FROM ferrybox_messages \
+             WHERE id > $1 AND ($2::text IS NULL \
+                   OR age(xmin) <= age((($2::text)::bigint % 4294967296)::text::xid)) \
+             ORDER BY id LIMIT $3",
+        )
+        .bind::<BigInt, _>(after)
+        .bind::<Nullable<Text>, _>(recover_from.as_deref())
+        .bind::<BigInt, _>(SNAPSHOT_BATCH)
+        .load(&mut conn)
+        .await?;
+        let Some(last) = rows.last() else {
+            break;
+        };
+        after = last.id;
+        for (row, result) in rows
+            .iter()
+            .zip(super::record::send_all(&producer, &rows).await)
+        {
+            if let Err(e) = result {
+                kafka.renew(&producer)?;
+                return Err(Error::Replication(format!(
+                    "publishing the new slot's snapshot: row {} not acknowledged: {e}",
+                    row.id
+                )));
+            }
+            published += 1;
+        }
+    }
+    conn.batch_execute("COMMIT").await?;
+    Ok(published)
+}
+
+/// Publishes the polling table's unpublished rows, as the polling relay would.
+async fn drain_table(
+    kafka: &KafkaPublisher,
+    control: &mut AsyncPgConnection,
+    config: &RelayConfig,
+    only_refused: bool,
+) -> Result<()> {
+    let outcome =
+        super::relay::drain_table(kafka, control, config.batch_size, only_refused).await?;
+    if outcome.published > 0 || outcome.failed > 0 {
+        tracing::info!(
+            published = outcome.published,
+            failed = outcome.failed,
+            "published the polling table's unpublished rows"
+        );
+    }
+    Ok(())
+}
+
+impl Error {
+    /// The Kafka error inside, if this is one.
+    fn kafka(&self) -> Option<&rdkafka::error::KafkaError> {
+        match self {
+            Error::Kafka(e) => Some(e),
+            _ => None,
+        }
+    }
+}
