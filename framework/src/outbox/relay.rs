@@ -170,7 +170,7 @@ pub struct BatchOutcome {
 const RELAY_LOCK: (i32, i32) = (0x6665_7272, 0x7962_6f78);
 
 /// How often the active relay measures the backlog for the metrics (when they are on).
-const BACKLOG_GAUGE_INTERVAL: Duration = Duration::from_secs(5);
+pub(super) const BACKLOG_GAUGE_INTERVAL: Duration = Duration::from_secs(5);
 
 #[derive(QueryableByName)]
 struct Locked {
@@ -184,6 +184,8 @@ pub struct Relay {
     /// `None` for a feed-only relay.
     kafka: Option<KafkaPublisher>,
     config: RelayConfig,
+    /// Messages this relay published (acknowledged) since it was made.
+    published: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for Relay {
@@ -204,6 +206,7 @@ impl Relay {
             database,
             kafka: Some(KafkaPublisher::new(kafka)?),
             config,
+            published: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -217,6 +220,7 @@ impl Relay {
             database,
             kafka: None,
             config,
+            published: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -252,6 +256,13 @@ impl Relay {
         Ok(())
     }
 
+    /// How many messages this relay has published (the broker acknowledged) since it was
+    /// made, in either mode: for tools, benchmarks and tests that wait on the relay without
+    /// reading the broker.
+    pub fn published(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.published.subscribe()
+    }
+
     /// Publishes while this instance is the active relay, from the log or the table as the
     /// mode resolves on this database.
     async fn publish_as_active(
@@ -267,6 +278,7 @@ impl Relay {
                     self.database.url.expose_secret(),
                     &self.config,
                     kafka,
+                    &self.published,
                     conn,
                     shutdown,
                 )
@@ -368,15 +380,9 @@ impl Relay {
             if tokio::time::Instant::now() >= next_cleanup && self.clean_some(conn).await? {
                 next_cleanup = tokio::time::Instant::now() + self.config.cleanup_interval;
             }
-            if let Some(m) = crate::metrics::instruments()
-                && tokio::time::Instant::now() >= next_gauges
+            if crate::metrics::instruments().is_some() && tokio::time::Instant::now() >= next_gauges
             {
-                let (rows, age, errors) = sent_log::backlog(conn).await?;
-                m.outbox_backlog
-                    .record(u64::try_from(rows).unwrap_or(0), &[]);
-                m.outbox_oldest_age.record(age, &[]);
-                m.outbox_errors
-                    .record(u64::try_from(errors).unwrap_or(0), &[]);
+                record_backlog(conn).await?;
                 next_gauges = tokio::time::Instant::now() + BACKLOG_GAUGE_INTERVAL;
             }
             if !sent.failed.is_empty() {
@@ -575,6 +581,8 @@ impl Relay {
     /// Marks the acknowledged rows published (with partition, offset and feed position) and
     /// records attempts and the error on the others, one statement each.
     async fn record(&self, conn: &mut AsyncPgConnection, sent: &Sent) -> Result<BatchOutcome> {
+        self.published
+            .send_modify(|n| *n += u64::try_from(sent.acked.len()).unwrap_or(0));
         let outcome = BatchOutcome {
             published: sent.acked.len(),
             failed: sent.failed.len(),
@@ -590,6 +598,20 @@ impl Relay {
         }
         Ok(outcome)
     }
+}
+
+/// Puts the polling table's backlog in the metrics (when they are on): unpublished rows, the
+/// oldest one's age, those the broker refused.
+pub(super) async fn record_backlog(conn: &mut AsyncPgConnection) -> Result<()> {
+    if let Some(m) = crate::metrics::instruments() {
+        let (rows, age, errors) = sent_log::backlog(conn).await?;
+        m.outbox_backlog
+            .record(u64::try_from(rows).unwrap_or(0), &[]);
+        m.outbox_oldest_age.record(age, &[]);
+        m.outbox_errors
+            .record(u64::try_from(errors).unwrap_or(0), &[]);
+    }
+    Ok(())
 }
 
 /// Marks rows of the polling table published, with their partitions and offsets, and gives

@@ -5,6 +5,7 @@ mod dead_letters;
 mod faults;
 mod feed;
 mod inbox;
+mod log_relay;
 mod outbox;
 mod relay;
 mod support;

@@ -227,12 +227,35 @@ async fn writers_notify_only_while_a_relay_waits() {
     assert_eq!(woken, 1);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn three_relays_with_concurrent_writers_publish_each_row_once_in_key_order() {
-    let fx = Arc::new(Fixture::new(3).await);
+/// Tests every relay mode passes, each run once per mode (as one suite is run against every
+/// backend), with the writer each mode's services use.
+macro_rules! in_every_mode {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread")]
+            async fn polling_the_table() {
+                super::$name(ferrybox::RelayMode::Table).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread")]
+            async fn reading_the_log() {
+                super::$name(ferrybox::RelayMode::Log).await;
+            }
+        }
+    )*};
+}
+
+in_every_mode!(
+    three_relays_with_concurrent_writers_publish_each_row_once_in_key_order,
+    a_standby_takes_over_when_the_active_relay_stops,
+    the_running_relay_deletes_the_sent_log_after_its_retention,
+);
+
+async fn three_relays_with_concurrent_writers_publish_each_row_once_in_key_order(mode: RelayMode) {
+    let fx = Arc::new(Fixture::new(3).await.writing_for(mode));
     let config = RelayConfig {
         standby_interval: Duration::from_millis(50),
-        ..Fixture::relay_config()
+        ..Fixture::relay_config_in(mode)
     };
     let mut relays: Vec<RunningRelay> = (0..3)
         .map(|_| RunningRelay::start(relay(&fx, config.clone())))
@@ -262,14 +285,14 @@ async fn three_relays_with_concurrent_writers_publish_each_row_once_in_key_order
     let mut before = 0;
     for running in relays.drain(..2) {
         wait_until(TIMEOUT, "progress since the last stop", || async {
-            fx.published().await > before
+            fx.progress().await > before
         })
         .await;
         running.stop().await;
-        before = fx.published().await;
+        before = fx.progress().await;
     }
     wait_until(TIMEOUT, "progress after the last takeover", || async {
-        fx.published().await > before
+        fx.progress().await > before
     })
     .await;
     stop_writers.cancel();
@@ -278,13 +301,14 @@ async fn three_relays_with_concurrent_writers_publish_each_row_once_in_key_order
         committed.extend(writer.await.unwrap());
     }
     let total: i64 = committed.values().sum();
-    wait_until(TIMEOUT, "every row published", || async {
-        fx.published().await == total
-    })
-    .await;
-    relays.pop().unwrap().stop().await;
-
+    if mode == RelayMode::Table {
+        wait_until(TIMEOUT, "every row published", || async {
+            fx.published().await == total
+        })
+        .await;
+    }
     let records = testing::read_topic(&fx.topic, usize::try_from(total).unwrap(), TIMEOUT).await;
+    relays.pop().unwrap().stop().await;
     let mut ids: Vec<&str> = records
         .iter()
         .map(|r| r.headers["ce_id"].as_str())
@@ -500,25 +524,47 @@ async fn durability_check_reports_the_topic_and_strict_mode_refuses_it() {
     assert!(err.to_string().contains("has 2 partitions"), "{err}");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn the_running_relay_deletes_the_sent_log_after_its_retention() {
-    let fx = Fixture::new(1).await;
+async fn the_running_relay_deletes_the_sent_log_after_its_retention(mode: RelayMode) {
+    let fx = Fixture::new(1).await.writing_for(mode);
     let running = RunningRelay::start(relay(
         &fx,
         RelayConfig {
             retention: Duration::from_millis(1),
             cleanup_interval: Duration::from_millis(20),
-            ..Fixture::relay_config()
+            ..Fixture::relay_config_in(mode)
         },
     ));
     for i in 0..5 {
         fx.change(&format!("gone-{i}"), 1).await;
     }
-    // Published, then expired and deleted by the relay itself.
+    assert_eq!(testing::read_topic(&fx.topic, 5, TIMEOUT).await.len(), 5);
+    // Published, then expired and deleted by the relay itself, from either table.
     wait_until(TIMEOUT, "the sent log emptied by retention", || async {
-        fx.count("SELECT count(*) AS n FROM ferrybox_outbox").await == 0
+        fx.count(
+            "SELECT (SELECT count(*) FROM ferrybox_outbox) \
+                  + (SELECT count(*) FROM ferrybox_messages) AS n",
+        )
+        .await
+            == 0
     })
     .await;
     running.stop().await;
-    assert_eq!(testing::read_topic(&fx.topic, 5, TIMEOUT).await.len(), 5);
+}
+
+async fn a_standby_takes_over_when_the_active_relay_stops(mode: RelayMode) {
+    let fx = Fixture::new(1).await.writing_for(mode);
+    let config = RelayConfig {
+        standby_interval: Duration::from_millis(50),
+        ..Fixture::relay_config_in(mode)
+    };
+    let first = RunningRelay::start(relay(&fx, config.clone()));
+    fx.change("x", 1).await;
+    testing::read_topic(&fx.topic, 1, TIMEOUT).await;
+    let second = RunningRelay::start(relay(&fx, config));
+    // With the first relay gone, the standby takes over and publishes.
+    first.stop().await;
+    fx.change("x", 2).await;
+    let records = testing::read_topic(&fx.topic, 2, TIMEOUT).await;
+    second.stop().await;
+    assert_eq!(versions_by_key(&records)["x"], vec![1, 2]);
 }

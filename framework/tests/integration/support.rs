@@ -116,6 +116,27 @@ impl Fixture {
         testing::count(self.db.url(), sql).await
     }
 
+    /// This fixture writing as a service does for relay mode `mode`: the append-only table
+    /// for the log relay, the polling table otherwise.
+    pub(crate) fn writing_for(mut self, mode: ferrybox::RelayMode) -> Self {
+        self.outbox = self.outbox.for_mode(mode);
+        self
+    }
+
+    /// A number that grows as the relay makes progress, whatever its mode: rows marked
+    /// published (polling), or the bytes of WAL its slot has confirmed (log).
+    pub(crate) async fn progress(&self) -> i64 {
+        if self.outbox.writes_for_log() {
+            self.count(
+                "SELECT coalesce((SELECT (confirmed_flush_lsn - '0/0')::bigint \
+                 FROM pg_replication_slots WHERE database = current_database()), 0) AS n",
+            )
+            .await
+        } else {
+            self.published().await
+        }
+    }
+
     /// Outbox rows marked published.
     pub(crate) async fn published(&self) -> i64 {
         self.count("SELECT count(*) AS n FROM ferrybox_outbox WHERE published_at IS NOT NULL")

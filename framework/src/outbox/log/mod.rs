@@ -68,6 +68,7 @@ pub(crate) async fn run(
     url: &str,
     config: &RelayConfig,
     kafka: &KafkaPublisher,
+    published: &tokio::sync::watch::Sender<u64>,
     control: &mut AsyncPgConnection,
     shutdown: &CancellationToken,
 ) -> Result<()> {
@@ -95,9 +96,10 @@ pub(crate) async fn run(
         slot::begin_new_slot(control, &mut client, &slot_name, state.exists()).await?;
         let snapshot = slot::create(&mut client, &slot_name).await?;
         let recover_from = state.recover_from_xid.clone();
-        let published = publish_snapshot(url, &snapshot.name, recover_from, kafka, control).await?;
+        let count = publish_snapshot(url, &snapshot.name, recover_from, kafka, control).await?;
+        published.send_modify(|n| *n += count);
         slot::snapshot_done(control, &slot_name, snapshot.consistent_point).await?;
-        tracing::info!(slot = %slot_name, published, consistent_point = %snapshot.consistent_point,
+        tracing::info!(slot = %slot_name, published = count, consistent_point = %snapshot.consistent_point,
             "replication slot ready; rows committed before it published");
     }
     client
@@ -109,7 +111,16 @@ pub(crate) async fn run(
         .await
         .map_err(|e| Error::Replication(format!("starting replication: {e}")))?;
     tracing::info!(slot = %slot_name, "relay is streaming the write-ahead log");
-    let streamed = stream(&mut client, config, kafka, control, &slot_name, shutdown).await;
+    let streamed = stream(
+        &mut client,
+        config,
+        kafka,
+        published,
+        control,
+        &slot_name,
+        shutdown,
+    )
+    .await;
     let stopped = client.shutdown().await;
     streamed?;
     stopped.map_err(|e| Error::Replication(format!("stopping replication: {e}")))?;
@@ -121,6 +132,7 @@ async fn stream(
     client: &mut ReplicationClient,
     config: &RelayConfig,
     kafka: &KafkaPublisher,
+    published: &tokio::sync::watch::Sender<u64>,
     control: &mut AsyncPgConnection,
     slot_name: &str,
     shutdown: &CancellationToken,
@@ -138,6 +150,7 @@ async fn stream(
     let mut tick = tokio::time::interval(CHECKPOINT_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut next_cleanup = tokio::time::Instant::now();
+    let mut next_gauges = tokio::time::Instant::now();
     let outcome = loop {
         tokio::select! {
             biased;
@@ -146,6 +159,10 @@ async fn stream(
                 to_mark.flush(control, client, &mut checkpoint).await?;
                 checkpoint.write(control, slot_name).await?;
                 slot::record_lag(control, slot_name).await?;
+                if crate::metrics::instruments().is_some() && tokio::time::Instant::now() >= next_gauges {
+                    super::relay::record_backlog(control).await?;
+                    next_gauges = tokio::time::Instant::now() + super::relay::BACKLOG_GAUGE_INTERVAL;
+                }
                 if tokio::time::Instant::now() >= next_cleanup {
                     // Both tables' sent logs, a batch each per pass.
                     super::sent_log::delete_expired_messages(control, config.retention, super::sent_log::CLEANUP_BATCH).await?;
@@ -157,7 +174,7 @@ async fn stream(
             Some(step) = in_flight.next(), if !in_flight.is_empty() => match step {
                 Step::Delivered { table, record, result } => {
                     messages_in_flight -= 1;
-                    if let Err(e) = delivered(table, &record, result, &mut to_mark, control, &producer).await {
+                    if let Err(e) = delivered(table, &record, result, &mut to_mark, control, published).await {
                         if let Some(kafka_error) = e.kafka() {
                             tracing::warn!(error = %kafka_error, "broker did not acknowledge a message; resending from the confirmed position");
                             kafka.renew(&producer)?;
@@ -222,7 +239,7 @@ async fn stream(
                     record,
                     result,
                 } => {
-                    if delivered(table, &record, result, &mut to_mark, control, &producer)
+                    if delivered(table, &record, result, &mut to_mark, control, published)
                         .await
                         .is_err()
                     {
@@ -251,15 +268,25 @@ fn send(
     table: Table,
     record: Box<OutboxRecord>,
 ) -> BoxFuture<'static, Step> {
-    let delivery = super::record::send_one(producer, &record);
-    Box::pin(async move {
-        let result = delivery.await;
-        Step::Delivered {
-            table,
-            record,
-            result,
-        }
-    })
+    // With tracing on, each message's publish span links the trace of the request that made
+    // it, as the polling relay's batch span links its batch's.
+    let span = if crate::telemetry::tracing_enabled() {
+        crate::telemetry::batch_span("publish", "producer", [&record.headers()])
+    } else {
+        tracing::Span::none()
+    };
+    let delivery = span.in_scope(|| super::record::send_one(producer, &record));
+    Box::pin(tracing::Instrument::instrument(
+        async move {
+            let result = delivery.await;
+            Step::Delivered {
+                table,
+                record,
+                result,
+            }
+        },
+        span,
+    ))
 }
 
 /// Takes one delivery's outcome: an acknowledged row of the polling table is marked (in the
@@ -271,7 +298,7 @@ async fn delivered(
     result: std::result::Result<(i32, i64), rdkafka::error::KafkaError>,
     to_mark: &mut Marks,
     control: &mut AsyncPgConnection,
-    _producer: &FutureProducer,
+    published: &tokio::sync::watch::Sender<u64>,
 ) -> Result<()> {
     if let Some(m) = crate::metrics::instruments() {
         super::record::count_sent(m, record.topic(), result.is_ok());
@@ -281,6 +308,7 @@ async fn delivered(
             if table == Table::Outbox {
                 to_mark.push(record.id, partition, offset);
             }
+            published.send_modify(|n| *n += 1);
             Ok(())
         }
         Err(e) if !refused_for_good(&e) => Err(Error::Kafka(e)),

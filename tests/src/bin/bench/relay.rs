@@ -1,21 +1,28 @@
-//! The relay and outbox benchmarks.
+//! The relay and outbox benchmarks, for both relay modes (`log`: the write-ahead log;
+//! `table`: polling the outbox table).
 //!
-//! - `relay_vs_raw_producer`: relay drain rate from a pre-filled outbox over the rate of a plain
-//!   rdkafka producer sending the same messages with the same settings.
-//! - `outbox_write_overhead_1` / `_8`: business transactions per second with `enqueue` over the
-//!   same transactions without it, at 1 and 8 concurrent writers.
-//! - `bare_row_write_overhead_1` / `_8`: the same with a bare one-row insert instead of
-//!   `enqueue`: the least a transactional outbox can cost on this machine.
-//! - `notify_latency_p99_ms` / `poll_latency_p99_ms`: commit to acknowledged publish at a fixed
-//!   moderate rate, woken by `NOTIFY` and by polling only.
+//! - `relay_vs_raw_producer_<mode>`: relay drain rate from a backlog over the rate of a plain
+//!   rdkafka producer sending the same messages with the same settings (medians of three
+//!   alternating runs: the broker's speed swings between runs).
+//! - `outbox_write_overhead_1` / `_8`: business transactions per second with `enqueue` (log
+//!   mode: the append-only table) over the same transactions without it, at 1 and 8
+//!   writers; `..._table_...` the same with the polling table's `enqueue`.
+//! - `bare_row_write_overhead_1` / `_8`: a bare one-row insert instead of `enqueue`, and
+//!   `logical_message_write_overhead_1` / `_8`: the same bytes as a logical decoding message
+//!   (`pg_logical_emit_message`): the bounds of what any outbox can cost on this machine.
+//! - `publish_latency_p99_ms_<mode>`: commit to acknowledged publish at 200 msg/s.
+//! - `backlog_vs_steady_<mode>`: the drain rate of a backlog ten times as large over the
+//!   drain rate above.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use diesel::sql_types::{BigInt, Double, Integer, Text};
+use diesel::sql_types::{BigInt, Integer, Text};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use ferrybox::testing::{self, TestDatabase};
-use ferrybox::{CancellationToken, MessageId, Outbox, OutgoingMessage, Relay, RelayConfig};
+use ferrybox::{
+    CancellationToken, MessageId, Outbox, OutgoingMessage, Relay, RelayConfig, RelayMode,
+};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::FutureRecord;
 
@@ -34,8 +41,38 @@ async fn outbox_database() -> anyhow::Result<(TestDatabase, AsyncPgConnection)> 
 /// Commits `n` outbox rows for `topic` (200-byte payloads over 1,000 keys, CloudEvents
 /// headers) in one statement; not part of any measurement.
 async fn prefill_outbox(conn: &mut AsyncPgConnection, topic: &str, n: usize) -> anyhow::Result<()> {
-    diesel::sql_query(
-        "INSERT INTO ferrybox_outbox \
+    prefill(conn, "ferrybox_outbox", topic, n).await
+}
+
+/// Commits `n` messages into `table` (either outbox table), in transactions of at most
+/// 10,000 rows (as a busy service would, not one transaction the log must spill to disk).
+async fn prefill(
+    conn: &mut AsyncPgConnection,
+    table: &str,
+    topic: &str,
+    n: usize,
+) -> anyhow::Result<()> {
+    let mut left = n;
+    while left > 0 {
+        let chunk = left.min(10_000);
+        prefill_once(conn, table, topic, chunk).await?;
+        left -= chunk;
+    }
+    // As autovacuum would soon after such a burst: without statistics the planner sorts the
+    // backlog on disk instead of walking the unpublished index.
+    diesel::sql_query(format!("ANALYZE {table}"))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+async fn prefill_once(
+    conn: &mut AsyncPgConnection,
+    table: &str,
+    topic: &str,
+    n: usize,
+) -> anyhow::Result<()> {
+    diesel::sql_query(format!("INSERT INTO {table} \
            (message_id, topic, message_key, message_type, entity_version, headers, payload, occurred_at) \
          SELECT u, $1, 'key-' || (i % $3), 'com.ferrybox.bench.Blob', i / $3 + 1, \
                 jsonb_build_object('ce_specversion', '1.0', 'ce_id', u::text, \
@@ -43,19 +80,13 @@ async fn prefill_outbox(conn: &mut AsyncPgConnection, topic: &str, n: usize) -> 
                   'ce_time', now()::text, 'ce_subject', 'key-' || (i % $3), \
                   'ce_entityversion', (i / $3 + 1)::text, 'content-type', 'application/avro'), \
                 decode(repeat('ab', $4), 'hex'), now() \
-         FROM (SELECT gen_random_uuid() AS u, i FROM generate_series(1, $2) AS i) AS s",
-    )
+         FROM (SELECT gen_random_uuid() AS u, i FROM generate_series(1, $2) AS i) AS s"))
     .bind::<Text, _>(topic)
     .bind::<Integer, _>(i32::try_from(n)?)
     .bind::<BigInt, _>(KEYS)
     .bind::<Integer, _>(i32::try_from(PAYLOAD)?)
     .execute(conn)
     .await?;
-    // As autovacuum would soon after such a burst: without statistics the planner sorts the
-    // backlog on disk instead of walking the unpublished index.
-    diesel::sql_query("ANALYZE ferrybox_outbox")
-        .execute(conn)
-        .await?;
     Ok(())
 }
 
@@ -104,46 +135,110 @@ async fn raw_producer_rate(topic: &str, rows: &[Stored]) -> anyhow::Result<f64> 
     Ok(rows.len() as f64 / started.elapsed().as_secs_f64())
 }
 
-/// Relay drain rate from a pre-filled outbox, and the raw producer's rate for the same
-/// messages (the better of a run before and one after the relay's).
-async fn drain_rates(n: usize) -> anyhow::Result<(f64, f64)> {
+/// The relay in `mode` as services run it (`Relay::run`), on its own task.
+struct Running {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<ferrybox::Result<()>>,
+    published: tokio::sync::watch::Receiver<u64>,
+}
+
+impl Running {
+    fn start(db: &TestDatabase, config: RelayConfig) -> anyhow::Result<Self> {
+        let relay = Relay::new(db.config(), &testing::kafka(), config)?;
+        let published = relay.published();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn({
+            let stop = stop.clone();
+            async move { relay.run(stop).await }
+        });
+        Ok(Self {
+            stop,
+            task,
+            published,
+        })
+    }
+
+    /// Waits (up to five minutes) until the relay has published `n` messages.
+    async fn published(&mut self, n: u64) -> anyhow::Result<()> {
+        let wait = self.published.wait_for(|p| *p >= n);
+        tokio::time::timeout(Duration::from_secs(300), wait)
+            .await
+            .map_err(|_| anyhow::anyhow!("the relay did not publish {n} messages in time"))??;
+        Ok(())
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        self.task.await??;
+        Ok(())
+    }
+}
+
+fn config_in(mode: RelayMode) -> RelayConfig {
+    RelayConfig {
+        mode,
+        ..RelayConfig::default()
+    }
+}
+
+fn table_of(mode: RelayMode) -> &'static str {
+    if mode == RelayMode::Log {
+        "ferrybox_messages"
+    } else {
+        "ferrybox_outbox"
+    }
+}
+
+/// Messages per second at which the relay in `mode` drains a backlog of `n`: the relay is
+/// made active (its slot made, its topic known), stopped, the backlog committed, and a new
+/// relay started; the clock runs from its start to its `n`th acknowledgement.
+async fn drain_rate(mode: RelayMode, n: usize) -> anyhow::Result<f64> {
+    let (db, mut conn) = outbox_database().await?;
+    let topic = testing::create_topic(3).await;
+    let mut warm = Running::start(&db, config_in(mode))?;
+    prefill(&mut conn, table_of(mode), &topic, 1).await?;
+    diesel::sql_query("SELECT pg_notify('ferrybox_outbox', '')")
+        .execute(&mut conn)
+        .await?;
+    warm.published(1).await?;
+    warm.stop().await?;
+    prefill(&mut conn, table_of(mode), &topic, n).await?;
+    let started = Instant::now();
+    let mut relay = Running::start(&db, config_in(mode))?;
+    relay.published(u64::try_from(n)?).await?;
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    relay.stop().await?;
+    Ok(rate)
+}
+
+/// The messages a drain sends, for the plain producer's baseline.
+async fn baseline_rows(n: usize) -> anyhow::Result<Vec<Stored>> {
     let (_db, mut conn) = outbox_database().await?;
-    let raw_topic = testing::create_topic(3).await;
-    prefill_outbox(&mut conn, &raw_topic, n).await?;
-    let rows: Vec<Stored> =
+    prefill_outbox(&mut conn, "unused", n).await?;
+    Ok(
         diesel::sql_query("SELECT message_key, headers, payload FROM ferrybox_outbox ORDER BY id")
             .load(&mut conn)
-            .await?;
-    let raw_before = raw_producer_rate(&raw_topic, &rows).await?;
+            .await?,
+    )
+}
 
-    let (db, mut conn) = outbox_database().await?;
-    let relay_topic = testing::create_topic(3).await;
-    // The relay as services run it (`Relay::run`: batches recorded while the next is sent),
-    // already active and knowing its topic.
-    let relay = Relay::new(db.config(), &testing::kafka(), RelayConfig::default())?;
-    let stop = CancellationToken::new();
-    let task = tokio::spawn({
-        let stop = stop.clone();
-        async move { relay.run(stop).await }
-    });
-    prefill_outbox(&mut conn, &relay_topic, 1).await?;
-    diesel::sql_query("SELECT pg_notify('ferrybox_outbox', '')")
-        .execute(&mut conn)
-        .await?;
-    all_published(&mut conn).await?;
-    prefill_outbox(&mut conn, &relay_topic, n).await?;
-    let started = Instant::now();
-    diesel::sql_query("SELECT pg_notify('ferrybox_outbox', '')")
-        .execute(&mut conn)
-        .await?;
-    all_published(&mut conn).await?;
-    let rate = n as f64 / started.elapsed().as_secs_f64();
-    stop.cancel();
-    task.await??;
-    // The broker's speed drifts: the baseline runs before and after the relay, and the
-    // better of the two counts.
-    let raw_after = raw_producer_rate(&testing::create_topic(3).await, &rows).await?;
-    Ok((rate, raw_before.max(raw_after)))
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Drain rates of each relay mode and of the plain producer, alternated three times; the
+/// medians: (log, table, raw).
+async fn drain_rates(n: usize) -> anyhow::Result<(f64, f64, f64)> {
+    let rows = baseline_rows(n).await?;
+    let (mut log, mut table, mut raw) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..3 {
+        raw.push(raw_producer_rate(&testing::create_topic(3).await, &rows).await?);
+        log.push(drain_rate(RelayMode::Log, n).await?);
+        table.push(drain_rate(RelayMode::Table, n).await?);
+    }
+    eprintln!("relay: drain runs (msg/s) log {log:.0?}, table {table:.0?}, raw {raw:.0?}");
+    Ok((median(log), median(table), median(raw)))
 }
 
 const ACCOUNTS: &str = "CREATE TABLE accounts (id UUID PRIMARY KEY, email TEXT NOT NULL UNIQUE, \
@@ -154,8 +249,13 @@ const ACCOUNTS: &str = "CREATE TABLE accounts (id UUID PRIMARY KEY, email TEXT N
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Extra {
     Nothing,
-    /// The matching event, through `Outbox::enqueue`.
+    /// The matching event, through `Outbox::enqueue` for the log relay (append-only table).
     Enqueue,
+    /// The same through the polling table's `Outbox::enqueue`.
+    EnqueueTable,
+    /// The bytes `enqueue` writes, as a transactional logical decoding message instead of a
+    /// row: the bound for an outbox that writes no row at all.
+    LogicalMessage,
     /// One 200-byte row in a table with nothing but a primary key, in its own statement: the
     /// least any transactional outbox adds.
     BareRow,
@@ -179,7 +279,8 @@ async fn write_rate(
         let (url, topic) = (db.url().to_owned(), topic.to_owned());
         tasks.push(tokio::spawn(async move {
             let mut conn = AsyncPgConnection::establish(&url).await?;
-            let outbox = Outbox::new("bench");
+            let outbox = Outbox::new("bench").for_mode(RelayMode::Log);
+            let table_outbox = Outbox::new("bench");
             let mut done = 0u64;
             while Instant::now() < deadline {
                 let id = uuid::Uuid::now_v7();
@@ -193,7 +294,7 @@ async fn write_rate(
                     payload: vec![0xab; PAYLOAD],
                     headers: BTreeMap::new(),
                 };
-                let outbox = &outbox;
+                let (outbox, table_outbox) = (&outbox, &table_outbox);
                 conn.transaction::<_, ferrybox::Error, _>(async |tx| {
                     // Prepared once, as a service's own statements (built with diesel's DSL)
                     // are.
@@ -211,6 +312,28 @@ async fn write_rate(
                     match extra {
                         Extra::Nothing => {}
                         Extra::Enqueue => outbox.enqueue(tx, &message).await?,
+                        Extra::EnqueueTable => table_outbox.enqueue(tx, &message).await?,
+                        Extra::LogicalMessage => {
+                            // What enqueue stores: the payload and its headers, topic, key
+                            // and type.
+                            let mut bytes = message.payload.clone();
+                            bytes.extend_from_slice(
+                                serde_json::to_string(&message.kafka_headers("bench"))
+                                    .unwrap_or_default()
+                                    .as_bytes(),
+                            );
+                            bytes.extend_from_slice(message.topic.as_bytes());
+                            bytes.extend_from_slice(message.key.as_bytes());
+                            bytes.extend_from_slice(message.message_type.as_bytes());
+                            ferrybox::db::prepared(
+                                diesel::sql_query(
+                                    "SELECT pg_logical_emit_message(true, 'ferrybox', $1)",
+                                )
+                                .bind::<diesel::sql_types::Bytea, _>(&bytes),
+                            )
+                            .execute(tx)
+                            .await?;
+                        }
                         Extra::BareRow => {
                             ferrybox::db::prepared(
                                 diesel::sql_query("INSERT INTO bare (payload) VALUES ($1)")
@@ -235,110 +358,89 @@ async fn write_rate(
     Ok(total as f64 / started.elapsed().as_secs_f64())
 }
 
-/// Transactions per second at `writers` concurrent writers: (with enqueue, without, with a
-/// bare extra row).
-async fn write_overhead(writers: usize) -> anyhow::Result<(f64, f64, f64)> {
+/// Transactions per second at `writers` concurrent writers, in the order of [`EXTRAS`].
+async fn write_overhead(writers: usize) -> anyhow::Result<[f64; 5]> {
     let (db, mut conn) = outbox_database().await?;
     diesel::sql_query(ACCOUNTS).execute(&mut conn).await?;
     diesel::sql_query(BARE).execute(&mut conn).await?;
-    let topic = testing::unique("bench-unpublished");
-    // Warm up, then alternate so drift affects all alike.
+    let topic = testing::create_topic(1).await;
+    // Warm up, then alternate so drift affects all alike; medians of three.
     write_rate(&db, &topic, writers, Extra::Enqueue, 1).await?;
-    let mut rates = [0.0; 3];
-    for _ in 0..2 {
-        for (i, extra) in [Extra::Enqueue, Extra::Nothing, Extra::BareRow]
-            .into_iter()
-            .enumerate()
-        {
-            rates[i] += write_rate(&db, &topic, writers, extra, 3).await? / 2.0;
+    let mut runs: [Vec<f64>; 5] = Default::default();
+    for _ in 0..3 {
+        for (i, extra) in EXTRAS.into_iter().enumerate() {
+            runs[i].push(write_rate(&db, &topic, writers, extra, 3).await?);
         }
     }
-    Ok((rates[0], rates[1], rates[2]))
+    Ok(runs.map(median))
 }
 
-/// p99 of commit to acknowledged publish, in ms, at `rate` messages a second for `seconds`.
-async fn publish_latency_p99(listen: bool, rate: u32, seconds: u32) -> anyhow::Result<f64> {
+const EXTRAS: [Extra; 5] = [
+    Extra::Enqueue,
+    Extra::Nothing,
+    Extra::BareRow,
+    Extra::EnqueueTable,
+    Extra::LogicalMessage,
+];
+
+/// p99 of commit to acknowledged publish, in ms, at `rate` messages a second for `seconds`,
+/// for the relay in `mode` (the polling relay woken by `NOTIFY`, polling every 100 ms as a
+/// fallback). The acknowledgement time is when the relay's published count reached the
+/// message (messages are committed one at a time, so the nth count is the nth message).
+async fn publish_latency_p99(mode: RelayMode, rate: u32, seconds: u32) -> anyhow::Result<f64> {
     let (db, mut conn) = outbox_database().await?;
     let topic = testing::create_topic(3).await;
     let config = RelayConfig {
-        listen,
         poll_interval: Duration::from_millis(POLL_MS),
-        ..RelayConfig::default()
+        ..config_in(mode)
     };
-    let relay = Relay::new(db.config(), &testing::kafka(), config)?;
-    let stop = CancellationToken::new();
-    let task = tokio::spawn({
-        let stop = stop.clone();
-        async move { relay.run(stop).await }
-    });
-    let outbox = Outbox::new("bench");
-    let total = rate * seconds;
-    let interval = Duration::from_secs(1) / rate;
-    // A running relay already knows its topic: the first message (which waits for the
-    // topic's metadata) is a warm-up, left out of the percentile.
-    for i in 0..=total {
-        if i == 1 {
-            all_published(&mut conn).await?;
-            diesel::sql_query("DELETE FROM ferrybox_outbox")
-                .execute(&mut conn)
-                .await?;
-            break;
+    let mut relay = Running::start(&db, config)?;
+    let outbox = Outbox::new("bench").for_mode(mode);
+    // The first message (which waits for the slot and the topic's metadata) is a warm-up.
+    enqueue_blob(&mut conn, &outbox, &topic, 0).await?;
+    relay.published(1).await?;
+    let total = usize::try_from(rate * seconds)?;
+    let acked = tokio::spawn({
+        let mut published = relay.published.clone();
+        async move {
+            let mut at = Vec::with_capacity(total);
+            while at.len() < total {
+                if published.changed().await.is_err() {
+                    break;
+                }
+                let now = Instant::now();
+                let n = usize::try_from(*published.borrow_and_update()).unwrap_or(0) - 1;
+                while at.len() < n.min(total) {
+                    at.push(now);
+                }
+            }
+            at
         }
-        enqueue_blob(&mut conn, &outbox, &topic, i).await?;
-    }
+    });
+    let interval = Duration::from_secs(1) / rate;
+    let mut committed = Vec::with_capacity(total);
     let mut next = Instant::now();
     for i in 0..total {
         tokio::time::sleep_until(next.into()).await;
         next += interval;
-        enqueue_blob(&mut conn, &outbox, &topic, i).await?;
+        enqueue_blob(&mut conn, &outbox, &topic, u32::try_from(i)? + 1).await?;
+        committed.push(Instant::now());
     }
-    all_published(&mut conn).await?;
-    stop.cancel();
-    task.await??;
-    #[derive(diesel::QueryableByName)]
-    struct P99 {
-        #[diesel(sql_type = Double)]
-        p99: f64,
-    }
-    // created_at is the enqueueing transaction's start (it commits right after);
-    // published_at is when the relay marked the row, after the broker's acknowledgement.
-    let p: P99 = diesel::sql_query(
-        "SELECT percentile_cont(0.99) WITHIN GROUP \
-           (ORDER BY extract(epoch FROM published_at - created_at) * 1000) AS p99 \
-         FROM ferrybox_outbox",
-    )
-    .get_result(&mut conn)
-    .await?;
-    Ok(p.p99)
-}
-
-/// Waits (up to a minute) until the outbox has no unpublished row.
-async fn all_published(conn: &mut AsyncPgConnection) -> anyhow::Result<()> {
-    #[derive(diesel::QueryableByName)]
-    struct Count {
-        #[diesel(sql_type = BigInt)]
-        n: i64,
-    }
-    // Cheap while waiting (one primary-key lookup: the relay publishes in id order), exact at
-    // the end (a count of the unpublished rows, which would slow the relay if polled).
-    let newest_unpublished = "SELECT count(*) AS n FROM ferrybox_outbox \
-        WHERE id = (SELECT max(id) FROM ferrybox_outbox) AND published_at IS NULL";
-    let unpublished = "SELECT count(*) AS n FROM ferrybox_outbox WHERE published_at IS NULL";
-    let started = Instant::now();
-    for query in [newest_unpublished, unpublished] {
-        loop {
-            let left: Count = diesel::sql_query(query).get_result(conn).await?;
-            if left.n == 0 {
-                break;
-            }
-            anyhow::ensure!(
-                started.elapsed() < Duration::from_secs(60),
-                "relay did not catch up"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-    Ok(())
+    let acked = tokio::time::timeout(Duration::from_secs(60), acked).await??;
+    relay.stop().await?;
+    anyhow::ensure!(
+        acked.len() == total,
+        "only {} of {total} published",
+        acked.len()
+    );
+    let latencies: Vec<f64> = committed
+        .iter()
+        .zip(&acked)
+        .map(|(c, a)| a.saturating_duration_since(*c).as_secs_f64() * 1000.0)
+        .collect();
+    let mut sorted = latencies;
+    sorted.sort_by(f64::total_cmp);
+    Ok(sorted[(sorted.len() * 99).div_ceil(100) - 1])
 }
 
 /// Commits one 200-byte message for key `i % KEYS`.
@@ -370,28 +472,61 @@ const POLL_MS: u64 = 100;
 pub(crate) async fn run(report: &mut Report) -> anyhow::Result<()> {
     let n = messages();
     eprintln!("relay: {n} outbox rows of {PAYLOAD} bytes over {KEYS} keys");
-    let (relay, raw) = drain_rates(n).await?;
-    report.row("relay drain rate (msg/s)", relay);
+    let (log, table, raw) = drain_rates(n).await?;
+    report.row("relay drain rate, log mode (msg/s)", log);
+    report.row("relay drain rate, table mode (msg/s)", table);
     report.row("plain producer rate, same messages (msg/s)", raw);
-    let (with_1, without_1, bare_1) = write_overhead(1).await?;
-    report.row("business tx/s with enqueue, 1 writer", with_1);
-    report.row("business tx/s without enqueue, 1 writer", without_1);
-    report.row("business tx/s with a bare extra row, 1 writer", bare_1);
-    let (with_8, without_8, bare_8) = write_overhead(8).await?;
-    report.row("business tx/s with enqueue, 8 writers", with_8);
-    report.row("business tx/s without enqueue, 8 writers", without_8);
-    report.row("business tx/s with a bare extra row, 8 writers", bare_8);
-    let notify = publish_latency_p99(true, 200, 5).await?;
-    let poll = publish_latency_p99(false, 200, 5).await?;
-    report.row("commit-to-publish p99 at 200 msg/s, NOTIFY (ms)", notify);
-    report.row("commit-to-publish p99 at 200 msg/s, poll 100 ms (ms)", poll);
-    report.ratio("relay_vs_raw_producer", relay / raw);
-    report.ratio("outbox_write_overhead_1", with_1 / without_1);
-    report.ratio("outbox_write_overhead_8", with_8 / without_8);
-    // The least any outbox writing a row per transaction could score here.
-    report.ratio("bare_row_write_overhead_1", bare_1 / without_1);
-    report.ratio("bare_row_write_overhead_8", bare_8 / without_8);
-    report.ratio("notify_latency_p99_ms", notify);
-    report.ratio("poll_latency_p99_ms", poll);
+    let backlog = backlog_messages(n);
+    let backlog_log = drain_rate(RelayMode::Log, backlog).await?;
+    let backlog_table = drain_rate(RelayMode::Table, backlog).await?;
+    report.row("backlog drain rate, log mode (msg/s)", backlog_log);
+    report.row("backlog drain rate, table mode (msg/s)", backlog_table);
+    let w1 = write_overhead(1).await?;
+    let w8 = write_overhead(8).await?;
+    for (w, writers) in [(&w1, 1), (&w8, 8)] {
+        eprintln!(
+            "relay: business tx/s at {writers} writer(s): enqueue (log) {:.0}, none {:.0}, \
+             bare row {:.0}, enqueue (table) {:.0}, logical message {:.0}",
+            w[0], w[1], w[2], w[3], w[4]
+        );
+    }
+    report.row("business tx/s with enqueue (log mode), 1 writer", w1[0]);
+    report.row("business tx/s without enqueue, 1 writer", w1[1]);
+    report.row("business tx/s with enqueue (log mode), 8 writers", w8[0]);
+    report.row("business tx/s without enqueue, 8 writers", w8[1]);
+    let latency_log = publish_latency_p99(RelayMode::Log, 200, 5).await?;
+    let latency_table = publish_latency_p99(RelayMode::Table, 200, 5).await?;
+    report.row(
+        "commit-to-publish p99 at 200 msg/s, log mode (ms)",
+        latency_log,
+    );
+    report.row(
+        "commit-to-publish p99 at 200 msg/s, table mode (ms)",
+        latency_table,
+    );
+    report.ratio("relay_vs_raw_producer_log", log / raw);
+    report.ratio("relay_vs_raw_producer_table", table / raw);
+    report.ratio("backlog_vs_steady_log", backlog_log / log);
+    report.ratio("backlog_vs_steady_table", backlog_table / table);
+    report.ratio("outbox_write_overhead_1", w1[0] / w1[1]);
+    report.ratio("outbox_write_overhead_8", w8[0] / w8[1]);
+    report.ratio("outbox_write_overhead_table_1", w1[3] / w1[1]);
+    report.ratio("outbox_write_overhead_table_8", w8[3] / w8[1]);
+    // The bounds: the least any outbox writing a row, or only a logical message, costs here.
+    report.ratio("bare_row_write_overhead_1", w1[2] / w1[1]);
+    report.ratio("bare_row_write_overhead_8", w8[2] / w8[1]);
+    report.ratio("logical_message_write_overhead_1", w1[4] / w1[1]);
+    report.ratio("logical_message_write_overhead_8", w8[4] / w8[1]);
+    report.ratio("publish_latency_p99_ms_log", latency_log);
+    report.ratio("publish_latency_p99_ms_table", latency_table);
     Ok(())
+}
+
+/// The large backlog: ten times the throughput runs' size; `FERRYBOX_BENCH_BACKLOG`
+/// overrides it.
+fn backlog_messages(n: usize) -> usize {
+    std::env::var("FERRYBOX_BENCH_BACKLOG")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(n * 10)
 }

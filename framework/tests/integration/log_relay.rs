@@ -1,0 +1,229 @@
+//! The log relay's own promises: it writes nothing back per message, recovers a lost slot
+//! from the table without losing a committed message, and says what to change when the
+//! database cannot stream. (The promises every mode keeps are in `relay.rs`.)
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use ferrybox::testing::{self, wait_until};
+use ferrybox::{CancellationToken, Error, Relay, RelayConfig, RelayMode};
+
+use crate::support::{Fixture, RunningRelay, TIMEOUT};
+
+fn log_relay(fx: &Fixture) -> Relay {
+    Relay::new(
+        fx.db.config(),
+        &testing::kafka(),
+        RelayConfig {
+            standby_interval: Duration::from_millis(50),
+            ..Fixture::relay_config_in(RelayMode::Log)
+        },
+    )
+    .unwrap()
+}
+
+/// Every key's versions in arrival order, and the set of message ids that arrived.
+fn by_key(records: &[testing::ReadRecord]) -> (BTreeMap<String, Vec<i64>>, BTreeSet<String>) {
+    let mut keys: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    let mut ids = BTreeSet::new();
+    for r in records {
+        keys.entry(r.headers["ce_subject"].clone())
+            .or_default()
+            .push(r.headers["ce_entityversion"].parse().unwrap());
+        ids.insert(r.headers["ce_id"].clone());
+    }
+    (keys, ids)
+}
+
+/// Concurrent writers, one relay: every row arrives once, each key in commit order, and the
+/// outbox rows are never touched after their insert (no update, no delete: `xmax` is 0).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_log_relay_publishes_in_commit_order_and_writes_nothing_back() {
+    let fx = Arc::new(Fixture::new(3).await.writing_for(RelayMode::Log));
+    let running = RunningRelay::start(log_relay(&fx));
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let fx = fx.clone();
+            tokio::spawn(async move {
+                for version in 1..=25 {
+                    for k in 0..4 {
+                        fx.change(&format!("w{w}-k{k}"), version).await;
+                    }
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    let records = testing::read_topic(&fx.topic, 400, TIMEOUT).await;
+    let (keys, ids) = by_key(&records);
+    assert_eq!(ids.len(), 400, "a message arrived twice");
+    assert_eq!(keys.len(), 16);
+    for (key, versions) in keys {
+        assert_eq!(versions, (1..=25).collect::<Vec<_>>(), "key {key}");
+    }
+    running.stop().await;
+    assert_eq!(
+        fx.count("SELECT count(*) AS n FROM ferrybox_messages")
+            .await,
+        400
+    );
+    assert_eq!(
+        fx.count("SELECT count(*) AS n FROM ferrybox_messages WHERE xmax::text <> '0'")
+            .await,
+        0,
+        "the relay wrote to outbox rows after their insert"
+    );
+    // The polling table was never used.
+    assert_eq!(
+        fx.count("SELECT count(*) AS n FROM ferrybox_outbox").await,
+        0
+    );
+}
+
+/// The slot is dropped (as an operator, or `max_slot_wal_keep_size`, would) while messages
+/// are committed and no relay runs: the next relay makes it again and publishes from the
+/// table what the lost slot had not delivered. Duplicates are allowed; a loss is not.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_slot_is_made_again_and_nothing_committed_is_lost() {
+    let fx = Fixture::new(2).await.writing_for(RelayMode::Log);
+    let mut written = BTreeSet::new();
+    let running = RunningRelay::start(log_relay(&fx));
+    for i in 0..20 {
+        written.insert(
+            fx.change(&format!("k{}", i % 4), i / 4 + 1)
+                .await
+                .to_string(),
+        );
+    }
+    testing::read_ids(&testing::kafka(), &fx.topic, &written, TIMEOUT).await;
+    // The checkpoint (written once a second) has a recovery bound before the slot goes.
+    wait_until(TIMEOUT, "a checkpoint with a recovery bound", || async {
+        fx.count(
+            "SELECT count(*) AS n FROM ferrybox_relay_checkpoints \
+             WHERE recover_from_xid IS NOT NULL AND snapshot_done",
+        )
+        .await
+            == 1
+    })
+    .await;
+    running.stop().await;
+    for i in 20..40 {
+        written.insert(
+            fx.change(&format!("k{}", i % 4), i / 4 + 1)
+                .await
+                .to_string(),
+        );
+    }
+    let mut conn = AsyncPgConnection::establish(fx.db.url()).await.unwrap();
+    diesel::sql_query(
+        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+         WHERE database = current_database()",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let running = RunningRelay::start(log_relay(&fx));
+    for i in 40..50 {
+        written.insert(
+            fx.change(&format!("k{}", i % 4), i / 4 + 1)
+                .await
+                .to_string(),
+        );
+    }
+    let records = testing::read_ids(&testing::kafka(), &fx.topic, &written, TIMEOUT).await;
+    running.stop().await;
+    // Each key's first arrivals are in order: recovery republishes in id order, which for one
+    // key is commit order.
+    let (keys, _) = by_key(&records);
+    for (key, versions) in keys {
+        let mut first_seen = Vec::new();
+        for v in versions {
+            if !first_seen.contains(&v) {
+                first_seen.push(v);
+            }
+        }
+        let mut sorted = first_seen.clone();
+        sorted.sort_unstable();
+        assert_eq!(first_seen, sorted, "key {key}");
+    }
+    assert_eq!(
+        fx.count(
+            "SELECT count(*) AS n FROM pg_replication_slots WHERE database = current_database()"
+        )
+        .await,
+        1,
+        "the slot was made again"
+    );
+}
+
+/// A role that may not replicate: the log relay refuses to start and says what to run; in
+/// `auto` mode the relay polls the table instead, and publishes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_that_cannot_stream_is_named_with_what_to_change() {
+    let fx = Fixture::new(1).await;
+    let role = testing::unique("fb_norepl");
+    let mut conn = AsyncPgConnection::establish(fx.db.url()).await.unwrap();
+    diesel::sql_query(format!("CREATE ROLE {role} LOGIN NOREPLICATION"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    for grant in [
+        "GRANT ALL ON ALL TABLES IN SCHEMA public TO {role}",
+        "GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role}",
+        "GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA public TO {role}",
+    ] {
+        diesel::sql_query(grant.replace("{role}", &role))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    }
+    let url = fx.db.url().replacen("postgres@", &format!("{role}@"), 1);
+    assert_ne!(url, fx.db.url(), "the test URL names its user");
+    let config = |mode| RelayConfig {
+        mode,
+        ..Fixture::relay_config()
+    };
+    let refused = Relay::new(
+        ferrybox::DatabaseConfig::new(url.clone()),
+        &testing::kafka(),
+        config(RelayMode::Log),
+    )
+    .unwrap()
+    .run(CancellationToken::new())
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&refused, Error::ReplicationSetup(m) if m.contains(&format!("ALTER ROLE \"{role}\" REPLICATION"))),
+        "{refused}"
+    );
+    assert!(!refused.is_retryable());
+
+    let auto = RunningRelay::start(
+        Relay::new(
+            ferrybox::DatabaseConfig::new(url),
+            &testing::kafka(),
+            config(RelayMode::Auto),
+        )
+        .unwrap(),
+    );
+    fx.change("polled", 1).await;
+    wait_until(TIMEOUT, "the auto relay polls and publishes", || async {
+        fx.published().await == 1
+    })
+    .await;
+    auto.stop().await;
+    drop(conn);
+    let mut admin = AsyncPgConnection::establish(fx.db.url()).await.unwrap();
+    diesel::sql_query(format!("DROP OWNED BY {role}"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    diesel::sql_query(format!("DROP ROLE {role}"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+}
