@@ -64,6 +64,21 @@ pub async fn status(settings: &Settings, json: bool) -> anyhow::Result<sent_log:
                 .map_or_else(|| "-".to_owned(), |t| t.to_rfc3339())
         );
         println!("retention:              {retention_seconds}s");
+        println!("log relay messages:     {}", status.log_messages);
+        match &status.slot_name {
+            Some(slot) => println!(
+                "replication slot:       {slot} ({}, {}), {} bytes to confirm, {} bytes of WAL kept",
+                status.slot_wal_status.as_deref().unwrap_or("unknown"),
+                if status.slot_active == Some(true) {
+                    "streaming"
+                } else {
+                    "idle"
+                },
+                status.slot_lag_bytes.unwrap_or(0),
+                status.slot_retained_bytes.unwrap_or(0),
+            ),
+            None => println!("replication slot:       none (the relay polls the table)"),
+        }
     }
     Ok(status)
 }

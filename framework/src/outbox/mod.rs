@@ -9,11 +9,15 @@ mod record;
 mod relay;
 pub(crate) mod schema;
 pub mod sent_log;
+mod settings;
+mod table;
 mod wake;
 
 pub use enqueue::{Outbox, RELAY_WAITING_LOCK};
 pub use log::slot::SlotStatus;
 pub(crate) use record::envelope_headers;
-pub use relay::{BatchOutcome, Relay, RelayConfig, RelayMode};
+pub use relay::Relay;
 pub use sent_log::{OutboxStatus, ReplayOptions, ReplayReport, ReplaySelection};
+pub use settings::{RelayConfig, RelayMode};
+pub use table::BatchOutcome;
 pub(crate) use wake::{listen, sleep_or_shutdown};

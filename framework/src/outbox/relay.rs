@@ -22,14 +22,12 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use diesel::prelude::*;
-use diesel::sql_types::{Array, BigInt, Bool, Integer, Nullable, Text};
+use diesel::sql_types::{Bool, Integer};
 use diesel_async::{AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
 use rdkafka::producer::FutureProducer;
 use secrecy::ExposeSecret;
-use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -38,139 +36,17 @@ use super::publish::KafkaPublisher;
 use super::record::{OutboxRecord, send_all};
 use super::schema::ferrybox_outbox;
 use super::sent_log;
+use super::settings::{RelayConfig, RelayMode};
+use super::table::{
+    BACKLOG_GAUGE_INTERVAL, BatchOutcome, Sent, mark_published, record_backlog, record_failures,
+};
 use super::wake::{listen, sleep_or_shutdown};
-use crate::config::{Backoff, DatabaseConfig, KafkaConfig, duration_ms};
+use crate::config::{DatabaseConfig, KafkaConfig};
 use crate::error::{Error, Result};
-
-/// How the relay batches, waits and keeps the sent log.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct RelayConfig {
-    /// Where the relay learns of committed messages: `log` (PostgreSQL's write-ahead log,
-    /// through logical replication), `table` (polling the outbox table), or `auto` (the log
-    /// where the database allows it, the table otherwise).
-    pub mode: RelayMode,
-    /// The log relay's replication slot; `ferrybox_<database>` by default (slot names are
-    /// unique per server: two services on one server need two names).
-    pub slot_name: Option<String>,
-    /// Rows claimed and sent per batch by the polling relay; messages in flight at once for
-    /// the log relay. Also bounds the relay's memory.
-    pub batch_size: i64,
-    /// Wake on the outbox's `NOTIFY` as well as by polling.
-    pub listen: bool,
-    /// How long to wait before looking again when the outbox is empty (the fallback when
-    /// listening, the only wake-up otherwise).
-    #[serde(with = "duration_ms", rename = "poll_interval_ms")]
-    pub poll_interval: Duration,
-    /// How often a standby instance tries to become the active relay: the longest a dead
-    /// instance's work waits for another one.
-    #[serde(with = "duration_ms", rename = "standby_interval_ms")]
-    pub standby_interval: Duration,
-    /// Delay between attempts after a failed batch (broker or database trouble).
-    pub backoff: Backoff,
-    /// How long published rows stay in the sent log (for `replay`).
-    #[serde(with = "duration_ms", rename = "retention_ms")]
-    pub retention: Duration,
-    /// How often the active relay deletes expired rows.
-    #[serde(with = "duration_ms", rename = "cleanup_interval_ms")]
-    pub cleanup_interval: Duration,
-}
-
-/// Where the relay learns of committed messages (see [`RelayConfig::mode`]).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RelayMode {
-    /// The log where the database allows it (`wal_level = logical`, a role that may
-    /// replicate, the publication), the table otherwise.
-    #[default]
-    Auto,
-    /// Read the write-ahead log; fail with what to change when the database does not allow it.
-    Log,
-    /// Poll the outbox table.
-    Table,
-}
-
-impl RelayMode {
-    /// The mode this relay runs in on the database `conn` is connected to: `auto` becomes
-    /// `log` or `table`; `log` fails with what to change when the database cannot serve it.
-    /// A feed-only relay (no broker) polls the table: its feed positions are given there.
-    pub async fn resolve(self, conn: &mut AsyncPgConnection, has_broker: bool) -> Result<Self> {
-        match self {
-            RelayMode::Table => Ok(RelayMode::Table),
-            _ if !has_broker => Ok(RelayMode::Table),
-            RelayMode::Log => {
-                super::log::slot::check_setup(conn).await?;
-                Ok(RelayMode::Log)
-            }
-            RelayMode::Auto => match super::log::slot::unsupported(conn).await? {
-                None => Ok(RelayMode::Log),
-                Some(reason) => {
-                    tracing::info!(%reason, "the relay polls the outbox table: the database does not allow reading its log");
-                    Ok(RelayMode::Table)
-                }
-            },
-        }
-    }
-}
-
-impl Default for RelayConfig {
-    fn default() -> Self {
-        Self {
-            mode: RelayMode::Auto,
-            slot_name: None,
-            batch_size: 5_000,
-            listen: true,
-            poll_interval: Duration::from_millis(500),
-            standby_interval: Duration::from_secs(1),
-            backoff: Backoff {
-                initial: Duration::from_millis(200),
-                max: Duration::from_secs(10),
-            },
-            retention: Duration::from_secs(7 * 24 * 3600),
-            cleanup_interval: Duration::from_secs(60),
-        }
-    }
-}
-
-impl RelayConfig {
-    /// Checks the settings make sense.
-    pub fn validate(&self) -> Result<()> {
-        if self.batch_size < 1 {
-            return Err(Error::Config("relay.batch_size must be at least 1".into()));
-        }
-        if self.poll_interval.is_zero()
-            || self.standby_interval.is_zero()
-            || self.cleanup_interval.is_zero()
-        {
-            return Err(Error::Config("relay intervals must be above zero".into()));
-        }
-        if self.retention.is_zero() {
-            return Err(Error::Config(
-                "relay.retention_ms must be above zero: the sent log is what replay reads".into(),
-            ));
-        }
-        if let Some(name) = &self.slot_name {
-            super::log::slot::validate_name(name)?;
-        }
-        Ok(())
-    }
-}
-
-/// What one batch did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct BatchOutcome {
-    /// Rows acknowledged by the broker and marked published.
-    pub published: usize,
-    /// Rows the broker did not acknowledge; they stay unpublished with the error recorded.
-    pub failed: usize,
-}
 
 /// The advisory lock that makes one relay active per database ("ferr", "ybox"). It uses the
 /// two-key form, which PostgreSQL keeps apart from the one-key locks `enqueue` takes per key.
 const RELAY_LOCK: (i32, i32) = (0x6665_7272, 0x7962_6f78);
-
-/// How often the active relay measures the backlog for the metrics (when they are on).
-pub(super) const BACKLOG_GAUGE_INTERVAL: Duration = Duration::from_secs(5);
 
 #[derive(QueryableByName)]
 struct Locked {
@@ -600,115 +476,6 @@ impl Relay {
     }
 }
 
-/// Puts the polling table's backlog in the metrics (when they are on): unpublished rows, the
-/// oldest one's age, those the broker refused.
-pub(super) async fn record_backlog(conn: &mut AsyncPgConnection) -> Result<()> {
-    if let Some(m) = crate::metrics::instruments() {
-        let (rows, age, errors) = sent_log::backlog(conn).await?;
-        m.outbox_backlog
-            .record(u64::try_from(rows).unwrap_or(0), &[]);
-        m.outbox_oldest_age.record(age, &[]);
-        m.outbox_errors
-            .record(u64::try_from(errors).unwrap_or(0), &[]);
-    }
-    Ok(())
-}
-
-/// Marks rows of the polling table published, with their partitions and offsets, and gives
-/// them their feed positions (see the `ferrybox-0005_feed` migration).
-pub(super) async fn mark_published(
-    conn: &mut AsyncPgConnection,
-    ids: &[i64],
-    partitions: &[Option<i32>],
-    offsets: &[Option<i64>],
-) -> Result<()> {
-    crate::db::prepared(
-        diesel::sql_query("SELECT ferrybox_mark_published($1, $2, $3)")
-            .bind::<Array<BigInt>, _>(ids)
-            .bind::<Array<Nullable<Integer>>, _>(partitions)
-            .bind::<Array<Nullable<BigInt>>, _>(offsets),
-    )
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
-/// Publishes the polling table's unpublished rows through `kafka` until none is left or a
-/// batch fails (for the log relay: rows written before its slot existed, or refused).
-/// With `only_refused`, only rows the broker refused before (the others may be in flight on
-/// the stream).
-pub(super) async fn drain_table(
-    kafka: &KafkaPublisher,
-    conn: &mut AsyncPgConnection,
-    batch_size: i64,
-    only_refused: bool,
-) -> Result<BatchOutcome> {
-    let mut total = BatchOutcome::default();
-    loop {
-        let mut query = ferrybox_outbox::table
-            .filter(ferrybox_outbox::published_at.is_null())
-            .into_boxed();
-        if only_refused {
-            query = query.filter(ferrybox_outbox::last_error.is_not_null());
-        }
-        let rows: Vec<OutboxRecord> = query
-            .order(ferrybox_outbox::id.asc())
-            .limit(batch_size)
-            .select(OutboxRecord::as_select())
-            .load(conn)
-            .await?;
-        if rows.is_empty() {
-            return Ok(total);
-        }
-        let producer = kafka.producer();
-        let results = send_all(&producer, &rows).await;
-        let mut sent = Sent::default();
-        for (row, result) in rows.iter().zip(results) {
-            match result {
-                Ok((partition, offset)) => {
-                    sent.acked.push(row.id);
-                    sent.partitions.push(Some(partition));
-                    sent.offsets.push(Some(offset));
-                }
-                Err(e) => {
-                    sent.failed.push(row.id);
-                    sent.errors.push(e);
-                }
-            }
-        }
-        if !sent.acked.is_empty() {
-            mark_published(conn, &sent.acked, &sent.partitions, &sent.offsets).await?;
-        }
-        total.published += sent.acked.len();
-        total.failed += sent.failed.len();
-        if !sent.failed.is_empty() {
-            record_failures(conn, &sent).await?;
-            kafka.renew(&producer)?;
-            return Ok(total);
-        }
-    }
-}
-
-/// Records attempts and the error on rows the broker did not acknowledge.
-async fn record_failures(conn: &mut AsyncPgConnection, sent: &Sent) -> Result<()> {
-    tracing::warn!(
-        failed = sent.failed.len(),
-        first_error = %sent.errors[0],
-        "broker did not acknowledge messages; they stay unpublished"
-    );
-    diesel::sql_query(
-        "UPDATE ferrybox_outbox AS o \
-         SET attempts = o.attempts + 1, last_error = u.e \
-         FROM unnest($1::bigint[], $2::text[]) AS u(id, e) \
-         WHERE o.id = u.id AND o.id = ANY($1)",
-    )
-    .bind::<Array<BigInt>, _>(&sent.failed)
-    .bind::<Array<Text>, _>(&sent.errors)
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
 /// Counts a batch's sends per topic, acknowledged and refused.
 fn record_sent(
     m: &crate::metrics::Instruments,
@@ -735,23 +502,5 @@ fn record_sent(
             ));
             m.sent.add(refused, &failed);
         }
-    }
-}
-
-/// What a sent batch came back with: acknowledged rows with their positions, and failed rows
-/// with their errors.
-#[derive(Default)]
-struct Sent {
-    acked: Vec<i64>,
-    /// `None` for a feed-only relay.
-    partitions: Vec<Option<i32>>,
-    offsets: Vec<Option<i64>>,
-    failed: Vec<i64>,
-    errors: Vec<String>,
-}
-
-impl Sent {
-    fn is_empty(&self) -> bool {
-        self.acked.is_empty() && self.failed.is_empty()
     }
 }

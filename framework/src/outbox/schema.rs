@@ -29,3 +29,18 @@ diesel::table! {
         updated_at -> Timestamptz,
     }
 }
+
+diesel::table! {
+    ferrybox_messages (id) {
+        id -> BigInt,
+        message_id -> Uuid,
+        topic -> Text,
+        message_key -> Text,
+        message_type -> Text,
+        entity_version -> BigInt,
+        headers -> Jsonb,
+        payload -> Bytea,
+        occurred_at -> Timestamptz,
+        created_at -> Timestamptz,
+    }
+}

@@ -12,7 +12,7 @@ use rdkafka::producer::FutureProducer;
 use serde::Serialize;
 
 use super::record::{OutboxRecord, send_all};
-use super::schema::ferrybox_outbox;
+use super::schema::{ferrybox_messages, ferrybox_outbox};
 use crate::error::{Error, Result};
 
 /// Rows deleted per statement by [`delete_expired`], so no statement holds many row locks or
@@ -105,6 +105,29 @@ pub struct OutboxStatus {
     /// When the oldest of them was published.
     #[diesel(sql_type = Nullable<Timestamptz>)]
     pub sent_log_oldest: Option<DateTime<Utc>>,
+    /// Messages in the log relay's append-only table (its sent log: all of them, published or
+    /// not, until retention).
+    #[diesel(sql_type = BigInt)]
+    pub log_messages: i64,
+    /// When the oldest of them was written.
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    pub log_oldest: Option<DateTime<Utc>>,
+    /// The log relay's replication slot in this database, if there is one: its state and
+    /// lag (how many WAL bytes it has yet to confirm, and keeps on the server).
+    #[diesel(sql_type = Nullable<Text>)]
+    pub slot_name: Option<String>,
+    /// The slot's `wal_status` (`lost`: invalidated; the relay recovers from the table).
+    #[diesel(sql_type = Nullable<Text>)]
+    pub slot_wal_status: Option<String>,
+    /// Whether a relay streams the slot now.
+    #[diesel(sql_type = Nullable<diesel::sql_types::Bool>)]
+    pub slot_active: Option<bool>,
+    /// WAL between the slot's confirmed position and the current one, in bytes.
+    #[diesel(sql_type = Nullable<BigInt>)]
+    pub slot_lag_bytes: Option<i64>,
+    /// WAL the slot keeps on the server, in bytes.
+    #[diesel(sql_type = Nullable<BigInt>)]
+    pub slot_retained_bytes: Option<i64>,
 }
 
 /// The unpublished backlog alone (cheap: it reads only unpublished rows): (rows, age of the
@@ -144,7 +167,17 @@ pub async fn status(conn: &mut AsyncPgConnection) -> Result<OutboxStatus> {
               ORDER BY id DESC LIMIT 1) AS last_error, \
            (SELECT count(*) FROM ferrybox_outbox WHERE published_at IS NOT NULL) AS sent_log_rows, \
            (SELECT min(published_at) FROM ferrybox_outbox \
-              WHERE published_at IS NOT NULL) AS sent_log_oldest",
+              WHERE published_at IS NOT NULL) AS sent_log_oldest, \
+           (SELECT count(*) FROM ferrybox_messages) AS log_messages, \
+           (SELECT created_at FROM ferrybox_messages ORDER BY id LIMIT 1) AS log_oldest, \
+           s.slot_name::text AS slot_name, s.wal_status AS slot_wal_status, \
+           s.active AS slot_active, \
+           (pg_current_wal_lsn() - s.confirmed_flush_lsn)::bigint AS slot_lag_bytes, \
+           (pg_current_wal_lsn() - s.restart_lsn)::bigint AS slot_retained_bytes \
+         FROM (SELECT 1) AS one LEFT JOIN LATERAL ( \
+           SELECT * FROM pg_replication_slots \
+           WHERE database = current_database() AND plugin = 'pgoutput' \
+           ORDER BY slot_name LIMIT 1) AS s ON true",
     )
     .get_result(conn)
     .await?)
@@ -157,11 +190,11 @@ pub struct ReplaySelection {
     pub topic: Option<String>,
     /// Only this message key.
     pub key: Option<String>,
-    /// Published at or after this time.
+    /// Published at or after this time (for the log relay's messages: written at or after).
     pub published_from: Option<DateTime<Utc>>,
-    /// Published before this time.
+    /// Published before this time (for the log relay's messages: written before).
     pub published_until: Option<DateTime<Utc>>,
-    /// Outbox positions (ids) from this one, inclusive.
+    /// Outbox positions (ids, in either table) from this one, inclusive.
     pub from_position: Option<i64>,
     /// Outbox positions up to this one, inclusive.
     pub to_position: Option<i64>,
@@ -228,6 +261,34 @@ fn selected(selection: &ReplaySelection) -> Selected<'_> {
     query
 }
 
+type SelectedMessages<'a> = ferrybox_messages::BoxedQuery<'a, Pg>;
+
+/// The same selection in the log relay's append-only table (every row there was committed;
+/// its time is when it was written).
+fn selected_messages(selection: &ReplaySelection) -> SelectedMessages<'_> {
+    use ferrybox_messages::dsl;
+    let mut query = dsl::ferrybox_messages.into_boxed();
+    if let Some(topic) = &selection.topic {
+        query = query.filter(dsl::topic.eq(topic));
+    }
+    if let Some(key) = &selection.key {
+        query = query.filter(dsl::message_key.eq(key));
+    }
+    if let Some(from) = selection.published_from {
+        query = query.filter(dsl::created_at.ge(from));
+    }
+    if let Some(until) = selection.published_until {
+        query = query.filter(dsl::created_at.lt(until));
+    }
+    if let Some(from) = selection.from_position {
+        query = query.filter(dsl::id.ge(from));
+    }
+    if let Some(to) = selection.to_position {
+        query = query.filter(dsl::id.le(to));
+    }
+    query
+}
+
 /// Rows read and sent per round trip.
 const REPLAY_CHUNK: i64 = 500;
 
@@ -247,6 +308,11 @@ pub async fn replay(
         ));
     }
     let matched: i64 = selected(selection).count().get_result(conn).await?;
+    let matched_log: i64 = selected_messages(selection)
+        .count()
+        .get_result(conn)
+        .await?;
+    let matched = matched + matched_log;
     let mut report = ReplayReport {
         matched: u64::try_from(matched).unwrap_or(0),
         dry_run: options.dry_run,
@@ -259,33 +325,57 @@ pub async fn replay(
     let per_message = Duration::from_secs(1) / options.rate_per_second;
     // Chunks of at most one second's worth, each sent when the rate allows it.
     let chunk = REPLAY_CHUNK.min(i64::from(options.rate_per_second));
-    let mut after = i64::MIN;
     let mut queued = 0u32;
-    loop {
-        let rows: Vec<OutboxRecord> = selected(selection)
-            .filter(ferrybox_outbox::id.gt(after))
-            .order(ferrybox_outbox::id.asc())
-            .limit(chunk)
-            .select(OutboxRecord::as_select())
-            .load(conn)
-            .await?;
-        let Some(last) = rows.last() else {
-            break;
-        };
-        after = last.id;
-        tokio::time::sleep_until(started + per_message * queued).await;
-        queued = queued.saturating_add(u32::try_from(rows.len()).unwrap_or(u32::MAX));
-        for (row, result) in rows.iter().zip(send_all(producer, &rows).await) {
-            match result {
-                Ok(_) => {
-                    report.sent += 1;
-                    if let Some(m) = crate::metrics::instruments() {
-                        m.replayed.add(1, &crate::metrics::kafka_attrs(row.topic()));
+    // The polling table's sent log, then the log relay's (a service writes one of them).
+    for log in [false, true] {
+        let mut after = i64::MIN;
+        loop {
+            let rows: Vec<OutboxRecord> = if log {
+                use ferrybox_messages::dsl;
+                selected_messages(selection)
+                    .filter(dsl::id.gt(after))
+                    .order(dsl::id.asc())
+                    .limit(chunk)
+                    .select((
+                        dsl::id,
+                        dsl::message_id,
+                        dsl::topic,
+                        dsl::message_key,
+                        dsl::message_type,
+                        dsl::entity_version,
+                        dsl::occurred_at,
+                        dsl::headers,
+                        dsl::payload,
+                    ))
+                    .load(conn)
+                    .await?
+            } else {
+                selected(selection)
+                    .filter(ferrybox_outbox::id.gt(after))
+                    .order(ferrybox_outbox::id.asc())
+                    .limit(chunk)
+                    .select(OutboxRecord::as_select())
+                    .load(conn)
+                    .await?
+            };
+            let Some(last) = rows.last() else {
+                break;
+            };
+            after = last.id;
+            tokio::time::sleep_until(started + per_message * queued).await;
+            queued = queued.saturating_add(u32::try_from(rows.len()).unwrap_or(u32::MAX));
+            for (row, result) in rows.iter().zip(send_all(producer, &rows).await) {
+                match result {
+                    Ok(_) => {
+                        report.sent += 1;
+                        if let Some(m) = crate::metrics::instruments() {
+                            m.replayed.add(1, &crate::metrics::kafka_attrs(row.topic()));
+                        }
                     }
-                }
-                Err(e) => {
-                    report.failed += 1;
-                    report.first_error.get_or_insert(e);
+                    Err(e) => {
+                        report.failed += 1;
+                        report.first_error.get_or_insert(e);
+                    }
                 }
             }
         }

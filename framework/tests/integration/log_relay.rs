@@ -227,3 +227,67 @@ async fn a_database_that_cannot_stream_is_named_with_what_to_change() {
         .await
         .unwrap();
 }
+
+/// `outbox status` shows the slot and the log relay's table; after broker data loss, `replay`
+/// resends the log relay's messages from that table, with their original ids, in order.
+#[tokio::test(flavor = "multi_thread")]
+async fn status_shows_the_slot_and_replay_resends_the_log_relays_messages() {
+    use ferrybox::outbox::sent_log;
+    let fx = Fixture::new(1).await.writing_for(RelayMode::Log);
+    let running = RunningRelay::start(log_relay(&fx));
+    let mut ids = BTreeSet::new();
+    for i in 0..6 {
+        ids.insert(
+            fx.change(&format!("r{}", i % 2), i / 2 + 1)
+                .await
+                .to_string(),
+        );
+    }
+    testing::read_ids(&testing::kafka(), &fx.topic, &ids, TIMEOUT).await;
+    let mut conn = AsyncPgConnection::establish(fx.db.url()).await.unwrap();
+    let status = sent_log::status(&mut conn).await.unwrap();
+    assert_eq!(status.log_messages, 6);
+    assert!(status.log_oldest.is_some());
+    assert_eq!(status.unpublished, 0);
+    assert!(
+        status
+            .slot_name
+            .as_deref()
+            .is_some_and(|s| s.starts_with("ferrybox_"))
+    );
+    assert_eq!(status.slot_active, Some(true), "{status:?}");
+    assert!(status.slot_retained_bytes.is_some_and(|b| b >= 0));
+    running.stop().await;
+
+    let producer = ferrybox::kafka::durable_producer(&testing::kafka()).unwrap();
+    let selection = ferrybox::ReplaySelection {
+        key: Some("r0".into()),
+        ..ferrybox::ReplaySelection::default()
+    };
+    let report = sent_log::replay(
+        &mut conn,
+        &producer,
+        &selection,
+        ferrybox::ReplayOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!((report.matched, report.sent, report.failed), (3, 3, 0));
+    let records = testing::read_topic(&fx.topic, 9, TIMEOUT).await;
+    let r0: Vec<(String, String)> = records
+        .iter()
+        .filter(|r| r.headers["ce_subject"] == "r0")
+        .map(|r| {
+            (
+                r.headers["ce_id"].clone(),
+                r.headers["ce_entityversion"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(r0.len(), 6);
+    assert_eq!(
+        r0[..3],
+        r0[3..],
+        "the replay resends the same messages in order"
+    );
+}

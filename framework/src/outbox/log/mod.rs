@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 use self::decode::{Change, Decoder, Table};
 use super::publish::KafkaPublisher;
 use super::record::OutboxRecord;
-use super::relay::RelayConfig;
+use super::settings::RelayConfig;
 use crate::error::{Error, Result};
 
 /// How often the checkpoint row is written and the slot's lag measured.
@@ -73,7 +73,7 @@ pub(crate) async fn run(
     shutdown: &CancellationToken,
 ) -> Result<()> {
     slot::check_setup(control).await?;
-    let slot_name = slot::name(config, control).await?;
+    let slot_name = slot::name(config.slot_name.as_deref(), control).await?;
     let state = slot::state(control, &slot_name).await?;
     // The stream starts at the slot's confirmed position or the checkpoint's, whichever is
     // later (the server's rule): the last position a stopping relay confirmed may not have
@@ -160,8 +160,8 @@ async fn stream(
                 checkpoint.write(control, slot_name).await?;
                 slot::record_lag(control, slot_name).await?;
                 if crate::metrics::instruments().is_some() && tokio::time::Instant::now() >= next_gauges {
-                    super::relay::record_backlog(control).await?;
-                    next_gauges = tokio::time::Instant::now() + super::relay::BACKLOG_GAUGE_INTERVAL;
+                    super::table::record_backlog(control).await?;
+                    next_gauges = tokio::time::Instant::now() + super::table::BACKLOG_GAUGE_INTERVAL;
                 }
                 if tokio::time::Instant::now() >= next_cleanup {
                     // Both tables' sent logs, a batch each per pass.
@@ -404,7 +404,7 @@ impl Marks {
         checkpoint: &mut Checkpoint,
     ) -> Result<()> {
         if !self.ids.is_empty() {
-            super::relay::mark_published(conn, &self.ids, &self.partitions, &self.offsets).await?;
+            super::table::mark_published(conn, &self.ids, &self.partitions, &self.offsets).await?;
         }
         if self.confirm_after > checkpoint.confirmed {
             client.update_applied_lsn(self.confirm_after);
@@ -523,7 +523,7 @@ async fn publish_snapshot(
             marks.1.push(Some(partition));
             marks.2.push(Some(offset));
         }
-        super::relay::mark_published(control, &marks.0, &marks.1, &marks.2).await?;
+        super::table::mark_published(control, &marks.0, &marks.1, &marks.2).await?;
         published += u64::try_from(rows.len()).unwrap_or(0);
     }
     let mut after = 0i64;
@@ -571,7 +571,7 @@ async fn drain_table(
     only_refused: bool,
 ) -> Result<()> {
     let outcome =
-        super::relay::drain_table(kafka, control, config.batch_size, only_refused).await?;
+        super::table::drain_table(kafka, control, config.batch_size, only_refused).await?;
     if outcome.published > 0 || outcome.failed > 0 {
         tracing::info!(
             published = outcome.published,

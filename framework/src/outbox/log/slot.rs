@@ -8,7 +8,6 @@ use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, TlsConfig};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::outbox::relay::RelayConfig;
 
 /// The publication the migrations create and the relay streams.
 pub(crate) const PUBLICATION: &str = "ferrybox_messages";
@@ -82,9 +81,9 @@ struct DatabaseName {
 
 /// The slot's name: `relay.slot_name`, or `ferrybox_<database>` (slot names are unique per
 /// server, not per database; only lower-case letters, digits and `_` are allowed).
-pub(crate) async fn name(config: &RelayConfig, conn: &mut AsyncPgConnection) -> Result<String> {
-    let name = match &config.slot_name {
-        Some(name) => name.clone(),
+pub(crate) async fn name(configured: Option<&str>, conn: &mut AsyncPgConnection) -> Result<String> {
+    let name = match configured {
+        Some(name) => name.to_owned(),
         None => {
             let db: DatabaseName = diesel::sql_query("SELECT current_database()::text AS name")
                 .get_result(conn)

@@ -1,0 +1,154 @@
+//! What both relay modes do to the polling table (`ferrybox_outbox`): mark acknowledged rows
+//! published (with their feed positions), record the broker's refusals, drain the unpublished
+//! rows, and measure the backlog.
+
+use std::time::Duration;
+
+use diesel::prelude::*;
+use diesel::sql_types::{Array, BigInt, Integer, Nullable, Text};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+
+use super::publish::KafkaPublisher;
+use super::record::{OutboxRecord, send_all};
+use super::schema::ferrybox_outbox;
+use super::sent_log;
+use crate::error::Result;
+
+/// What one batch did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchOutcome {
+    /// Rows acknowledged by the broker and marked published.
+    pub published: usize,
+    /// Rows the broker did not acknowledge; they stay unpublished with the error recorded.
+    pub failed: usize,
+}
+
+/// How often the active relay measures the backlog for the metrics (when they are on).
+pub(super) const BACKLOG_GAUGE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Puts the polling table's backlog in the metrics (when they are on): unpublished rows, the
+/// oldest one's age, those the broker refused.
+pub(super) async fn record_backlog(conn: &mut AsyncPgConnection) -> Result<()> {
+    if let Some(m) = crate::metrics::instruments() {
+        let (rows, age, errors) = sent_log::backlog(conn).await?;
+        m.outbox_backlog
+            .record(u64::try_from(rows).unwrap_or(0), &[]);
+        m.outbox_oldest_age.record(age, &[]);
+        m.outbox_errors
+            .record(u64::try_from(errors).unwrap_or(0), &[]);
+    }
+    Ok(())
+}
+
+/// Marks rows of the polling table published, with their partitions and offsets, and gives
+/// them their feed positions (see the `ferrybox-0005_feed` migration).
+pub(super) async fn mark_published(
+    conn: &mut AsyncPgConnection,
+    ids: &[i64],
+    partitions: &[Option<i32>],
+    offsets: &[Option<i64>],
+) -> Result<()> {
+    crate::db::prepared(
+        diesel::sql_query("SELECT ferrybox_mark_published($1, $2, $3)")
+            .bind::<Array<BigInt>, _>(ids)
+            .bind::<Array<Nullable<Integer>>, _>(partitions)
+            .bind::<Array<Nullable<BigInt>>, _>(offsets),
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Publishes the polling table's unpublished rows through `kafka` until none is left or a
+/// batch fails (for the log relay: rows written before its slot existed, or refused).
+/// With `only_refused`, only rows the broker refused before (the others may be in flight on
+/// the stream).
+pub(super) async fn drain_table(
+    kafka: &KafkaPublisher,
+    conn: &mut AsyncPgConnection,
+    batch_size: i64,
+    only_refused: bool,
+) -> Result<BatchOutcome> {
+    let mut total = BatchOutcome::default();
+    loop {
+        let mut query = ferrybox_outbox::table
+            .filter(ferrybox_outbox::published_at.is_null())
+            .into_boxed();
+        if only_refused {
+            query = query.filter(ferrybox_outbox::last_error.is_not_null());
+        }
+        let rows: Vec<OutboxRecord> = query
+            .order(ferrybox_outbox::id.asc())
+            .limit(batch_size)
+            .select(OutboxRecord::as_select())
+            .load(conn)
+            .await?;
+        if rows.is_empty() {
+            return Ok(total);
+        }
+        let producer = kafka.producer();
+        let results = send_all(&producer, &rows).await;
+        let mut sent = Sent::default();
+        for (row, result) in rows.iter().zip(results) {
+            match result {
+                Ok((partition, offset)) => {
+                    sent.acked.push(row.id);
+                    sent.partitions.push(Some(partition));
+                    sent.offsets.push(Some(offset));
+                }
+                Err(e) => {
+                    sent.failed.push(row.id);
+                    sent.errors.push(e);
+                }
+            }
+        }
+        if !sent.acked.is_empty() {
+            mark_published(conn, &sent.acked, &sent.partitions, &sent.offsets).await?;
+        }
+        total.published += sent.acked.len();
+        total.failed += sent.failed.len();
+        if !sent.failed.is_empty() {
+            record_failures(conn, &sent).await?;
+            kafka.renew(&producer)?;
+            return Ok(total);
+        }
+    }
+}
+
+/// Records attempts and the error on rows the broker did not acknowledge.
+pub(super) async fn record_failures(conn: &mut AsyncPgConnection, sent: &Sent) -> Result<()> {
+    tracing::warn!(
+        failed = sent.failed.len(),
+        first_error = %sent.errors[0],
+        "broker did not acknowledge messages; they stay unpublished"
+    );
+    diesel::sql_query(
+        "UPDATE ferrybox_outbox AS o \
+         SET attempts = o.attempts + 1, last_error = u.e \
+         FROM unnest($1::bigint[], $2::text[]) AS u(id, e) \
+         WHERE o.id = u.id AND o.id = ANY($1)",
+    )
+    .bind::<Array<BigInt>, _>(&sent.failed)
+    .bind::<Array<Text>, _>(&sent.errors)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// What a sent batch came back with: acknowledged rows with their positions, and failed rows
+/// with their errors.
+#[derive(Default)]
+pub(super) struct Sent {
+    pub(super) acked: Vec<i64>,
+    /// `None` for a feed-only relay.
+    pub(super) partitions: Vec<Option<i32>>,
+    pub(super) offsets: Vec<Option<i64>>,
+    pub(super) failed: Vec<i64>,
+    pub(super) errors: Vec<String>,
+}
+
+impl Sent {
+    pub(super) fn is_empty(&self) -> bool {
+        self.acked.is_empty() && self.failed.is_empty()
+    }
+}
