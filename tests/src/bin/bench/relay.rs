@@ -10,6 +10,8 @@
 //! - `bare_row_write_overhead_1` / `_8`: a bare one-row insert instead of `enqueue`, and
 //!   `logical_message_write_overhead_1` / `_8`: the same bytes as a logical decoding message
 //!   (`pg_logical_emit_message`): the bounds of what any outbox can cost on this machine.
+//! - `log_read_alone_vs_raw_producer`: the log mode's bound: how fast PostgreSQL streams the
+//!   same backlog to `pg_recvlogical`, with no broker, over the producer's rate.
 //! - `publish_latency_p99_ms_<mode>`: commit to acknowledged publish at 200 msg/s.
 //! - `backlog_vs_steady_<mode>`: the drain rate of a backlog ten times as large over the
 //!   drain rate above.
@@ -191,8 +193,10 @@ fn table_of(mode: RelayMode) -> &'static str {
 
 /// Messages per second at which the relay in `mode` drains a backlog of `n`: the relay is
 /// made active (its slot made, its topic known), stopped, the backlog committed, and a new
-/// relay started; the clock runs from its start to its `n`th acknowledgement.
-async fn drain_rate(mode: RelayMode, n: usize) -> anyhow::Result<f64> {
+/// relay started; the clock runs from its start to its `n`th acknowledgement. For the log
+/// mode, also the bound: how fast PostgreSQL streams the same backlog from a slot of its own
+/// to `pg_recvlogical` (a C client that only writes it to /dev/null), with no broker at all.
+async fn drain_rate(mode: RelayMode, n: usize) -> anyhow::Result<(f64, Option<f64>)> {
     let (db, mut conn) = outbox_database().await?;
     let topic = testing::create_topic(3).await;
     let mut warm = Running::start(&db, config_in(mode))?;
@@ -202,13 +206,76 @@ async fn drain_rate(mode: RelayMode, n: usize) -> anyhow::Result<f64> {
         .await?;
     warm.published(1).await?;
     warm.stop().await?;
+    let bound_slot = testing::unique("bound");
+    if mode == RelayMode::Log {
+        diesel::sql_query(format!(
+            "SELECT 1 FROM pg_create_logical_replication_slot('{bound_slot}', 'pgoutput')"
+        ))
+        .execute(&mut conn)
+        .await?;
+    }
     prefill(&mut conn, table_of(mode), &topic, n).await?;
     let started = Instant::now();
     let mut relay = Running::start(&db, config_in(mode))?;
     relay.published(u64::try_from(n)?).await?;
     let rate = n as f64 / started.elapsed().as_secs_f64();
     relay.stop().await?;
-    Ok(rate)
+    let bound = if mode == RelayMode::Log {
+        let rate = log_read_rate(&db, &mut conn, &bound_slot, n).await?;
+        diesel::sql_query(format!("SELECT pg_drop_replication_slot('{bound_slot}')"))
+            .execute(&mut conn)
+            .await?;
+        Some(rate)
+    } else {
+        None
+    };
+    Ok((rate, bound))
+}
+
+/// Messages per second `pg_recvlogical` reads from `slot` up to the current WAL position.
+async fn log_read_rate(
+    db: &TestDatabase,
+    conn: &mut AsyncPgConnection,
+    slot: &str,
+    n: usize,
+) -> anyhow::Result<f64> {
+    #[derive(diesel::QueryableByName)]
+    struct Lsn {
+        #[diesel(sql_type = Text)]
+        lsn: String,
+    }
+    let end: Lsn = diesel::sql_query("SELECT pg_current_wal_lsn()::text AS lsn")
+        .get_result(conn)
+        .await?;
+    let bindir = std::process::Command::new("pg_config")
+        .arg("--bindir")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .filter(|d| std::path::Path::new(d).join("pg_recvlogical").exists())
+        .unwrap_or_else(|| "/usr/lib/postgresql/15/bin".into());
+    let started = Instant::now();
+    let status = tokio::process::Command::new(format!("{bindir}/pg_recvlogical"))
+        .args([
+            "-d",
+            db.url(),
+            "--slot",
+            slot,
+            "--start",
+            "--endpos",
+            &end.lsn,
+        ])
+        .args([
+            "-o",
+            "proto_version=1",
+            "-o",
+            "publication_names=ferrybox_messages",
+        ])
+        .args(["-o", "binary=true", "-f", "/dev/null", "--no-loop"])
+        .status()
+        .await?;
+    anyhow::ensure!(status.success(), "pg_recvlogical failed: {status}");
+    Ok(n as f64 / started.elapsed().as_secs_f64())
 }
 
 /// The messages a drain sends, for the plain producer's baseline.
@@ -228,17 +295,22 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Drain rates of each relay mode and of the plain producer, alternated three times; the
-/// medians: (log, table, raw).
-async fn drain_rates(n: usize) -> anyhow::Result<(f64, f64, f64)> {
+/// medians: (log, table, raw, the log read alone).
+async fn drain_rates(n: usize) -> anyhow::Result<(f64, f64, f64, f64)> {
     let rows = baseline_rows(n).await?;
-    let (mut log, mut table, mut raw) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut log, mut table, mut raw, mut read) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..3 {
         raw.push(raw_producer_rate(&testing::create_topic(3).await, &rows).await?);
-        log.push(drain_rate(RelayMode::Log, n).await?);
-        table.push(drain_rate(RelayMode::Table, n).await?);
+        let (rate, bound) = drain_rate(RelayMode::Log, n).await?;
+        log.push(rate);
+        read.extend(bound);
+        table.push(drain_rate(RelayMode::Table, n).await?.0);
     }
-    eprintln!("relay: drain runs (msg/s) log {log:.0?}, table {table:.0?}, raw {raw:.0?}");
-    Ok((median(log), median(table), median(raw)))
+    eprintln!(
+        "relay: drain runs (msg/s) log {log:.0?}, table {table:.0?}, raw {raw:.0?}, \
+         the log read alone {read:.0?}"
+    );
+    Ok((median(log), median(table), median(raw), median(read)))
 }
 
 const ACCOUNTS: &str = "CREATE TABLE accounts (id UUID PRIMARY KEY, email TEXT NOT NULL UNIQUE, \
@@ -472,13 +544,17 @@ const POLL_MS: u64 = 100;
 pub(crate) async fn run(report: &mut Report) -> anyhow::Result<()> {
     let n = messages();
     eprintln!("relay: {n} outbox rows of {PAYLOAD} bytes over {KEYS} keys");
-    let (log, table, raw) = drain_rates(n).await?;
+    let (log, table, raw, read) = drain_rates(n).await?;
     report.row("relay drain rate, log mode (msg/s)", log);
     report.row("relay drain rate, table mode (msg/s)", table);
     report.row("plain producer rate, same messages (msg/s)", raw);
+    report.row(
+        "the log read alone: pg_recvlogical, no broker (msg/s)",
+        read,
+    );
     let backlog = backlog_messages(n);
-    let backlog_log = drain_rate(RelayMode::Log, backlog).await?;
-    let backlog_table = drain_rate(RelayMode::Table, backlog).await?;
+    let backlog_log = drain_rate(RelayMode::Log, backlog).await?.0;
+    let backlog_table = drain_rate(RelayMode::Table, backlog).await?.0;
     report.row("backlog drain rate, log mode (msg/s)", backlog_log);
     report.row("backlog drain rate, table mode (msg/s)", backlog_table);
     let w1 = write_overhead(1).await?;
@@ -506,6 +582,9 @@ pub(crate) async fn run(report: &mut Report) -> anyhow::Result<()> {
     );
     report.ratio("relay_vs_raw_producer_log", log / raw);
     report.ratio("relay_vs_raw_producer_table", table / raw);
+    // The bound for the log mode: PostgreSQL streaming the backlog to a client that does
+    // nothing with it, over the same producer baseline.
+    report.ratio("log_read_alone_vs_raw_producer", read / raw);
     report.ratio("backlog_vs_steady_log", backlog_log / log);
     report.ratio("backlog_vs_steady_table", backlog_table / table);
     report.ratio("outbox_write_overhead_1", w1[0] / w1[1]);
