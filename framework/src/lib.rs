@@ -11,9 +11,11 @@
 //!   registry ([`AvroCodec`]).
 //! - [`outbox`]: the producer side. [`Outbox::enqueue`] writes the message in the caller's
 //!   business transaction; the [`Relay`] publishes committed rows with an idempotent,
-//!   `acks=all` producer and marks them published only after the broker acknowledged them.
-//!   Published rows stay for a retention window as the [`outbox::sent_log`], which can be
-//!   replayed after broker data loss.
+//!   `acks=all` producer, reading them from PostgreSQL's write-ahead log (confirming its
+//!   replication slot only past what the broker acknowledged) or polling the outbox table
+//!   (marking rows published only after the broker acknowledged them) — [`RelayMode`].
+//!   Rows stay for a retention window as the [`outbox::sent_log`], which can be replayed after
+//!   broker data loss.
 //! - [`inbox`]: the consumer side. An [`InboxConsumer`] deduplicates by message id, runs the
 //!   [`Handler`] in the same database transaction, and stores Kafka offsets only after that
 //!   transaction committed. Failures are retried or dead-lettered, never dropped.

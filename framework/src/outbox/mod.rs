@@ -1,6 +1,12 @@
 //! The producer side: [`Outbox::enqueue`] writes a message in the caller's transaction, the
 //! [`Relay`] publishes committed rows to Kafka, and the [`sent_log`] keeps published rows for
 //! `status` and `replay`.
+//!
+//! The relay learns of committed rows in one of two ways ([`RelayMode`]): `log` streams them
+//! from the write-ahead log (`log/`: the stream, `pgoutput` decoding, the slot and its
+//! checkpoint), `table` polls `ferrybox_outbox` (`relay.rs`). What both do to the polling table
+//! is in `table.rs`; the record and how it is sent in `record.rs` and `publish.rs`; the
+//! settings in `settings.rs`; the `LISTEN` wake-up in `wake.rs`.
 
 mod enqueue;
 mod log;
