@@ -77,7 +77,14 @@ ensure_database() {
 # `infra.sh run` gets FERRYBOX_TEST_DATABASE_URL pointing at it.
 
 LOCAL_PG_PORT="${FERRYBOX_LOCAL_PG_PORT:-5433}"
-LOCAL_PG_DATA="$DATA/pg"
+LOCAL_PG_DATA="${FERRYBOX_LOCAL_PG_DATA:-$DATA/pg}"
+# Run as root, the cluster belongs to the `postgres` user, which may not be able to reach a
+# checkout under a private home directory: then it lives in the temporary directory instead
+# (one per checkout).
+if [[ -z "${FERRYBOX_LOCAL_PG_DATA:-}" && "$(id -u)" == 0 ]] \
+    && ! runuser -u postgres -- test -x "$DATA" 2>/dev/null; then
+    LOCAL_PG_DATA="${TMPDIR:-/tmp}/ferrybox-pg-$(printf '%s' "$ROOT" | cksum | cut -d' ' -f1)"
+fi
 
 pg_bin() { # pg_bin <program>: the newest installed PostgreSQL's program
     local dir
@@ -102,7 +109,8 @@ local_postgres_up() {
         log "creating a private PostgreSQL cluster in $LOCAL_PG_DATA (logical replication on)"
         rm -rf "$LOCAL_PG_DATA"
         mkdir -p "$LOCAL_PG_DATA"
-        [[ "$(id -u)" == 0 ]] && chown postgres: "$LOCAL_PG_DATA"
+        if [[ "$(id -u)" == 0 ]]; then chown postgres: "$LOCAL_PG_DATA"; fi
+        chmod 700 "$LOCAL_PG_DATA"
         as_pg_owner "$(pg_bin initdb)" -D "$LOCAL_PG_DATA" -U postgres --auth=trust \
             --encoding=UTF8 --locale=C.UTF-8 >"$DATA/pg-initdb.log" 2>&1
     fi
