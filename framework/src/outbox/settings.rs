@@ -43,16 +43,20 @@ pub struct RelayConfig {
 }
 
 /// Where the relay learns of committed messages (see [`RelayConfig::mode`]).
+///
+/// `table` is the default for now: the fault test of the real binaries in log mode (its
+/// writer on the polling table, over the feed) has left rows unmarked under one seed, which is
+/// being looked into. `log` and `auto` are opt-in until then.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RelayMode {
     /// The log where the database allows it (`wal_level = logical`, a role that may
     /// replicate, the publication), the table otherwise.
-    #[default]
     Auto,
     /// Read the write-ahead log; fail with what to change when the database does not allow it.
     Log,
     /// Poll the outbox table.
+    #[default]
     Table,
 }
 
@@ -82,7 +86,7 @@ impl RelayMode {
 impl Default for RelayConfig {
     fn default() -> Self {
         Self {
-            mode: RelayMode::Auto,
+            mode: RelayMode::Table,
             slot_name: None,
             batch_size: 5_000,
             listen: true,
