@@ -132,7 +132,7 @@ mod tests {
                 replication_factor: 3,
             },
             relay: RelayConfig {
-                mode: ferrybox::RelayMode::Table,
+                mode: ferrybox::RelayMode::Log,
                 slot_name: Some("users_relay".into()),
                 batch_size: 10,
                 listen: false,
