@@ -421,7 +421,6 @@ impl Relay {
                 ..Sent::default()
             });
         };
-        let mut sent = Sent::default();
         let results = if crate::telemetry::tracing_enabled() {
             let headers: Vec<BTreeMap<String, String>> =
                 rows.iter().map(OutboxRecord::headers).collect();
@@ -433,19 +432,7 @@ impl Relay {
         if let Some(m) = crate::metrics::instruments() {
             record_sent(m, &rows, &results);
         }
-        for (row, result) in rows.iter().zip(results) {
-            match result {
-                Ok((partition, offset)) => {
-                    sent.acked.push(row.id);
-                    sent.partitions.push(Some(partition));
-                    sent.offsets.push(Some(offset));
-                }
-                Err(e) => {
-                    sent.failed.push(row.id);
-                    sent.errors.push(e);
-                }
-            }
-        }
+        let sent = Sent::of(&rows, results);
         if !sent.failed.is_empty()
             && let Some(kafka) = &self.kafka
         {

@@ -88,20 +88,7 @@ pub(super) async fn drain_table(
         }
         let producer = kafka.producer();
         let results = send_all(&producer, &rows).await;
-        let mut sent = Sent::default();
-        for (row, result) in rows.iter().zip(results) {
-            match result {
-                Ok((partition, offset)) => {
-                    sent.acked.push(row.id);
-                    sent.partitions.push(Some(partition));
-                    sent.offsets.push(Some(offset));
-                }
-                Err(e) => {
-                    sent.failed.push(row.id);
-                    sent.errors.push(e);
-                }
-            }
-        }
+        let sent = Sent::of(&rows, results);
         if !sent.acked.is_empty() {
             mark_published(conn, &sent.acked, &sent.partitions, &sent.offsets).await?;
         }
@@ -148,6 +135,29 @@ pub(super) struct Sent {
 }
 
 impl Sent {
+    /// What the broker answered for each of `rows` (in their order), split into acknowledged
+    /// rows with their positions and refused rows with their errors.
+    pub(super) fn of(
+        rows: &[OutboxRecord],
+        results: Vec<std::result::Result<(i32, i64), String>>,
+    ) -> Self {
+        let mut sent = Self::default();
+        for (row, result) in rows.iter().zip(results) {
+            match result {
+                Ok((partition, offset)) => {
+                    sent.acked.push(row.id);
+                    sent.partitions.push(Some(partition));
+                    sent.offsets.push(Some(offset));
+                }
+                Err(e) => {
+                    sent.failed.push(row.id);
+                    sent.errors.push(e);
+                }
+            }
+        }
+        sent
+    }
+
     pub(super) fn is_empty(&self) -> bool {
         self.acked.is_empty() && self.failed.is_empty()
     }
