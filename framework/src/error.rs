@@ -201,6 +201,23 @@ pub(crate) fn database_error_is_retryable(e: &diesel::result::Error) -> bool {
     }
 }
 
+/// Whether the error is about the producer's own state (fatally failed, fenced, its
+/// idempotence sequence broken), which a new producer gets past, rather than about a message
+/// or the broker.
+pub(crate) fn kafka_producer_failed(e: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            C::Fatal
+                | C::Fenced
+                | C::ProducerFenced
+                | C::InvalidProducerEpoch
+                | C::OutOfOrderSequenceNumber
+        )
+    )
+}
+
 /// Whether a Kafka operation may succeed if tried again: librdkafka's own verdict where it
 /// gives one (transactional errors carry a retriable and a fatal flag), otherwise by error
 /// code. Authorization, authentication, configuration, a record the broker will never take
@@ -213,15 +230,11 @@ pub(crate) fn kafka_error_is_retryable(e: &rdkafka::error::KafkaError) -> bool {
         K::Transaction(e) => e.is_retriable() && !e.is_fatal(),
         K::ClientConfig(..) | K::ClientCreation(_) | K::Nul(_) | K::Subscription(_) => false,
         K::MessageConsumptionFatal(_) => false,
+        _ if kafka_producer_failed(e) => false,
         _ => !matches!(
             e.rdkafka_error_code(),
             Some(
-                C::Fatal
-                    | C::Fenced
-                    | C::ProducerFenced
-                    | C::InvalidProducerEpoch
-                    | C::OutOfOrderSequenceNumber
-                    | C::MessageSizeTooLarge
+                C::MessageSizeTooLarge
                     | C::InvalidMessageSize
                     | C::MessageBatchTooLarge
                     | C::InvalidRecord

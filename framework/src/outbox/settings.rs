@@ -42,21 +42,18 @@ pub struct RelayConfig {
     pub cleanup_interval: Duration,
 }
 
-/// Where the relay learns of committed messages (see [`RelayConfig::mode`]).
-///
-/// `table` is the default for now: the fault test of the real binaries in log mode (its
-/// writer on the polling table, over the feed) has left rows unmarked under one seed, which is
-/// being looked into. `log` and `auto` are opt-in until then.
+/// Where the relay learns of committed messages (see [`RelayConfig::mode`]); `auto` by
+/// default.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RelayMode {
     /// The log where the database allows it (`wal_level = logical`, a role that may
     /// replicate, the publication), the table otherwise.
+    #[default]
     Auto,
     /// Read the write-ahead log; fail with what to change when the database does not allow it.
     Log,
     /// Poll the outbox table.
-    #[default]
     Table,
 }
 
@@ -86,7 +83,7 @@ impl RelayMode {
 impl Default for RelayConfig {
     fn default() -> Self {
         Self {
-            mode: RelayMode::Table,
+            mode: RelayMode::Auto,
             slot_name: None,
             batch_size: 5_000,
             listen: true,

@@ -95,7 +95,7 @@ impl Fixture {
         id
     }
 
-    /// The relay's defaults, polling fast.
+    /// The relay's defaults (the log relay where the database allows it), polling fast.
     pub(crate) fn relay_config() -> RelayConfig {
         RelayConfig {
             poll_interval: Duration::from_millis(20),

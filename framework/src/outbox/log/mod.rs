@@ -146,7 +146,7 @@ async fn stream(
     let mut messages_in_flight = 0usize;
     let mut in_transaction = false;
     let mut checkpoint = Checkpoint::default();
-    let mut to_mark = Marks::default();
+    let mut progress = Progress::default();
     let mut tick = tokio::time::interval(CHECKPOINT_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut next_cleanup = tokio::time::Instant::now();
@@ -156,8 +156,8 @@ async fn stream(
             biased;
             () = shutdown.cancelled() => break Ok(()),
             _ = tick.tick() => {
-                to_mark.flush(control, client, &mut checkpoint).await?;
-                checkpoint.write(control, slot_name).await?;
+                progress.flush(control, client).await?;
+                checkpoint.write(control, slot_name, progress.confirmed).await?;
                 slot::record_lag(control, slot_name).await?;
                 if crate::metrics::instruments().is_some() && tokio::time::Instant::now() >= next_gauges {
                     super::table::record_backlog(control).await?;
@@ -171,32 +171,21 @@ async fn stream(
                     next_cleanup = tokio::time::Instant::now() + config.cleanup_interval;
                 }
             }
-            Some(step) = in_flight.next(), if !in_flight.is_empty() => match step {
-                Step::Delivered { table, record, result } => {
+            Some(step) = in_flight.next(), if !in_flight.is_empty() => {
+                if matches!(step, Step::Delivered { .. }) {
                     messages_in_flight -= 1;
-                    if let Err(e) = delivered(table, &record, result, &mut to_mark, control, published).await {
-                        if let Some(kafka_error) = e.kafka() {
-                            tracing::warn!(error = %kafka_error, "broker did not acknowledge a message; resending from the confirmed position");
-                            kafka.renew(&producer)?;
-                        }
-                        break Err(e);
-                    }
                 }
-                Step::Committed(end) => {
-                    if to_mark.is_empty() {
-                        client.update_applied_lsn(end);
-                        checkpoint.confirmed = end;
-                    } else {
-                        // Rows of the polling table are marked before the slot moves past
-                        // them: caught up (or many waiting), now, so their feed positions
-                        // do not wait for the tick.
-                        to_mark.confirm_after = end;
-                        if in_flight.is_empty() || to_mark.len() >= MARK_BATCH {
-                            to_mark.flush(control, client, &mut checkpoint).await?;
-                        }
+                // Caught up (nothing else in flight): rows of the polling table are marked
+                // now, so their feed positions do not wait for the tick.
+                let caught_up = in_flight.is_empty();
+                if let Err(e) = take(step, &mut progress, caught_up, control, client, published).await {
+                    if let Some(kafka_error) = e.kafka() {
+                        tracing::warn!(error = %kafka_error, "broker did not acknowledge a message; resending from the confirmed position");
+                        kafka.renew(&producer)?;
                     }
+                    break Err(e);
                 }
-            },
+            }
             event = client.recv(), if messages_in_flight < window => {
                 let event = event.map_err(|e| Error::Replication(e.to_string()))?;
                 match event {
@@ -213,12 +202,13 @@ async fn stream(
                         in_flight.push_back(Box::pin(std::future::ready(Step::Committed(end_lsn))));
                     }
                     Some(ReplicationEvent::KeepAlive { wal_end, .. }) => {
-                        // Nothing of ours is waiting: the server may forget what it decoded
-                        // up to here (other databases' and tables' changes), or the slot
-                        // would hold WAL while the outbox is idle.
-                        if in_flight.is_empty() && !in_transaction && wal_end > checkpoint.confirmed {
-                            client.update_applied_lsn(wal_end);
-                            checkpoint.confirmed = wal_end;
+                        // Nothing of ours is in flight or open: the server may forget what it
+                        // decoded up to here (other databases' and tables' changes), or the
+                        // slot would hold WAL while the outbox is idle.
+                        if in_flight.is_empty() && !in_transaction {
+                            if let Some(lsn) = progress.idle_at(wal_end) {
+                                client.update_applied_lsn(lsn);
+                            }
                         }
                     }
                     Some(ReplicationEvent::Message { .. }) => {}
@@ -233,33 +223,46 @@ async fn stream(
     // (on an error, up to the first failure).
     if outcome.is_ok() {
         while let Some(step) = in_flight.next().await {
-            match step {
-                Step::Delivered {
-                    table,
-                    record,
-                    result,
-                } => {
-                    if delivered(table, &record, result, &mut to_mark, control, published)
-                        .await
-                        .is_err()
-                    {
-                        break;
-                    }
-                }
-                Step::Committed(end) => {
-                    if to_mark.is_empty() {
-                        client.update_applied_lsn(end);
-                        checkpoint.confirmed = end;
-                    } else {
-                        to_mark.confirm_after = end;
-                    }
-                }
+            if take(step, &mut progress, false, control, client, published)
+                .await
+                .is_err()
+            {
+                break;
             }
         }
     }
-    to_mark.flush(control, client, &mut checkpoint).await?;
-    checkpoint.write(control, slot_name).await?;
+    progress.flush(control, client).await?;
+    checkpoint
+        .write(control, slot_name, progress.confirmed)
+        .await?;
     outcome
+}
+
+/// Takes one step, in stream order; `Err` ends the stream. `caught_up` marks the polling
+/// table's acknowledged rows at the end of this transaction rather than at the next tick.
+async fn take(
+    step: Step,
+    progress: &mut Progress,
+    caught_up: bool,
+    control: &mut AsyncPgConnection,
+    client: &ReplicationClient,
+    published: &tokio::sync::watch::Sender<u64>,
+) -> Result<()> {
+    match step {
+        Step::Delivered {
+            table,
+            record,
+            result,
+        } => delivered(table, &record, result, progress, control, published).await,
+        Step::Committed(end) => {
+            if let Some(lsn) = progress.committed(end) {
+                client.update_applied_lsn(lsn);
+            } else if caught_up || progress.pending() >= MARK_BATCH {
+                progress.flush(control, client).await?;
+            }
+            Ok(())
+        }
+    }
 }
 
 /// Sends one message; its step completes with the broker's answer.
@@ -296,7 +299,7 @@ async fn delivered(
     table: Table,
     record: &OutboxRecord,
     result: std::result::Result<(i32, i64), rdkafka::error::KafkaError>,
-    to_mark: &mut Marks,
+    progress: &mut Progress,
     control: &mut AsyncPgConnection,
     published: &tokio::sync::watch::Sender<u64>,
 ) -> Result<()> {
@@ -306,7 +309,7 @@ async fn delivered(
     match result {
         Ok((partition, offset)) => {
             if table == Table::Outbox {
-                to_mark.push(record.id, partition, offset);
+                progress.delivered(record.id, partition, offset);
             }
             published.send_modify(|n| *n += 1);
             Ok(())
@@ -324,18 +327,7 @@ async fn delivered(
 /// take), as opposed to trouble a new producer or a later try gets past (an outage, a fenced or
 /// fatally failed producer).
 fn refused_for_good(e: &rdkafka::error::KafkaError) -> bool {
-    use rdkafka::types::RDKafkaErrorCode as C;
-    !crate::error::kafka_error_is_retryable(e)
-        && !matches!(
-            e.rdkafka_error_code(),
-            Some(
-                C::Fatal
-                    | C::Fenced
-                    | C::ProducerFenced
-                    | C::InvalidProducerEpoch
-                    | C::OutOfOrderSequenceNumber
-            )
-        )
+    !crate::error::kafka_error_is_retryable(e) && !crate::error::kafka_producer_failed(e)
 }
 
 /// Keeps a message the broker refused: a row of the polling table gets the error; a row of
@@ -370,47 +362,85 @@ async fn refused(
     Ok(())
 }
 
-/// Acknowledged rows of the polling table, marked published in batches; the slot is
-/// confirmed past them only once they are marked (so a crash leaves them to the next
-/// stream, never unmarked behind the confirmed position).
+/// What the stream may confirm, and when. The slot is confirmed past a transaction only once
+/// every message in it is acknowledged and its rows of the polling table are marked published:
+/// a crash between the two leaves those rows to the next stream, never unmarked behind the
+/// confirmed position (where nothing would send them again, and the feed would never show
+/// them).
 #[derive(Default)]
-struct Marks {
+struct Progress {
+    /// Acknowledged rows of the polling table, marked published in batches.
     ids: Vec<i64>,
     partitions: Vec<Option<i32>>,
     offsets: Vec<Option<i64>>,
-    /// The end of the last transaction whose rows are all here: confirmed after the flush.
-    confirm_after: Lsn,
+    /// How far everything is acknowledged: the end of the last transaction taken, or an idle
+    /// keepalive's position.
+    acknowledged: Lsn,
+    /// The position last handed to the server as confirmed.
+    confirmed: Lsn,
 }
 
-impl Marks {
-    fn len(&self) -> usize {
+impl Progress {
+    /// Acknowledged rows waiting to be marked.
+    fn pending(&self) -> usize {
         self.ids.len()
     }
 
-    fn is_empty(&self) -> bool {
-        self.ids.is_empty()
-    }
-
-    fn push(&mut self, id: i64, partition: i32, offset: i64) {
+    /// A row of the polling table the broker acknowledged.
+    fn delivered(&mut self, id: i64, partition: i32, offset: i64) {
         self.ids.push(id);
         self.partitions.push(Some(partition));
         self.offsets.push(Some(offset));
     }
 
+    /// The end of a transaction whose every message is acknowledged: the position to confirm
+    /// now, unless rows wait to be marked first.
+    fn committed(&mut self, end: Lsn) -> Option<Lsn> {
+        self.acknowledged = self.acknowledged.max(end);
+        if self.ids.is_empty() {
+            self.advance()
+        } else {
+            None
+        }
+    }
+
+    /// A keepalive at `wal_end` while nothing of ours is in flight or open: the position to
+    /// confirm, unless acknowledged rows still wait to be marked.
+    fn idle_at(&mut self, wal_end: Lsn) -> Option<Lsn> {
+        if !self.ids.is_empty() {
+            return None;
+        }
+        self.acknowledged = self.acknowledged.max(wal_end);
+        self.advance()
+    }
+
+    /// The waiting rows were marked: the position to confirm, if it moved.
+    fn marked(&mut self) -> Option<Lsn> {
+        self.ids.clear();
+        self.partitions.clear();
+        self.offsets.clear();
+        self.advance()
+    }
+
+    fn advance(&mut self) -> Option<Lsn> {
+        (self.acknowledged > self.confirmed).then(|| {
+            self.confirmed = self.acknowledged;
+            self.confirmed
+        })
+    }
+
+    /// Marks the waiting rows published, then confirms what that allows.
     async fn flush(
         &mut self,
         conn: &mut AsyncPgConnection,
         client: &ReplicationClient,
-        checkpoint: &mut Checkpoint,
     ) -> Result<()> {
         if !self.ids.is_empty() {
             super::table::mark_published(conn, &self.ids, &self.partitions, &self.offsets).await?;
         }
-        if self.confirm_after > checkpoint.confirmed {
-            client.update_applied_lsn(self.confirm_after);
-            checkpoint.confirmed = self.confirm_after;
+        if let Some(lsn) = self.marked() {
+            client.update_applied_lsn(lsn);
         }
-        *self = Self::default();
         Ok(())
     }
 }
@@ -418,7 +448,6 @@ impl Marks {
 /// The confirmed position and the recovery bound, written once per tick when they moved.
 #[derive(Default)]
 struct Checkpoint {
-    confirmed: Lsn,
     written: Lsn,
     /// (transaction-id horizon, WAL position) samples: the horizon holds as a recovery bound
     /// once the confirmed position is past the WAL position taken after it.
@@ -439,7 +468,12 @@ struct WalPosition {
 }
 
 impl Checkpoint {
-    async fn write(&mut self, conn: &mut AsyncPgConnection, slot_name: &str) -> Result<()> {
+    async fn write(
+        &mut self,
+        conn: &mut AsyncPgConnection,
+        slot_name: &str,
+        confirmed: Lsn,
+    ) -> Result<()> {
         // The horizon first, the position after it: a transaction that commits after the
         // position was taken was running (or not begun) when the horizon was.
         let horizon: Horizon =
@@ -453,7 +487,7 @@ impl Checkpoint {
             .map_err(|e| Error::Replication(format!("a WAL position {}: {e}", position.lsn)))?;
         self.samples.push_back((horizon.xid, lsn));
         while let Some((_, at)) = self.samples.front() {
-            if *at > self.confirmed {
+            if *at > confirmed {
                 break;
             }
             self.bound = self.samples.pop_front().map(|(xid, _)| xid);
@@ -462,11 +496,11 @@ impl Checkpoint {
         while self.samples.len() > 3_600 {
             self.samples.pop_front();
         }
-        if self.confirmed == self.written || self.confirmed == Lsn::ZERO {
+        if confirmed == self.written || confirmed == Lsn::ZERO {
             return Ok(());
         }
-        slot::write_checkpoint(conn, slot_name, self.confirmed, self.bound.as_deref()).await?;
-        self.written = self.confirmed;
+        slot::write_checkpoint(conn, slot_name, confirmed, self.bound.as_deref()).await?;
+        self.written = confirmed;
         Ok(())
     }
 }
@@ -589,5 +623,57 @@ impl Error {
             Error::Kafka(e) => Some(e),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(n: u64) -> Lsn {
+        Lsn::from(n)
+    }
+
+    #[test]
+    fn a_transaction_with_nothing_to_mark_is_confirmed_at_its_end() {
+        let mut progress = Progress::default();
+        assert_eq!(progress.committed(at(100)), Some(at(100)));
+        assert_eq!(progress.committed(at(100)), None, "nothing new to confirm");
+        assert_eq!(progress.committed(at(200)), Some(at(200)));
+    }
+
+    #[test]
+    fn a_transaction_is_confirmed_only_once_its_rows_are_marked() {
+        let mut progress = Progress::default();
+        progress.delivered(1, 0, 10);
+        assert_eq!(progress.committed(at(100)), None);
+        progress.delivered(2, 0, 11);
+        assert_eq!(progress.committed(at(200)), None);
+        assert_eq!(progress.pending(), 2);
+        assert_eq!(progress.marked(), Some(at(200)));
+        assert_eq!(progress.pending(), 0);
+        assert_eq!(progress.confirmed, at(200));
+    }
+
+    #[test]
+    fn an_idle_keepalive_never_confirms_past_rows_waiting_to_be_marked() {
+        // The fault test's lost rows: acknowledged, waiting for the tick's mark, and a
+        // keepalive confirmed past them; a kill before the tick left them unmarked for good.
+        let mut progress = Progress::default();
+        progress.delivered(1, 0, 10);
+        assert_eq!(progress.committed(at(100)), None);
+        assert_eq!(progress.idle_at(at(500)), None);
+        assert_eq!(progress.confirmed, Lsn::ZERO);
+        assert_eq!(progress.marked(), Some(at(100)));
+        assert_eq!(progress.idle_at(at(500)), Some(at(500)));
+    }
+
+    #[test]
+    fn the_confirmed_position_never_moves_back() {
+        let mut progress = Progress::default();
+        assert_eq!(progress.idle_at(at(500)), Some(at(500)));
+        assert_eq!(progress.committed(at(300)), None);
+        assert_eq!(progress.idle_at(at(400)), None);
+        assert_eq!(progress.confirmed, at(500));
     }
 }
