@@ -45,25 +45,27 @@ WITH key_lock AS (
 SELECT pg_notify('ferrybox_outbox', '') FROM inserted
 WHERE NOT pg_try_advisory_xact_lock_shared(1717924466, 2002872692)";
 
-/// The same without the notification, for outboxes whose relay only polls.
-const ENQUEUE_SQL_QUIET: &str = "\
-WITH key_lock AS (
+/// The key lock and the insert into `$table`, without a notification.
+macro_rules! enqueue_quietly_into {
+    ($table:literal) => {
+        concat!(
+            "WITH key_lock AS (
     SELECT pg_advisory_xact_lock(hashtextextended($2 || E'\\n' || $3, 0))
 )
-INSERT INTO ferrybox_outbox
+INSERT INTO ", $table, "
     (message_id, topic, message_key, message_type, entity_version, headers, payload, occurred_at)
-SELECT $1, $2, $3, $4, $5, $6, $7, $8 FROM key_lock";
+SELECT $1, $2, $3, $4, $5, $6, $7, $8 FROM key_lock"
+        )
+    };
+}
+
+/// The same without the notification, for outboxes whose relay only polls.
+const ENQUEUE_SQL_QUIET: &str = enqueue_quietly_into!("ferrybox_outbox");
 
 /// The same for the log relay: the append-only table, no notification (the relay is woken
 /// by the stream itself). The key lock stays: for one key, ids follow commit order, which is
 /// the order a new slot's snapshot and `replay` publish in.
-const ENQUEUE_SQL_LOG: &str = "\
-WITH key_lock AS (
-    SELECT pg_advisory_xact_lock(hashtextextended($2 || E'\\n' || $3, 0))
-)
-INSERT INTO ferrybox_messages
-    (message_id, topic, message_key, message_type, entity_version, headers, payload, occurred_at)
-SELECT $1, $2, $3, $4, $5, $6, $7, $8 FROM key_lock";
+const ENQUEUE_SQL_LOG: &str = enqueue_quietly_into!("ferrybox_messages");
 
 /// Writes messages to the outbox table. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -193,7 +195,10 @@ mod tests {
         // Both take the key lock before the insert draws the row's id.
         assert!(!ENQUEUE_SQL_LOG.contains("pg_notify"));
         assert!(ENQUEUE_SQL_LOG.contains("INSERT INTO ferrybox_messages"));
+        // The same key lock (topic and key, a newline between) in all three.
+        let key_lock = "pg_advisory_xact_lock(hashtextextended($2 || E'\\n' || $3, 0))";
         for sql in [ENQUEUE_SQL, ENQUEUE_SQL_QUIET, ENQUEUE_SQL_LOG] {
+            assert!(sql.contains(key_lock), "{sql}");
             let lock = sql.find("pg_advisory_xact_lock").expect("key lock");
             let insert = sql.find("INSERT INTO").expect("insert");
             assert!(lock < insert);

@@ -233,32 +233,42 @@ impl Default for ReplayOptions {
     }
 }
 
+/// `$query` (a boxed query of `$table`) narrowed to `$selection`, with `$time` as the time
+/// a row was sent.
+macro_rules! filtered {
+    ($query:expr, $table:ident, $time:ident, $selection:expr) => {{
+        use $table::dsl;
+        let selection: &ReplaySelection = $selection;
+        let mut query = $query;
+        if let Some(topic) = &selection.topic {
+            query = query.filter(dsl::topic.eq(topic));
+        }
+        if let Some(key) = &selection.key {
+            query = query.filter(dsl::message_key.eq(key));
+        }
+        if let Some(from) = selection.published_from {
+            query = query.filter(dsl::$time.ge(from));
+        }
+        if let Some(until) = selection.published_until {
+            query = query.filter(dsl::$time.lt(until));
+        }
+        if let Some(from) = selection.from_position {
+            query = query.filter(dsl::id.ge(from));
+        }
+        if let Some(to) = selection.to_position {
+            query = query.filter(dsl::id.le(to));
+        }
+        query
+    }};
+}
+
 type Selected<'a> = ferrybox_outbox::BoxedQuery<'a, Pg>;
 
 fn selected(selection: &ReplaySelection) -> Selected<'_> {
-    use ferrybox_outbox::dsl;
-    let mut query = dsl::ferrybox_outbox
-        .filter(dsl::published_at.is_not_null())
+    let published = ferrybox_outbox::table
+        .filter(ferrybox_outbox::published_at.is_not_null())
         .into_boxed();
-    if let Some(topic) = &selection.topic {
-        query = query.filter(dsl::topic.eq(topic));
-    }
-    if let Some(key) = &selection.key {
-        query = query.filter(dsl::message_key.eq(key));
-    }
-    if let Some(from) = selection.published_from {
-        query = query.filter(dsl::published_at.ge(from));
-    }
-    if let Some(until) = selection.published_until {
-        query = query.filter(dsl::published_at.lt(until));
-    }
-    if let Some(from) = selection.from_position {
-        query = query.filter(dsl::id.ge(from));
-    }
-    if let Some(to) = selection.to_position {
-        query = query.filter(dsl::id.le(to));
-    }
-    query
+    filtered!(published, ferrybox_outbox, published_at, selection)
 }
 
 type SelectedMessages<'a> = ferrybox_messages::BoxedQuery<'a, Pg>;
@@ -266,27 +276,8 @@ type SelectedMessages<'a> = ferrybox_messages::BoxedQuery<'a, Pg>;
 /// The same selection in the log relay's append-only table (every row there was committed;
 /// its time is when it was written).
 fn selected_messages(selection: &ReplaySelection) -> SelectedMessages<'_> {
-    use ferrybox_messages::dsl;
-    let mut query = dsl::ferrybox_messages.into_boxed();
-    if let Some(topic) = &selection.topic {
-        query = query.filter(dsl::topic.eq(topic));
-    }
-    if let Some(key) = &selection.key {
-        query = query.filter(dsl::message_key.eq(key));
-    }
-    if let Some(from) = selection.published_from {
-        query = query.filter(dsl::created_at.ge(from));
-    }
-    if let Some(until) = selection.published_until {
-        query = query.filter(dsl::created_at.lt(until));
-    }
-    if let Some(from) = selection.from_position {
-        query = query.filter(dsl::id.ge(from));
-    }
-    if let Some(to) = selection.to_position {
-        query = query.filter(dsl::id.le(to));
-    }
-    query
+    let all = ferrybox_messages::table.into_boxed();
+    filtered!(all, ferrybox_messages, created_at, selection)
 }
 
 /// Rows read and sent per round trip.
