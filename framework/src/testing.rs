@@ -99,6 +99,11 @@ impl Drop for TestDatabase {
     fn drop(&mut self) {
         let admin = admin_database_url();
         let name = self.name.clone();
+        // For looking into a failed test: the database stays, its name on stderr.
+        if std::env::var_os("FERRYBOX_TEST_KEEP_DATABASES").is_some() {
+            eprintln!("[testing] kept database {name} (FERRYBOX_TEST_KEEP_DATABASES)");
+            return;
+        }
         // Drop runs outside any async context we could use: do it on a thread of its own.
         let dropped = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()

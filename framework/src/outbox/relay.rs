@@ -38,7 +38,7 @@ use super::schema::ferrybox_outbox;
 use super::sent_log;
 use super::settings::{RelayConfig, RelayMode};
 use super::table::{
-    BACKLOG_GAUGE_INTERVAL, BatchOutcome, Sent, mark_published, record_backlog, record_failures,
+    BACKLOG_GAUGE_INTERVAL, BatchOutcome, Sent, mark_read, record_backlog, record_failures,
 };
 use super::wake::{listen, sleep_or_shutdown};
 use crate::config::{DatabaseConfig, KafkaConfig};
@@ -454,7 +454,7 @@ impl Relay {
         // `ferrybox-0005_feed` migration). A row sent again (after a crash before its mark, or
         // by an instance that lost the lock mid-batch) keeps the position it had.
         if !sent.acked.is_empty() {
-            mark_published(conn, &sent.acked, &sent.partitions, &sent.offsets).await?;
+            mark_read(conn, &sent.acked, &sent.partitions, &sent.offsets).await?;
         }
         if !sent.failed.is_empty() {
             record_failures(conn, sent).await?;

@@ -40,22 +40,89 @@ pub(super) async fn record_backlog(conn: &mut AsyncPgConnection) -> Result<()> {
     Ok(())
 }
 
+#[derive(QueryableByName)]
+struct Missing {
+    #[diesel(sql_type = Array<BigInt>)]
+    ids: Vec<i64>,
+}
+
 /// Marks rows of the polling table published, with their partitions and offsets, and gives
-/// them their feed positions (see the `ferrybox-0005_feed` migration).
+/// them their feed positions (see the `ferrybox-0005_feed` migration). Returns the ids it
+/// could not mark because they are not visible (yet): see the `ferrybox-0007_mark_visible`
+/// migration.
 pub(super) async fn mark_published(
     conn: &mut AsyncPgConnection,
     ids: &[i64],
     partitions: &[Option<i32>],
     offsets: &[Option<i64>],
-) -> Result<()> {
-    crate::db::prepared(
-        diesel::sql_query("SELECT ferrybox_mark_published($1, $2, $3)")
+) -> Result<Vec<i64>> {
+    let missing: Missing = crate::db::prepared(
+        diesel::sql_query("SELECT ferrybox_mark_published($1, $2, $3) AS ids")
             .bind::<Array<BigInt>, _>(ids)
             .bind::<Array<Nullable<Integer>>, _>(partitions)
             .bind::<Array<Nullable<BigInt>>, _>(offsets),
     )
-    .execute(conn)
+    .get_result(conn)
     .await?;
+    Ok(missing.ids)
+}
+
+/// Marks rows this relay read from the table (so they were visible): any it cannot mark were
+/// deleted in the meantime, which is logged.
+pub(super) async fn mark_read(
+    conn: &mut AsyncPgConnection,
+    ids: &[i64],
+    partitions: &[Option<i32>],
+    offsets: &[Option<i64>],
+) -> Result<()> {
+    let missing = mark_published(conn, ids, partitions, offsets).await?;
+    if !missing.is_empty() {
+        tracing::warn!(
+            ?missing,
+            "published rows were deleted from the outbox before they were marked"
+        );
+    }
+    Ok(())
+}
+
+/// Marks rows the log relay streamed. A transaction is streamed from its commit record, a
+/// moment before it becomes visible to other sessions: rows not visible yet are marked again
+/// (1 ms, 2 ms, ... up to 100 ms apart) until they are, for up to `patience`, after which
+/// this fails (and the relay does not confirm past them).
+pub(super) async fn mark_streamed(
+    conn: &mut AsyncPgConnection,
+    ids: &[i64],
+    partitions: &[Option<i32>],
+    offsets: &[Option<i64>],
+    patience: Duration,
+) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + patience;
+    let mut delay = Duration::from_millis(1);
+    let mut missing = mark_published(conn, ids, partitions, offsets).await?;
+    let at: std::collections::HashMap<i64, usize> =
+        ids.iter().enumerate().map(|(i, &id)| (id, i)).collect();
+    while !missing.is_empty() {
+        if tokio::time::Instant::now() >= deadline {
+            return Err(crate::error::Error::Replication(format!(
+                "{} streamed outbox row(s) still not visible after {patience:?} (ids {:?}): \
+                 their transaction committed in the log but has not finished (waiting for a \
+                 synchronous standby?); the relay does not confirm past them",
+                missing.len(),
+                &missing[..missing.len().min(10)]
+            )));
+        }
+        tracing::debug!(
+            ?missing,
+            "streamed rows not visible yet; marking them again"
+        );
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_millis(100));
+        let (p, o): (Vec<_>, Vec<_>) = missing
+            .iter()
+            .filter_map(|id| at.get(id).map(|&i| (partitions[i], offsets[i])))
+            .unzip();
+        missing = mark_published(conn, &missing, &p, &o).await?;
+    }
     Ok(())
 }
 
@@ -90,7 +157,7 @@ pub(super) async fn drain_table(
         let results = send_all(&producer, &rows).await;
         let sent = Sent::of(&rows, results);
         if !sent.acked.is_empty() {
-            mark_published(conn, &sent.acked, &sent.partitions, &sent.offsets).await?;
+            mark_read(conn, &sent.acked, &sent.partitions, &sent.offsets).await?;
         }
         total.published += sent.acked.len();
         total.failed += sent.failed.len();

@@ -47,6 +47,13 @@ const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 /// Acknowledged rows of the polling table marked per statement at most, while busy.
 const MARK_BATCH: usize = 1_000;
 
+/// How long a streamed row may stay invisible before the stream gives up on it (and starts
+/// again from the confirmed position): see [`super::table::mark_streamed`].
+const PATIENCE: Duration = Duration::from_secs(30);
+
+/// The same when the stream is stopping: what is not marked by then is sent again next time.
+const PATIENCE_STOPPING: Duration = Duration::from_secs(5);
+
 /// Rows read per query while publishing a new slot's snapshot.
 const SNAPSHOT_BATCH: i64 = 5_000;
 
@@ -110,7 +117,8 @@ pub(crate) async fn run(
         .wait_started()
         .await
         .map_err(|e| Error::Replication(format!("starting replication: {e}")))?;
-    tracing::info!(slot = %slot_name, "relay is streaming the write-ahead log");
+    tracing::info!(slot = %slot_name, from = %state.confirmed_lsn.unwrap_or(Lsn::ZERO),
+        "relay is streaming the write-ahead log");
     let streamed = stream(
         &mut client,
         config,
@@ -156,7 +164,7 @@ async fn stream(
             biased;
             () = shutdown.cancelled() => break Ok(()),
             _ = tick.tick() => {
-                progress.flush(control, client).await?;
+                progress.flush(control, client, PATIENCE).await?;
                 checkpoint.write(control, slot_name, progress.confirmed).await?;
                 slot::record_lag(control, slot_name).await?;
                 if crate::metrics::instruments().is_some() && tokio::time::Instant::now() >= next_gauges {
@@ -205,10 +213,11 @@ async fn stream(
                         // Nothing of ours is in flight or open: the server may forget what it
                         // decoded up to here (other databases' and tables' changes), or the
                         // slot would hold WAL while the outbox is idle.
-                        if in_flight.is_empty() && !in_transaction {
-                            if let Some(lsn) = progress.idle_at(wal_end) {
-                                client.update_applied_lsn(lsn);
-                            }
+                        if in_flight.is_empty()
+                            && !in_transaction
+                            && let Some(lsn) = progress.idle_at(wal_end)
+                        {
+                            client.update_applied_lsn(lsn);
                         }
                     }
                     Some(ReplicationEvent::Message { .. }) => {}
@@ -231,7 +240,7 @@ async fn stream(
             }
         }
     }
-    progress.flush(control, client).await?;
+    progress.flush(control, client, PATIENCE_STOPPING).await?;
     checkpoint
         .write(control, slot_name, progress.confirmed)
         .await?;
@@ -258,7 +267,7 @@ async fn take(
             if let Some(lsn) = progress.committed(end) {
                 client.update_applied_lsn(lsn);
             } else if caught_up || progress.pending() >= MARK_BATCH {
-                progress.flush(control, client).await?;
+                progress.flush(control, client, PATIENCE).await?;
             }
             Ok(())
         }
@@ -354,12 +363,28 @@ async fn refused(
                 last_error = EXCLUDED.last_error"
         }
     };
-    diesel::sql_query(sql)
-        .bind::<BigInt, _>(record.id)
-        .bind::<Text, _>(error)
-        .execute(control)
-        .await?;
-    Ok(())
+    // The row's transaction may not be visible yet (see `super::table::mark_streamed`).
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let mut delay = Duration::from_millis(1);
+    loop {
+        let recorded = diesel::sql_query(sql)
+            .bind::<BigInt, _>(record.id)
+            .bind::<Text, _>(error)
+            .execute(control)
+            .await?;
+        if recorded > 0 {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(Error::Replication(format!(
+                "outbox row {} streamed but still not visible after {PATIENCE:?}; its refusal \
+                 is not recorded, and the relay does not confirm past it",
+                record.id
+            )));
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_millis(100));
+    }
 }
 
 /// What the stream may confirm, and when. The slot is confirmed past a transaction only once
@@ -434,9 +459,11 @@ impl Progress {
         &mut self,
         conn: &mut AsyncPgConnection,
         client: &ReplicationClient,
+        patience: Duration,
     ) -> Result<()> {
         if !self.ids.is_empty() {
-            super::table::mark_published(conn, &self.ids, &self.partitions, &self.offsets).await?;
+            super::table::mark_streamed(conn, &self.ids, &self.partitions, &self.offsets, patience)
+                .await?;
         }
         if let Some(lsn) = self.marked() {
             client.update_applied_lsn(lsn);
@@ -557,7 +584,7 @@ async fn publish_snapshot(
             marks.1.push(Some(partition));
             marks.2.push(Some(offset));
         }
-        super::table::mark_published(control, &marks.0, &marks.1, &marks.2).await?;
+        super::table::mark_read(control, &marks.0, &marks.1, &marks.2).await?;
         published += u64::try_from(rows.len()).unwrap_or(0);
     }
     let mut after = 0i64;
