@@ -64,6 +64,17 @@ enum Outbox {
     /// Publish a range of the sent log again (after broker data loss), with the original
     /// message ids and headers. Exit status 1 when some message was not acknowledged.
     Replay(Replay),
+    /// Split the log relay into this many shards (1 to 64), online: the running relays let
+    /// go, the layout and each new slot's recovery bound are recorded, the old slots are
+    /// dropped, and the relays take the new shards (see the README's "Relay shards").
+    Reshard {
+        /// How many shards.
+        #[arg(value_parser = clap::value_parser!(u32).range(1..=64))]
+        shards: u32,
+        /// How long to wait for the running relays to let go.
+        #[arg(long, default_value_t = 60)]
+        timeout_secs: u64,
+    },
 }
 
 #[derive(Args)]
@@ -124,6 +135,21 @@ async fn main() -> anyhow::Result<ExitCode> {
             {
                 return Ok(ExitCode::from(3));
             }
+        }
+        Command::Outbox {
+            action:
+                Outbox::Reshard {
+                    shards,
+                    timeout_secs,
+                },
+        } => {
+            ops::reshard(
+                &settings,
+                shards,
+                std::time::Duration::from_secs(timeout_secs),
+                cli.json,
+            )
+            .await?;
         }
         Command::Outbox {
             action: Outbox::Replay(args),

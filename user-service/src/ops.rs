@@ -65,6 +65,7 @@ pub async fn status(settings: &Settings, json: bool) -> anyhow::Result<sent_log:
         );
         println!("retention:              {retention_seconds}s");
         println!("log relay messages:     {}", status.log_messages);
+        println!("relay shards:           {}", status.relay_shards);
         match &status.slot_name {
             Some(slot) => println!(
                 "replication slot:       {slot} ({}, {}), {} bytes to confirm, {} bytes of WAL kept",
@@ -81,6 +82,36 @@ pub async fn status(settings: &Settings, json: bool) -> anyhow::Result<sent_log:
         }
     }
     Ok(status)
+}
+
+/// `outbox reshard`: splits the log relay into `shards` shards, online.
+pub async fn reshard(
+    settings: &Settings,
+    shards: u32,
+    timeout: std::time::Duration,
+    json: bool,
+) -> anyhow::Result<ferrybox::outbox::ReshardReport> {
+    let mut conn = connection(settings).await?;
+    let report = ferrybox::outbox::reshard(
+        &mut conn,
+        settings.relay.slot_name.as_deref(),
+        shards,
+        timeout,
+    )
+    .await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else if report.from == report.to {
+        println!("the relay already runs as {} shard(s)", report.to);
+    } else {
+        println!(
+            "the relay runs as {} shard(s) now (was {}); dropped slots: {}",
+            report.to,
+            report.from,
+            report.dropped_slots.join(", ")
+        );
+    }
+    Ok(report)
 }
 
 /// `outbox replay`: sends a range of the sent log again, with the original ids and headers.

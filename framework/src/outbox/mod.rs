@@ -20,6 +20,7 @@ mod table;
 mod wake;
 
 pub use enqueue::{Outbox, RELAY_WAITING_LOCK};
+pub use log::shards::{Layout, MAX_SHARDS, ReshardReport, reshard};
 pub use log::slot::SlotStatus;
 pub(crate) use record::envelope_headers;
 pub use relay::Relay;

@@ -32,6 +32,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::enqueue::{NOTIFY_CHANNEL, RELAY_WAITING_LOCK};
+use super::log::shards::{self, Balance, Shard};
 use super::publish::KafkaPublisher;
 use super::record::{OutboxRecord, send_all};
 use super::schema::ferrybox_outbox;
@@ -43,10 +44,6 @@ use super::table::{
 use super::wake::{listen, sleep_or_shutdown};
 use crate::config::{DatabaseConfig, KafkaConfig};
 use crate::error::{Error, Result};
-
-/// The advisory lock that makes one relay active per database ("ferr", "ybox"). It uses the
-/// two-key form, which PostgreSQL keeps apart from the one-key locks `enqueue` takes per key.
-const RELAY_LOCK: (i32, i32) = (0x6665_7272, 0x7962_6f78);
 
 #[derive(QueryableByName)]
 struct Locked {
@@ -104,19 +101,16 @@ impl Relay {
     /// batch after batch and keeps the sent log within its retention. A batch in flight when
     /// shutdown comes is finished (its delivery reports awaited and recorded) before this
     /// returns.
+    ///
+    /// An outbox split into shards ([`crate::outbox::reshard`]) runs a worker per shard: this
+    /// instance takes at most its fair share of them (the shards divided by the running
+    /// instances, rounded up), and lets one go when it holds more.
     pub async fn run(&self, shutdown: CancellationToken) -> Result<()> {
         let mut failures = 0u32;
         while !shutdown.is_cancelled() {
-            let result = match self.become_active(&shutdown).await {
-                Ok(Some(mut conn)) => {
-                    failures = 0;
-                    self.publish_as_active(&mut conn, &shutdown).await
-                }
-                Ok(None) => return Ok(()),
-                Err(e) => Err(e),
-            };
-            match result {
-                Ok(()) => return Ok(()),
+            match self.run_layout(&shutdown).await {
+                // Shutdown, or the layout changed: run the new one.
+                Ok(()) => failures = 0,
                 // The database must be changed first: say what, and stop.
                 Err(e @ Error::ReplicationSetup(_)) => return Err(e),
                 Err(e) => {
@@ -124,6 +118,115 @@ impl Relay {
                     let delay = self.config.backoff.delay(failures);
                     tracing::warn!(error = %e, ?delay, "relay lost its database connection; retrying");
                     if sleep_or_shutdown(delay, &shutdown).await {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the recorded layout's shards until shutdown or until the layout changes.
+    async fn run_layout(&self, shutdown: &CancellationToken) -> Result<()> {
+        let mut conn = self.connect().await?;
+        shards::register(&mut conn).await?;
+        let layout = shards::layout(&mut conn).await?;
+        if let Some(to) = layout.resharding_to {
+            tracing::info!(to, "the outbox is being resharded; waiting");
+            sleep_or_shutdown(self.config.standby_interval, shutdown).await;
+            return Ok(());
+        }
+        let instances = shards::live_instances(&mut conn).await?;
+        let balance = Balance::new(shards::fair_share(layout.shards, instances));
+        let stop = shutdown.child_token();
+        let workers = futures::future::join_all(Shard::all(layout.shards).map(|shard| {
+            let (balance, stop) = (&balance, &stop);
+            async move {
+                let worked = self.run_shard(shard, balance, stop).await;
+                if worked.is_err() {
+                    stop.cancel();
+                }
+                worked
+            }
+        }));
+        let watch = async {
+            let watched = self.watch_layout(&mut conn, layout, &balance, &stop).await;
+            stop.cancel();
+            watched
+        };
+        let (worked, watched) = tokio::join!(workers, watch);
+        worked.into_iter().collect::<Result<Vec<()>>>()?;
+        watched
+    }
+
+    /// Until `stop`: ends when the recorded layout is no longer `layout`, and keeps this
+    /// instance's share of the shards fair as instances come and go.
+    async fn watch_layout(
+        &self,
+        conn: &mut AsyncPgConnection,
+        layout: shards::Layout,
+        balance: &Balance,
+        stop: &CancellationToken,
+    ) -> Result<()> {
+        loop {
+            if sleep_or_shutdown(self.config.standby_interval, stop).await {
+                return Ok(());
+            }
+            let now = shards::layout(conn).await?;
+            if now != layout {
+                tracing::info!(
+                    shards = now.shards,
+                    resharding_to = now.resharding_to,
+                    "the outbox's relay layout changed; letting go of its shards"
+                );
+                return Ok(());
+            }
+            let instances = shards::live_instances(conn).await?;
+            balance.set_share(shards::fair_share(layout.shards, instances));
+            balance.shed();
+        }
+    }
+
+    /// One shard's worker: waits to hold the shard (within this instance's share), publishes
+    /// it until `stop` or until asked to let go, and starts again after errors.
+    async fn run_shard(
+        &self,
+        shard: Shard,
+        balance: &Balance,
+        stop: &CancellationToken,
+    ) -> Result<()> {
+        let mut failures = 0u32;
+        while !stop.is_cancelled() {
+            let result = match self.become_active(shard, balance, stop).await {
+                Ok(Some(mut conn)) => {
+                    failures = 0;
+                    let release = balance.took(shard.index, stop);
+                    let published = self.publish_as_active(&mut conn, shard, &release).await;
+                    balance.let_go(shard.index);
+                    // Closing the connection lets the shard's lock go.
+                    drop(conn);
+                    if published.is_ok()
+                        && release.is_cancelled()
+                        && !stop.is_cancelled()
+                        && sleep_or_shutdown(self.config.standby_interval * 2, stop).await
+                    {
+                        // Let go for balance: another instance takes it meanwhile.
+                        return Ok(());
+                    }
+                    published
+                }
+                Ok(None) => return Ok(()),
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(()) => {}
+                Err(e @ Error::ReplicationSetup(_)) => return Err(e),
+                Err(e) => {
+                    failures += 1;
+                    let delay = self.config.backoff.delay(failures);
+                    tracing::warn!(error = %e, ?delay, shard = shard.index,
+                        "relay lost its database connection; retrying");
+                    if sleep_or_shutdown(delay, stop).await {
                         return Ok(());
                     }
                 }
@@ -144,15 +247,21 @@ impl Relay {
     async fn publish_as_active(
         &self,
         conn: &mut AsyncPgConnection,
+        shard: Shard,
         shutdown: &CancellationToken,
     ) -> Result<()> {
         let mode = self.config.mode.resolve(conn, self.kafka.is_some()).await?;
         match (mode, &self.kafka) {
             (RelayMode::Log, Some(kafka)) => {
-                tracing::info!("relay is active (reading the write-ahead log)");
+                tracing::info!(
+                    shard = shard.index,
+                    shards = shard.of,
+                    "relay is active (reading the write-ahead log)"
+                );
                 super::log::run(
                     self.database.url.expose_secret(),
                     &self.config,
+                    shard,
                     kafka,
                     &self.published,
                     conn,
@@ -160,6 +269,18 @@ impl Relay {
                 )
                 .await
             }
+            _ if shard.of > 1 => Err(Error::ReplicationSetup(format!(
+                "the outbox is split into {} relay shards (`outbox reshard`), which only the log \
+                 relay runs, and this relay polls the table (relay.mode {:?}{}): let it read the \
+                 log, or run `outbox reshard 1`",
+                shard.of,
+                self.config.mode,
+                if self.kafka.is_none() {
+                    ", no broker"
+                } else {
+                    ""
+                }
+            ))),
             _ => {
                 tracing::info!("relay is active (polling the outbox table)");
                 self.publish_until_shutdown(conn, shutdown).await
@@ -181,22 +302,39 @@ impl Relay {
         Ok(conn)
     }
 
-    /// Opens a dedicated connection and holds the relay lock on it; `None` on shutdown.
+    /// Opens a dedicated connection and holds `shard`'s lock on it, once this instance may
+    /// take one more shard and while the layout is still the shard's; `None` on shutdown.
     async fn become_active(
         &self,
+        shard: Shard,
+        balance: &Balance,
         shutdown: &CancellationToken,
     ) -> Result<Option<AsyncPgConnection>> {
         let mut conn = self.connect().await?;
+        let (class, object) = shard.lock();
         loop {
-            let got: Locked = diesel::sql_query("SELECT pg_try_advisory_lock($1, $2) AS locked")
-                .bind::<Integer, _>(RELAY_LOCK.0)
-                .bind::<Integer, _>(RELAY_LOCK.1)
-                .get_result(&mut conn)
-                .await?;
-            if got.locked {
-                return Ok(Some(conn));
+            if balance.may_take() {
+                let got: Locked =
+                    diesel::sql_query("SELECT pg_try_advisory_lock($1, $2) AS locked")
+                        .bind::<Integer, _>(class)
+                        .bind::<Integer, _>(object)
+                        .get_result(&mut conn)
+                        .await?;
+                if got.locked {
+                    // Under the lock: a reshard that finished meanwhile made this shard
+                    // another layout's.
+                    let layout = shards::layout(&mut conn).await?;
+                    if layout.shards == shard.of && layout.resharding_to.is_none() {
+                        return Ok(Some(conn));
+                    }
+                    diesel::sql_query("SELECT pg_advisory_unlock($1, $2)")
+                        .bind::<Integer, _>(class)
+                        .bind::<Integer, _>(object)
+                        .execute(&mut conn)
+                        .await?;
+                }
+                tracing::debug!(shard = shard.index, "another relay is active; standing by");
             }
-            tracing::debug!("another relay is active; standing by");
             if sleep_or_shutdown(self.config.standby_interval, shutdown).await {
                 return Ok(None);
             }

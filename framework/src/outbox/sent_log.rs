@@ -112,20 +112,25 @@ pub struct OutboxStatus {
     /// When the oldest of them was written.
     #[diesel(sql_type = Nullable<Timestamptz>)]
     pub log_oldest: Option<DateTime<Utc>>,
-    /// The log relay's replication slot in this database, if there is one: its state and
-    /// lag (how many WAL bytes it has yet to confirm, and keeps on the server).
+    /// How many shards the relay runs as (see [`crate::outbox::reshard`]).
+    #[diesel(sql_type = BigInt)]
+    pub relay_shards: i64,
+    /// The log relay's replication slots in this database (one per shard), comma-separated,
+    /// if there are any: their state and lag (how many WAL bytes they have yet to confirm,
+    /// and keep on the server), the worst of them.
     #[diesel(sql_type = Nullable<Text>)]
     pub slot_name: Option<String>,
-    /// The slot's `wal_status` (`lost`: invalidated; the relay recovers from the table).
+    /// The slots' `wal_status` (`lost`: invalidated; the relay recovers from the table),
+    /// each distinct one, comma-separated.
     #[diesel(sql_type = Nullable<Text>)]
     pub slot_wal_status: Option<String>,
-    /// Whether a relay streams the slot now.
+    /// Whether a relay streams every slot now.
     #[diesel(sql_type = Nullable<diesel::sql_types::Bool>)]
     pub slot_active: Option<bool>,
-    /// WAL between the slot's confirmed position and the current one, in bytes.
+    /// WAL between a slot's confirmed position and the current one, in bytes (the most).
     #[diesel(sql_type = Nullable<BigInt>)]
     pub slot_lag_bytes: Option<i64>,
-    /// WAL the slot keeps on the server, in bytes.
+    /// WAL the slots keep on the server, in bytes (the most).
     #[diesel(sql_type = Nullable<BigInt>)]
     pub slot_retained_bytes: Option<i64>,
 }
@@ -170,14 +175,17 @@ pub async fn status(conn: &mut AsyncPgConnection) -> Result<OutboxStatus> {
               WHERE published_at IS NOT NULL) AS sent_log_oldest, \
            (SELECT count(*) FROM ferrybox_messages) AS log_messages, \
            (SELECT created_at FROM ferrybox_messages ORDER BY id LIMIT 1) AS log_oldest, \
-           s.slot_name::text AS slot_name, s.wal_status AS slot_wal_status, \
-           s.active AS slot_active, \
-           (pg_current_wal_lsn() - s.confirmed_flush_lsn)::bigint AS slot_lag_bytes, \
-           (pg_current_wal_lsn() - s.restart_lsn)::bigint AS slot_retained_bytes \
-         FROM (SELECT 1) AS one LEFT JOIN LATERAL ( \
-           SELECT * FROM pg_replication_slots \
-           WHERE database = current_database() AND plugin = 'pgoutput' \
-           ORDER BY slot_name LIMIT 1) AS s ON true",
+           coalesce((SELECT shards FROM ferrybox_relay_layout), 1)::bigint AS relay_shards, \
+           s.slot_name, s.slot_wal_status, s.slot_active, s.slot_lag_bytes, \
+           s.slot_retained_bytes \
+         FROM ( \
+           SELECT string_agg(slot_name::text, ',' ORDER BY slot_name) AS slot_name, \
+                  string_agg(DISTINCT wal_status, ',') AS slot_wal_status, \
+                  bool_and(active) AS slot_active, \
+                  max(pg_current_wal_lsn() - confirmed_flush_lsn)::bigint AS slot_lag_bytes, \
+                  max(pg_current_wal_lsn() - restart_lsn)::bigint AS slot_retained_bytes \
+           FROM pg_replication_slots \
+           WHERE database = current_database() AND plugin = 'pgoutput') AS s",
     )
     .get_result(conn)
     .await?)

@@ -8,4 +8,5 @@ mod inbox;
 mod log_relay;
 mod outbox;
 mod relay;
+mod shards;
 mod support;

@@ -160,6 +160,12 @@ impl RunningRelay {
         Self { stop, task }
     }
 
+    /// Kills it: its task is dropped where it stands, its connections closed, as when its
+    /// process dies.
+    pub(crate) fn kill(self) {
+        self.task.abort();
+    }
+
     /// Cancels it and waits for it to drain; it must end without error.
     pub(crate) async fn stop(self) {
         self.stop.cancel();

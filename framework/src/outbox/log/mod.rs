@@ -20,6 +20,7 @@
 //! be sent again.
 
 mod decode;
+pub(crate) mod shards;
 pub(crate) mod slot;
 
 use std::collections::VecDeque;
@@ -36,6 +37,7 @@ use rdkafka::producer::FutureProducer;
 use tokio_util::sync::CancellationToken;
 
 use self::decode::{Change, Decoder, Table};
+use self::shards::Shard;
 use super::publish::KafkaPublisher;
 use super::record::OutboxRecord;
 use super::settings::RelayConfig;
@@ -74,18 +76,20 @@ enum Step {
 pub(crate) async fn run(
     url: &str,
     config: &RelayConfig,
+    shard: Shard,
     kafka: &KafkaPublisher,
     published: &tokio::sync::watch::Sender<u64>,
     control: &mut AsyncPgConnection,
     shutdown: &CancellationToken,
 ) -> Result<()> {
     slot::check_setup(control).await?;
-    let slot_name = slot::name(config.slot_name.as_deref(), control).await?;
+    shards::check_publication(control, shard).await?;
+    let slot_name = shard.slot(&slot::name(config.slot_name.as_deref(), control).await?);
     let state = slot::state(control, &slot_name).await?;
     // The stream starts at the slot's confirmed position or the checkpoint's, whichever is
     // later (the server's rule): the last position a stopping relay confirmed may not have
     // reached the server before it let go, but it reached the checkpoint.
-    let replication = slot::replication_config(url, &slot_name)?
+    let replication = slot::replication_config(url, &slot_name, &shard.publication())?
         .with_start_lsn(state.confirmed_lsn.unwrap_or(Lsn::ZERO));
     let mut client = ReplicationClient::connect_gated(replication)
         .await
@@ -103,7 +107,8 @@ pub(crate) async fn run(
         slot::begin_new_slot(control, &mut client, &slot_name, state.exists()).await?;
         let snapshot = slot::create(&mut client, &slot_name).await?;
         let recover_from = state.recover_from_xid.clone();
-        let count = publish_snapshot(url, &snapshot.name, recover_from, kafka, control).await?;
+        let count =
+            publish_snapshot(url, &snapshot.name, recover_from, shard, kafka, control).await?;
         published.send_modify(|n| *n += count);
         slot::snapshot_done(control, &slot_name, snapshot.consistent_point).await?;
         tracing::info!(slot = %slot_name, published = count, consistent_point = %snapshot.consistent_point,
@@ -117,34 +122,41 @@ pub(crate) async fn run(
         .wait_started()
         .await
         .map_err(|e| Error::Replication(format!("starting replication: {e}")))?;
-    tracing::info!(slot = %slot_name, from = %state.confirmed_lsn.unwrap_or(Lsn::ZERO),
-        "relay is streaming the write-ahead log");
-    let streamed = stream(
-        &mut client,
+    tracing::info!(slot = %slot_name, shard = shard.index, shards = shard.of,
+        from = %state.confirmed_lsn.unwrap_or(Lsn::ZERO), "relay is streaming the write-ahead log");
+    let streaming = Streaming {
         config,
-        kafka,
-        published,
-        control,
-        &slot_name,
-        shutdown,
-    )
-    .await;
+        shard,
+        slot_name: &slot_name,
+    };
+    let streamed = stream(&mut client, &streaming, kafka, published, control, shutdown).await;
     let stopped = client.shutdown().await;
     streamed?;
     stopped.map_err(|e| Error::Replication(format!("stopping replication: {e}")))?;
     Ok(())
 }
 
+/// What one stream runs with: the relay's settings, its shard and the shard's slot.
+struct Streaming<'a> {
+    config: &'a RelayConfig,
+    shard: Shard,
+    slot_name: &'a str,
+}
+
 /// The stream loop: decode, send, confirm in order.
 async fn stream(
     client: &mut ReplicationClient,
-    config: &RelayConfig,
+    streaming: &Streaming<'_>,
     kafka: &KafkaPublisher,
     published: &tokio::sync::watch::Sender<u64>,
     control: &mut AsyncPgConnection,
-    slot_name: &str,
     shutdown: &CancellationToken,
 ) -> Result<()> {
+    let Streaming {
+        config,
+        shard,
+        slot_name,
+    } = *streaming;
     let producer = kafka.producer();
     let window = usize::try_from(config.batch_size)
         .unwrap_or(usize::MAX)
@@ -171,7 +183,9 @@ async fn stream(
                     super::table::record_backlog(control).await?;
                     next_gauges = tokio::time::Instant::now() + super::table::BACKLOG_GAUGE_INTERVAL;
                 }
-                if tokio::time::Instant::now() >= next_cleanup {
+                // Shard 0 keeps the sent logs and retries refused rows (of every shard: a
+                // refused row is out of its key's order already).
+                if shard.index == 0 && tokio::time::Instant::now() >= next_cleanup {
                     // Both tables' sent logs, a batch each per pass.
                     super::sent_log::delete_expired_messages(control, config.retention, super::sent_log::CLEANUP_BATCH).await?;
                     super::sent_log::delete_expired_batch(control, config.retention, super::sent_log::CLEANUP_BATCH).await?;
@@ -541,6 +555,7 @@ async fn publish_snapshot(
     url: &str,
     snapshot: &str,
     recover_from: Option<String>,
+    shard: Shard,
     kafka: &KafkaPublisher,
     control: &mut AsyncPgConnection,
 ) -> Result<u64> {
@@ -556,11 +571,14 @@ async fn publish_snapshot(
     let mut published = 0u64;
     let mut after = 0i64;
     loop {
-        let rows: Vec<OutboxRecord> = diesel::sql_query(
+        // The shard's condition is made of numbers only.
+        let rows: Vec<OutboxRecord> = diesel::sql_query(format!(
             "SELECT id, message_id, topic, message_key, message_type, entity_version, \
                     occurred_at, headers, payload \
-             FROM ferrybox_outbox WHERE published_at IS NULL AND id > $1 ORDER BY id LIMIT $2",
-        )
+             FROM ferrybox_outbox WHERE published_at IS NULL AND id > $1 AND ({}) \
+             ORDER BY id LIMIT $2",
+            shard.condition()
+        ))
         .bind::<BigInt, _>(after)
         .bind::<BigInt, _>(SNAPSHOT_BATCH)
         .load(&mut conn)
@@ -589,14 +607,16 @@ async fn publish_snapshot(
     }
     let mut after = 0i64;
     loop {
-        let rows: Vec<OutboxRecord> = diesel::sql_query(
+        let rows: Vec<OutboxRecord> = diesel::sql_query(format!(
             "SELECT id, message_id, topic, message_key, message_type, entity_version, \
                     occurred_at, headers, payload \
              FROM ferrybox_messages \
              WHERE id > $1 AND ($2::text IS NULL \
                    OR age(xmin) <= age((($2::text)::bigint % 4294967296)::text::xid)) \
+               AND ({}) \
              ORDER BY id LIMIT $3",
-        )
+            shard.condition()
+        ))
         .bind::<BigInt, _>(after)
         .bind::<Nullable<Text>, _>(recover_from.as_deref())
         .bind::<BigInt, _>(SNAPSHOT_BATCH)

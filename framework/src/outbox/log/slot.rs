@@ -128,7 +128,11 @@ pub(crate) fn validate_name(name: &str) -> Result<()> {
 }
 
 /// The replication connection's settings, from the database URL.
-pub(crate) fn replication_config(url: &str, slot: &str) -> Result<ReplicationConfig> {
+pub(crate) fn replication_config(
+    url: &str,
+    slot: &str,
+    publication: &str,
+) -> Result<ReplicationConfig> {
     let parsed = url::Url::parse(url)
         .map_err(|e| Error::Config(format!("the database URL cannot be parsed: {e}")))?;
     let decode = |s: &str| -> Result<String> {
@@ -170,7 +174,7 @@ pub(crate) fn replication_config(url: &str, slot: &str) -> Result<ReplicationCon
             database
         },
         slot,
-        PUBLICATION,
+        publication,
     )
     .with_port(parsed.port().unwrap_or(5432))
     .with_tls(tls)
@@ -407,11 +411,13 @@ pub(crate) async fn record_lag(conn: &mut AsyncPgConnection, slot: &str) -> Resu
         return Ok(());
     };
     if let Some(s) = status(conn, slot).await? {
+        // One series per slot: a sharded relay has a slot per shard.
+        let attrs = [opentelemetry::KeyValue::new("slot", slot.to_owned())];
         m.relay_slot_lag
-            .record(u64::try_from(s.lag_bytes.unwrap_or(0)).unwrap_or(0), &[]);
+            .record(u64::try_from(s.lag_bytes.unwrap_or(0)).unwrap_or(0), &attrs);
         m.relay_slot_retained.record(
             u64::try_from(s.retained_bytes.unwrap_or(0)).unwrap_or(0),
-            &[],
+            &attrs,
         );
     }
     Ok(())
@@ -440,6 +446,7 @@ mod tests {
         let c = replication_config(
             "postgres://svc:p%40ss@db.internal:6543/user_service?sslmode=require",
             "ferrybox_user_service",
+            PUBLICATION,
         )
         .unwrap();
         assert_eq!(c.host, "db.internal");
@@ -448,10 +455,11 @@ mod tests {
         assert_eq!(c.password, "p@ss");
         assert_eq!(c.database, "user_service");
         assert!(c.tls.mode.requires_tls());
-        let plain = replication_config("postgres://postgres@127.0.0.1/test", "s").unwrap();
+        let plain =
+            replication_config("postgres://postgres@127.0.0.1/test", "s", PUBLICATION).unwrap();
         assert_eq!((plain.port, plain.user.as_str()), (5432, "postgres"));
         assert!(!plain.tls.mode.requires_tls());
-        assert!(replication_config("postgres://h/db?sslmode=sometimes", "s").is_err());
+        assert!(replication_config("postgres://h/db?sslmode=sometimes", "s", PUBLICATION).is_err());
     }
 
     #[test]

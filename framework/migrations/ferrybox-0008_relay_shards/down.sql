@@ -1,0 +1,1 @@
+DROP TABLE ferrybox_relay_layout;
