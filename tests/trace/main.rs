@@ -81,11 +81,18 @@ async fn one_request_one_trace(transport: Transport) {
         1,
         "one root: the request ({names:?})"
     );
-    // The relay's publish span links the message's trace.
-    let linked = all
-        .iter()
-        .any(|s| s.name == "publish" && s.links.iter().any(|l| l.span_context.trace_id() == trace));
-    assert!(linked, "a relay publish span links the trace");
+    // The relay's publish span links the message's trace. It ends when the relay has the
+    // broker's acknowledgement, which can come after the consumer has the message: wait for it.
+    ferrybox::testing::wait_until(
+        std::time::Duration::from_secs(30),
+        "a relay publish span that links the trace",
+        || async {
+            spans().iter().any(|s| {
+                s.name == "publish" && s.links.iter().any(|l| l.span_context.trace_id() == trace)
+            })
+        },
+    )
+    .await;
     stack.stop().await.unwrap();
 }
 

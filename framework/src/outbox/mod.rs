@@ -4,12 +4,14 @@
 //!
 //! The relay learns of committed rows in one of two ways ([`RelayMode`]): `log` streams them
 //! from the write-ahead log (`log/`: the stream, `pgoutput` decoding, the slot and its
-//! checkpoint), `table` polls `ferrybox_outbox` (`relay.rs`). What both do to the polling table
+//! checkpoint), `table` polls `ferrybox_outbox` (`poll.rs`); `relay.rs` makes an instance active (per shard)
+//! and dispatches to its mode. What both do to the polling table
 //! is in `table.rs`; the record and how it is sent in `record.rs` and `publish.rs`; the
 //! settings in `settings.rs`; the `LISTEN` wake-up in `wake.rs`.
 
 mod enqueue;
 mod log;
+mod poll;
 mod publish;
 mod record;
 mod relay;

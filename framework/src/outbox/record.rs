@@ -101,8 +101,24 @@ fn lenient_headers(stored: &serde_json::Value) -> BTreeMap<String, String> {
 }
 
 /// Queues every record with `producer` (librdkafka pipelines them), then awaits each delivery
-/// report: the acknowledged (partition, offset) or the error, in the records' order.
+/// report: the acknowledged (partition, offset) or the error, in the records' order. With
+/// tracing on, the batch has a publish span linking each record's trace (whatever sends it:
+/// the polling relay, a new slot's table read, a drain, a replay).
 pub(crate) async fn send_all(
+    producer: &FutureProducer,
+    records: &[OutboxRecord],
+) -> Vec<std::result::Result<(i32, i64), String>> {
+    if crate::telemetry::tracing_enabled() {
+        let headers: Vec<BTreeMap<String, String>> =
+            records.iter().map(OutboxRecord::headers).collect();
+        let span = crate::telemetry::batch_span("publish", "producer", &headers);
+        tracing::Instrument::instrument(send_all_untraced(producer, records), span).await
+    } else {
+        send_all_untraced(producer, records).await
+    }
+}
+
+async fn send_all_untraced(
     producer: &FutureProducer,
     records: &[OutboxRecord],
 ) -> Vec<std::result::Result<(i32, i64), String>> {

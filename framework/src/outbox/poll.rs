@@ -1,0 +1,323 @@
+//! The polling relay (`relay.mode = table`): claims the outbox table's unpublished rows in id
+//! order, sends a batch, and marks the acknowledged rows published.
+//!
+//! A row is marked published only after the broker acknowledged it (true whichever connection
+//! writes it): the active relay records one batch on a second connection while it sends the
+//! next, except after a failed batch, which is recorded before anything else is sent.
+//!
+//! The relay never reads `WHERE id > last_seen`: it claims *unpublished* rows in id order, so
+//! a row whose transaction commits late is published on the next pass instead of being skipped.
+//! [`Outbox::enqueue`](super::Outbox::enqueue) serializes transactions per key, so for one key
+//! id order is commit order.
+//!
+//! The active relay wakes on `LISTEN/NOTIFY` and also polls every `poll_interval`, so a lost
+//! notification (or an outbox written without notify) only costs latency. Writers notify only
+//! while a relay waits for work: before it waits, the relay takes the waiting lock (see
+//! `RELAY_WAITING_LOCK` in the enqueue module) and looks once more; busy, it costs writers
+//! nothing.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use diesel::prelude::*;
+use diesel::sql_types::Integer;
+use diesel_async::{AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
+use rdkafka::producer::FutureProducer;
+use secrecy::ExposeSecret;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::enqueue::{NOTIFY_CHANNEL, RELAY_WAITING_LOCK};
+use super::publish::KafkaPublisher;
+use super::record::{OutboxRecord, send_all};
+use super::relay::Relay;
+use super::schema::ferrybox_outbox;
+use super::sent_log;
+use super::table::{
+    BACKLOG_GAUGE_INTERVAL, BatchOutcome, Sent, mark_read, record_backlog, record_failures,
+};
+use super::wake::{listen, sleep_or_shutdown};
+use crate::error::Result;
+
+impl Relay {
+    pub(super) async fn publish_until_shutdown(
+        &self,
+        conn: &mut AsyncPgConnection,
+        shutdown: &CancellationToken,
+    ) -> Result<()> {
+        let wake = Arc::new(Notify::new());
+        let listening = shutdown.child_token();
+        // Stops the listener however this function ends, also when its future is dropped.
+        let _stop_listening = listening.clone().drop_guard();
+        let listener = tokio_util::task::TaskTracker::new();
+        if self.config.listen {
+            let url = self.database.url.expose_secret().to_owned();
+            let wake = Arc::clone(&wake);
+            let backoff = self.config.backoff;
+            let wake_up = move || wake.notify_one();
+            listener.spawn(listen(
+                url,
+                NOTIFY_CHANNEL,
+                wake_up,
+                backoff,
+                listening.clone(),
+            ));
+        }
+        listener.close();
+        let published = self.publish_loop(conn, &wake, shutdown).await;
+        // However publishing ended, the listener stops and is waited for.
+        listening.cancel();
+        listener.wait().await;
+        published
+    }
+
+    /// Publishes batch after batch (woken by `wake` or polling) until `shutdown`.
+    async fn publish_loop(
+        &self,
+        conn: &mut AsyncPgConnection,
+        wake: &Notify,
+        shutdown: &CancellationToken,
+    ) -> Result<()> {
+        // Batches are recorded on a second connection while the next one is sent, so the
+        // database work of one overlaps the broker round trip of the other. (Marking needs no
+        // lock: a row marked after its acknowledgement is true whoever marks it.)
+        let mut marker = self.connect().await?;
+        let mut next_cleanup = tokio::time::Instant::now();
+        let mut next_gauges = tokio::time::Instant::now();
+        let mut failed_batches = 0u32;
+        // A batch sent and acknowledged (or failed) but not recorded yet.
+        let mut sent = Sent::default();
+        // Holding the waiting lock: writers notify.
+        let mut waiting = false;
+        while !shutdown.is_cancelled() {
+            if tokio::time::Instant::now() >= next_cleanup && self.clean_some(conn).await? {
+                next_cleanup = tokio::time::Instant::now() + self.config.cleanup_interval;
+            }
+            if crate::metrics::instruments().is_some() && tokio::time::Instant::now() >= next_gauges
+            {
+                record_backlog(conn).await?;
+                next_gauges = tokio::time::Instant::now() + BACKLOG_GAUGE_INTERVAL;
+            }
+            if !sent.failed.is_empty() {
+                // The broker is down or refusing: record it, then back off, ignoring wake-ups
+                // meanwhile. Nothing else is sent before the failure is recorded.
+                self.record(&mut marker, &std::mem::take(&mut sent)).await?;
+                failed_batches += 1;
+                let delay = self.config.backoff.delay(failed_batches);
+                if sleep_or_shutdown(delay, shutdown).await {
+                    break;
+                }
+                continue;
+            }
+            failed_batches = 0;
+            if sent.is_empty() {
+                sent = self.send_batch(conn, &[]).await?;
+                if !sent.is_empty() {
+                    if waiting {
+                        waiting = false;
+                        self.stop_waiting(conn).await?;
+                    }
+                    continue;
+                }
+                if self.config.listen && !waiting {
+                    // Rows of writers that did not notify are committed once the lock is
+                    // granted: look once more before waiting.
+                    waiting = self.start_waiting(conn).await;
+                    if waiting {
+                        continue;
+                    }
+                }
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(self.config.poll_interval) => {}
+                    () = wake.notified() => {}
+                }
+                continue;
+            }
+            let previous = std::mem::take(&mut sent);
+            let (recorded, next) = tokio::join!(
+                self.record(&mut marker, &previous),
+                self.send_batch(conn, &previous.acked)
+            );
+            recorded?;
+            sent = next?;
+        }
+        // Shutdown: what was sent is recorded before the relay lets go.
+        self.record(&mut marker, &sent).await?;
+        if waiting {
+            self.stop_waiting(conn).await?;
+        }
+        Ok(())
+    }
+
+    /// Takes the waiting lock, so that writers notify from now on. Waits (up to
+    /// `poll_interval`) for the transactions that hold it shared: those enqueued without
+    /// notifying, and are committed (or gone) once it is granted. False when it was not
+    /// granted in time (a long transaction holds it): the relay then polls this round.
+    async fn start_waiting(&self, conn: &mut AsyncPgConnection) -> bool {
+        let (class, object) = RELAY_WAITING_LOCK;
+        let timeout_ms = self.config.poll_interval.as_millis().max(1);
+        // One implicit transaction: the timeout is local to it, the lock is the session's.
+        let sql = format!(
+            "SET LOCAL lock_timeout = {timeout_ms}; SELECT pg_advisory_lock({class}, {object})"
+        );
+        match conn.batch_execute(&sql).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!(error = %e, "relay waiting lock not granted in time; polling");
+                false
+            }
+        }
+    }
+
+    /// Lets go of the waiting lock: the relay is busy, writers need not notify.
+    async fn stop_waiting(&self, conn: &mut AsyncPgConnection) -> Result<()> {
+        let (class, object) = RELAY_WAITING_LOCK;
+        diesel::sql_query("SELECT pg_advisory_unlock($1, $2)")
+            .bind::<Integer, _>(class)
+            .bind::<Integer, _>(object)
+            .execute(conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Retention in short statements between batches, so publishing never waits long: at most
+    /// one publishing batch's worth of rows per pass (enough to keep up with expiry while the
+    /// relay publishes at full speed). True when nothing expired is left.
+    async fn clean_some(&self, conn: &mut AsyncPgConnection) -> Result<bool> {
+        let batch = sent_log::CLEANUP_BATCH;
+        let statements = self.config.batch_size / batch + 1;
+        let mut deleted = 0;
+        for _ in 0..statements {
+            let went = sent_log::delete_expired_batch(conn, self.config.retention, batch).await?;
+            deleted += went;
+            if went < u64::try_from(batch).unwrap_or(0) {
+                tracing::debug!(deleted, "sent log: expired rows deleted");
+                return Ok(true);
+            }
+        }
+        tracing::debug!(deleted, "sent log: expired rows deleted; more to go");
+        Ok(false)
+    }
+
+    /// Publishes batches until the outbox has no unpublished row left or a batch fails;
+    /// returns the totals. For tools and tests; [`Relay::run`] is what services use.
+    pub async fn publish_pending(&self, conn: &mut AsyncPgConnection) -> Result<BatchOutcome> {
+        let mut total = BatchOutcome::default();
+        loop {
+            let outcome = self.publish_batch(conn).await?;
+            total.published += outcome.published;
+            total.failed += outcome.failed;
+            if outcome.published == 0 || outcome.failed > 0 {
+                return Ok(total);
+            }
+        }
+    }
+
+    fn producer(&self) -> Option<FutureProducer> {
+        self.kafka.as_ref().map(KafkaPublisher::producer)
+    }
+
+    /// Publishes one batch of unpublished rows, in id order: sends them all, awaits every
+    /// delivery report, then marks the acknowledged rows published (with partition and offset)
+    /// in one statement and records attempts and the error on the others.
+    ///
+    /// Call it from the active relay only (or in tests); [`Relay::run`] takes care of that.
+    pub async fn publish_batch(&self, conn: &mut AsyncPgConnection) -> Result<BatchOutcome> {
+        let sent = self.send_batch(conn, &[]).await?;
+        self.record(conn, &sent).await
+    }
+
+    /// Claims the next batch of unpublished rows in id order (leaving out `in_flight`, rows
+    /// sent but not yet recorded), sends them all, then awaits every delivery report.
+    async fn send_batch(&self, conn: &mut AsyncPgConnection, in_flight: &[i64]) -> Result<Sent> {
+        // The in-flight rows are left out here rather than in SQL (`id <> ALL($1)` compares
+        // every row with every in-flight id): read that many more and drop them.
+        let extra = i64::try_from(in_flight.len()).unwrap_or(i64::MAX);
+        let mut rows: Vec<OutboxRecord> = ferrybox_outbox::table
+            .filter(ferrybox_outbox::published_at.is_null())
+            .order(ferrybox_outbox::id.asc())
+            .limit(self.config.batch_size.saturating_add(extra))
+            .select(OutboxRecord::as_select())
+            .load(conn)
+            .await?;
+        if !in_flight.is_empty() {
+            let skip: std::collections::HashSet<i64> = in_flight.iter().copied().collect();
+            rows.retain(|row| !skip.contains(&row.id));
+            rows.truncate(usize::try_from(self.config.batch_size).unwrap_or(usize::MAX));
+        }
+        // Send the whole batch, then wait. The idempotent producer keeps each partition's
+        // order and retries without duplicating; when the broker stays away, messages time out
+        // (`message.timeout.ms`) oldest first, so a key's later rows fail with its earlier ones
+        // and are retried together.
+        let Some(producer) = self.producer() else {
+            return Ok(Sent {
+                acked: rows.iter().map(|row| row.id).collect(),
+                partitions: vec![None; rows.len()],
+                offsets: vec![None; rows.len()],
+                ..Sent::default()
+            });
+        };
+        let results = send_all(&producer, &rows).await;
+        if let Some(m) = crate::metrics::instruments() {
+            record_sent(m, &rows, &results);
+        }
+        let sent = Sent::of(&rows, results);
+        if !sent.failed.is_empty()
+            && let Some(kafka) = &self.kafka
+        {
+            kafka.renew(&producer)?;
+        }
+        Ok(sent)
+    }
+
+    /// Marks the acknowledged rows published (with partition, offset and feed position) and
+    /// records attempts and the error on the others, one statement each.
+    async fn record(&self, conn: &mut AsyncPgConnection, sent: &Sent) -> Result<BatchOutcome> {
+        self.published
+            .send_modify(|n| *n += u64::try_from(sent.acked.len()).unwrap_or(0));
+        let outcome = BatchOutcome {
+            published: sent.acked.len(),
+            failed: sent.failed.len(),
+        };
+        // One call marks the rows and hands out their feed positions in id order (see the
+        // `ferrybox-0005_feed` migration). A row sent again (after a crash before its mark, or
+        // by an instance that lost the lock mid-batch) keeps the position it had.
+        if !sent.acked.is_empty() {
+            mark_read(conn, &sent.acked, &sent.partitions, &sent.offsets).await?;
+        }
+        if !sent.failed.is_empty() {
+            record_failures(conn, sent).await?;
+        }
+        Ok(outcome)
+    }
+}
+
+/// Counts a batch's sends per topic, acknowledged and refused.
+fn record_sent(
+    m: &crate::metrics::Instruments,
+    rows: &[OutboxRecord],
+    results: &[std::result::Result<(i32, i64), String>],
+) {
+    let mut counts: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+    for (row, result) in rows.iter().zip(results) {
+        let c = counts.entry(row.topic.as_str()).or_default();
+        if result.is_ok() {
+            c.0 += 1;
+        } else {
+            c.1 += 1;
+        }
+    }
+    for (topic, (acked, refused)) in counts {
+        let attrs = crate::metrics::kafka_attrs(topic);
+        m.sent.add(acked, &attrs);
+        if refused > 0 {
+            let mut failed = attrs.to_vec();
+            failed.push(opentelemetry::KeyValue::new(
+                "error.type",
+                "delivery_failed",
+            ));
+            m.sent.add(refused, &failed);
+        }
+    }
+}
