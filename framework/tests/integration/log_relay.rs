@@ -4,25 +4,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::Duration;
 
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use ferrybox::testing::{self, wait_until};
 use ferrybox::{CancellationToken, Error, Relay, RelayConfig, RelayMode};
 
-use crate::support::{Fixture, RunningRelay, TIMEOUT};
-
-fn log_relay(fx: &Fixture) -> Relay {
-    Relay::new(
-        fx.db.config(),
-        &testing::kafka(),
-        RelayConfig {
-            standby_interval: Duration::from_millis(50),
-            ..Fixture::relay_config_in(RelayMode::Log)
-        },
-    )
-    .unwrap()
-}
+use crate::support::{Fixture, RunningRelay, TIMEOUT, log_relay};
 
 /// Every key's versions in arrival order, and the set of message ids that arrived.
 fn by_key(records: &[testing::ReadRecord]) -> (BTreeMap<String, Vec<i64>>, BTreeSet<String>) {

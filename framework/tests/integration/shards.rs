@@ -4,25 +4,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::Duration;
 
 use diesel_async::{AsyncConnection, AsyncPgConnection};
 use ferrybox::testing::{self, wait_until};
-use ferrybox::{CancellationToken, Relay, RelayConfig, RelayMode};
+use ferrybox::{CancellationToken, Relay, RelayMode};
 
-use crate::support::{Fixture, RunningRelay, TIMEOUT};
-
-fn log_relay(fx: &Fixture) -> Relay {
-    Relay::new(
-        fx.db.config(),
-        &testing::kafka(),
-        RelayConfig {
-            standby_interval: Duration::from_millis(50),
-            ..Fixture::relay_config_in(RelayMode::Log)
-        },
-    )
-    .unwrap()
-}
+use crate::support::{Fixture, RunningRelay, TIMEOUT, log_relay};
 
 async fn reshard(fx: &Fixture, shards: u32) -> ferrybox::outbox::ReshardReport {
     let mut conn = AsyncPgConnection::establish(fx.db.url()).await.unwrap();

@@ -187,3 +187,16 @@ pub(crate) async fn read_records(topic: &str, n: usize) -> Vec<(i32, i64, String
         })
         .collect()
 }
+
+/// A log relay on `fx`'s database with the test defaults, standing by 50 ms at a time.
+pub(crate) fn log_relay(fx: &Fixture) -> ferrybox::Relay {
+    ferrybox::Relay::new(
+        fx.db.config(),
+        &testing::kafka(),
+        RelayConfig {
+            standby_interval: Duration::from_millis(50),
+            ..Fixture::relay_config_in(ferrybox::RelayMode::Log)
+        },
+    )
+    .unwrap()
+}
