@@ -33,17 +33,15 @@ BEGIN
             feed_position = COALESCE(o.feed_position, base + m.n)
         FROM numbered AS m
         WHERE o.id = m.id
-        RETURNING m.n
+        RETURNING o.id, m.n
     )
-    SELECT count(n) INTO given FROM marked;
+    -- The ids the update did not reach are the missing ones (from what it returned: no
+    -- second look at the table).
+    SELECT count(marked.n), coalesce(array_agg(u.id ORDER BY u.id)
+                                     FILTER (WHERE marked.id IS NULL), '{}')
+    INTO given, missing
+    FROM unnest(ids) AS u(id) LEFT JOIN marked ON marked.id = u.id;
     UPDATE ferrybox_feed_sequence SET last = base + given;
-    -- A statement of its own, so with a snapshot of its own: a row that became visible since
-    -- the update is reported too (it is not marked yet).
-    SELECT coalesce(array_agg(u.id ORDER BY u.id), '{}') INTO missing
-    FROM unnest(ids) AS u(id)
-    WHERE NOT EXISTS (
-        SELECT 1 FROM ferrybox_outbox AS o WHERE o.id = u.id AND o.published_at IS NOT NULL
-    );
     -- Wakes feed readers that are long-polling (one notification per call).
     IF given > 0 THEN
         PERFORM pg_notify('ferrybox_feed', '');

@@ -1,7 +1,8 @@
 //! `make bench`: Ferrybox's throughput and latency, each against a baseline measured in the
 //! same run on the same broker and database. Prints one table and one `ratio <name> <value>`
 //! line per comparison. `FERRYBOX_BENCH_MESSAGES` sets the message count of the throughput
-//! runs (default 100,000); `FERRYBOX_BENCH_ONLY=relay|inbox` runs one section.
+//! runs (default 100,000); `FERRYBOX_BENCH_ONLY=relay|inbox` runs one section (`backlog`: only the log relay's large
+//! backlog drain, with its log lines).
 
 mod inbox;
 mod relay;
@@ -51,6 +52,12 @@ async fn main() -> anyhow::Result<()> {
     );
     if only.is_empty() || only == "relay" {
         relay::run(&mut report).await?;
+    }
+    // One large backlog drained by the log relay, with the relay's log lines: for looking
+    // into the backlog figure alone.
+    if only == "backlog" {
+        ferrybox::telemetry::install(None, false);
+        relay::backlog_only(&mut report).await?;
     }
     if only.is_empty() || only == "inbox" {
         inbox::run(&codec, &mut report).await?;

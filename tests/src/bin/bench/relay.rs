@@ -197,14 +197,32 @@ fn table_of(mode: RelayMode) -> &'static str {
 /// mode, also the bound: how fast PostgreSQL streams the same backlog from a slot of its own
 /// to `pg_recvlogical` (a C client that only writes it to /dev/null), with no broker at all.
 async fn drain_rate(mode: RelayMode, n: usize) -> anyhow::Result<(f64, Option<f64>)> {
+    drain_rate_in(mode, 1, n).await
+}
+
+/// The same with the log relay split into `shards` shards (one instance running them all).
+async fn drain_rate_in(
+    mode: RelayMode,
+    shards: u32,
+    n: usize,
+) -> anyhow::Result<(f64, Option<f64>)> {
     let (db, mut conn) = outbox_database().await?;
+    if shards > 1 {
+        ferrybox::outbox::reshard(&mut conn, None, shards, Duration::from_secs(60)).await?;
+    }
     let topic = testing::create_topic(3).await;
     let mut warm = Running::start(&db, config_in(mode))?;
-    prefill(&mut conn, table_of(mode), &topic, 1).await?;
+    // One row per key: every shard has its slot before the clock starts.
+    let warm_rows = if shards > 1 {
+        usize::try_from(KEYS)?
+    } else {
+        1
+    };
+    prefill(&mut conn, table_of(mode), &topic, warm_rows).await?;
     diesel::sql_query("SELECT pg_notify('ferrybox_outbox', '')")
         .execute(&mut conn)
         .await?;
-    warm.published(1).await?;
+    warm.published(u64::try_from(warm_rows)?).await?;
     warm.stop().await?;
     let bound_slot = testing::unique("bound");
     if mode == RelayMode::Log {
@@ -294,23 +312,41 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Drain rates of each relay mode and of the plain producer, alternated three times; the
-/// medians: (log, table, raw, the log read alone).
-async fn drain_rates(n: usize) -> anyhow::Result<(f64, f64, f64, f64)> {
+/// Drain rates (msg/s), medians of three alternated runs.
+struct DrainRates {
+    log: f64,
+    log_3_shards: f64,
+    table: f64,
+    raw: f64,
+    /// The log read alone (the bound of the log mode).
+    read: f64,
+}
+
+/// Drain rates of each relay mode (the log one also in three shards) and of the plain
+/// producer, alternated three times.
+async fn drain_rates(n: usize) -> anyhow::Result<DrainRates> {
     let rows = baseline_rows(n).await?;
-    let (mut log, mut table, mut raw, mut read) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut log, mut sharded, mut table, mut raw, mut read) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..3 {
         raw.push(raw_producer_rate(&testing::create_topic(3).await, &rows).await?);
         let (rate, bound) = drain_rate(RelayMode::Log, n).await?;
         log.push(rate);
         read.extend(bound);
+        sharded.push(drain_rate_in(RelayMode::Log, 3, n).await?.0);
         table.push(drain_rate(RelayMode::Table, n).await?.0);
     }
     eprintln!(
-        "relay: drain runs (msg/s) log {log:.0?}, table {table:.0?}, raw {raw:.0?}, \
-         the log read alone {read:.0?}"
+        "relay: drain runs (msg/s) log {log:.0?}, log in 3 shards {sharded:.0?}, \
+         table {table:.0?}, raw {raw:.0?}, the log read alone {read:.0?}"
     );
-    Ok((median(log), median(table), median(raw), median(read)))
+    Ok(DrainRates {
+        log: median(log),
+        log_3_shards: median(sharded),
+        table: median(table),
+        raw: median(raw),
+        read: median(read),
+    })
 }
 
 const ACCOUNTS: &str = "CREATE TABLE accounts (id UUID PRIMARY KEY, email TEXT NOT NULL UNIQUE, \
@@ -515,6 +551,48 @@ async fn publish_latency_p99(mode: RelayMode, rate: u32, seconds: u32) -> anyhow
     Ok(sorted[(sorted.len() * 99).div_ceil(100) - 1])
 }
 
+/// The bound of the latency floor: a plain producer with the relay's settings sending one
+/// 200-byte message every `1/rate` s to the same broker, p99 of send-to-acknowledgement (ms):
+/// what no relay can beat, since it sends with the same producer after the commit.
+async fn raw_producer_latency_p99(rate: u32, seconds: u32) -> anyhow::Result<f64> {
+    let topic = testing::create_topic(3).await;
+    let producer = ferrybox::kafka::durable_producer(&testing::kafka())?;
+    let payload = vec![0xab_u8; PAYLOAD];
+    let send = |i: u32| {
+        let key = format!("key-{}", i64::from(i) % KEYS);
+        let record = FutureRecord::to(&topic).key(&key).payload(&payload);
+        producer.send_result(record).map_err(|(e, _)| e)
+    };
+    // The first message (which waits for the topic's metadata) is a warm-up.
+    send(0)?.await?.map_err(|(e, _)| e)?;
+    let total = rate * seconds;
+    let interval = Duration::from_secs(1) / rate;
+    let mut waits = Vec::new();
+    let mut next = Instant::now();
+    for i in 1..=total {
+        tokio::time::sleep_until(next.into()).await;
+        next += interval;
+        let sent = Instant::now();
+        let delivery = send(i)?;
+        waits.push(tokio::spawn(async move {
+            delivery
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .map(|_| sent.elapsed())
+        }));
+    }
+    let mut latencies = Vec::with_capacity(waits.len());
+    for w in waits {
+        let took = w
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("a message was not acknowledged"))?;
+        latencies.push(took.as_secs_f64() * 1000.0);
+    }
+    latencies.sort_by(f64::total_cmp);
+    Ok(latencies[(latencies.len() * 99).div_ceil(100) - 1])
+}
+
 /// Commits one 200-byte message for key `i % KEYS`.
 async fn enqueue_blob(
     conn: &mut AsyncPgConnection,
@@ -544,8 +622,18 @@ const POLL_MS: u64 = 100;
 pub(crate) async fn run(report: &mut Report) -> anyhow::Result<()> {
     let n = messages();
     eprintln!("relay: {n} outbox rows of {PAYLOAD} bytes over {KEYS} keys");
-    let (log, table, raw, read) = drain_rates(n).await?;
+    let DrainRates {
+        log,
+        log_3_shards,
+        table,
+        raw,
+        read,
+    } = drain_rates(n).await?;
     report.row("relay drain rate, log mode (msg/s)", log);
+    report.row(
+        "relay drain rate, log mode in 3 shards, one instance (msg/s)",
+        log_3_shards,
+    );
     report.row("relay drain rate, table mode (msg/s)", table);
     report.row("plain producer rate, same messages (msg/s)", raw);
     report.row(
@@ -572,6 +660,11 @@ pub(crate) async fn run(report: &mut Report) -> anyhow::Result<()> {
     report.row("business tx/s without enqueue, 8 writers", w8[1]);
     let latency_log = publish_latency_p99(RelayMode::Log, 200, 5).await?;
     let latency_table = publish_latency_p99(RelayMode::Table, 200, 5).await?;
+    let latency_raw = raw_producer_latency_p99(200, 5).await?;
+    report.row(
+        "send-to-acknowledgement p99 of a plain producer at 200 msg/s (ms)",
+        latency_raw,
+    );
     report.row(
         "commit-to-publish p99 at 200 msg/s, log mode (ms)",
         latency_log,
@@ -582,6 +675,7 @@ pub(crate) async fn run(report: &mut Report) -> anyhow::Result<()> {
     );
     report.ratio("relay_vs_raw_producer_log", log / raw);
     report.ratio("relay_vs_raw_producer_table", table / raw);
+    report.ratio("relay_vs_raw_producer_log_3_shards", log_3_shards / raw);
     // The bound for the log mode: PostgreSQL streaming the backlog to a client that does
     // nothing with it, over the same producer baseline.
     report.ratio("log_read_alone_vs_raw_producer", read / raw);
@@ -598,6 +692,26 @@ pub(crate) async fn run(report: &mut Report) -> anyhow::Result<()> {
     report.ratio("logical_message_write_overhead_8", w8[4] / w8[1]);
     report.ratio("publish_latency_p99_ms_log", latency_log);
     report.ratio("publish_latency_p99_ms_table", latency_table);
+    // The bound: the producer alone, no database, no relay.
+    report.ratio("publish_latency_p99_ms_raw_producer", latency_raw);
+    Ok(())
+}
+
+/// Only the large backlog drain (`FERRYBOX_BENCH_ONLY=backlog`), of the log relay or, with
+/// `FERRYBOX_BENCH_MODE=table`, the polling one.
+pub(crate) async fn backlog_only(report: &mut Report) -> anyhow::Result<()> {
+    let backlog = backlog_messages(messages());
+    let mode = match std::env::var("FERRYBOX_BENCH_MODE").as_deref() {
+        Ok("table") => RelayMode::Table,
+        _ => RelayMode::Log,
+    };
+    let started = Instant::now();
+    let rate = drain_rate(mode, backlog).await?.0;
+    eprintln!(
+        "relay: backlog of {backlog} drained in {:.1?} ({mode:?})",
+        started.elapsed()
+    );
+    report.row("backlog drain rate (msg/s)", rate);
     Ok(())
 }
 
