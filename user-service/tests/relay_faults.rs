@@ -503,3 +503,28 @@ async fn outbox_status_and_replay_subcommands() {
     assert_eq!(code, 3, "rows with errors: {out}");
     assert!(out.contains("with errors:            1"), "{out}");
 }
+
+/// `outbox reshard`: the layout the relay runs as changes, `status` shows it, asking again is
+/// a no-op, and an impossible count is a usage error.
+#[tokio::test(flavor = "multi_thread")]
+async fn outbox_reshard_subcommand() {
+    let db = migrated_database().await;
+    let topic = testing::create_topic(1).await;
+    let env = relay_env(&db, &topic, 1);
+    let (code, out, err) = run_cli(&env, &["outbox", "reshard", "2", "--json"]).await;
+    assert_eq!(code, 0, "{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (report["from"].as_u64(), report["to"].as_u64()),
+        (Some(1), Some(2))
+    );
+    let (code, out, err) = run_cli(&env, &["outbox", "status", "--json"]).await;
+    assert_eq!(code, 0, "{err}");
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(status["relay_shards"], 2);
+    let (code, out, _) = run_cli(&env, &["outbox", "reshard", "2"]).await;
+    assert_eq!(code, 0);
+    assert!(out.contains("already runs as 2 shard(s)"), "{out}");
+    let (code, _, err) = run_cli(&env, &["outbox", "reshard", "0"]).await;
+    assert_eq!(code, 2, "{err}");
+}

@@ -87,13 +87,8 @@ impl Relay {
             match self.run_layout(&shutdown).await {
                 // Shutdown, or the layout changed: run the new one.
                 Ok(()) => failures = 0,
-                // The database must be changed first: say what, and stop.
-                Err(e @ Error::ReplicationSetup(_)) => return Err(e),
                 Err(e) => {
-                    failures += 1;
-                    let delay = self.config.backoff.delay(failures);
-                    tracing::warn!(error = %e, ?delay, "relay lost its database connection; retrying");
-                    if sleep_or_shutdown(delay, &shutdown).await {
+                    if self.back_off(e, &mut failures, None, &shutdown).await? {
                         return Ok(());
                     }
                 }
@@ -194,21 +189,34 @@ impl Relay {
                 Ok(None) => return Ok(()),
                 Err(e) => Err(e),
             };
-            match result {
-                Ok(()) => {}
-                Err(e @ Error::ReplicationSetup(_)) => return Err(e),
-                Err(e) => {
-                    failures += 1;
-                    let delay = self.config.backoff.delay(failures);
-                    tracing::warn!(error = %e, ?delay, shard = shard.index,
-                        "relay lost its database connection; retrying");
-                    if sleep_or_shutdown(delay, stop).await {
-                        return Ok(());
-                    }
-                }
+            if let Err(e) = result
+                && self
+                    .back_off(e, &mut failures, Some(shard.index), stop)
+                    .await?
+            {
+                return Ok(());
             }
         }
         Ok(())
+    }
+
+    /// After a failed attempt: a setup error is returned (the database must be changed
+    /// first: the relay says what, and stops); any other is logged and waited out with the
+    /// backoff. True when `stop` came meanwhile.
+    async fn back_off(
+        &self,
+        e: Error,
+        failures: &mut u32,
+        shard: Option<u32>,
+        stop: &CancellationToken,
+    ) -> Result<bool> {
+        if let Error::ReplicationSetup(_) = e {
+            return Err(e);
+        }
+        *failures += 1;
+        let delay = self.config.backoff.delay(*failures);
+        tracing::warn!(error = %e, ?delay, ?shard, "relay lost its database connection; retrying");
+        Ok(sleep_or_shutdown(delay, stop).await)
     }
 
     /// How many messages this relay has published (the broker acknowledged) since it was

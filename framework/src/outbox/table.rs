@@ -85,6 +85,39 @@ pub(super) async fn mark_read(
     Ok(())
 }
 
+/// Waiting for a streamed row to become visible to this session: tries [`Backoff`] apart,
+/// from 1 ms to 100 ms, for up to a patience.
+///
+/// [`Backoff`]: crate::config::Backoff
+pub(super) struct UntilVisible {
+    backoff: crate::config::Backoff,
+    tries: u32,
+    deadline: tokio::time::Instant,
+}
+
+impl UntilVisible {
+    pub(super) fn new(patience: Duration) -> Self {
+        Self {
+            backoff: crate::config::Backoff {
+                initial: Duration::from_millis(1),
+                max: Duration::from_millis(100),
+            },
+            tries: 0,
+            deadline: tokio::time::Instant::now() + patience,
+        }
+    }
+
+    /// Waits before the next try; false when the patience is spent.
+    pub(super) async fn again(&mut self) -> bool {
+        if tokio::time::Instant::now() >= self.deadline {
+            return false;
+        }
+        self.tries += 1;
+        tokio::time::sleep(self.backoff.delay(self.tries)).await;
+        true
+    }
+}
+
 /// Marks rows the log relay streamed. A transaction is streamed from its commit record, a
 /// moment before it becomes visible to other sessions: rows not visible yet are marked again
 /// (1 ms, 2 ms, ... up to 100 ms apart) until they are, for up to `patience`, after which
@@ -96,13 +129,16 @@ pub(super) async fn mark_streamed(
     offsets: &[Option<i64>],
     patience: Duration,
 ) -> Result<()> {
-    let deadline = tokio::time::Instant::now() + patience;
-    let mut delay = Duration::from_millis(1);
+    let mut wait = UntilVisible::new(patience);
     let mut missing = mark_published(conn, ids, partitions, offsets).await?;
     let at: std::collections::HashMap<i64, usize> =
         ids.iter().enumerate().map(|(i, &id)| (id, i)).collect();
     while !missing.is_empty() {
-        if tokio::time::Instant::now() >= deadline {
+        tracing::debug!(
+            ?missing,
+            "streamed rows not visible yet; marking them again"
+        );
+        if !wait.again().await {
             return Err(crate::error::Error::Replication(format!(
                 "{} streamed outbox row(s) still not visible after {patience:?} (ids {:?}): \
                  their transaction committed in the log but has not finished (waiting for a \
@@ -111,12 +147,6 @@ pub(super) async fn mark_streamed(
                 &missing[..missing.len().min(10)]
             )));
         }
-        tracing::debug!(
-            ?missing,
-            "streamed rows not visible yet; marking them again"
-        );
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_millis(100));
         let (p, o): (Vec<_>, Vec<_>) = missing
             .iter()
             .filter_map(|id| at.get(id).map(|&i| (partitions[i], offsets[i])))

@@ -378,8 +378,7 @@ async fn refused(
         }
     };
     // The row's transaction may not be visible yet (see `super::table::mark_streamed`).
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    let mut delay = Duration::from_millis(1);
+    let mut wait = super::table::UntilVisible::new(PATIENCE);
     loop {
         let recorded = diesel::sql_query(sql)
             .bind::<BigInt, _>(record.id)
@@ -389,15 +388,13 @@ async fn refused(
         if recorded > 0 {
             return Ok(());
         }
-        if tokio::time::Instant::now() >= deadline {
+        if !wait.again().await {
             return Err(Error::Replication(format!(
                 "outbox row {} streamed but still not visible after {PATIENCE:?}; its refusal \
                  is not recorded, and the relay does not confirm past it",
                 record.id
             )));
         }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_millis(100));
     }
 }
 
