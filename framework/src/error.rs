@@ -28,6 +28,16 @@ pub enum Error {
     #[error("kafka error: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
 
+    /// The relay's publisher did not take a message, in a way that may pass (the broker away,
+    /// a failed producer): it is sent again.
+    #[error("message to {topic} not published: {reason}")]
+    NotPublished {
+        /// The message's topic.
+        topic: String,
+        /// What the publisher said.
+        reason: String,
+    },
+
     /// A Kafka topic is missing or not as configured.
     #[error("topic {topic}: {reason}")]
     Topic {
@@ -99,6 +109,7 @@ impl Error {
             | Error::Timeout(_)
             | Error::Task(_)
             | Error::Http(_)
+            | Error::NotPublished { .. }
             | Error::Replication(_) => true,
             Error::Codec(e) => e.is_retryable(),
             Error::Migration(_)

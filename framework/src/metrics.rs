@@ -221,8 +221,13 @@ impl Instruments {
 
 /// `messaging.system` for Kafka-side instruments.
 pub(crate) fn kafka_attrs(topic: &str) -> [KeyValue; 2] {
+    messaging_attrs("kafka", topic)
+}
+
+/// The same for any messaging system (`feed` for a relay without a broker).
+pub(crate) fn messaging_attrs(system: &'static str, topic: &str) -> [KeyValue; 2] {
     [
-        KeyValue::new("messaging.system", "kafka"),
+        KeyValue::new("messaging.system", system),
         KeyValue::new("messaging.destination.name", topic.to_owned()),
     ]
 }

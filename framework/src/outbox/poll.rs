@@ -16,20 +16,18 @@
 //! `RELAY_WAITING_LOCK` in the enqueue module) and looks once more; busy, it costs writers
 //! nothing.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use diesel::prelude::*;
 use diesel::sql_types::Integer;
 use diesel_async::{AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
-use rdkafka::producer::FutureProducer;
 use secrecy::ExposeSecret;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::enqueue::{NOTIFY_CHANNEL, RELAY_WAITING_LOCK};
-use super::publish::KafkaPublisher;
-use super::record::{OutboxRecord, send_all};
+use super::publish::send_all;
+use super::record::{Origin, OutboxRecord};
 use super::relay::Relay;
 use super::schema::ferrybox_outbox;
 use super::sent_log;
@@ -214,10 +212,6 @@ impl Relay {
         }
     }
 
-    fn producer(&self) -> Option<FutureProducer> {
-        self.kafka.as_ref().map(KafkaPublisher::producer)
-    }
-
     /// Publishes one batch of unpublished rows, in id order: sends them all, awaits every
     /// delivery report, then marks the acknowledged rows published (with partition and offset)
     /// in one statement and records attempts and the error on the others.
@@ -250,23 +244,11 @@ impl Relay {
         // order and retries without duplicating; when the broker stays away, messages time out
         // (`message.timeout.ms`) oldest first, so a key's later rows fail with its earlier ones
         // and are retried together.
-        let Some(producer) = self.producer() else {
-            return Ok(Sent {
-                acked: rows.iter().map(|row| row.id).collect(),
-                partitions: vec![None; rows.len()],
-                offsets: vec![None; rows.len()],
-                ..Sent::default()
-            });
-        };
-        let results = send_all(&producer, &rows).await;
-        if let Some(m) = crate::metrics::instruments() {
-            record_sent(m, &rows, &results);
-        }
-        let sent = Sent::of(&rows, results);
-        if !sent.failed.is_empty()
-            && let Some(kafka) = &self.kafka
-        {
-            kafka.renew(&producer)?;
+        let publisher = self.publisher.as_ref();
+        let results = send_all(publisher, &rows, Origin::Outbox).await;
+        let sent = Sent::of(publisher, &rows, results);
+        if !sent.failed.is_empty() {
+            publisher.recover()?;
         }
         Ok(sent)
     }
@@ -290,34 +272,5 @@ impl Relay {
             record_failures(conn, sent).await?;
         }
         Ok(outcome)
-    }
-}
-
-/// Counts a batch's sends per topic, acknowledged and refused.
-fn record_sent(
-    m: &crate::metrics::Instruments,
-    rows: &[OutboxRecord],
-    results: &[std::result::Result<(i32, i64), String>],
-) {
-    let mut counts: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
-    for (row, result) in rows.iter().zip(results) {
-        let c = counts.entry(row.topic.as_str()).or_default();
-        if result.is_ok() {
-            c.0 += 1;
-        } else {
-            c.1 += 1;
-        }
-    }
-    for (topic, (acked, refused)) in counts {
-        let attrs = crate::metrics::kafka_attrs(topic);
-        m.sent.add(acked, &attrs);
-        if refused > 0 {
-            let mut failed = attrs.to_vec();
-            failed.push(opentelemetry::KeyValue::new(
-                "error.type",
-                "delivery_failed",
-            ));
-            m.sent.add(refused, &failed);
-        }
     }
 }

@@ -1,13 +1,22 @@
-//! An outbox message as the relay, replay and the feed send it, whichever table it came from,
-//! and the one way it is sent to Kafka.
+//! An outbox message as the relay, replay and the feed send it, and which table it came from.
 
 use std::collections::BTreeMap;
 
 use diesel::prelude::*;
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::Deserialize;
 
 use super::schema::ferrybox_outbox;
+
+/// Which outbox table a message was written to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Origin {
+    /// `ferrybox_messages`, append-only (an outbox made for the log relay): nothing to
+    /// write back.
+    Messages,
+    /// `ferrybox_outbox`, the polling table: its rows are marked published (which gives
+    /// them their feed positions).
+    Outbox,
+}
 
 /// An outbox row as the relay (and replay) sends it.
 #[derive(Debug, Queryable, QueryableByName, Selectable)]
@@ -98,87 +107,4 @@ fn lenient_headers(stored: &serde_json::Value) -> BTreeMap<String, String> {
             Some((name.clone(), text))
         })
         .collect()
-}
-
-/// Queues every record with `producer` (librdkafka pipelines them), then awaits each delivery
-/// report: the acknowledged (partition, offset) or the error, in the records' order. With
-/// tracing on, the batch has a publish span linking each record's trace (whatever sends it:
-/// the polling relay, a new slot's table read, a drain, a replay).
-pub(crate) async fn send_all(
-    producer: &FutureProducer,
-    records: &[OutboxRecord],
-) -> Vec<std::result::Result<(i32, i64), String>> {
-    if crate::telemetry::tracing_enabled() {
-        let headers: Vec<BTreeMap<String, String>> =
-            records.iter().map(OutboxRecord::headers).collect();
-        let span = crate::telemetry::batch_span("publish", "producer", &headers);
-        tracing::Instrument::instrument(send_all_untraced(producer, records), span).await
-    } else {
-        send_all_untraced(producer, records).await
-    }
-}
-
-async fn send_all_untraced(
-    producer: &FutureProducer,
-    records: &[OutboxRecord],
-) -> Vec<std::result::Result<(i32, i64), String>> {
-    let mut in_flight = Vec::with_capacity(records.len());
-    for row in records {
-        let record = FutureRecord::to(&row.topic)
-            .key(&row.message_key)
-            .payload(&row.payload)
-            .headers(crate::kafka::owned_headers(&row.headers()));
-        in_flight.push(producer.send_result(record).map_err(|(e, _)| e.to_string()));
-    }
-    let mut results = Vec::with_capacity(records.len());
-    for sent in in_flight {
-        results.push(match sent {
-            Ok(delivery) => match delivery.await {
-                Ok(Ok(d)) => Ok((d.partition, d.offset)),
-                Ok(Err((e, _))) => Err(e.to_string()),
-                Err(_) => Err("delivery report lost: producer closed".to_owned()),
-            },
-            Err(e) => Err(e),
-        });
-    }
-    results
-}
-
-/// Hands one record to `producer` and returns the broker's answer as a future of its own
-/// (the acknowledged partition and offset), for the log relay, which keeps many in flight.
-pub(crate) fn send_one(
-    producer: &FutureProducer,
-    row: &OutboxRecord,
-) -> futures::future::BoxFuture<'static, std::result::Result<(i32, i64), rdkafka::error::KafkaError>>
-{
-    let headers = row.headers();
-    let record = FutureRecord::to(&row.topic)
-        .key(&row.message_key)
-        .payload(&row.payload)
-        .headers(crate::kafka::owned_headers(&headers));
-    match producer.send_result(record) {
-        Ok(delivery) => Box::pin(async move {
-            match delivery.await {
-                Ok(Ok(d)) => Ok((d.partition, d.offset)),
-                Ok(Err((e, _))) => Err(e),
-                Err(_) => Err(rdkafka::error::KafkaError::Canceled),
-            }
-        }),
-        Err((e, _)) => Box::pin(std::future::ready(Err(e))),
-    }
-}
-
-/// Counts one send for the metrics, acknowledged or refused.
-pub(crate) fn count_sent(m: &crate::metrics::Instruments, topic: &str, acked: bool) {
-    let attrs = crate::metrics::kafka_attrs(topic);
-    if acked {
-        m.sent.add(1, &attrs);
-    } else {
-        let mut failed = attrs.to_vec();
-        failed.push(opentelemetry::KeyValue::new(
-            "error.type",
-            "delivery_failed",
-        ));
-        m.sent.add(1, &failed);
-    }
 }

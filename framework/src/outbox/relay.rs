@@ -15,7 +15,7 @@ use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 
 use super::log::shards::{self, Balance, Shard};
-use super::publish::KafkaPublisher;
+use super::publish::{FeedPublisher, KafkaPublisher, Publisher};
 use super::settings::{RelayConfig, RelayMode};
 use super::wake::sleep_or_shutdown;
 use crate::config::{DatabaseConfig, KafkaConfig};
@@ -30,8 +30,8 @@ struct Locked {
 /// Publishes the outbox to Kafka. See the module documentation for the guarantees.
 pub struct Relay {
     pub(super) database: DatabaseConfig,
-    /// `None` for a feed-only relay.
-    pub(super) kafka: Option<KafkaPublisher>,
+    /// Kafka, or the feed only.
+    pub(super) publisher: Box<dyn Publisher>,
     pub(super) config: RelayConfig,
     /// Messages this relay published (acknowledged) since it was made.
     pub(super) published: tokio::sync::watch::Sender<u64>,
@@ -40,6 +40,7 @@ pub struct Relay {
 impl std::fmt::Debug for Relay {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Relay")
+            .field("publisher", &self.publisher.name())
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
@@ -53,7 +54,7 @@ impl Relay {
         config.validate()?;
         Ok(Self {
             database,
-            kafka: Some(KafkaPublisher::new(kafka)?),
+            publisher: Box::new(KafkaPublisher::new(kafka)?),
             config,
             published: tokio::sync::watch::Sender::new(0),
         })
@@ -67,7 +68,7 @@ impl Relay {
         config.validate()?;
         Ok(Self {
             database,
-            kafka: None,
+            publisher: Box::new(FeedPublisher),
             config,
             published: tokio::sync::watch::Sender::new(0),
         })
@@ -234,19 +235,21 @@ impl Relay {
         shard: Shard,
         shutdown: &CancellationToken,
     ) -> Result<()> {
-        let mode = self.config.mode.resolve(conn, self.kafka.is_some()).await?;
-        match (mode, &self.kafka) {
-            (RelayMode::Log, Some(kafka)) => {
+        let mode = self.config.mode.resolve(conn).await?;
+        let publisher = self.publisher.name();
+        match mode {
+            RelayMode::Log => {
                 tracing::info!(
                     shard = shard.index,
                     shards = shard.of,
+                    publisher,
                     "relay is active (reading the write-ahead log)"
                 );
                 super::log::run(
                     self.database.url.expose_secret(),
                     &self.config,
                     shard,
-                    kafka,
+                    self.publisher.as_ref(),
                     &self.published,
                     conn,
                     shutdown,
@@ -255,18 +258,12 @@ impl Relay {
             }
             _ if shard.of > 1 => Err(Error::ReplicationSetup(format!(
                 "the outbox is split into {} relay shards (`outbox reshard`), which only the log \
-                 relay runs, and this relay polls the table (relay.mode {:?}{}): let it read the \
+                 relay runs, and this relay polls the table (relay.mode {:?}): let it read the \
                  log, or run `outbox reshard 1`",
-                shard.of,
-                self.config.mode,
-                if self.kafka.is_none() {
-                    ", no broker"
-                } else {
-                    ""
-                }
+                shard.of, self.config.mode,
             ))),
             _ => {
-                tracing::info!("relay is active (polling the outbox table)");
+                tracing::info!(publisher, "relay is active (polling the outbox table)");
                 self.publish_until_shutdown(conn, shutdown).await
             }
         }

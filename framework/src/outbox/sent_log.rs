@@ -11,7 +11,8 @@ use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use rdkafka::producer::FutureProducer;
 use serde::Serialize;
 
-use super::record::{OutboxRecord, send_all};
+use super::publish::{KafkaPublisher, send_all};
+use super::record::{Origin, OutboxRecord};
 use super::schema::{ferrybox_messages, ferrybox_outbox};
 use crate::error::{Error, Result};
 
@@ -325,8 +326,14 @@ pub async fn replay(
     // Chunks of at most one second's worth, each sent when the rate allows it.
     let chunk = REPLAY_CHUNK.min(i64::from(options.rate_per_second));
     let mut queued = 0u32;
+    let publisher = KafkaPublisher::with_producer(producer);
     // The polling table's sent log, then the log relay's (a service writes one of them).
     for log in [false, true] {
+        let origin = if log {
+            Origin::Messages
+        } else {
+            Origin::Outbox
+        };
         let mut after = i64::MIN;
         loop {
             let rows: Vec<OutboxRecord> = if log {
@@ -363,7 +370,7 @@ pub async fn replay(
             after = last.id;
             tokio::time::sleep_until(started + per_message * queued).await;
             queued = queued.saturating_add(u32::try_from(rows.len()).unwrap_or(u32::MAX));
-            for (row, result) in rows.iter().zip(send_all(producer, &rows).await) {
+            for (row, result) in rows.iter().zip(send_all(&publisher, &rows, origin).await) {
                 match result {
                     Ok(_) => {
                         report.sent += 1;
@@ -373,7 +380,7 @@ pub async fn replay(
                     }
                     Err(e) => {
                         report.failed += 1;
-                        report.first_error.get_or_insert(e);
+                        report.first_error.get_or_insert(e.reason);
                     }
                 }
             }

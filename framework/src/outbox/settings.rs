@@ -60,11 +60,10 @@ pub enum RelayMode {
 impl RelayMode {
     /// The mode this relay runs in on the database `conn` is connected to: `auto` becomes
     /// `log` or `table`; `log` fails with what to change when the database cannot serve it.
-    /// A feed-only relay (no broker) polls the table: its feed positions are given there.
-    pub async fn resolve(self, conn: &mut AsyncPgConnection, has_broker: bool) -> Result<Self> {
+    /// Either mode publishes to Kafka or, without a broker, to the feed.
+    pub async fn resolve(self, conn: &mut AsyncPgConnection) -> Result<Self> {
         match self {
             RelayMode::Table => Ok(RelayMode::Table),
-            _ if !has_broker => Ok(RelayMode::Table),
             RelayMode::Log => {
                 super::log::slot::check_setup(conn).await?;
                 Ok(RelayMode::Log)

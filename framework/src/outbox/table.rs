@@ -8,8 +8,8 @@ use diesel::prelude::*;
 use diesel::sql_types::{Array, BigInt, Integer, Nullable, Text};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 
-use super::publish::KafkaPublisher;
-use super::record::{OutboxRecord, send_all};
+use super::publish::{Ack, Publisher, Refusal, send_all};
+use super::record::{Origin, OutboxRecord};
 use super::schema::ferrybox_outbox;
 use super::sent_log;
 use crate::error::Result;
@@ -75,6 +75,9 @@ pub(super) async fn mark_read(
     partitions: &[Option<i32>],
     offsets: &[Option<i64>],
 ) -> Result<()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
     let missing = mark_published(conn, ids, partitions, offsets).await?;
     if !missing.is_empty() {
         tracing::warn!(
@@ -156,12 +159,12 @@ pub(super) async fn mark_streamed(
     Ok(())
 }
 
-/// Publishes the polling table's unpublished rows through `kafka` until none is left or a
-/// batch fails (for the log relay: rows written before its slot existed, or refused).
+/// Publishes the polling table's unpublished rows through `publisher` until none is left or
+/// a batch fails (for the log relay: rows written before its slot existed, or refused).
 /// With `only_refused`, only rows the broker refused before (the others may be in flight on
 /// the stream).
 pub(super) async fn drain_table(
-    kafka: &KafkaPublisher,
+    publisher: &dyn Publisher,
     conn: &mut AsyncPgConnection,
     batch_size: i64,
     only_refused: bool,
@@ -183,9 +186,8 @@ pub(super) async fn drain_table(
         if rows.is_empty() {
             return Ok(total);
         }
-        let producer = kafka.producer();
-        let results = send_all(&producer, &rows).await;
-        let sent = Sent::of(&rows, results);
+        let results = send_all(publisher, &rows, Origin::Outbox).await;
+        let sent = Sent::of(publisher, &rows, results);
         if !sent.acked.is_empty() {
             mark_read(conn, &sent.acked, &sent.partitions, &sent.offsets).await?;
         }
@@ -193,7 +195,7 @@ pub(super) async fn drain_table(
         total.failed += sent.failed.len();
         if !sent.failed.is_empty() {
             record_failures(conn, &sent).await?;
-            kafka.renew(&producer)?;
+            publisher.recover()?;
             return Ok(total);
         }
     }
@@ -224,7 +226,7 @@ pub(super) async fn record_failures(conn: &mut AsyncPgConnection, sent: &Sent) -
 #[derive(Default)]
 pub(super) struct Sent {
     pub(super) acked: Vec<i64>,
-    /// `None` for a feed-only relay.
+    /// `None` where the publisher has no partitions (the feed).
     pub(super) partitions: Vec<Option<i32>>,
     pub(super) offsets: Vec<Option<i64>>,
     pub(super) failed: Vec<i64>,
@@ -232,25 +234,34 @@ pub(super) struct Sent {
 }
 
 impl Sent {
-    /// What the broker answered for each of `rows` (in their order), split into acknowledged
-    /// rows with their positions and refused rows with their errors.
+    /// What the publisher answered for each of `rows` (in their order), split into
+    /// acknowledged rows with their positions and refused rows with their errors; counted
+    /// per topic in the metrics as `publisher`'s sends.
     pub(super) fn of(
+        publisher: &dyn Publisher,
         rows: &[OutboxRecord],
-        results: Vec<std::result::Result<(i32, i64), String>>,
+        results: Vec<std::result::Result<Ack, Refusal>>,
     ) -> Self {
         let mut sent = Self::default();
+        let mut counts: std::collections::BTreeMap<&str, (u64, u64)> = Default::default();
         for (row, result) in rows.iter().zip(results) {
+            let count = counts.entry(row.topic()).or_default();
             match result {
-                Ok((partition, offset)) => {
+                Ok(ack) => {
+                    count.0 += 1;
                     sent.acked.push(row.id);
-                    sent.partitions.push(Some(partition));
-                    sent.offsets.push(Some(offset));
+                    sent.partitions.push(ack.partition);
+                    sent.offsets.push(ack.offset);
                 }
-                Err(e) => {
+                Err(refusal) => {
+                    count.1 += 1;
                     sent.failed.push(row.id);
-                    sent.errors.push(e);
+                    sent.errors.push(refusal.reason);
                 }
             }
+        }
+        for (topic, (acked, refused)) in counts {
+            super::publish::count_sends(publisher, topic, acked, refused);
         }
         sent
     }

@@ -11,7 +11,7 @@ use diesel_async::{AsyncConnection, RunQueryDsl};
 use ferrybox::alert::{AlertConfig, Alerter};
 use ferrybox::feed::{FeedConfig, FeedServerConfig, OnUndecodable};
 use ferrybox::testing::{self, wait_until};
-use ferrybox::{CancellationToken, FeedConsumer, FeedServer, Relay};
+use ferrybox::{CancellationToken, FeedConsumer, FeedServer, Outbox, Relay, RelayMode};
 use rand::Rng;
 
 use crate::inbox::{Recorder, inbox_config};
@@ -133,9 +133,13 @@ async fn slow_change(fx: &Fixture, thing: String) {
     .unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn concurrent_transactions_committing_out_of_id_order_reach_the_feed_consumer_once_in_key_order()
- {
+in_every_mode!(
+    concurrent_transactions_committing_out_of_id_order_reach_the_feed_consumer_once_in_key_order,
+);
+
+async fn concurrent_transactions_committing_out_of_id_order_reach_the_feed_consumer_once_in_key_order(
+    mode: RelayMode,
+) {
     const WRITERS: usize = 8;
     const CHANGES: usize = 60;
     let fx = Fixture::new(1).await;
@@ -146,8 +150,9 @@ async fn concurrent_transactions_committing_out_of_id_order_reach_the_feed_consu
     .await;
     let stop = CancellationToken::new();
     let url = serve_feed(&fx, &stop).await;
-    let relay =
-        RunningRelay::start(Relay::feed_only(fx.db.config(), Fixture::relay_config()).unwrap());
+    let relay = RunningRelay::start(
+        Relay::feed_only(fx.db.config(), Fixture::relay_config_in(mode)).unwrap(),
+    );
     let consumer = consumer(&fx, &url, OnUndecodable::Halt, Alerter::log_only());
     let consuming = tokio::spawn(consumer.run(stop.child_token()));
 
@@ -201,6 +206,50 @@ async fn concurrent_transactions_committing_out_of_id_order_reach_the_feed_consu
         "positions 1..=total with no gap"
     );
 
+    stop.cancel();
+    consuming.await.unwrap().unwrap();
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_feed_only_relay_reading_the_log_serves_messages_written_to_either_outbox_table() {
+    let mut fx = Fixture::new(1).await;
+    let stop = CancellationToken::new();
+    let url = serve_feed(&fx, &stop).await;
+    let relay = RunningRelay::start(
+        Relay::feed_only(fx.db.config(), Fixture::relay_config_in(RelayMode::Log)).unwrap(),
+    );
+    let consuming = tokio::spawn(
+        consumer(&fx, &url, OnUndecodable::Halt, Alerter::log_only()).run(stop.child_token()),
+    );
+    fx.change("k1", 1).await;
+    // A service written for a broker's log relay writes the append-only table, which the feed
+    // cannot serve from: that message is refused (the reason is logged), copied into the
+    // polling table, and served from there.
+    fx.outbox = Outbox::new("integration-test").for_mode(RelayMode::Log);
+    let appended = fx.change("k2", 1).await;
+    fx.outbox = Outbox::new("integration-test");
+    fx.change("k3", 1).await;
+    wait_until(TIMEOUT, "all three applied", || async {
+        fx.count("SELECT count(*) AS n FROM applied").await == 3
+    })
+    .await;
+    assert_eq!(
+        fx.count(&format!(
+            "SELECT count(*) AS n FROM ferrybox_outbox WHERE message_id = '{}' \
+             AND feed_position IS NOT NULL AND attempts > 0",
+            appended.0
+        ))
+        .await,
+        1,
+        "the appended message was copied into the polling table as refused, and served from there"
+    );
+    assert_eq!(
+        fx.count("SELECT last AS n FROM ferrybox_feed_sequence")
+            .await,
+        3,
+        "three positions, none twice or skipped"
+    );
     stop.cancel();
     consuming.await.unwrap().unwrap();
     relay.stop().await;

@@ -227,24 +227,6 @@ async fn writers_notify_only_while_a_relay_waits() {
     assert_eq!(woken, 1);
 }
 
-/// Tests every relay mode passes, each run once per mode (as one suite is run against every
-/// backend), with the writer each mode's services use.
-macro_rules! in_every_mode {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread")]
-            async fn polling_the_table() {
-                super::$name(ferrybox::RelayMode::Table).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread")]
-            async fn reading_the_log() {
-                super::$name(ferrybox::RelayMode::Log).await;
-            }
-        }
-    )*};
-}
-
 in_every_mode!(
     three_relays_with_concurrent_writers_publish_each_row_once_in_key_order,
     a_standby_takes_over_when_the_active_relay_stops,

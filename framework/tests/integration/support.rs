@@ -6,6 +6,25 @@ use ferrybox::testing::{self, TestDatabase};
 use ferrybox::{AvroCodec, CancellationToken, Event, Outbox, OutgoingMessage, Relay, RelayConfig};
 use serde::{Deserialize, Serialize};
 
+/// Tests every relay mode passes, each run once per mode (as one suite is run against every
+/// backend): `in_every_mode!(name, ...)` runs `async fn name(mode: RelayMode)` as
+/// `name::polling_the_table` and `name::reading_the_log`.
+macro_rules! in_every_mode {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread")]
+            async fn polling_the_table() {
+                super::$name(ferrybox::RelayMode::Table).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread")]
+            async fn reading_the_log() {
+                super::$name(ferrybox::RelayMode::Log).await;
+            }
+        }
+    )*};
+}
+
 pub(crate) const TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A small event for tests.

@@ -7,22 +7,13 @@ use std::collections::HashMap;
 
 use crate::error::{Error, Result};
 
-use crate::outbox::record::OutboxRecord;
-
-/// Which outbox table a row was written to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Table {
-    /// `ferrybox_messages`, append-only: nothing to write back.
-    Messages,
-    /// `ferrybox_outbox`, the polling relay's table: its rows are marked published.
-    Outbox,
-}
+use crate::outbox::record::{Origin, OutboxRecord};
 
 /// What one `pgoutput` change message meant to the relay.
 #[derive(Debug)]
 pub(crate) enum Change {
     /// A row of one of the outbox tables.
-    Message(Table, Box<OutboxRecord>),
+    Message(Origin, Box<OutboxRecord>),
     /// Anything else the publication can carry (a relation or type description, an origin,
     /// a truncate): nothing to publish.
     Other,
@@ -38,7 +29,7 @@ pub(crate) struct Decoder {
 #[derive(Debug)]
 struct Relation {
     name: String,
-    table: Option<Table>,
+    table: Option<Origin>,
     columns: Vec<String>,
 }
 
@@ -62,8 +53,8 @@ impl Decoder {
                     let _modifier = p.u32()?;
                 }
                 let table = match name {
-                    "ferrybox_messages" => Some(Table::Messages),
-                    "ferrybox_outbox" => Some(Table::Outbox),
+                    "ferrybox_messages" => Some(Origin::Messages),
+                    "ferrybox_outbox" => Some(Origin::Outbox),
                     _ => None,
                 };
                 self.relations.insert(
@@ -306,7 +297,7 @@ mod tests {
             decoder.decode(&relation(42, &COLUMNS)).unwrap(),
             Change::Other
         ));
-        let Change::Message(Table::Messages, m) = decoder.decode(&insert(42, &values(9))).unwrap()
+        let Change::Message(Origin::Messages, m) = decoder.decode(&insert(42, &values(9))).unwrap()
         else {
             panic!("not a message");
         };

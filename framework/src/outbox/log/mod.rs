@@ -33,13 +33,12 @@ use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::FuturesOrdered;
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationEvent};
-use rdkafka::producer::FutureProducer;
 use tokio_util::sync::CancellationToken;
 
-use self::decode::{Change, Decoder, Table};
+use self::decode::{Change, Decoder};
 use self::shards::Shard;
-use super::publish::KafkaPublisher;
-use super::record::OutboxRecord;
+use super::publish::{Ack, Publisher, Refusal, send_all};
+use super::record::{Origin, OutboxRecord};
 use super::settings::RelayConfig;
 use crate::error::{Error, Result};
 
@@ -61,11 +60,11 @@ const SNAPSHOT_BATCH: i64 = 5_000;
 
 /// One step of the stream, taken in stream order once everything before it is done.
 enum Step {
-    /// A message and what the broker said.
+    /// A message and what the publisher said.
     Delivered {
-        table: Table,
+        origin: Origin,
         record: Box<OutboxRecord>,
-        result: std::result::Result<(i32, i64), rdkafka::error::KafkaError>,
+        result: std::result::Result<Ack, Refusal>,
     },
     /// The end of a transaction: everything in it was acknowledged (or recorded as refused).
     Committed(Lsn),
@@ -77,7 +76,7 @@ pub(crate) async fn run(
     url: &str,
     config: &RelayConfig,
     shard: Shard,
-    kafka: &KafkaPublisher,
+    publisher: &dyn Publisher,
     published: &tokio::sync::watch::Sender<u64>,
     control: &mut AsyncPgConnection,
     shutdown: &CancellationToken,
@@ -108,7 +107,7 @@ pub(crate) async fn run(
         let snapshot = slot::create(&mut client, &slot_name).await?;
         let recover_from = state.recover_from_xid.clone();
         let count =
-            publish_snapshot(url, &snapshot.name, recover_from, shard, kafka, control).await?;
+            publish_snapshot(url, &snapshot.name, recover_from, shard, publisher, control).await?;
         published.send_modify(|n| *n += count);
         slot::snapshot_done(control, &slot_name, snapshot.consistent_point).await?;
         tracing::info!(slot = %slot_name, published = count, consistent_point = %snapshot.consistent_point,
@@ -129,7 +128,15 @@ pub(crate) async fn run(
         shard,
         slot_name: &slot_name,
     };
-    let streamed = stream(&mut client, &streaming, kafka, published, control, shutdown).await;
+    let streamed = stream(
+        &mut client,
+        &streaming,
+        publisher,
+        published,
+        control,
+        shutdown,
+    )
+    .await;
     let stopped = client.shutdown().await;
     streamed?;
     stopped.map_err(|e| Error::Replication(format!("stopping replication: {e}")))?;
@@ -147,7 +154,7 @@ struct Streaming<'a> {
 async fn stream(
     client: &mut ReplicationClient,
     streaming: &Streaming<'_>,
-    kafka: &KafkaPublisher,
+    publisher: &dyn Publisher,
     published: &tokio::sync::watch::Sender<u64>,
     control: &mut AsyncPgConnection,
     shutdown: &CancellationToken,
@@ -157,7 +164,6 @@ async fn stream(
         shard,
         slot_name,
     } = *streaming;
-    let producer = kafka.producer();
     let window = usize::try_from(config.batch_size)
         .unwrap_or(usize::MAX)
         .max(1);
@@ -189,7 +195,7 @@ async fn stream(
                     // Both tables' sent logs, a batch each per pass.
                     super::sent_log::delete_expired_messages(control, config.retention, super::sent_log::CLEANUP_BATCH).await?;
                     super::sent_log::delete_expired_batch(control, config.retention, super::sent_log::CLEANUP_BATCH).await?;
-                    drain_table(kafka, control, config, true).await?;
+                    drain_table(publisher, control, config, true).await?;
                     next_cleanup = tokio::time::Instant::now() + config.cleanup_interval;
                 }
             }
@@ -200,10 +206,10 @@ async fn stream(
                 // Caught up (nothing else in flight): rows of the polling table are marked
                 // now, so their feed positions do not wait for the tick.
                 let caught_up = in_flight.is_empty();
-                if let Err(e) = take(step, &mut progress, caught_up, control, client, published).await {
-                    if let Some(kafka_error) = e.kafka() {
-                        tracing::warn!(error = %kafka_error, "broker did not acknowledge a message; resending from the confirmed position");
-                        kafka.renew(&producer)?;
+                if let Err(e) = take(step, &mut progress, caught_up, publisher, control, client, published).await {
+                    if let Error::NotPublished { .. } = e {
+                        tracing::warn!(error = %e, "a message was not published; resending from the confirmed position");
+                        publisher.recover()?;
                     }
                     break Err(e);
                 }
@@ -214,9 +220,9 @@ async fn stream(
                     None => break Err(Error::Replication("the server ended the stream".into())),
                     Some(ReplicationEvent::Begin { .. }) => in_transaction = true,
                     Some(ReplicationEvent::XLogData { data, .. }) => {
-                        if let Change::Message(table, record) = decoder.decode(&data)? {
+                        if let Change::Message(origin, record) = decoder.decode(&data)? {
                             messages_in_flight += 1;
-                            in_flight.push_back(send(&producer, table, record));
+                            in_flight.push_back(send(publisher, origin, record));
                         }
                     }
                     Some(ReplicationEvent::Commit { end_lsn, .. }) => {
@@ -246,9 +252,17 @@ async fn stream(
     // (on an error, up to the first failure).
     if outcome.is_ok() {
         while let Some(step) = in_flight.next().await {
-            if take(step, &mut progress, false, control, client, published)
-                .await
-                .is_err()
+            if take(
+                step,
+                &mut progress,
+                false,
+                publisher,
+                control,
+                client,
+                published,
+            )
+            .await
+            .is_err()
             {
                 break;
             }
@@ -267,16 +281,20 @@ async fn take(
     step: Step,
     progress: &mut Progress,
     caught_up: bool,
+    publisher: &dyn Publisher,
     control: &mut AsyncPgConnection,
     client: &ReplicationClient,
     published: &tokio::sync::watch::Sender<u64>,
 ) -> Result<()> {
     match step {
         Step::Delivered {
-            table,
+            origin,
             record,
             result,
-        } => delivered(table, &record, result, progress, control, published).await,
+        } => {
+            super::publish::count_sent(publisher, record.topic(), result.is_ok());
+            delivered(origin, &record, result, progress, control, published).await
+        }
         Step::Committed(end) => {
             if let Some(lsn) = progress.committed(end) {
                 client.update_applied_lsn(lsn);
@@ -288,10 +306,10 @@ async fn take(
     }
 }
 
-/// Sends one message; its step completes with the broker's answer.
+/// Sends one message; its step completes with the publisher's answer.
 fn send(
-    producer: &FutureProducer,
-    table: Table,
+    publisher: &dyn Publisher,
+    origin: Origin,
     record: Box<OutboxRecord>,
 ) -> BoxFuture<'static, Step> {
     // With tracing on, each message's publish span links the trace of the request that made
@@ -301,12 +319,12 @@ fn send(
     } else {
         tracing::Span::none()
     };
-    let delivery = span.in_scope(|| super::record::send_one(producer, &record));
+    let delivery = span.in_scope(|| publisher.send(&record, origin));
     Box::pin(tracing::Instrument::instrument(
         async move {
             let result = delivery.await;
             Step::Delivered {
-                table,
+                origin,
                 record,
                 result,
             }
@@ -319,38 +337,35 @@ fn send(
 /// next flush); a permanent refusal is recorded in the polling table; anything else ends the
 /// stream (`Err`), which is then resent from the confirmed position.
 async fn delivered(
-    table: Table,
+    origin: Origin,
     record: &OutboxRecord,
-    result: std::result::Result<(i32, i64), rdkafka::error::KafkaError>,
+    result: std::result::Result<Ack, Refusal>,
     progress: &mut Progress,
     control: &mut AsyncPgConnection,
     published: &tokio::sync::watch::Sender<u64>,
 ) -> Result<()> {
-    if let Some(m) = crate::metrics::instruments() {
-        super::record::count_sent(m, record.topic(), result.is_ok());
-    }
     match result {
-        Ok((partition, offset)) => {
-            if table == Table::Outbox {
-                progress.delivered(record.id, partition, offset);
+        Ok(ack) => {
+            if origin == Origin::Outbox {
+                progress.delivered(record.id, ack);
             }
             published.send_modify(|n| *n += 1);
             Ok(())
         }
-        Err(e) if !refused_for_good(&e) => Err(Error::Kafka(e)),
-        Err(e) => {
-            tracing::error!(id = record.id, message_id = %record.message_id, topic = record.topic(), error = %e,
-                "the broker refused a message for good; it is kept in the outbox with its error");
-            refused(control, table, record, &e.to_string()).await
+        Err(refusal) if !refusal.for_good => Err(not_published(record, refusal)),
+        Err(refusal) => {
+            tracing::error!(id = record.id, message_id = %record.message_id, topic = record.topic(), error = %refusal,
+                "a message was refused for good; it is kept in the outbox with its error");
+            refused(control, origin, record, &refusal.reason).await
         }
     }
 }
 
-/// Whether the broker refused this message itself (too large, invalid, a topic it will not
-/// take), as opposed to trouble a new producer or a later try gets past (an outage, a fenced or
-/// fatally failed producer).
-fn refused_for_good(e: &rdkafka::error::KafkaError) -> bool {
-    !crate::error::kafka_error_is_retryable(e) && !crate::error::kafka_producer_failed(e)
+fn not_published(record: &OutboxRecord, refusal: Refusal) -> Error {
+    Error::NotPublished {
+        topic: record.topic.clone(),
+        reason: refusal.reason,
+    }
 }
 
 /// Keeps a message the broker refused: a row of the polling table gets the error; a row of
@@ -358,15 +373,15 @@ fn refused_for_good(e: &rdkafka::error::KafkaError) -> bool {
 /// `outbox status` counts it and the relay retries it.
 async fn refused(
     control: &mut AsyncPgConnection,
-    table: Table,
+    origin: Origin,
     record: &OutboxRecord,
     error: &str,
 ) -> Result<()> {
-    let sql = match table {
-        Table::Outbox => {
+    let sql = match origin {
+        Origin::Outbox => {
             "UPDATE ferrybox_outbox SET attempts = attempts + 1, last_error = $2 WHERE id = $1"
         }
-        Table::Messages => {
+        Origin::Messages => {
             "INSERT INTO ferrybox_outbox \
              (message_id, topic, message_key, message_type, entity_version, headers, payload, \
               occurred_at, attempts, last_error) \
@@ -422,11 +437,11 @@ impl Progress {
         self.ids.len()
     }
 
-    /// A row of the polling table the broker acknowledged.
-    fn delivered(&mut self, id: i64, partition: i32, offset: i64) {
+    /// A row of the polling table the publisher acknowledged.
+    fn delivered(&mut self, id: i64, ack: Ack) {
         self.ids.push(id);
-        self.partitions.push(Some(partition));
-        self.offsets.push(Some(offset));
+        self.partitions.push(ack.partition);
+        self.offsets.push(ack.offset);
     }
 
     /// The end of a transaction whose every message is acknowledged: the position to confirm
@@ -546,14 +561,15 @@ impl Checkpoint {
 /// Publishes what was committed before a new slot, as its exported snapshot shows it: the
 /// polling table's unpublished rows (marked published on `control` once acknowledged), then,
 /// in id order, the rows of `ferrybox_messages` whose transaction id is at or above
-/// `recover_from` (all of them without it); waits for every acknowledgement. The count
-/// published.
+/// `recover_from` (all of them without it); waits for every answer. A message refused for
+/// good is kept in the polling table with its error, as on the stream; any other failure
+/// ends this (the slot stays unready, and the next try starts again). The count published.
 async fn publish_snapshot(
     url: &str,
     snapshot: &str,
     recover_from: Option<String>,
     shard: Shard,
-    kafka: &KafkaPublisher,
+    publisher: &dyn Publisher,
     control: &mut AsyncPgConnection,
 ) -> Result<u64> {
     let mut conn = crate::db::establish(url)
@@ -564,77 +580,82 @@ async fn publish_snapshot(
         snapshot.replace('\'', "''")
     ))
     .await?;
-    let producer = kafka.producer();
     let mut published = 0u64;
+    // The shard's condition is made of numbers only.
+    let polling = format!(
+        "SELECT id, message_id, topic, message_key, message_type, entity_version, \
+                occurred_at, headers, payload \
+         FROM ferrybox_outbox WHERE published_at IS NULL AND id > $1 AND ({}) \
+         ORDER BY id LIMIT $2",
+        shard.condition()
+    );
     let mut after = 0i64;
     loop {
-        // The shard's condition is made of numbers only.
-        let rows: Vec<OutboxRecord> = diesel::sql_query(format!(
-            "SELECT id, message_id, topic, message_key, message_type, entity_version, \
-                    occurred_at, headers, payload \
-             FROM ferrybox_outbox WHERE published_at IS NULL AND id > $1 AND ({}) \
-             ORDER BY id LIMIT $2",
-            shard.condition()
-        ))
-        .bind::<BigInt, _>(after)
-        .bind::<BigInt, _>(SNAPSHOT_BATCH)
-        .load(&mut conn)
-        .await?;
+        let rows: Vec<OutboxRecord> = diesel::sql_query(&polling)
+            .bind::<BigInt, _>(after)
+            .bind::<BigInt, _>(SNAPSHOT_BATCH)
+            .load(&mut conn)
+            .await?;
         let Some(last) = rows.last() else {
             break;
         };
         after = last.id;
-        let mut marks = (Vec::new(), Vec::new(), Vec::new());
-        for (row, result) in rows
+        let results = send_all(publisher, &rows, Origin::Outbox).await;
+        let passing = results
             .iter()
-            .zip(super::record::send_all(&producer, &rows).await)
-        {
-            let (partition, offset) = result.map_err(|e| {
-                Error::Replication(format!(
-                    "publishing the new slot's snapshot: outbox row {} not acknowledged: {e}",
-                    row.id
-                ))
-            })?;
-            marks.0.push(row.id);
-            marks.1.push(Some(partition));
-            marks.2.push(Some(offset));
+            .zip(&rows)
+            .find_map(|(result, row)| match result {
+                Err(refusal) if !refusal.for_good => Some(not_published(row, refusal.clone())),
+                _ => None,
+            });
+        let sent = super::table::Sent::of(publisher, &rows, results);
+        super::table::mark_read(control, &sent.acked, &sent.partitions, &sent.offsets).await?;
+        if !sent.failed.is_empty() {
+            super::table::record_failures(control, &sent).await?;
         }
-        super::table::mark_read(control, &marks.0, &marks.1, &marks.2).await?;
-        published += u64::try_from(rows.len()).unwrap_or(0);
+        published += u64::try_from(sent.acked.len()).unwrap_or(0);
+        if let Some(e) = passing {
+            publisher.recover()?;
+            return Err(e);
+        }
     }
+    let appended = format!(
+        "SELECT id, message_id, topic, message_key, message_type, entity_version, \
+                occurred_at, headers, payload \
+         FROM ferrybox_messages \
+         WHERE id > $1 AND ($2::text IS NULL \
+               OR age(xmin) <= age((($2::text)::bigint % 4294967296)::text::xid)) \
+           AND ({}) \
+         ORDER BY id LIMIT $3",
+        shard.condition()
+    );
     let mut after = 0i64;
     loop {
-        let rows: Vec<OutboxRecord> = diesel::sql_query(format!(
-            "SELECT id, message_id, topic, message_key, message_type, entity_version, \
-                    occurred_at, headers, payload \
-             FROM ferrybox_messages \
-             WHERE id > $1 AND ($2::text IS NULL \
-                   OR age(xmin) <= age((($2::text)::bigint % 4294967296)::text::xid)) \
-               AND ({}) \
-             ORDER BY id LIMIT $3",
-            shard.condition()
-        ))
-        .bind::<BigInt, _>(after)
-        .bind::<Nullable<Text>, _>(recover_from.as_deref())
-        .bind::<BigInt, _>(SNAPSHOT_BATCH)
-        .load(&mut conn)
-        .await?;
+        let rows: Vec<OutboxRecord> = diesel::sql_query(&appended)
+            .bind::<BigInt, _>(after)
+            .bind::<Nullable<Text>, _>(recover_from.as_deref())
+            .bind::<BigInt, _>(SNAPSHOT_BATCH)
+            .load(&mut conn)
+            .await?;
         let Some(last) = rows.last() else {
             break;
         };
         after = last.id;
-        for (row, result) in rows
-            .iter()
-            .zip(super::record::send_all(&producer, &rows).await)
-        {
-            if let Err(e) = result {
-                kafka.renew(&producer)?;
-                return Err(Error::Replication(format!(
-                    "publishing the new slot's snapshot: row {} not acknowledged: {e}",
-                    row.id
-                )));
+        let results = send_all(publisher, &rows, Origin::Messages).await;
+        for (row, result) in rows.iter().zip(results) {
+            super::publish::count_sent(publisher, row.topic(), result.is_ok());
+            match result {
+                Ok(_) => published += 1,
+                Err(refusal) if refusal.for_good => {
+                    tracing::error!(id = row.id, message_id = %row.message_id, topic = row.topic(), error = %refusal,
+                        "a message was refused for good; it is kept in the outbox with its error");
+                    refused(control, Origin::Messages, row, &refusal.reason).await?;
+                }
+                Err(refusal) => {
+                    publisher.recover()?;
+                    return Err(not_published(row, refusal));
+                }
             }
-            published += 1;
         }
     }
     conn.batch_execute("COMMIT").await?;
@@ -643,13 +664,13 @@ async fn publish_snapshot(
 
 /// Publishes the polling table's unpublished rows, as the polling relay would.
 async fn drain_table(
-    kafka: &KafkaPublisher,
+    publisher: &dyn Publisher,
     control: &mut AsyncPgConnection,
     config: &RelayConfig,
     only_refused: bool,
 ) -> Result<()> {
     let outcome =
-        super::table::drain_table(kafka, control, config.batch_size, only_refused).await?;
+        super::table::drain_table(publisher, control, config.batch_size, only_refused).await?;
     if outcome.published > 0 || outcome.failed > 0 {
         tracing::info!(
             published = outcome.published,
@@ -660,22 +681,19 @@ async fn drain_table(
     Ok(())
 }
 
-impl Error {
-    /// The Kafka error inside, if this is one.
-    fn kafka(&self) -> Option<&rdkafka::error::KafkaError> {
-        match self {
-            Error::Kafka(e) => Some(e),
-            _ => None,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn at(n: u64) -> Lsn {
         Lsn::from(n)
+    }
+
+    fn ack(partition: i32, offset: i64) -> Ack {
+        Ack {
+            partition: Some(partition),
+            offset: Some(offset),
+        }
     }
 
     #[test]
@@ -689,9 +707,9 @@ mod tests {
     #[test]
     fn a_transaction_is_confirmed_only_once_its_rows_are_marked() {
         let mut progress = Progress::default();
-        progress.delivered(1, 0, 10);
+        progress.delivered(1, ack(0, 10));
         assert_eq!(progress.committed(at(100)), None);
-        progress.delivered(2, 0, 11);
+        progress.delivered(2, ack(0, 11));
         assert_eq!(progress.committed(at(200)), None);
         assert_eq!(progress.pending(), 2);
         assert_eq!(progress.marked(), Some(at(200)));
@@ -704,7 +722,7 @@ mod tests {
         // The fault test's lost rows: acknowledged, waiting for the tick's mark, and a
         // keepalive confirmed past them; a kill before the tick left them unmarked for good.
         let mut progress = Progress::default();
-        progress.delivered(1, 0, 10);
+        progress.delivered(1, ack(0, 10));
         assert_eq!(progress.committed(at(100)), None);
         assert_eq!(progress.idle_at(at(500)), None);
         assert_eq!(progress.confirmed, Lsn::ZERO);
