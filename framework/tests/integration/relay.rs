@@ -228,10 +228,50 @@ async fn writers_notify_only_while_a_relay_waits() {
 }
 
 in_every_mode!(
+    a_message_the_broker_refuses_for_good_is_kept_with_its_error_and_the_rest_go_on,
     three_relays_with_concurrent_writers_publish_each_row_once_in_key_order,
     a_standby_takes_over_when_the_active_relay_stops,
     the_running_relay_deletes_the_sent_log_after_its_retention,
 );
+
+/// Over `message.max.bytes`: librdkafka refuses it itself, for good. Two such messages, one
+/// committed before the relay first starts (the log relay's new slot publishes it from its
+/// snapshot) and one while it runs (from the stream), each between messages that are
+/// published: they stay in the polling table, unpublished, with the error, where `status`
+/// counts them, and the rest go on.
+async fn a_message_the_broker_refuses_for_good_is_kept_with_its_error_and_the_rest_go_on(
+    mode: RelayMode,
+) {
+    let fx = Fixture::new(1).await.writing_for(mode);
+    let huge = "x".repeat(2 * 1024 * 1024);
+    let mut ids = std::collections::BTreeSet::new();
+    ids.insert(fx.change("before", 1).await.to_string());
+    let refused_before = fx.change_labelled("huge-before", 1, &huge).await;
+    ids.insert(fx.change("before", 2).await.to_string());
+    let running = RunningRelay::start(relay(&fx, Fixture::relay_config_in(mode)));
+    testing::read_ids(&testing::kafka(), &fx.topic, &ids, TIMEOUT).await;
+    ids.insert(fx.change("while", 1).await.to_string());
+    let refused_while = fx.change_labelled("huge-while", 1, &huge).await;
+    ids.insert(fx.change("while", 2).await.to_string());
+    let read = testing::read_ids(&testing::kafka(), &fx.topic, &ids, TIMEOUT).await;
+    assert_eq!(read.len(), 4, "the four others published");
+    let kept = format!(
+        "SELECT count(*) AS n FROM ferrybox_outbox WHERE message_id IN ('{}', '{}') \
+         AND published_at IS NULL AND attempts > 0 AND last_error LIKE '%too large%'",
+        refused_before.0, refused_while.0
+    );
+    wait_until(
+        TIMEOUT,
+        "both refused messages kept with the error",
+        || async { fx.count(&kept).await == 2 },
+    )
+    .await;
+    let mut conn = AsyncPgConnection::establish(fx.db.url()).await.unwrap();
+    let status = sent_log::status(&mut conn).await.unwrap();
+    assert_eq!(status.unpublished, 2, "{status:?}");
+    assert_eq!(status.unpublished_with_errors, 2, "{status:?}");
+    running.stop().await;
+}
 
 async fn three_relays_with_concurrent_writers_publish_each_row_once_in_key_order(mode: RelayMode) {
     let fx = Arc::new(Fixture::new(3).await.writing_for(mode));

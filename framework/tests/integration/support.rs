@@ -94,8 +94,23 @@ impl Fixture {
 
     /// Commits one business change and its event.
     pub(crate) async fn change(&self, thing_id: &str, version: i64) -> ferrybox::MessageId {
-        let message = self.message(thing_id, version).await;
-        let label = format!("v{version}");
+        self.change_labelled(thing_id, version, &format!("v{version}"))
+            .await
+    }
+
+    /// The same with the label `label` (a large one makes a message the broker refuses).
+    pub(crate) async fn change_labelled(
+        &self,
+        thing_id: &str,
+        version: i64,
+        label: &str,
+    ) -> ferrybox::MessageId {
+        let event = ThingChanged {
+            thing_id: thing_id.into(),
+            version,
+            label: label.to_owned(),
+        };
+        let message = self.codec.message(&self.topic, &event).await.unwrap();
         let mut conn = ferrybox::db::connection(&self.pool).await.unwrap();
         let outbox = self.outbox.clone();
         let id = message.id;
@@ -104,7 +119,7 @@ impl Fixture {
                 "INSERT INTO things (id, label) VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET label = EXCLUDED.label",
             )
             .bind::<Text, _>(thing_id)
-            .bind::<Text, _>(&label)
+            .bind::<Text, _>(label)
             .execute(tx)
             .await?;
             outbox.enqueue(tx, &message).await
