@@ -2,13 +2,22 @@
 //! [`Relay`] publishes committed rows to Kafka, and the [`sent_log`] keeps published rows for
 //! `status` and `replay`.
 //!
-//! The relay learns of committed rows in one of two ways ([`RelayMode`]): `log` streams them
-//! from the write-ahead log (`log/`: the stream, `pgoutput` decoding, the slot and its
-//! checkpoint), `table` polls `ferrybox_outbox` (`poll.rs`); `relay.rs` makes an instance active (per shard)
-//! and dispatches to its mode. What both do to the polling table
-//! is in `table.rs`; the record and how it is sent in `record.rs` and `publish.rs`; the
-//! settings in `settings.rs`; the `LISTEN` wake-up in `wake.rs`.
+//! The relay is made of three seams:
+//!
+//! - **Leadership** (`relay.rs`): an instance becomes active per shard by holding its advisory
+//!   lock, and hands the active relay (`active.rs`) to the source its mode resolves to.
+//! - **Sources** of committed messages, each with its own checkpoint (how progress is made
+//!   durable): `log/` streams them from the write-ahead log (`pgoutput` decoding, the slot
+//!   and its checkpoint: progress is the slot's confirmed position); `poll.rs` claims the
+//!   polling table's unpublished rows (progress is rows marked published).
+//! - **Publishers** (`publish.rs`): Kafka, or the feed for a service without a broker. Every
+//!   source, a new slot's snapshot, the drain of refused rows and replay send through one.
+//!
+//! What every source does to the polling table (marks, refusals, the drain, the backlog
+//! gauge) is in `table.rs`; the record and its origin table in `record.rs`; the settings in
+//! `settings.rs`; the `LISTEN` wake-up in `wake.rs`.
 
+mod active;
 mod enqueue;
 mod log;
 mod poll;

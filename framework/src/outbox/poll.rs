@@ -25,10 +25,10 @@ use secrecy::ExposeSecret;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use super::active::Active;
 use super::enqueue::{NOTIFY_CHANNEL, RELAY_WAITING_LOCK};
 use super::publish::send_all;
 use super::record::{Origin, OutboxRecord};
-use super::relay::Relay;
 use super::schema::ferrybox_outbox;
 use super::sent_log;
 use super::table::{
@@ -37,8 +37,18 @@ use super::table::{
 use super::wake::{listen, sleep_or_shutdown};
 use crate::error::Result;
 
-impl Relay {
-    pub(super) async fn publish_until_shutdown(
+/// The polling source: publishes the table's rows while this instance is the active relay,
+/// until `shutdown`.
+pub(super) async fn run(
+    active: &Active<'_>,
+    conn: &mut AsyncPgConnection,
+    shutdown: &CancellationToken,
+) -> Result<()> {
+    active.publish_until_shutdown(conn, shutdown).await
+}
+
+impl Active<'_> {
+    async fn publish_until_shutdown(
         &self,
         conn: &mut AsyncPgConnection,
         shutdown: &CancellationToken,
@@ -198,30 +208,6 @@ impl Relay {
         Ok(false)
     }
 
-    /// Publishes batches until the outbox has no unpublished row left or a batch fails;
-    /// returns the totals. For tools and tests; [`Relay::run`] is what services use.
-    pub async fn publish_pending(&self, conn: &mut AsyncPgConnection) -> Result<BatchOutcome> {
-        let mut total = BatchOutcome::default();
-        loop {
-            let outcome = self.publish_batch(conn).await?;
-            total.published += outcome.published;
-            total.failed += outcome.failed;
-            if outcome.published == 0 || outcome.failed > 0 {
-                return Ok(total);
-            }
-        }
-    }
-
-    /// Publishes one batch of unpublished rows, in id order: sends them all, awaits every
-    /// delivery report, then marks the acknowledged rows published (with partition and offset)
-    /// in one statement and records attempts and the error on the others.
-    ///
-    /// Call it from the active relay only (or in tests); [`Relay::run`] takes care of that.
-    pub async fn publish_batch(&self, conn: &mut AsyncPgConnection) -> Result<BatchOutcome> {
-        let sent = self.send_batch(conn, &[]).await?;
-        self.record(conn, &sent).await
-    }
-
     /// Claims the next batch of unpublished rows in id order (leaving out `in_flight`, rows
     /// sent but not yet recorded), sends them all, then awaits every delivery report.
     async fn send_batch(&self, conn: &mut AsyncPgConnection, in_flight: &[i64]) -> Result<Sent> {
@@ -244,7 +230,7 @@ impl Relay {
         // order and retries without duplicating; when the broker stays away, messages time out
         // (`message.timeout.ms`) oldest first, so a key's later rows fail with its earlier ones
         // and are retried together.
-        let publisher = self.publisher.as_ref();
+        let publisher = self.publisher;
         let results = send_all(publisher, &rows, Origin::Outbox).await;
         let sent = Sent::of(publisher, &rows, results);
         if !sent.failed.is_empty() {
@@ -256,8 +242,7 @@ impl Relay {
     /// Marks the acknowledged rows published (with partition, offset and feed position) and
     /// records attempts and the error on the others, one statement each.
     async fn record(&self, conn: &mut AsyncPgConnection, sent: &Sent) -> Result<BatchOutcome> {
-        self.published
-            .send_modify(|n| *n += u64::try_from(sent.acked.len()).unwrap_or(0));
+        self.count_published(sent.acked.len());
         let outcome = BatchOutcome {
             published: sent.acked.len(),
             failed: sent.failed.len(),
@@ -273,4 +258,13 @@ impl Relay {
         }
         Ok(outcome)
     }
+}
+
+/// Publishes one batch (see [`super::Relay::publish_batch`]).
+pub(super) async fn publish_batch(
+    active: &Active<'_>,
+    conn: &mut AsyncPgConnection,
+) -> Result<BatchOutcome> {
+    let sent = active.send_batch(conn, &[]).await?;
+    active.record(conn, &sent).await
 }

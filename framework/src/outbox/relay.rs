@@ -10,13 +10,14 @@
 
 use diesel::prelude::*;
 use diesel::sql_types::{Bool, Integer};
-use diesel_async::{AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
-use secrecy::ExposeSecret;
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use tokio_util::sync::CancellationToken;
 
+use super::active::Active;
 use super::log::shards::{self, Balance, Shard};
 use super::publish::{FeedPublisher, KafkaPublisher, Publisher};
 use super::settings::{RelayConfig, RelayMode};
+use super::table::BatchOutcome;
 use super::wake::sleep_or_shutdown;
 use crate::config::{DatabaseConfig, KafkaConfig};
 use crate::error::{Error, Result};
@@ -220,6 +221,29 @@ impl Relay {
         Ok(sleep_or_shutdown(delay, stop).await)
     }
 
+    /// Publishes batches until the outbox has no unpublished row left or a batch fails;
+    /// returns the totals. For tools and tests; [`Relay::run`] is what services use.
+    pub async fn publish_pending(&self, conn: &mut AsyncPgConnection) -> Result<BatchOutcome> {
+        let mut total = BatchOutcome::default();
+        loop {
+            let outcome = self.publish_batch(conn).await?;
+            total.published += outcome.published;
+            total.failed += outcome.failed;
+            if outcome.published == 0 || outcome.failed > 0 {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Publishes one batch of unpublished rows, in id order: sends them all, awaits every
+    /// delivery report, then marks the acknowledged rows published (with partition and offset)
+    /// in one statement and records attempts and the error on the others.
+    ///
+    /// Call it from the active relay only (or in tests); [`Relay::run`] takes care of that.
+    pub async fn publish_batch(&self, conn: &mut AsyncPgConnection) -> Result<BatchOutcome> {
+        super::poll::publish_batch(&self.active(), conn).await
+    }
+
     /// How many messages this relay has published (the broker acknowledged) since it was
     /// made, in either mode: for tools, benchmarks and tests that wait on the relay without
     /// reading the broker.
@@ -227,8 +251,8 @@ impl Relay {
         self.published.subscribe()
     }
 
-    /// Publishes while this instance is the active relay, from the log or the table as the
-    /// mode resolves on this database.
+    /// Publishes while this instance is the active relay for `shard`, from the source the
+    /// mode resolves to on this database: the log (`log/`) or the table (`poll.rs`).
     async fn publish_as_active(
         &self,
         conn: &mut AsyncPgConnection,
@@ -236,6 +260,7 @@ impl Relay {
         shutdown: &CancellationToken,
     ) -> Result<()> {
         let mode = self.config.mode.resolve(conn).await?;
+        let active = self.active();
         let publisher = self.publisher.name();
         match mode {
             RelayMode::Log => {
@@ -245,16 +270,7 @@ impl Relay {
                     publisher,
                     "relay is active (reading the write-ahead log)"
                 );
-                super::log::run(
-                    self.database.url.expose_secret(),
-                    &self.config,
-                    shard,
-                    self.publisher.as_ref(),
-                    &self.published,
-                    conn,
-                    shutdown,
-                )
-                .await
+                super::log::run(&active, shard, conn, shutdown).await
             }
             _ if shard.of > 1 => Err(Error::ReplicationSetup(format!(
                 "the outbox is split into {} relay shards (`outbox reshard`), which only the log \
@@ -264,23 +280,23 @@ impl Relay {
             ))),
             _ => {
                 tracing::info!(publisher, "relay is active (polling the outbox table)");
-                self.publish_until_shutdown(conn, shutdown).await
+                super::poll::run(&active, conn, shutdown).await
             }
         }
     }
 
-    /// A connection of the relay's own, named so operators can see in `pg_stat_activity`
-    /// which process holds the relay lock.
-    pub(super) async fn connect(&self) -> Result<AsyncPgConnection> {
-        let mut conn = crate::db::establish(self.database.url.expose_secret())
-            .await
-            .map_err(|e| Error::Pool(e.to_string()))?;
-        conn.batch_execute(&format!(
-            "SET application_name = 'ferrybox relay (pid {})'",
-            std::process::id()
-        ))
-        .await?;
-        Ok(conn)
+    /// What this relay publishes with once active.
+    fn active(&self) -> Active<'_> {
+        Active {
+            database: &self.database,
+            config: &self.config,
+            publisher: self.publisher.as_ref(),
+            published: &self.published,
+        }
+    }
+
+    async fn connect(&self) -> Result<AsyncPgConnection> {
+        super::active::connect(&self.database).await
     }
 
     /// Opens a dedicated connection and holds `shard`'s lock on it, once this instance may
@@ -319,6 +335,28 @@ impl Relay {
             if sleep_or_shutdown(self.config.standby_interval, shutdown).await {
                 return Ok(None);
             }
+        }
+    }
+}
+
+impl RelayMode {
+    /// The mode this relay runs in on the database `conn` is connected to: `auto` becomes
+    /// `log` or `table`; `log` fails with what to change when the database cannot serve it.
+    /// Either mode publishes to Kafka or, without a broker, to the feed.
+    pub async fn resolve(self, conn: &mut AsyncPgConnection) -> Result<Self> {
+        match self {
+            RelayMode::Table => Ok(RelayMode::Table),
+            RelayMode::Log => {
+                super::log::slot::check_setup(conn).await?;
+                Ok(RelayMode::Log)
+            }
+            RelayMode::Auto => match super::log::slot::unsupported(conn).await? {
+                None => Ok(RelayMode::Log),
+                Some(reason) => {
+                    tracing::info!(%reason, "the relay polls the outbox table: the database does not allow reading its log");
+                    Ok(RelayMode::Table)
+                }
+            },
         }
     }
 }

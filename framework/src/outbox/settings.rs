@@ -2,7 +2,6 @@
 
 use std::time::Duration;
 
-use diesel_async::AsyncPgConnection;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Backoff, duration_ms};
@@ -55,28 +54,6 @@ pub enum RelayMode {
     Log,
     /// Poll the outbox table.
     Table,
-}
-
-impl RelayMode {
-    /// The mode this relay runs in on the database `conn` is connected to: `auto` becomes
-    /// `log` or `table`; `log` fails with what to change when the database cannot serve it.
-    /// Either mode publishes to Kafka or, without a broker, to the feed.
-    pub async fn resolve(self, conn: &mut AsyncPgConnection) -> Result<Self> {
-        match self {
-            RelayMode::Table => Ok(RelayMode::Table),
-            RelayMode::Log => {
-                super::log::slot::check_setup(conn).await?;
-                Ok(RelayMode::Log)
-            }
-            RelayMode::Auto => match super::log::slot::unsupported(conn).await? {
-                None => Ok(RelayMode::Log),
-                Some(reason) => {
-                    tracing::info!(%reason, "the relay polls the outbox table: the database does not allow reading its log");
-                    Ok(RelayMode::Table)
-                }
-            },
-        }
-    }
 }
 
 impl Default for RelayConfig {

@@ -33,10 +33,12 @@ use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::FuturesOrdered;
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationEvent};
+use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 
 use self::decode::{Change, Decoder};
 use self::shards::Shard;
+use super::active::Active;
 use super::publish::{Ack, Publisher, Refusal, send_all};
 use super::record::{Origin, OutboxRecord};
 use super::settings::RelayConfig;
@@ -70,17 +72,21 @@ enum Step {
     Committed(Lsn),
 }
 
-/// Runs the log relay while this instance holds the relay lock on `control`, until
+/// The log source: runs the log relay for `shard` while this instance holds its lock on `control`, until
 /// `shutdown` or an error (after which [`super::Relay::run`] starts again).
 pub(crate) async fn run(
-    url: &str,
-    config: &RelayConfig,
+    active: &Active<'_>,
     shard: Shard,
-    publisher: &dyn Publisher,
-    published: &tokio::sync::watch::Sender<u64>,
     control: &mut AsyncPgConnection,
     shutdown: &CancellationToken,
 ) -> Result<()> {
+    let Active {
+        config,
+        publisher,
+        published,
+        ..
+    } = *active;
+    let url = active.database.url.expose_secret();
     slot::check_setup(control).await?;
     shards::check_publication(control, shard).await?;
     let slot_name = shard.slot(&slot::name(config.slot_name.as_deref(), control).await?);
