@@ -51,12 +51,19 @@ pub fn unique(prefix: &str) -> String {
 pub struct TestDatabase {
     name: String,
     url: String,
+    /// The admin URL it was made from (and is dropped through).
+    admin: String,
 }
 
 impl TestDatabase {
     /// Creates an empty database with a random name.
     pub async fn create() -> Self {
-        let admin = admin_database_url();
+        Self::create_in(&admin_database_url()).await
+    }
+
+    /// The same on the server of the admin URL `admin` (a [`PrivatePostgres`], say).
+    pub async fn create_in(admin: &str) -> Self {
+        let admin = admin.to_owned();
         let name = unique("fbtest");
         let mut conn = AsyncPgConnection::establish(&admin)
             .await
@@ -66,12 +73,17 @@ impl TestDatabase {
             .await
             .expect("create test database");
         let url = replace_database(&admin, &name);
-        Self { name, url }
+        Self { name, url, admin }
     }
 
     /// Creates a database and runs the framework's migrations in it.
     pub async fn with_framework_tables() -> (Self, PgPool) {
-        let database = Self::create().await;
+        Self::with_framework_tables_in(&admin_database_url()).await
+    }
+
+    /// The same on the server of the admin URL `admin`.
+    pub async fn with_framework_tables_in(admin: &str) -> (Self, PgPool) {
+        let database = Self::create_in(admin).await;
         let pool = database.pool();
         db::run_migrations(&pool, db::MIGRATIONS)
             .await
@@ -97,7 +109,7 @@ impl TestDatabase {
 
 impl Drop for TestDatabase {
     fn drop(&mut self) {
-        let admin = admin_database_url();
+        let admin = self.admin.clone();
         let name = self.name.clone();
         // For looking into a failed test: the database stays, its name on stderr.
         if std::env::var_os("FERRYBOX_TEST_KEEP_DATABASES").is_some() {
@@ -159,6 +171,107 @@ fn replace_database(url: &str, database: &str) -> String {
     match query {
         Some(q) => format!("{base}/{database}?{q}"),
         None => format!("{base}/{database}"),
+    }
+}
+
+/// A PostgreSQL server of the test's own, made with `initdb` from the machine's newest
+/// PostgreSQL binaries into a temporary folder and started on a free port with `settings`
+/// (`name=value`), for tests that need server settings no other test may share (a tiny
+/// `max_slot_wal_keep_size`, say). Stopped (immediately) and deleted when dropped. Run as
+/// root, it runs as the `postgres` user, as PostgreSQL requires.
+#[derive(Debug)]
+pub struct PrivatePostgres {
+    port: u16,
+    data: std::path::PathBuf,
+    bin: std::path::PathBuf,
+}
+
+impl PrivatePostgres {
+    /// Makes and starts the server; waits until it accepts connections.
+    pub async fn start(settings: &[&str]) -> Self {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()
+            .into_iter()
+            .flatten()
+            .filter_map(|entry| entry.ok().map(|e| e.path().join("bin")))
+            .filter(|bin| bin.join("initdb").exists())
+            .max_by_key(|bin| {
+                bin.parent()
+                    .and_then(|v| v.file_name()?.to_str()?.parse::<u32>().ok())
+                    .unwrap_or(0)
+            })
+            .expect("PostgreSQL's binaries under /usr/lib/postgresql/<version>/bin");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let data = std::env::temp_dir().join(unique("ferrybox-pg"));
+        let server = Self { port, data, bin };
+        let data = server.data.to_string_lossy().into_owned();
+        server.run("mkdir", &["-m", "700", "-p", &data]);
+        server.run(
+            &server.bin.join("initdb").to_string_lossy(),
+            &["-D", &data, "-U", "postgres", "--auth=trust", "--no-sync"],
+        );
+        let mut options = format!(
+            "-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories='' -c fsync=off"
+        );
+        for setting in settings {
+            options.push_str(" -c ");
+            options.push_str(setting);
+        }
+        let log = format!("{data}/server.log");
+        server.run(
+            &server.bin.join("pg_ctl").to_string_lossy(),
+            &[
+                "-D", &data, "-l", &log, "-o", &options, "-w", "-t", "60", "start",
+            ],
+        );
+        server
+    }
+
+    /// The admin URL (database `postgres`, user `postgres`).
+    pub fn admin_url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Runs `program` as the cluster's owner; panics with its output when it fails.
+    fn run(&self, program: &str, args: &[&str]) -> std::process::Output {
+        let as_root = std::process::Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| o.stdout.trim_ascii() == b"0");
+        let mut command = if as_root {
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", "postgres", "--", program]);
+            c
+        } else {
+            std::process::Command::new(program)
+        };
+        let output = command
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("run {program}: {e}"));
+        assert!(
+            output.status.success(),
+            "{program} {args:?} failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        output
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let data = self.data.to_string_lossy().into_owned();
+        let _ = std::panic::catch_unwind(|| {
+            self.run(
+                &self.bin.join("pg_ctl").to_string_lossy(),
+                &["-D", &data, "-m", "immediate", "-w", "stop"],
+            );
+        });
+        let _ = std::fs::remove_dir_all(&self.data);
     }
 }
 

@@ -147,6 +147,100 @@ async fn a_lost_slot_is_made_again_and_nothing_committed_is_lost() {
     );
 }
 
+/// The server invalidates the slot of a relay that is down while the WAL grows past
+/// `max_slot_wal_keep_size` (the slot stays, with `wal_status` lost): `status` says so, and
+/// the next relay drops it, makes it again and publishes from the table what the lost slot
+/// had not delivered. On a server of the test's own: the setting is the server's, and a tiny
+/// one would invalidate other tests' slots.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slot_the_server_invalidated_is_made_again_and_nothing_committed_is_lost() {
+    use ferrybox::outbox::sent_log;
+    let server = testing::PrivatePostgres::start(&[
+        "wal_level=logical",
+        "max_slot_wal_keep_size=1MB",
+        "max_wal_size=64MB",
+    ])
+    .await;
+    let database = testing::TestDatabase::with_framework_tables_in(&server.admin_url()).await;
+    let fx = Fixture::on(database, 2).await.writing_for(RelayMode::Log);
+    let mut written = BTreeSet::new();
+    let running = RunningRelay::start(log_relay(&fx));
+    for i in 0..10 {
+        written.insert(
+            fx.change(&format!("k{}", i % 3), i / 3 + 1)
+                .await
+                .to_string(),
+        );
+    }
+    testing::read_ids(&testing::kafka(), &fx.topic, &written, TIMEOUT).await;
+    wait_until(TIMEOUT, "a checkpoint with a recovery bound", || async {
+        fx.count(
+            "SELECT count(*) AS n FROM ferrybox_relay_checkpoints \
+             WHERE recover_from_xid IS NOT NULL AND snapshot_done",
+        )
+        .await
+            == 1
+    })
+    .await;
+    running.stop().await;
+    // Committed while no relay runs: only the table has them once the slot is lost.
+    for i in 10..20 {
+        written.insert(
+            fx.change(&format!("k{}", i % 3), i / 3 + 1)
+                .await
+                .to_string(),
+        );
+    }
+    testing::execute(fx.db.url(), "CREATE TABLE filler (x TEXT)").await;
+    wait_until(TIMEOUT, "the server invalidated the slot", || async {
+        testing::execute(
+            fx.db.url(),
+            "INSERT INTO filler SELECT repeat('x', 1000) FROM generate_series(1, 2000)",
+        )
+        .await;
+        testing::execute(fx.db.url(), "SELECT pg_switch_wal()").await;
+        testing::execute(fx.db.url(), "CHECKPOINT").await;
+        fx.count(
+            "SELECT count(*) AS n FROM pg_replication_slots \
+             WHERE database = current_database() AND wal_status = 'lost'",
+        )
+        .await
+            == 1
+    })
+    .await;
+    let mut conn = AsyncPgConnection::establish(fx.db.url()).await.unwrap();
+    let status = sent_log::status(&mut conn).await.unwrap();
+    assert_eq!(
+        status.slot_wal_status.as_deref(),
+        Some("lost"),
+        "{status:?}"
+    );
+
+    let running = RunningRelay::start(log_relay(&fx));
+    for i in 20..25 {
+        written.insert(
+            fx.change(&format!("k{}", i % 3), i / 3 + 1)
+                .await
+                .to_string(),
+        );
+    }
+    let records = testing::read_ids(&testing::kafka(), &fx.topic, &written, TIMEOUT).await;
+    running.stop().await;
+    assert!(
+        records.len() >= written.len(),
+        "every message, duplicates allowed"
+    );
+    let status = sent_log::status(&mut conn).await.unwrap();
+    assert_ne!(
+        status.slot_wal_status.as_deref(),
+        Some("lost"),
+        "{status:?}"
+    );
+    assert_eq!(status.slot_active, Some(false), "{status:?}");
+    drop(conn);
+    drop(fx);
+}
+
 /// A role that may not replicate: the log relay refuses to start and says what to run; in
 /// `auto` mode the relay polls the table instead, and publishes.
 #[tokio::test(flavor = "multi_thread")]

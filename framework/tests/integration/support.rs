@@ -58,7 +58,14 @@ pub(crate) struct Fixture {
 
 impl Fixture {
     pub(crate) async fn new(partitions: i32) -> Self {
-        let (db, pool) = TestDatabase::with_framework_tables().await;
+        Self::on(TestDatabase::with_framework_tables().await, partitions).await
+    }
+
+    /// The same in a database with the framework's tables that the test made itself.
+    pub(crate) async fn on(
+        (db, pool): (TestDatabase, ferrybox::db::PgPool),
+        partitions: i32,
+    ) -> Self {
         let mut conn = ferrybox::db::connection(&pool).await.unwrap();
         diesel::sql_query("CREATE TABLE things (id TEXT PRIMARY KEY, label TEXT NOT NULL)")
             .execute(&mut *conn)
