@@ -17,7 +17,7 @@ use crate::contract::ReaderSchemas;
 use crate::db::{self, PgPool};
 use crate::error::{Error, Result};
 use crate::inbox::apply::Record;
-use crate::inbox::pipeline::{OnPermanent, Pipeline, Progress};
+use crate::inbox::pipeline::{OnPermanent, Pipeline, Progress, Transport};
 use crate::inbox::{Handler, InboxConfig, InboxStats};
 use crate::outbox::sleep_or_shutdown;
 
@@ -127,8 +127,8 @@ impl<H: Handler> FeedConsumer<H> {
             .timeout(feed.wait + Duration::from_secs(30))
             .build()
             .map_err(|e| Error::Config(format!("feed http client: {e}")))?;
-        let mut pipeline = Pipeline::new(pool, codec, handler, inbox, None);
-        pipeline.applier.checkpoint = Some(feed.name.clone());
+        let transport = Transport::Feed(feed.name.clone());
+        let mut pipeline = Pipeline::new(pool, codec, handler, inbox, transport, None);
         pipeline.on_permanent = match feed.on_undecodable {
             OnUndecodable::Halt => OnPermanent::Halt,
             OnUndecodable::DeadLetter => OnPermanent::DeadLetter,

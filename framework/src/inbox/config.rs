@@ -51,8 +51,11 @@ pub struct InboxConfig {
     pub handler_timeout: Duration,
     /// Where dead letters are also published (with their origin in headers); none when unset.
     pub dead_letter_topic: Option<String>,
-    /// How long applied message ids are kept for deduplication. Keep it longer than the
-    /// topics' retention, so no message the broker can still deliver is forgotten.
+    /// How long applied message ids are kept for deduplication, at least. An id goes only
+    /// once the consumer committed past it (the group's offsets on the broker, or the feed
+    /// position) and once the topic's `retention.ms`, when longer, has passed too; a topic
+    /// that keeps messages forever keeps its ids forever. Where the broker does not tell a
+    /// topic's retention, this stands for it: keep it longer than the topics' retention.
     #[serde(with = "duration_ms", rename = "retention_ms")]
     pub retention: Duration,
     /// How often expired inbox rows are deleted (in small batches).

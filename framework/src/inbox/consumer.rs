@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use super::apply::Record;
 use super::config::{InboxConfig, InboxStats};
 use super::handler::Handler;
-use super::pipeline::{Pipeline, Progress};
+use super::pipeline::{Pipeline, Progress, Transport};
 use crate::codec::AvroCodec;
 use crate::config::{ClientKind, KafkaConfig};
 use crate::contract::ReaderSchemas;
@@ -145,7 +145,14 @@ impl<H: Handler> InboxConsumer<H> {
         };
         Ok(Self {
             consumer,
-            pipeline: Pipeline::new(pool, codec, handler, config, dead_letter_topic),
+            pipeline: Pipeline::new(
+                pool,
+                codec,
+                handler,
+                config,
+                Transport::Kafka(kafka.clone()),
+                dead_letter_topic,
+            ),
         })
     }
 

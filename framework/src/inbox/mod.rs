@@ -20,4 +20,4 @@ pub use dead_letters::{
     DeadLetter, DeadLetterCounts, DeadLetterFilter, DeadLetters, RedriveReport, dlq_headers,
 };
 pub use handler::{Handler, HandlerError, ReceivedMessage};
-pub use retention::delete_expired;
+pub use retention::{Horizon, delete_expired, kafka_horizon};

@@ -61,6 +61,58 @@ enum Step {
     Shutdown,
 }
 
+/// Where a consumer's records come from, and so how its position is kept: what its metrics
+/// call the system, and how retention learns which applied ids are past redelivery.
+#[derive(Debug, Clone)]
+pub(crate) enum Transport {
+    /// A Kafka consumer group: its position is the offsets it commits to the broker, after
+    /// the inbox transaction.
+    Kafka(crate::config::KafkaConfig),
+    /// A producer's pulled feed, named so: its position is written in the inbox transaction.
+    Feed(String),
+}
+
+impl Transport {
+    /// The `messaging.system` its metrics carry.
+    fn system(&self) -> &'static str {
+        match self {
+            Transport::Kafka(_) => "kafka",
+            Transport::Feed(_) => "ferrybox_feed",
+        }
+    }
+
+    /// Which of `config`'s applied ids are past redelivery now (see [`retention`]).
+    async fn horizon(
+        &self,
+        pool: &PgPool,
+        config: &InboxConfig,
+    ) -> crate::Result<retention::Horizon> {
+        match self {
+            Transport::Kafka(kafka) => {
+                retention::kafka_horizon(kafka, &config.group_id, &config.topics, config.retention)
+                    .await
+            }
+            Transport::Feed(feed) => {
+                let mut conn = crate::db::connection(pool).await?;
+                let position =
+                    crate::feed::position(&mut conn, config.consumer_name(), feed).await?;
+                Ok(config
+                    .topics
+                    .iter()
+                    .fold(retention::Horizon::none(), |h, topic| {
+                        // The feed's records carry their position as the offset.
+                        h.with(
+                            topic,
+                            crate::feed::FEED_PARTITION,
+                            position.saturating_add(1),
+                            config.retention,
+                        )
+                    }))
+            }
+        }
+    }
+}
+
 /// Applies records through the inbox, with retries, dead letters and parking.
 pub(crate) struct Pipeline<H> {
     pub(crate) applier: Applier<H>,
@@ -70,6 +122,7 @@ pub(crate) struct Pipeline<H> {
     pub(crate) on_permanent: OnPermanent,
     /// Told when dead letters cannot be stored and the partition waits on it.
     pub(crate) alerter: crate::alert::Alerter,
+    pub(crate) transport: Transport,
 }
 
 /// Failed dead-letter writes (of a retryable kind) before an alert is raised; a permanent
@@ -78,13 +131,14 @@ pub(crate) struct Pipeline<H> {
 const DEAD_LETTER_FAILURES_BEFORE_ALERT: u32 = 5;
 
 impl<H: Handler> Pipeline<H> {
-    /// A pipeline for `config`'s consumer that dead-letters (to `dead_letter_topic` too, when
-    /// given) what it cannot apply.
+    /// A pipeline for `config`'s consumer of `transport` that dead-letters (to
+    /// `dead_letter_topic` too, when given) what it cannot apply.
     pub(crate) fn new(
         pool: PgPool,
         codec: AvroCodec,
         handler: H,
         config: InboxConfig,
+        transport: Transport,
         dead_letter_topic: Option<(FutureProducer, String)>,
     ) -> Self {
         Self {
@@ -95,7 +149,10 @@ impl<H: Handler> Pipeline<H> {
                 readers: None,
                 consumer: config.consumer_name().to_owned(),
                 handler_timeout: config.handler_timeout,
-                checkpoint: None,
+                checkpoint: match &transport {
+                    Transport::Feed(feed) => Some(feed.clone()),
+                    Transport::Kafka(_) => None,
+                },
             },
             dead_letters: DeadLetterStore {
                 pool,
@@ -107,6 +164,7 @@ impl<H: Handler> Pipeline<H> {
             stats: Arc::default(),
             on_permanent: OnPermanent::DeadLetter,
             alerter: crate::alert::Alerter::log_only(),
+            transport,
         }
     }
 
@@ -128,13 +186,8 @@ impl<H: Handler> Pipeline<H> {
 
     /// The transport, topic and consumer group a record's metrics carry.
     fn metric_attrs(&self, topic: &str) -> Vec<opentelemetry::KeyValue> {
-        let system = if self.applier.checkpoint.is_some() {
-            "ferrybox_feed"
-        } else {
-            "kafka"
-        };
         vec![
-            opentelemetry::KeyValue::new("messaging.system", system),
+            opentelemetry::KeyValue::new("messaging.system", self.transport.system()),
             opentelemetry::KeyValue::new("messaging.destination.name", topic.to_owned()),
             opentelemetry::KeyValue::new(
                 "messaging.consumer.group.name",
@@ -149,6 +202,7 @@ impl<H: Handler> Pipeline<H> {
         let cleaning = clean_periodically(
             self.applier.pool.clone(),
             self.config.clone(),
+            self.transport.clone(),
             Arc::clone(&self.stats),
             shutdown.child_token(),
         );
@@ -372,18 +426,19 @@ impl<H: Handler> Pipeline<H> {
 async fn clean_periodically(
     pool: PgPool,
     config: InboxConfig,
+    transport: Transport,
     stats: Arc<InboxStats>,
     shutdown: CancellationToken,
 ) {
     while !sleep_or_shutdown(config.cleanup_interval, &shutdown).await {
-        match retention::delete_expired(
-            &pool,
-            config.consumer_name(),
-            config.retention,
-            retention::BATCH,
-        )
-        .await
-        {
+        let cleaned = match transport.horizon(&pool, &config).await {
+            Ok(horizon) => {
+                retention::delete_expired(&pool, config.consumer_name(), &horizon, retention::BATCH)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        match cleaned {
             Ok(0) => {}
             Ok(n) => {
                 tracing::info!(deleted = n, "expired inbox rows deleted");

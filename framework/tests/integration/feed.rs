@@ -255,6 +255,40 @@ async fn a_feed_only_relay_reading_the_log_serves_messages_written_to_either_out
     relay.stop().await;
 }
 
+/// A feed consumer with a retention of zero deletes the ids it applied once its stored
+/// position is past them (it is, as soon as their transaction commits).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_feed_consumer_deletes_applied_ids_its_position_is_past() {
+    let fx = Fixture::new(1).await;
+    for v in 1..=3 {
+        fx.change("k1", v).await;
+    }
+    assert_eq!(record_feed(&fx).await, 3);
+    let stop = CancellationToken::new();
+    let url = serve_feed(&fx, &stop).await;
+    let mut inbox = inbox_config(&fx, "feed-consumer");
+    inbox.retention = Duration::ZERO;
+    inbox.cleanup_interval = Duration::from_millis(100);
+    let consumer = FeedConsumer::new(
+        fx.pool.clone(),
+        fx.codec.clone(),
+        Recorder::default(),
+        inbox,
+        feed_config(&url, OnUndecodable::Halt),
+        Alerter::log_only(),
+    )
+    .unwrap();
+    let consuming = tokio::spawn(consumer.run(stop.child_token()));
+    wait_until(TIMEOUT, "three applied and their ids deleted", || async {
+        fx.count("SELECT count(*) AS n FROM applied").await == 3
+            && fx.count("SELECT count(*) AS n FROM ferrybox_inbox").await == 0
+    })
+    .await;
+    assert_eq!(stored_position(&fx).await, 3);
+    stop.cancel();
+    consuming.await.unwrap().unwrap();
+}
+
 /// Enqueues k1 v1, k2 v1 (its payload then corrupted), k1 v2, k2 v2, k3 v1 and lets a
 /// feed-only relay give them positions 1 to 5.
 async fn feed_with_a_poisoned_message(fx: &Fixture) {

@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use diesel::sql_types::{BigInt, Text, Uuid};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use ferrybox::contract::ReaderSchemas;
-use ferrybox::inbox::{Handler, HandlerError, InboxStats, ReceivedMessage};
+use ferrybox::inbox::{Handler, HandlerError, Horizon, InboxStats, ReceivedMessage};
 use ferrybox::testing::{self, wait_until};
 use ferrybox::{CancellationToken, InboxConfig, InboxConsumer, Relay};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -345,7 +345,9 @@ async fn expired_inbox_rows_are_deleted_in_batches_and_recent_ones_kept() {
         .unwrap();
     }
     let two_weeks = std::time::Duration::from_secs(14 * 24 * 3600);
-    let deleted = ferrybox::inbox::delete_expired(&fx.pool, "c", two_weeks, 1_000)
+    // Committed past every row: age decides.
+    let horizon = Horizon::none().with("t", 0, i64::MAX, two_weeks);
+    let deleted = ferrybox::inbox::delete_expired(&fx.pool, "c", &horizon, 1_000)
         .await
         .unwrap();
     assert_eq!(deleted, 2_500);
@@ -360,9 +362,108 @@ async fn expired_inbox_rows_are_deleted_in_batches_and_recent_ones_kept() {
         5
     );
     assert_eq!(
-        ferrybox::inbox::delete_expired(&fx.pool, "c", two_weeks, 1_000)
+        ferrybox::inbox::delete_expired(&fx.pool, "c", &horizon, 1_000)
             .await
             .unwrap(),
         0
     );
+}
+
+/// However old, an applied id stays while its group has not committed past its offset (a
+/// consumer killed between its inbox commit and its offset commit, then down for weeks, is
+/// redelivered the message): retention asks the broker for the group's committed offsets.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_applied_id_stays_until_the_group_committed_past_it_however_old_it_is() {
+    let fx = Fixture::new(1).await;
+    let group = testing::unique("retention");
+    testing::execute(
+        fx.db.url(),
+        &format!(
+            "INSERT INTO ferrybox_inbox (consumer, message_id, message_type, topic, kafka_partition, kafka_offset, applied_at) \
+             SELECT '{group}', gen_random_uuid(), 't', '{}', 0, n, now() - interval '60 days' \
+             FROM generate_series(0, 99) AS n",
+            fx.topic
+        ),
+    )
+    .await;
+    let two_weeks = std::time::Duration::from_secs(14 * 24 * 3600);
+    let horizon = |group: String, topic: String| async move {
+        ferrybox::inbox::kafka_horizon(&testing::kafka(), &group, &[topic], two_weeks)
+            .await
+            .unwrap()
+    };
+    let nothing_committed = horizon(group.clone(), fx.topic.clone()).await;
+    assert!(nothing_committed.is_empty(), "{nothing_committed:?}");
+    assert_eq!(
+        ferrybox::inbox::delete_expired(&fx.pool, &group, &nothing_committed, 1_000)
+            .await
+            .unwrap(),
+        0,
+        "nothing committed: every id stays"
+    );
+
+    // The group commits offset 40: the next message it would read is 40.
+    let committer: BaseConsumer = testing::kafka()
+        .client_config(ferrybox::ClientKind::Consumer)
+        .set("group.id", &group)
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(&fx.topic, 0, Offset::Offset(40))
+        .unwrap();
+    committer
+        .commit(&tpl, rdkafka::consumer::CommitMode::Sync)
+        .unwrap();
+    let committed = horizon(group.clone(), fx.topic.clone()).await;
+    assert_eq!(committed.len(), 1, "{committed:?}");
+    assert_eq!(
+        ferrybox::inbox::delete_expired(&fx.pool, &group, &committed, 1_000)
+            .await
+            .unwrap(),
+        40
+    );
+    assert_eq!(
+        fx.count(&format!(
+            "SELECT min(kafka_offset) AS n FROM ferrybox_inbox WHERE consumer = '{group}'"
+        ))
+        .await,
+        40,
+        "the ids at and past the committed offset stay"
+    );
+}
+
+/// The running consumer, with a retention of zero: what it applied is deleted only once its
+/// offsets are committed (librdkafka commits stored offsets every 5 s by default).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_running_consumer_deletes_applied_ids_once_its_offsets_are_committed() {
+    let fx = Fixture::new(1).await;
+    for v in 1..=5 {
+        fx.change("a", v).await;
+    }
+    publish_all(&fx).await;
+    let group = testing::unique("cleaning");
+    let config = InboxConfig {
+        retention: std::time::Duration::ZERO,
+        cleanup_interval: std::time::Duration::from_millis(100),
+        ..inbox_config(&fx, &group)
+    };
+    let running = start_reading(&fx, config, Recorder::default(), None);
+    wait_until(TIMEOUT, "all five applied", || async {
+        fx.count("SELECT count(*) AS n FROM applied").await == 5
+    })
+    .await;
+    wait_until(TIMEOUT, "the group committed past them", || async {
+        committed_offset(&fx.topic, &group) == Some(5)
+    })
+    .await;
+    wait_until(TIMEOUT, "their ids deleted", || async {
+        fx.count(&format!(
+            "SELECT count(*) AS n FROM ferrybox_inbox WHERE consumer = '{group}'"
+        ))
+        .await
+            == 0
+    })
+    .await;
+    assert_eq!(running.stats.snapshot().cleaned, 5);
+    running.stop().await;
 }
