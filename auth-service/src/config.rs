@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use ferrybox::alert::AlertConfig;
 use ferrybox::feed::FeedConfig;
 use ferrybox::reconcile::ReconcileConfig;
+use ferrybox::vacuum::VacuumGuardConfig;
 use ferrybox::{DatabaseConfig, InboxConfig, KafkaConfig, TopicConfig};
 use serde::{Deserialize, Serialize};
 
@@ -44,6 +45,8 @@ pub struct Settings {
     pub reconcile: ReconcileConfig,
     /// Where alerts go besides the log.
     pub alert: AlertConfig,
+    /// When what holds vacuum back (long or prepared transactions, idle slots) is alerted.
+    pub vacuum_guard: VacuumGuardConfig,
     /// Login attempts allowed per account and per client address.
     pub login_limits: crate::limits::LoginLimits,
     /// The secret session tokens are signed with (32 bytes or more), shared with the services
@@ -82,6 +85,7 @@ impl Default for Settings {
                 ..ReconcileConfig::default()
             },
             alert: AlertConfig::default(),
+            vacuum_guard: VacuumGuardConfig::default(),
             login_limits: crate::limits::LoginLimits::default(),
             token_secret: None,
             session_ttl_secs: 3600,
@@ -111,6 +115,7 @@ impl Settings {
         }
         self.reconcile.validate()?;
         self.alert.validate()?;
+        self.vacuum_guard.validate()?;
         self.login_limits.validate()?;
         if let Some(secret) = &self.token_secret {
             ferrybox::token::TokenKey::new(secret)?;
@@ -214,6 +219,10 @@ mod tests {
         s.reconcile.timeout = Duration::from_millis(22);
         s.reconcile.token = Some("snapshot-token".into());
         s.alert.webhook_url = Some("https://alerts.example.com/hook".into());
+        s.vacuum_guard.interval = Duration::from_millis(27);
+        s.vacuum_guard.max_transaction_age = Duration::from_millis(28);
+        s.vacuum_guard.max_prepared_age = Duration::from_millis(29);
+        s.vacuum_guard.max_slot_idle = Duration::from_millis(30);
         s.login_limits.per_account_per_minute = 23;
         s.login_limits.per_address_per_minute = 24;
         s.token_secret = Some("a signing secret of at least 32 bytes".into());

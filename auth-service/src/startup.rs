@@ -29,6 +29,7 @@ pub struct Application {
     state: AppState,
     consumer: Consumer,
     reconciler: Reconciler<UserCache>,
+    vacuum_guard: ferrybox::vacuum::VacuumGuard,
     readiness: ferrybox::health::Readiness,
     max_body_bytes: usize,
 }
@@ -107,6 +108,12 @@ impl Application {
                 .with_reader_schemas(readers),
             ),
         };
+        let vacuum_guard = ferrybox::vacuum::VacuumGuard::new(
+            settings.vacuum_guard.clone(),
+            pool.clone(),
+            alerter.clone(),
+            "auth-service",
+        )?;
         let reconciler = reconciler(&settings, pool.clone(), alerter)?;
         let state = AppState {
             dead_letters: ferrybox::inbox::DeadLetters::new(
@@ -139,6 +146,7 @@ impl Application {
             state,
             consumer,
             reconciler,
+            vacuum_guard,
             readiness,
             max_body_bytes: settings.max_body_bytes,
         })
@@ -173,6 +181,11 @@ impl Application {
             reconcile_shutdown.cancelled().await;
             Ok(())
         });
+        let guard = self.vacuum_guard;
+        let guard_shutdown = shutdown.child_token();
+        let guard_task = supervise("vacuum guard", &self.readiness, &shutdown, async move {
+            guard.run(guard_shutdown).await
+        });
         let app = crate::routes::router(self.state, &self.readiness, self.max_body_bytes);
         // Client addresses feed the login rate limit.
         let app = app.into_make_service_with_connect_info::<SocketAddr>();
@@ -185,9 +198,11 @@ impl Application {
         shutdown.cancel();
         let consumed = consumer_task.await.context("consumer task")?;
         let reconciled = reconcile_task.await.context("reconciler task")?;
+        let guarded = guard_task.await.context("vacuum guard task")?;
         served.context("http server")?;
         consumed.context("consumer")?;
         reconciled.context("reconciler")?;
+        guarded.context("vacuum guard")?;
         Ok(())
     }
 }

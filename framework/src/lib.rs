@@ -28,6 +28,8 @@
 //!   schemas, and the check that an incompatible change breaks the build.
 //! - [`db`], [`kafka`], [`config`], [`error`]: the plumbing: connection pool and embedded
 //!   migrations, durable Kafka clients and topic creation, layered configuration, typed errors.
+//! - [`vacuum`]: what holds vacuum back (long and prepared transactions, idle replication
+//!   slots), in `status`, the metrics and alerts.
 //! - [`shutdown`]: SIGTERM and Ctrl-C as a cancellation token for binaries.
 //! - `testing` (feature `test-util`): isolated databases and topics for tests against the real
 //!   PostgreSQL and broker.
@@ -54,6 +56,7 @@ pub mod telemetry;
 #[cfg(feature = "test-util")]
 pub mod testing;
 pub mod token;
+pub mod vacuum;
 
 pub use codec::AvroCodec;
 pub use config::{ClientKind, DatabaseConfig, KafkaConfig, TopicConfig};

@@ -118,6 +118,9 @@ pub(crate) struct Instruments {
     pub(crate) consumer_lag: Gauge<i64>,
     pub(crate) dead_letters: Gauge<u64>,
     pub(crate) blocked_keys: Gauge<u64>,
+    pub(crate) vacuum_oldest_transaction: Gauge<f64>,
+    pub(crate) vacuum_prepared: Gauge<u64>,
+    pub(crate) vacuum_inactive_slots: Gauge<u64>,
 }
 
 impl Instruments {
@@ -209,6 +212,21 @@ impl Instruments {
                 .u64_gauge("ferrybox.inbox.blocked_keys")
                 .with_unit("{key}")
                 .with_description("Keys held back behind a dead letter")
+                .build(),
+            vacuum_oldest_transaction: meter
+                .f64_gauge("ferrybox.db.oldest_transaction")
+                .with_unit("s")
+                .with_description("How long the database's oldest open transaction has been open")
+                .build(),
+            vacuum_prepared: meter
+                .u64_gauge("ferrybox.db.prepared_transactions")
+                .with_unit("{transaction}")
+                .with_description("Prepared transactions not yet committed or rolled back")
+                .build(),
+            vacuum_inactive_slots: meter
+                .u64_gauge("ferrybox.db.inactive_slots")
+                .with_unit("{slot}")
+                .with_description("Replication slots nobody streams now")
                 .build(),
             consumer_lag: meter
                 .i64_gauge("ferrybox.inbox.lag")

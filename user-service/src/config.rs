@@ -2,7 +2,9 @@
 
 use std::net::SocketAddr;
 
+use ferrybox::alert::AlertConfig;
 use ferrybox::feed::FeedServerConfig;
+use ferrybox::vacuum::VacuumGuardConfig;
 use ferrybox::{DatabaseConfig, KafkaConfig, RelayConfig, TopicConfig};
 use serde::{Deserialize, Serialize};
 
@@ -25,6 +27,10 @@ pub struct Settings {
     pub relay: RelayConfig,
     /// Limits of the `events` feed endpoint.
     pub feed: FeedServerConfig,
+    /// When what holds vacuum back (long or prepared transactions, idle slots) is alerted.
+    pub vacuum_guard: VacuumGuardConfig,
+    /// Where alerts go besides the log.
+    pub alert: AlertConfig,
     /// When set, `GET /snapshot` and `GET /events` (which other services call, and which carry
     /// password hashes) need `Authorization: Bearer <token>`. Never logged.
     #[serde(serialize_with = "ferrybox::config::secret::serialize_option")]
@@ -55,6 +61,8 @@ impl Default for Settings {
             users_topic: TopicConfig::new("users"),
             relay: RelayConfig::default(),
             feed: FeedServerConfig::default(),
+            vacuum_guard: VacuumGuardConfig::default(),
+            alert: AlertConfig::default(),
             internal_token: None,
             service_token: None,
             token_secret: None,
@@ -80,6 +88,8 @@ impl Settings {
         self.users_topic.validate()?;
         self.relay.validate()?;
         self.feed.validate()?;
+        self.vacuum_guard.validate()?;
+        self.alert.validate()?;
         if let Some(secret) = &self.token_secret {
             ferrybox::token::TokenKey::new(secret)?;
         }
@@ -150,6 +160,15 @@ mod tests {
                 max_limit: 14,
                 max_wait: Duration::from_millis(15),
                 poll_interval: Duration::from_millis(16),
+            },
+            vacuum_guard: VacuumGuardConfig {
+                interval: Duration::from_millis(18),
+                max_transaction_age: Duration::from_millis(19),
+                max_prepared_age: Duration::from_millis(20),
+                max_slot_idle: Duration::from_millis(21),
+            },
+            alert: AlertConfig {
+                webhook_url: Some("https://alerts.example.com/users".into()),
             },
             internal_token: Some("internal".into()),
             service_token: Some("service".into()),

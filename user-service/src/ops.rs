@@ -35,10 +35,12 @@ async fn connection(settings: &Settings) -> anyhow::Result<db::PooledConnection>
 pub async fn status(settings: &Settings, json: bool) -> anyhow::Result<sent_log::OutboxStatus> {
     let mut conn = connection(settings).await?;
     let status = sent_log::status(&mut conn).await?;
+    let vacuum = ferrybox::vacuum::holds(&mut conn).await?;
     let retention_seconds = settings.relay.retention.as_secs();
     if json {
         let mut value = serde_json::to_value(&status)?;
         value["retention_seconds"] = retention_seconds.into();
+        value["vacuum"] = serde_json::to_value(&vacuum)?;
         println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
         println!("unpublished:            {}", status.unpublished);
@@ -80,6 +82,7 @@ pub async fn status(settings: &Settings, json: bool) -> anyhow::Result<sent_log:
             ),
             None => println!("replication slot:       none (the relay polls the table)"),
         }
+        print_vacuum(&vacuum);
     }
     Ok(status)
 }
@@ -170,4 +173,37 @@ pub async fn export_snapshot(
         println!("{entities} users written to {}", out.display());
     }
     Ok(())
+}
+
+/// What holds vacuum back, for `outbox status`.
+fn print_vacuum(vacuum: &ferrybox::vacuum::VacuumHolds) {
+    match vacuum.oldest_transaction_seconds {
+        Some(seconds) => println!(
+            "oldest transaction:     {seconds:.0}s (pid {}, {})",
+            vacuum.oldest_transaction_pid.unwrap_or_default(),
+            vacuum.oldest_transaction_client.as_deref().unwrap_or("?")
+        ),
+        None => println!("oldest transaction:     -"),
+    }
+    println!(
+        "prepared transactions:  {}{}",
+        vacuum.prepared_transactions,
+        vacuum
+            .oldest_prepared_gid
+            .as_deref()
+            .map_or_else(String::new, |gid| format!(
+                " (oldest '{gid}', {:.0}s)",
+                vacuum.oldest_prepared_seconds.unwrap_or_default()
+            ))
+    );
+    println!(
+        "inactive slots:         {}",
+        vacuum.inactive_slots.as_deref().map_or_else(
+            || "-".to_owned(),
+            |slots| format!(
+                "{slots} (up to {} bytes of WAL kept)",
+                vacuum.inactive_slot_retained_bytes.unwrap_or_default()
+            )
+        )
+    );
 }

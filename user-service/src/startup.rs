@@ -26,6 +26,7 @@ pub struct Application {
     readiness: ferrybox::health::Readiness,
     /// Stops the feed's listener when the service stops.
     feed_stop: CancellationToken,
+    vacuum_guard: ferrybox::vacuum::VacuumGuard,
     settings: Settings,
 }
 
@@ -99,6 +100,12 @@ impl Application {
             &settings.kafka,
             settings.relay.clone(),
         )?;
+        let vacuum_guard = ferrybox::vacuum::VacuumGuard::new(
+            settings.vacuum_guard.clone(),
+            users.pool.clone(),
+            ferrybox::alert::Alerter::new(&settings.alert)?,
+            "user-service",
+        )?;
         let listener = TcpListener::bind(settings.listen)
             .await
             .with_context(|| format!("bind {}", settings.listen))?;
@@ -109,6 +116,7 @@ impl Application {
             feed,
             readiness,
             feed_stop,
+            vacuum_guard,
             settings,
         })
     }
@@ -128,6 +136,12 @@ impl Application {
             ferrybox::health::supervise("relay", &self.readiness, &shutdown, async move {
                 relay.run(relay_shutdown).await
             });
+        let guard = self.vacuum_guard;
+        let guard_shutdown = shutdown.child_token();
+        let guard_task =
+            ferrybox::health::supervise("vacuum guard", &self.readiness, &shutdown, async move {
+                guard.run(guard_shutdown).await
+            });
         let app = crate::routes::router(
             self.users,
             &self.feed,
@@ -145,8 +159,10 @@ impl Application {
         self.feed_stop.cancel();
         self.feed.stopped().await;
         let relayed = relay_task.await.context("relay task")?;
+        let guarded = guard_task.await.context("vacuum guard task")?;
         served.context("http server")?;
         relayed.context("relay")?;
+        guarded.context("vacuum guard")?;
         Ok(())
     }
 }

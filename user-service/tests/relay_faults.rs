@@ -436,12 +436,19 @@ async fn outbox_status_and_replay_subcommands() {
     let status: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(status["unpublished"], 4);
     assert_eq!(status["sent_log_rows"], 0);
+    // What holds vacuum back is there too (the shared test server's other tests may hold
+    // some: only its shape is checked here; framework/tests/integration/vacuum.rs proves it).
+    assert!(
+        status["vacuum"]["prepared_transactions"].is_i64(),
+        "{status}"
+    );
 
     let relay = Relay::new(db.config(), &testing::kafka(), RelayConfig::default()).unwrap();
     relay.publish_pending(&mut conn).await.unwrap();
     let (code, out, _) = run_cli(&env, &["outbox", "status"]).await;
     assert_eq!(code, 0);
     assert!(out.contains("sent log rows:          4"), "{out}");
+    assert!(out.contains("prepared transactions:  "), "{out}");
 
     let (code, out, err) = run_cli(
         &env,

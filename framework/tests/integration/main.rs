@@ -13,3 +13,4 @@ mod log_relay;
 mod outbox;
 mod relay;
 mod shards;
+mod vacuum;

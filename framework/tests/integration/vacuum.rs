@@ -1,0 +1,143 @@
+//! The vacuum guard against a real PostgreSQL of the test's own: prepared transactions need
+//! `max_prepared_transactions`, and an idle slot or a long transaction in the shared server
+//! would show in other tests' findings.
+
+use std::time::Duration;
+
+use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
+use ferrybox::CancellationToken;
+use ferrybox::alert::{AlertConfig, Alerter};
+use ferrybox::testing::{self, wait_until};
+use ferrybox::vacuum::{self, VacuumGuard, VacuumGuardConfig};
+
+use crate::support::TIMEOUT;
+
+#[derive(diesel::QueryableByName)]
+struct Pid {
+    #[diesel(sql_type = diesel::sql_types::Integer)]
+    pid: i32,
+}
+
+/// A long transaction, a forgotten prepared transaction and a slot nobody streams each show
+/// in `holds` (what `outbox status` prints), and each past its limit is alerted with what to
+/// do; once they are gone, nothing is.
+#[tokio::test(flavor = "multi_thread")]
+async fn what_holds_vacuum_back_is_shown_and_alerted_past_its_limit() {
+    use diesel_async::RunQueryDsl;
+    let server =
+        testing::PrivatePostgres::start(&["wal_level=logical", "max_prepared_transactions=4"])
+            .await;
+    let (db, pool) = testing::TestDatabase::with_framework_tables_in(&server.admin_url()).await;
+    let mut look = AsyncPgConnection::establish(db.url()).await.unwrap();
+    let quiet = vacuum::holds(&mut look).await.unwrap();
+    assert_eq!(quiet.oldest_transaction_seconds, None, "{quiet:?}");
+    assert_eq!(quiet.prepared_transactions, 0);
+    assert_eq!(quiet.inactive_slots, None);
+
+    // First: making a logical slot waits for every transaction running then to end.
+    look.batch_execute("SELECT pg_create_logical_replication_slot('nobody_streams', 'pgoutput')")
+        .await
+        .unwrap();
+    let mut open = AsyncPgConnection::establish(db.url()).await.unwrap();
+    open.batch_execute("BEGIN; SELECT txid_current()")
+        .await
+        .unwrap();
+    let Pid { pid } = diesel::sql_query("SELECT pg_backend_pid() AS pid")
+        .get_result(&mut open)
+        .await
+        .unwrap();
+    let mut preparing = AsyncPgConnection::establish(db.url()).await.unwrap();
+    preparing
+        .batch_execute(
+            "CREATE TABLE t (x INT); BEGIN; INSERT INTO t VALUES (1); \
+             PREPARE TRANSACTION 'forgotten'",
+        )
+        .await
+        .unwrap();
+
+    let held = vacuum::holds(&mut look).await.unwrap();
+    assert_eq!(held.oldest_transaction_pid, Some(pid), "{held:?}");
+    assert!(held.oldest_transaction_seconds.is_some());
+    assert!(
+        held.oldest_transaction_client
+            .as_deref()
+            .is_some_and(|c| c.contains("idle in transaction")),
+        "{held:?}"
+    );
+    assert_eq!(held.prepared_transactions, 1);
+    assert_eq!(held.oldest_prepared_gid.as_deref(), Some("forgotten"));
+    assert_eq!(held.inactive_slot_names(), ["nobody_streams"]);
+
+    let stop = CancellationToken::new();
+    let (webhook, alerts) = testing::alert_sink(&stop).await;
+    let alerter = Alerter::new(&AlertConfig {
+        webhook_url: Some(webhook.into()),
+    })
+    .unwrap();
+    let limits = VacuumGuardConfig {
+        interval: Duration::from_millis(20),
+        max_transaction_age: Duration::ZERO,
+        max_prepared_age: Duration::ZERO,
+        max_slot_idle: Duration::from_millis(50),
+    };
+    let mut guard =
+        VacuumGuard::new(limits.clone(), pool.clone(), alerter.clone(), "test").unwrap();
+    let first: Vec<_> = guard
+        .check()
+        .await
+        .unwrap()
+        .iter()
+        .map(|f| f.kind)
+        .collect();
+    assert_eq!(
+        first,
+        ["long_transaction", "prepared_transaction"],
+        "the slot only once idle past its limit"
+    );
+    let running = tokio::spawn(
+        VacuumGuard::new(limits.clone(), pool.clone(), alerter.clone(), "test")
+            .unwrap()
+            .run(stop.child_token()),
+    );
+    wait_until(TIMEOUT, "the idle slot alerted", || async {
+        alerts
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|a| a.kind == "idle_slot" && a.summary.contains("nobody_streams"))
+    })
+    .await;
+    {
+        let alerts = alerts.lock().unwrap();
+        let long = alerts
+            .iter()
+            .find(|a| a.kind == "long_transaction")
+            .expect("the long transaction alerted");
+        assert!(
+            long.summary
+                .contains(&format!("pg_terminate_backend({pid})")),
+            "{}",
+            long.summary
+        );
+        assert!(
+            alerts.iter().any(
+                |a| a.kind == "prepared_transaction" && a.summary.contains("ROLLBACK PREPARED")
+            )
+        );
+    }
+
+    open.batch_execute("ROLLBACK").await.unwrap();
+    // Each alone: several statements in one call are one transaction block.
+    look.batch_execute("ROLLBACK PREPARED 'forgotten'")
+        .await
+        .unwrap();
+    look.batch_execute("SELECT pg_drop_replication_slot('nobody_streams')")
+        .await
+        .unwrap();
+    let gone = vacuum::holds(&mut look).await.unwrap();
+    assert_eq!(gone, quiet);
+    assert!(guard.check().await.unwrap().is_empty());
+    stop.cancel();
+    running.await.unwrap().unwrap();
+    drop((open, preparing, look, pool, db));
+}
