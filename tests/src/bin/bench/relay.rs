@@ -296,6 +296,31 @@ async fn log_read_rate(
     Ok(n as f64 / started.elapsed().as_secs_f64())
 }
 
+/// The bound for any relay that streams the log and publishes on this machine: PostgreSQL
+/// streaming a backlog of `rows.len()` messages to `pg_recvlogical` and a plain producer
+/// sending the same messages, both at once (the relay's two halves, done by programs that add
+/// nothing in between, sharing the cores as the relay's halves do). The rate of the slower.
+async fn read_and_produce_rate(rows: &[Stored]) -> anyhow::Result<f64> {
+    let n = rows.len();
+    let (db, mut conn) = outbox_database().await?;
+    let slot = testing::unique("bound");
+    diesel::sql_query(format!(
+        "SELECT 1 FROM pg_create_logical_replication_slot('{slot}', 'pgoutput')"
+    ))
+    .execute(&mut conn)
+    .await?;
+    prefill(&mut conn, "ferrybox_messages", "unused", n).await?;
+    let topic = testing::create_topic(3).await;
+    let (read, produced) = tokio::join!(
+        log_read_rate(&db, &mut conn, &slot, n),
+        raw_producer_rate(&topic, rows)
+    );
+    diesel::sql_query(format!("SELECT pg_drop_replication_slot('{slot}')"))
+        .execute(&mut conn)
+        .await?;
+    Ok(read?.min(produced?))
+}
+
 /// The messages a drain sends, for the plain producer's baseline.
 async fn baseline_rows(n: usize) -> anyhow::Result<Vec<Stored>> {
     let (_db, mut conn) = outbox_database().await?;
@@ -318,16 +343,24 @@ struct DrainRates {
     log_3_shards: f64,
     table: f64,
     raw: f64,
-    /// The log read alone (the bound of the log mode).
+    /// The log read alone.
     read: f64,
+    /// The log read and the plain producer at once (the bound of the log mode).
+    read_and_produce: f64,
 }
 
 /// Drain rates of each relay mode (the log one also in three shards) and of the plain
 /// producer, alternated three times.
 async fn drain_rates(n: usize) -> anyhow::Result<DrainRates> {
     let rows = baseline_rows(n).await?;
-    let (mut log, mut sharded, mut table, mut raw, mut read) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut log, mut sharded, mut table, mut raw, mut read, mut both) = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
     for _ in 0..3 {
         raw.push(raw_producer_rate(&testing::create_topic(3).await, &rows).await?);
         let (rate, bound) = drain_rate(RelayMode::Log, n).await?;
@@ -335,10 +368,12 @@ async fn drain_rates(n: usize) -> anyhow::Result<DrainRates> {
         read.extend(bound);
         sharded.push(drain_rate_in(RelayMode::Log, 3, n).await?.0);
         table.push(drain_rate(RelayMode::Table, n).await?.0);
+        both.push(read_and_produce_rate(&rows).await?);
     }
     eprintln!(
         "relay: drain runs (msg/s) log {log:.0?}, log in 3 shards {sharded:.0?}, \
-         table {table:.0?}, raw {raw:.0?}, the log read alone {read:.0?}"
+         table {table:.0?}, raw {raw:.0?}, the log read alone {read:.0?}, \
+         the log read and the producer at once {both:.0?}"
     );
     Ok(DrainRates {
         log: median(log),
@@ -346,6 +381,7 @@ async fn drain_rates(n: usize) -> anyhow::Result<DrainRates> {
         table: median(table),
         raw: median(raw),
         read: median(read),
+        read_and_produce: median(both),
     })
 }
 
@@ -628,6 +664,7 @@ pub(crate) async fn run(report: &mut Report) -> anyhow::Result<()> {
         table,
         raw,
         read,
+        read_and_produce,
     } = drain_rates(n).await?;
     report.row("relay drain rate, log mode (msg/s)", log);
     report.row(
@@ -639,6 +676,10 @@ pub(crate) async fn run(report: &mut Report) -> anyhow::Result<()> {
     report.row(
         "the log read alone: pg_recvlogical, no broker (msg/s)",
         read,
+    );
+    report.row(
+        "the log read and a plain producer at once (msg/s)",
+        read_and_produce,
     );
     let backlog = backlog_messages(n);
     let backlog_log = drain_rate(RelayMode::Log, backlog).await?.0;
@@ -679,6 +720,12 @@ pub(crate) async fn run(report: &mut Report) -> anyhow::Result<()> {
     // The bound for the log mode: PostgreSQL streaming the backlog to a client that does
     // nothing with it, over the same producer baseline.
     report.ratio("log_read_alone_vs_raw_producer", read / raw);
+    // The bound: both halves of the log relay's work at once, by programs that do nothing
+    // else, on the same cores.
+    report.ratio(
+        "log_read_and_produce_vs_raw_producer",
+        read_and_produce / raw,
+    );
     report.ratio("backlog_vs_steady_log", backlog_log / log);
     report.ratio("backlog_vs_steady_table", backlog_table / table);
     report.ratio("outbox_write_overhead_1", w1[0] / w1[1]);
