@@ -145,11 +145,10 @@ impl KafkaPublisher {
 
 impl Publisher for KafkaPublisher {
     fn send(&self, row: &OutboxRecord, _origin: Origin) -> Delivery {
-        let headers = row.headers();
         let record = FutureRecord::to(&row.topic)
             .key(&row.message_key)
             .payload(&row.payload)
-            .headers(crate::kafka::owned_headers(&headers));
+            .headers(row.kafka_headers());
         match self.producer().send_result(record) {
             Ok(delivery) => Box::pin(async move {
                 match delivery.await {

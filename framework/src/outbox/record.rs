@@ -38,6 +38,40 @@ impl OutboxRecord {
         &self.topic
     }
 
+    /// The headers as Kafka sends them, the same as [`Self::headers`], written straight
+    /// into librdkafka's list: the relay's hot path, where building the map first (a copy of
+    /// every name and value, then another into librdkafka) was most of its allocations.
+    pub(crate) fn kafka_headers(&self) -> rdkafka::message::OwnedHeaders {
+        use rdkafka::message::{Header, OwnedHeaders};
+        let stored = match self.headers.as_object() {
+            Some(stored) if stored.values().all(serde_json::Value::is_string) => stored,
+            // Damaged headers: the lenient reading, with its warning.
+            _ => return crate::kafka::owned_headers(&self.headers()),
+        };
+        let mut headers = OwnedHeaders::new_with_capacity(stored.len() + ENVELOPE_HEADERS);
+        for (key, value) in stored {
+            headers = headers.insert(Header {
+                key,
+                value: value.as_str().map(str::as_bytes),
+            });
+        }
+        fill_envelope(
+            |name| stored.contains_key(name),
+            |name, value| {
+                headers = std::mem::replace(&mut headers, OwnedHeaders::new()).insert(Header {
+                    key: name,
+                    value: Some(value.as_bytes()),
+                });
+            },
+            self.message_id,
+            &self.message_type,
+            &self.message_key,
+            self.entity_version,
+            self.occurred_at,
+        );
+        headers
+    }
+
     /// The headers the record is sent with (see [`envelope_headers`]).
     pub(crate) fn headers(&self) -> BTreeMap<String, String> {
         envelope_headers(
@@ -66,28 +100,57 @@ pub(crate) fn envelope_headers(
     entity_version: i64,
     occurred_at: chrono::DateTime<chrono::Utc>,
 ) -> BTreeMap<String, String> {
-    use crate::message::headers as h;
     let mut map = BTreeMap::<String, String>::deserialize(stored).unwrap_or_else(|e| {
         tracing::warn!(id = row, %message_id, error = %e,
             "stored headers are not a map of text; sending what can be read and the row's own envelope");
         lenient_headers(stored)
     });
     // `enqueue` stored these from the same columns: an intact row costs no formatting here.
-    let mut fill = |name: &str, value: &dyn Fn() -> String| {
-        if !map.contains_key(name) {
-            map.insert(name.to_owned(), value());
-        }
-    };
-    fill(h::ID, &|| message_id.to_string());
-    fill(h::TYPE, &|| message_type.to_owned());
-    fill(h::SUBJECT, &|| key.to_owned());
-    fill(h::ENTITY_VERSION, &|| entity_version.to_string());
-    fill(h::TIME, &|| {
-        occurred_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
-    });
-    fill(h::SPEC_VERSION, &|| "1.0".to_owned());
-    fill(h::CONTENT_TYPE, &|| h::AVRO_CONTENT_TYPE.to_owned());
+    let mut missing = Vec::new();
+    fill_envelope(
+        |name| map.contains_key(name),
+        |name, value| missing.push((name.to_owned(), value)),
+        message_id,
+        message_type,
+        key,
+        entity_version,
+        occurred_at,
+    );
+    map.extend(missing);
     map
+}
+
+/// How many headers the envelope itself determines (see [`fill_envelope`]).
+const ENVELOPE_HEADERS: usize = 7;
+
+/// Hands `add` each CloudEvents header the row's own columns determine (id, type, subject,
+/// entity version, time, spec version, content type) that `present` says is missing.
+fn fill_envelope(
+    present: impl Fn(&str) -> bool,
+    mut add: impl FnMut(&str, String),
+    message_id: uuid::Uuid,
+    message_type: &str,
+    key: &str,
+    entity_version: i64,
+    occurred_at: chrono::DateTime<chrono::Utc>,
+) {
+    use crate::message::headers as h;
+    let envelope: [(&str, &dyn Fn() -> String); ENVELOPE_HEADERS] = [
+        (h::ID, &|| message_id.to_string()),
+        (h::TYPE, &|| message_type.to_owned()),
+        (h::SUBJECT, &|| key.to_owned()),
+        (h::ENTITY_VERSION, &|| entity_version.to_string()),
+        (h::TIME, &|| {
+            occurred_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+        }),
+        (h::SPEC_VERSION, &|| "1.0".to_owned()),
+        (h::CONTENT_TYPE, &|| h::AVRO_CONTENT_TYPE.to_owned()),
+    ];
+    for (name, value) in envelope {
+        if !present(name) {
+            add(name, value());
+        }
+    }
 }
 
 /// The text, number and boolean entries of a JSON object; nothing from anything else.
@@ -107,4 +170,53 @@ fn lenient_headers(stored: &serde_json::Value) -> BTreeMap<String, String> {
             Some((name.clone(), text))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(headers: serde_json::Value) -> OutboxRecord {
+        OutboxRecord {
+            id: 1,
+            message_id: uuid::Uuid::now_v7(),
+            topic: "t".into(),
+            message_key: "k".into(),
+            message_type: "x.Changed".into(),
+            entity_version: 3,
+            occurred_at: chrono::Utc::now(),
+            headers,
+            payload: vec![],
+        }
+    }
+
+    fn as_map(headers: &rdkafka::message::OwnedHeaders) -> BTreeMap<String, String> {
+        use rdkafka::message::Headers;
+        headers
+            .iter()
+            .map(|h| {
+                (
+                    h.key.to_owned(),
+                    String::from_utf8(h.value.unwrap_or_default().to_vec()).unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn kafka_headers_are_the_envelope_headers_whatever_the_row_stored() {
+        for stored in [
+            serde_json::json!({}),
+            serde_json::json!({"ce_id": "stored-id", "traceparent": "00-abc-def-01", "ce_type": "x.Changed"}),
+            // Damaged: the lenient reading.
+            serde_json::json!({"n": 5, "ok": true, "nested": {"a": 1}}),
+            serde_json::json!("not an object"),
+        ] {
+            let row = record(stored.clone());
+            let kafka = as_map(&row.kafka_headers());
+            assert_eq!(kafka, row.headers(), "{stored}");
+            assert_eq!(kafka["ce_subject"], "k");
+            assert_eq!(kafka["ce_entityversion"], "3");
+        }
+    }
 }
