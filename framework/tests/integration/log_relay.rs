@@ -71,23 +71,23 @@ async fn the_log_relay_publishes_in_commit_order_and_writes_nothing_back() {
     );
 }
 
-/// The slot is dropped (as an operator, or `max_slot_wal_keep_size`, would) while messages
-/// are committed and no relay runs: the next relay makes it again and publishes from the
-/// table what the lost slot had not delivered. Duplicates are allowed; a loss is not.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_lost_slot_is_made_again_and_nothing_committed_is_lost() {
-    let fx = Fixture::new(2).await.writing_for(RelayMode::Log);
-    let mut written = BTreeSet::new();
-    let running = RunningRelay::start(log_relay(&fx));
-    for i in 0..20 {
-        written.insert(
-            fx.change(&format!("k{}", i % 4), i / 4 + 1)
-                .await
-                .to_string(),
-        );
+/// Commits changes `range` over `keys` keys (change `i` is key `k{i % keys}`, version
+/// `i / keys + 1`) and adds their message ids to `written`.
+async fn write_changes(
+    fx: &Fixture,
+    range: std::ops::Range<i64>,
+    keys: i64,
+    written: &mut BTreeSet<String>,
+) {
+    for i in range {
+        let id = fx.change(&format!("k{}", i % keys), i / keys + 1).await;
+        written.insert(id.to_string());
     }
-    testing::read_ids(&testing::kafka(), &fx.topic, &written, TIMEOUT).await;
-    // The checkpoint (written once a second) has a recovery bound before the slot goes.
+}
+
+/// Until the relay's checkpoint (written once a second) holds a recovery bound, which a lost
+/// slot is recovered from.
+async fn recovery_bound_checkpointed(fx: &Fixture) {
     wait_until(TIMEOUT, "a checkpoint with a recovery bound", || async {
         fx.count(
             "SELECT count(*) AS n FROM ferrybox_relay_checkpoints \
@@ -97,14 +97,21 @@ async fn a_lost_slot_is_made_again_and_nothing_committed_is_lost() {
             == 1
     })
     .await;
+}
+
+/// The slot is dropped (as an operator, or `max_slot_wal_keep_size`, would) while messages
+/// are committed and no relay runs: the next relay makes it again and publishes from the
+/// table what the lost slot had not delivered. Duplicates are allowed; a loss is not.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_slot_is_made_again_and_nothing_committed_is_lost() {
+    let fx = Fixture::new(2).await.writing_for(RelayMode::Log);
+    let mut written = BTreeSet::new();
+    let running = RunningRelay::start(log_relay(&fx));
+    write_changes(&fx, 0..20, 4, &mut written).await;
+    testing::read_ids(&testing::kafka(), &fx.topic, &written, TIMEOUT).await;
+    recovery_bound_checkpointed(&fx).await;
     running.stop().await;
-    for i in 20..40 {
-        written.insert(
-            fx.change(&format!("k{}", i % 4), i / 4 + 1)
-                .await
-                .to_string(),
-        );
-    }
+    write_changes(&fx, 20..40, 4, &mut written).await;
     let mut conn = AsyncPgConnection::establish(fx.db.url()).await.unwrap();
     diesel::sql_query(
         "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
@@ -114,13 +121,7 @@ async fn a_lost_slot_is_made_again_and_nothing_committed_is_lost() {
     .await
     .unwrap();
     let running = RunningRelay::start(log_relay(&fx));
-    for i in 40..50 {
-        written.insert(
-            fx.change(&format!("k{}", i % 4), i / 4 + 1)
-                .await
-                .to_string(),
-        );
-    }
+    write_changes(&fx, 40..50, 4, &mut written).await;
     let records = testing::read_ids(&testing::kafka(), &fx.topic, &written, TIMEOUT).await;
     running.stop().await;
     // Each key's first arrivals are in order: recovery republishes in id order, which for one
@@ -165,32 +166,12 @@ async fn a_slot_the_server_invalidated_is_made_again_and_nothing_committed_is_lo
     let fx = Fixture::on(database, 2).await.writing_for(RelayMode::Log);
     let mut written = BTreeSet::new();
     let running = RunningRelay::start(log_relay(&fx));
-    for i in 0..10 {
-        written.insert(
-            fx.change(&format!("k{}", i % 3), i / 3 + 1)
-                .await
-                .to_string(),
-        );
-    }
+    write_changes(&fx, 0..10, 3, &mut written).await;
     testing::read_ids(&testing::kafka(), &fx.topic, &written, TIMEOUT).await;
-    wait_until(TIMEOUT, "a checkpoint with a recovery bound", || async {
-        fx.count(
-            "SELECT count(*) AS n FROM ferrybox_relay_checkpoints \
-             WHERE recover_from_xid IS NOT NULL AND snapshot_done",
-        )
-        .await
-            == 1
-    })
-    .await;
+    recovery_bound_checkpointed(&fx).await;
     running.stop().await;
     // Committed while no relay runs: only the table has them once the slot is lost.
-    for i in 10..20 {
-        written.insert(
-            fx.change(&format!("k{}", i % 3), i / 3 + 1)
-                .await
-                .to_string(),
-        );
-    }
+    write_changes(&fx, 10..20, 3, &mut written).await;
     testing::execute(fx.db.url(), "CREATE TABLE filler (x TEXT)").await;
     wait_until(TIMEOUT, "the server invalidated the slot", || async {
         testing::execute(
@@ -217,13 +198,7 @@ async fn a_slot_the_server_invalidated_is_made_again_and_nothing_committed_is_lo
     );
 
     let running = RunningRelay::start(log_relay(&fx));
-    for i in 20..25 {
-        written.insert(
-            fx.change(&format!("k{}", i % 3), i / 3 + 1)
-                .await
-                .to_string(),
-        );
-    }
+    write_changes(&fx, 20..25, 3, &mut written).await;
     let records = testing::read_ids(&testing::kafka(), &fx.topic, &written, TIMEOUT).await;
     running.stop().await;
     assert!(
