@@ -248,7 +248,7 @@ mod tests {
             message_type: "x".into(),
             entity_version: 1,
             occurred_at: chrono::Utc::now(),
-            headers: serde_json::json!({}),
+            headers: serde_json::json!({}).into(),
             payload: vec![],
         }
     }

@@ -29,8 +29,98 @@ pub(crate) struct OutboxRecord {
     pub(crate) message_type: String,
     pub(crate) entity_version: i64,
     pub(crate) occurred_at: chrono::DateTime<chrono::Utc>,
-    pub(crate) headers: serde_json::Value,
+    pub(crate) headers: StoredHeaders,
     pub(crate) payload: Vec<u8>,
+}
+
+/// A row's `headers` column as the JSON text the database holds, read as it is: the relay
+/// sends the headers from it without building a JSON value first (see
+/// [`OutboxRecord::kafka_headers`]); [`StoredHeaders::value`] parses it where a value is
+/// wanted.
+#[derive(Debug, Clone, PartialEq, Eq, diesel::deserialize::FromSqlRow)]
+pub(crate) struct StoredHeaders(pub(crate) String);
+
+impl StoredHeaders {
+    /// The headers as a JSON value (`null` when the text is not JSON, which jsonb never
+    /// holds).
+    pub(crate) fn value(&self) -> serde_json::Value {
+        serde_json::from_str(&self.0).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// The headers as (name, value) pairs borrowed from the text where it has no escapes;
+    /// `None` unless it is an object whose every value is text.
+    fn text_pairs(&self) -> Option<Vec<(std::borrow::Cow<'_, str>, std::borrow::Cow<'_, str>)>> {
+        serde_json::from_str::<TextPairs<'_>>(&self.0)
+            .ok()
+            .map(|pairs| pairs.0)
+    }
+}
+
+impl From<serde_json::Value> for StoredHeaders {
+    fn from(value: serde_json::Value) -> Self {
+        Self(value.to_string())
+    }
+}
+
+impl diesel::deserialize::FromSql<diesel::sql_types::Jsonb, diesel::pg::Pg> for StoredHeaders {
+    fn from_sql(value: diesel::pg::PgValue<'_>) -> diesel::deserialize::Result<Self> {
+        // jsonb's binary form is a version byte (1) and the JSON text.
+        match value.as_bytes() {
+            [1, json @ ..] => Ok(Self(String::from_utf8(json.to_vec())?)),
+            _ => Err("headers in an unknown jsonb format".into()),
+        }
+    }
+}
+
+/// A JSON object of text values, as borrowed (name, value) pairs.
+struct TextPairs<'a>(Vec<(std::borrow::Cow<'a, str>, std::borrow::Cow<'a, str>)>);
+
+impl<'de> Deserialize<'de> for TextPairs<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Pairs;
+        impl<'de> serde::de::Visitor<'de> for Pairs {
+            type Value = TextPairs<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object of text values")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut pairs = Vec::with_capacity(map.size_hint().unwrap_or(8));
+                while let Some(pair) = map.next_entry::<Cow<'de>, Cow<'de>>()? {
+                    pairs.push((pair.0.0, pair.1.0));
+                }
+                Ok(TextPairs(pairs))
+            }
+        }
+        deserializer.deserialize_map(Pairs)
+    }
+}
+
+/// Text borrowed from the JSON where it can be (no escapes), owned where it cannot.
+struct Cow<'a>(std::borrow::Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Cow<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Text;
+        impl<'de> serde::de::Visitor<'de> for Text {
+            type Value = Cow<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("text")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Cow(std::borrow::Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Cow(std::borrow::Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Cow(std::borrow::Cow::Owned(v)))
+            }
+        }
+        deserializer.deserialize_str(Text)
+    }
 }
 
 impl OutboxRecord {
@@ -43,20 +133,19 @@ impl OutboxRecord {
     /// every name and value, then another into librdkafka) was most of its allocations.
     pub(crate) fn kafka_headers(&self) -> rdkafka::message::OwnedHeaders {
         use rdkafka::message::{Header, OwnedHeaders};
-        let stored = match self.headers.as_object() {
-            Some(stored) if stored.values().all(serde_json::Value::is_string) => stored,
+        let Some(stored) = self.headers.text_pairs() else {
             // Damaged headers: the lenient reading, with its warning.
-            _ => return crate::kafka::owned_headers(&self.headers()),
+            return crate::kafka::owned_headers(&self.headers());
         };
         let mut headers = OwnedHeaders::new_with_capacity(stored.len() + ENVELOPE_HEADERS);
-        for (key, value) in stored {
+        for (key, value) in &stored {
             headers = headers.insert(Header {
-                key,
-                value: value.as_str().map(str::as_bytes),
+                key: key.as_ref(),
+                value: Some(value.as_bytes()),
             });
         }
         fill_envelope(
-            |name| stored.contains_key(name),
+            |name| stored.iter().any(|(key, _)| key == name),
             |name, value| {
                 headers = std::mem::replace(&mut headers, OwnedHeaders::new()).insert(Header {
                     key: name,
@@ -75,7 +164,7 @@ impl OutboxRecord {
     /// The headers the record is sent with (see [`envelope_headers`]).
     pub(crate) fn headers(&self) -> BTreeMap<String, String> {
         envelope_headers(
-            &self.headers,
+            &self.headers.value(),
             self.id,
             self.message_id,
             &self.message_type,
@@ -185,7 +274,7 @@ mod tests {
             message_type: "x.Changed".into(),
             entity_version: 3,
             occurred_at: chrono::Utc::now(),
-            headers,
+            headers: headers.into(),
             payload: vec![],
         }
     }
@@ -208,6 +297,8 @@ mod tests {
         for stored in [
             serde_json::json!({}),
             serde_json::json!({"ce_id": "stored-id", "traceparent": "00-abc-def-01", "ce_type": "x.Changed"}),
+            // Escapes: owned, not borrowed, text.
+            serde_json::json!({"quoted": "a \"b\" \u{e9}", "ce_id": "x\ny"}),
             // Damaged: the lenient reading.
             serde_json::json!({"n": 5, "ok": true, "nested": {"a": 1}}),
             serde_json::json!("not an object"),
