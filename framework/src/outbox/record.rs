@@ -62,13 +62,22 @@ impl From<serde_json::Value> for StoredHeaders {
     }
 }
 
+impl StoredHeaders {
+    /// From jsonb's binary form (a version byte, 1, and the JSON text), as queries and the
+    /// replication stream both deliver it.
+    pub(crate) fn from_jsonb(bytes: &[u8]) -> std::result::Result<Self, String> {
+        match bytes {
+            [1, json @ ..] => std::str::from_utf8(json)
+                .map(|text| Self(text.to_owned()))
+                .map_err(|e| format!("headers that are not text ({e})")),
+            _ => Err("headers in an unknown jsonb format".to_owned()),
+        }
+    }
+}
+
 impl diesel::deserialize::FromSql<diesel::sql_types::Jsonb, diesel::pg::Pg> for StoredHeaders {
     fn from_sql(value: diesel::pg::PgValue<'_>) -> diesel::deserialize::Result<Self> {
-        // jsonb's binary form is a version byte (1) and the JSON text.
-        match value.as_bytes() {
-            [1, json @ ..] => Ok(Self(String::from_utf8(json.to_vec())?)),
-            _ => Err("headers in an unknown jsonb format".into()),
-        }
+        Ok(Self::from_jsonb(value.as_bytes())?)
     }
 }
 
@@ -88,7 +97,7 @@ impl<'de> Deserialize<'de> for TextPairs<'de> {
                 mut map: A,
             ) -> Result<Self::Value, A::Error> {
                 let mut pairs = Vec::with_capacity(map.size_hint().unwrap_or(8));
-                while let Some(pair) = map.next_entry::<Cow<'de>, Cow<'de>>()? {
+                while let Some(pair) = map.next_entry::<Text<'de>, Text<'de>>()? {
                     pairs.push((pair.0.0, pair.1.0));
                 }
                 Ok(TextPairs(pairs))
@@ -98,28 +107,30 @@ impl<'de> Deserialize<'de> for TextPairs<'de> {
     }
 }
 
-/// Text borrowed from the JSON where it can be (no escapes), owned where it cannot.
-struct Cow<'a>(std::borrow::Cow<'a, str>);
+/// Text borrowed from the JSON where it can be (no escapes), owned where it cannot. (Serde's
+/// own `Cow<str>` always owns, except as a `#[serde(borrow)]` field, which a map's keys and
+/// values are not.)
+struct Text<'a>(std::borrow::Cow<'a, str>);
 
-impl<'de> Deserialize<'de> for Cow<'de> {
+impl<'de> Deserialize<'de> for Text<'de> {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Text;
-        impl<'de> serde::de::Visitor<'de> for Text {
-            type Value = Cow<'de>;
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Text<'de>;
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.write_str("text")
             }
             fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
-                Ok(Cow(std::borrow::Cow::Borrowed(v)))
+                Ok(Text(std::borrow::Cow::Borrowed(v)))
             }
             fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(Cow(std::borrow::Cow::Owned(v.to_owned())))
+                Ok(Text(std::borrow::Cow::Owned(v.to_owned())))
             }
             fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
-                Ok(Cow(std::borrow::Cow::Owned(v)))
+                Ok(Text(std::borrow::Cow::Owned(v)))
             }
         }
-        deserializer.deserialize_str(Text)
+        deserializer.deserialize_str(Visitor)
     }
 }
 
@@ -138,26 +149,24 @@ impl OutboxRecord {
             return crate::kafka::owned_headers(&self.headers());
         };
         let mut headers = OwnedHeaders::new_with_capacity(stored.len() + ENVELOPE_HEADERS);
-        for (key, value) in &stored {
-            headers = headers.insert(Header {
-                key: key.as_ref(),
-                value: Some(value.as_bytes()),
-            });
-        }
-        fill_envelope(
+        let missing = missing_envelope(
             |name| stored.iter().any(|(key, _)| key == name),
-            |name, value| {
-                headers = std::mem::replace(&mut headers, OwnedHeaders::new()).insert(Header {
-                    key: name,
-                    value: Some(value.as_bytes()),
-                });
-            },
             self.message_id,
             &self.message_type,
             &self.message_key,
             self.entity_version,
             self.occurred_at,
         );
+        let stored = stored
+            .iter()
+            .map(|(key, value)| (key.as_ref(), value.as_ref()));
+        let missing = missing.iter().map(|(key, value)| (*key, value.as_str()));
+        for (key, value) in stored.chain(missing) {
+            headers = headers.insert(Header {
+                key,
+                value: Some(value.as_bytes()),
+            });
+        }
         headers
     }
 
@@ -195,36 +204,38 @@ pub(crate) fn envelope_headers(
         lenient_headers(stored)
     });
     // `enqueue` stored these from the same columns: an intact row costs no formatting here.
-    let mut missing = Vec::new();
-    fill_envelope(
+    let missing = missing_envelope(
         |name| map.contains_key(name),
-        |name, value| missing.push((name.to_owned(), value)),
         message_id,
         message_type,
         key,
         entity_version,
         occurred_at,
     );
-    map.extend(missing);
+    map.extend(
+        missing
+            .into_iter()
+            .map(|(name, value)| (name.to_owned(), value)),
+    );
     map
 }
 
-/// How many headers the envelope itself determines (see [`fill_envelope`]).
+/// How many headers the envelope itself determines (see [`missing_envelope`]).
 const ENVELOPE_HEADERS: usize = 7;
 
-/// Hands `add` each CloudEvents header the row's own columns determine (id, type, subject,
-/// entity version, time, spec version, content type) that `present` says is missing.
-fn fill_envelope(
+/// The CloudEvents headers the row's own columns determine (id, type, subject, entity
+/// version, time, spec version, content type) that `present` says are missing, with their
+/// values.
+fn missing_envelope(
     present: impl Fn(&str) -> bool,
-    mut add: impl FnMut(&str, String),
     message_id: uuid::Uuid,
     message_type: &str,
     key: &str,
     entity_version: i64,
     occurred_at: chrono::DateTime<chrono::Utc>,
-) {
+) -> Vec<(&'static str, String)> {
     use crate::message::headers as h;
-    let envelope: [(&str, &dyn Fn() -> String); ENVELOPE_HEADERS] = [
+    let envelope: [(&'static str, &dyn Fn() -> String); ENVELOPE_HEADERS] = [
         (h::ID, &|| message_id.to_string()),
         (h::TYPE, &|| message_type.to_owned()),
         (h::SUBJECT, &|| key.to_owned()),
@@ -235,11 +246,11 @@ fn fill_envelope(
         (h::SPEC_VERSION, &|| "1.0".to_owned()),
         (h::CONTENT_TYPE, &|| h::AVRO_CONTENT_TYPE.to_owned()),
     ];
-    for (name, value) in envelope {
-        if !present(name) {
-            add(name, value());
-        }
-    }
+    envelope
+        .into_iter()
+        .filter(|(name, _)| !present(name))
+        .map(|(name, value)| (name, value()))
+        .collect()
 }
 
 /// The text, number and boolean entries of a JSON object; nothing from anything else.

@@ -130,15 +130,8 @@ fn row(relation: &Relation, values: &[Value<'_>]) -> Result<OutboxRecord> {
     };
     let uuid = uuid::Uuid::from_slice(column("message_id")?)
         .map_err(|_| protocol("a message_id that is not 16 bytes"))?;
-    // jsonb's binary form is a version byte (1) and the JSON text.
-    let headers = match column("headers")? {
-        [1, json @ ..] => crate::outbox::record::StoredHeaders(
-            std::str::from_utf8(json)
-                .map_err(|e| protocol(&format!("headers that are not text ({e})")))?
-                .to_owned(),
-        ),
-        _ => return Err(protocol("headers in an unknown jsonb format")),
-    };
+    let headers = crate::outbox::record::StoredHeaders::from_jsonb(column("headers")?)
+        .map_err(|e| protocol(&e))?;
     // timestamptz's binary form: microseconds since 2000-01-01 00:00 UTC.
     let micros = int8("occurred_at")?;
     let occurred_at = postgres_epoch()
