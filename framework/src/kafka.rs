@@ -131,30 +131,40 @@ pub async fn check_durability(
 /// A topic's partitions, replication factor and `min.insync.replicas`, from the broker.
 pub async fn topic_durability(config: &KafkaConfig, topic: &str) -> Result<TopicDurability> {
     let (partitions, replication_factor) = topic_layout(config, topic).await?;
-    let admin: AdminClient<DefaultClientContext> =
-        config.client_config(ClientKind::Admin).create()?;
-    let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
-    let min_insync_replicas = match admin
-        .describe_configs([&ResourceSpecifier::Topic(topic)], &options)
-        .await
-    {
-        Ok(results) => results.into_iter().flatten().find_map(|resource| {
-            resource
-                .get("min.insync.replicas")
-                .and_then(|entry| entry.value.as_deref())
-                .and_then(|value| value.parse().ok())
-        }),
-        Err(e) => {
-            tracing::debug!(topic, error = %e, "broker did not describe the topic's configuration");
-            None
-        }
-    };
+    let min_insync_replicas = topic_setting(config, topic, "min.insync.replicas")
+        .await?
+        .and_then(|value| value.parse().ok());
     Ok(TopicDurability {
         topic: topic.to_owned(),
         partitions,
         replication_factor,
         min_insync_replicas,
     })
+}
+
+/// One setting of a topic's configuration (`min.insync.replicas`, `retention.ms`, ...), when
+/// the broker describes it (some, like tansu, do not: then `None`).
+pub(crate) async fn topic_setting(
+    config: &KafkaConfig,
+    topic: &str,
+    name: &str,
+) -> Result<Option<String>> {
+    let admin: AdminClient<DefaultClientContext> =
+        config.client_config(ClientKind::Admin).create()?;
+    let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+    match admin
+        .describe_configs([&ResourceSpecifier::Topic(topic)], &options)
+        .await
+    {
+        Ok(results) => Ok(results
+            .into_iter()
+            .flatten()
+            .find_map(|resource| resource.get(name).and_then(|entry| entry.value.clone()))),
+        Err(e) => {
+            tracing::debug!(topic, error = %e, "broker did not describe the topic's configuration");
+            Ok(None)
+        }
+    }
 }
 
 /// Creates each topic that does not exist yet, then checks them all with

@@ -87,15 +87,28 @@ pub async fn kafka_horizon(
     inbox_retention: Duration,
 ) -> Result<Horizon> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
+    let mut partitions = rdkafka::TopicPartitionList::new();
     let mut ages = Vec::with_capacity(topics.len());
     for topic in topics {
-        let retention = topic_retention_ms(kafka, topic).await;
-        match min_age(inbox_retention, retention) {
-            Some(age) => ages.push((topic.clone(), age)),
-            None => tracing::info!(
+        let retention = crate::kafka::topic_setting(kafka, topic, "retention.ms")
+            .await?
+            .and_then(|ms| ms.parse().ok());
+        let Some(age) = min_age(inbox_retention, retention) else {
+            tracing::info!(
                 topic,
                 "the topic keeps messages forever (retention.ms -1): its inbox ids are kept too"
-            ),
+            );
+            continue;
+        };
+        // A topic the broker does not know (yet) keeps its rows.
+        match crate::kafka::partition_count(kafka, topic).await {
+            Ok(count) => {
+                for partition in 0..count {
+                    partitions.add_partition(topic, partition);
+                }
+                ages.push((topic.clone(), age));
+            }
+            Err(e) => tracing::debug!(topic, error = %e, "no partitions to clean"),
         }
     }
     if ages.is_empty() {
@@ -106,17 +119,7 @@ pub async fn kafka_horizon(
     client.set("group.id", group).remove("group.instance.id");
     tokio::task::spawn_blocking(move || {
         let consumer: BaseConsumer = client.create()?;
-        let timeout = Duration::from_secs(10);
-        let mut partitions = rdkafka::TopicPartitionList::new();
-        for (topic, _) in &ages {
-            let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
-            for t in metadata.topics().iter().filter(|t| t.name() == topic) {
-                for p in t.partitions() {
-                    partitions.add_partition(topic, p.id());
-                }
-            }
-        }
-        let committed = consumer.committed_offsets(partitions, timeout)?;
+        let committed = consumer.committed_offsets(partitions, Duration::from_secs(10))?;
         let mut horizon = Horizon::none();
         for element in committed.elements() {
             let (rdkafka::Offset::Offset(offset), Some((_, age))) = (
@@ -131,31 +134,6 @@ pub async fn kafka_horizon(
     })
     .await
     .map_err(|e| Error::Task(e.to_string()))?
-}
-
-/// A topic's `retention.ms`, when the broker tells.
-async fn topic_retention_ms(kafka: &KafkaConfig, topic: &str) -> Option<i64> {
-    use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
-    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
-        kafka.client_config(ClientKind::Admin).create().ok()?;
-    let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
-    let described = admin
-        .describe_configs([&ResourceSpecifier::Topic(topic)], &options)
-        .await
-        .ok()?;
-    let retention = described.into_iter().flatten().find_map(|resource| {
-        resource
-            .get("retention.ms")
-            .and_then(|entry| entry.value.as_deref())
-            .and_then(|value| value.parse().ok())
-    });
-    if retention.is_none() {
-        tracing::debug!(
-            topic,
-            "the broker did not tell the topic's retention.ms; the inbox's retention stands for it"
-        );
-    }
-    retention
 }
 
 /// Deletes `consumer`'s inbox rows that `horizon` says are past redelivery, `batch` rows per
