@@ -26,9 +26,8 @@ impl Active<'_> {
     }
 
     /// Counts messages published.
-    pub(super) fn count_published(&self, n: usize) {
-        self.published
-            .send_modify(|total| *total += u64::try_from(n).unwrap_or(u64::MAX));
+    pub(super) fn count_published(&self, n: u64) {
+        self.published.send_modify(|total| *total += n);
     }
 }
 

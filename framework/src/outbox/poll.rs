@@ -242,7 +242,7 @@ impl Active<'_> {
     /// Marks the acknowledged rows published (with partition, offset and feed position) and
     /// records attempts and the error on the others, one statement each.
     async fn record(&self, conn: &mut AsyncPgConnection, sent: &Sent) -> Result<BatchOutcome> {
-        self.count_published(sent.acked.len());
+        self.count_published(u64::try_from(sent.acked.len()).unwrap_or(u64::MAX));
         let outcome = BatchOutcome {
             published: sent.acked.len(),
             failed: sent.failed.len(),

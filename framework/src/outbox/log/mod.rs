@@ -81,13 +81,10 @@ pub(crate) async fn run(
     shutdown: &CancellationToken,
 ) -> Result<()> {
     let Active {
-        config,
-        publisher,
-        published,
-        ..
+        config, publisher, ..
     } = *active;
     let url = active.database.url.expose_secret();
-    slot::check_setup(control).await?;
+    // The database's setup was checked when the mode resolved (`RelayMode::resolve`).
     shards::check_publication(control, shard).await?;
     let slot_name = shard.slot(&slot::name(config.slot_name.as_deref(), control).await?);
     let state = slot::state(control, &slot_name).await?;
@@ -114,7 +111,7 @@ pub(crate) async fn run(
         let recover_from = state.recover_from_xid.clone();
         let count =
             publish_snapshot(url, &snapshot.name, recover_from, shard, publisher, control).await?;
-        published.send_modify(|n| *n += count);
+        active.count_published(count);
         slot::snapshot_done(control, &slot_name, snapshot.consistent_point).await?;
         tracing::info!(slot = %slot_name, published = count, consistent_point = %snapshot.consistent_point,
             "replication slot ready; rows committed before it published");
@@ -130,28 +127,20 @@ pub(crate) async fn run(
     tracing::info!(slot = %slot_name, shard = shard.index, shards = shard.of,
         from = %state.confirmed_lsn.unwrap_or(Lsn::ZERO), "relay is streaming the write-ahead log");
     let streaming = Streaming {
-        config,
+        active,
         shard,
         slot_name: &slot_name,
     };
-    let streamed = stream(
-        &mut client,
-        &streaming,
-        publisher,
-        published,
-        control,
-        shutdown,
-    )
-    .await;
+    let streamed = stream(&mut client, &streaming, control, shutdown).await;
     let stopped = client.shutdown().await;
     streamed?;
     stopped.map_err(|e| Error::Replication(format!("stopping replication: {e}")))?;
     Ok(())
 }
 
-/// What one stream runs with: the relay's settings, its shard and the shard's slot.
+/// What one stream runs with: the active relay, its shard and the shard's slot.
 struct Streaming<'a> {
-    config: &'a RelayConfig,
+    active: &'a Active<'a>,
     shard: Shard,
     slot_name: &'a str,
 }
@@ -160,16 +149,17 @@ struct Streaming<'a> {
 async fn stream(
     client: &mut ReplicationClient,
     streaming: &Streaming<'_>,
-    publisher: &dyn Publisher,
-    published: &tokio::sync::watch::Sender<u64>,
     control: &mut AsyncPgConnection,
     shutdown: &CancellationToken,
 ) -> Result<()> {
     let Streaming {
-        config,
+        active,
         shard,
         slot_name,
     } = *streaming;
+    let Active {
+        config, publisher, ..
+    } = *active;
     let window = usize::try_from(config.batch_size)
         .unwrap_or(usize::MAX)
         .max(1);
@@ -212,7 +202,7 @@ async fn stream(
                 // Caught up (nothing else in flight): rows of the polling table are marked
                 // now, so their feed positions do not wait for the tick.
                 let caught_up = in_flight.is_empty();
-                if let Err(e) = take(step, &mut progress, caught_up, publisher, control, client, published).await {
+                if let Err(e) = take(step, &mut progress, caught_up, active, control, client).await {
                     if let Error::NotPublished { .. } = e {
                         tracing::warn!(error = %e, "a message was not published; resending from the confirmed position");
                         publisher.recover()?;
@@ -258,17 +248,9 @@ async fn stream(
     // (on an error, up to the first failure).
     if outcome.is_ok() {
         while let Some(step) = in_flight.next().await {
-            if take(
-                step,
-                &mut progress,
-                false,
-                publisher,
-                control,
-                client,
-                published,
-            )
-            .await
-            .is_err()
+            if take(step, &mut progress, false, active, control, client)
+                .await
+                .is_err()
             {
                 break;
             }
@@ -287,10 +269,9 @@ async fn take(
     step: Step,
     progress: &mut Progress,
     caught_up: bool,
-    publisher: &dyn Publisher,
+    active: &Active<'_>,
     control: &mut AsyncPgConnection,
     client: &ReplicationClient,
-    published: &tokio::sync::watch::Sender<u64>,
 ) -> Result<()> {
     match step {
         Step::Delivered {
@@ -298,8 +279,8 @@ async fn take(
             record,
             result,
         } => {
-            super::publish::count_sent(publisher, record.topic(), result.is_ok());
-            delivered(origin, &record, result, progress, control, published).await
+            super::publish::count_sent(active.publisher, record.topic(), result.is_ok());
+            delivered(origin, &record, result, progress, control, active).await
         }
         Step::Committed(end) => {
             if let Some(lsn) = progress.committed(end) {
@@ -348,22 +329,18 @@ async fn delivered(
     result: std::result::Result<Ack, Refusal>,
     progress: &mut Progress,
     control: &mut AsyncPgConnection,
-    published: &tokio::sync::watch::Sender<u64>,
+    active: &Active<'_>,
 ) -> Result<()> {
     match result {
         Ok(ack) => {
             if origin == Origin::Outbox {
                 progress.delivered(record.id, ack);
             }
-            published.send_modify(|n| *n += 1);
+            active.count_published(1);
             Ok(())
         }
         Err(refusal) if !refusal.for_good => Err(not_published(record, refusal)),
-        Err(refusal) => {
-            tracing::error!(id = record.id, message_id = %record.message_id, topic = record.topic(), error = %refusal,
-                "a message was refused for good; it is kept in the outbox with its error");
-            refused(control, origin, record, &refusal.reason).await
-        }
+        Err(refusal) => refused(control, origin, record, &refusal).await,
     }
 }
 
@@ -374,15 +351,17 @@ fn not_published(record: &OutboxRecord, refusal: Refusal) -> Error {
     }
 }
 
-/// Keeps a message the broker refused: a row of the polling table gets the error; a row of
+/// Keeps a message refused for good (logged): a row of the polling table gets the error; a row of
 /// the append-only table is copied into the polling table with it (same message id), where
 /// `outbox status` counts it and the relay retries it.
 async fn refused(
     control: &mut AsyncPgConnection,
     origin: Origin,
     record: &OutboxRecord,
-    error: &str,
+    refusal: &Refusal,
 ) -> Result<()> {
+    tracing::error!(id = record.id, message_id = %record.message_id, topic = record.topic(), error = %refusal,
+        "a message was refused for good; it is kept in the outbox with its error");
     let sql = match origin {
         Origin::Outbox => {
             "UPDATE ferrybox_outbox SET attempts = attempts + 1, last_error = $2 WHERE id = $1"
@@ -403,7 +382,7 @@ async fn refused(
     loop {
         let recorded = diesel::sql_query(sql)
             .bind::<BigInt, _>(record.id)
-            .bind::<Text, _>(error)
+            .bind::<Text, _>(&refusal.reason)
             .execute(control)
             .await?;
         if recorded > 0 {
@@ -653,9 +632,7 @@ async fn publish_snapshot(
             match result {
                 Ok(_) => published += 1,
                 Err(refusal) if refusal.for_good => {
-                    tracing::error!(id = row.id, message_id = %row.message_id, topic = row.topic(), error = %refusal,
-                        "a message was refused for good; it is kept in the outbox with its error");
-                    refused(control, Origin::Messages, row, &refusal.reason).await?;
+                    refused(control, Origin::Messages, row, &refusal).await?;
                 }
                 Err(refusal) => {
                     publisher.recover()?;
