@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use diesel::QueryableByName;
-use diesel::sql_types::{BigInt, Double, Integer, Nullable, Text};
+use diesel::sql_types::{Array, BigInt, Double, Integer, Nullable, Text};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -44,22 +44,12 @@ pub struct VacuumHolds {
     /// Its global transaction id (for `COMMIT PREPARED` or `ROLLBACK PREPARED`).
     #[diesel(sql_type = Nullable<Text>)]
     pub oldest_prepared_gid: Option<String>,
-    /// Replication slots of the server that nobody streams now, comma-separated.
-    #[diesel(sql_type = Nullable<Text>)]
-    pub inactive_slots: Option<String>,
+    /// Replication slots of the server that nobody streams now.
+    #[diesel(sql_type = Array<Text>)]
+    pub inactive_slots: Vec<String>,
     /// The WAL the most retaining of them keeps, in bytes.
     #[diesel(sql_type = Nullable<BigInt>)]
     pub inactive_slot_retained_bytes: Option<i64>,
-}
-
-impl VacuumHolds {
-    /// The inactive slots' names.
-    pub fn inactive_slot_names(&self) -> Vec<&str> {
-        self.inactive_slots
-            .as_deref()
-            .map(|names| names.split(',').collect())
-            .unwrap_or_default()
-    }
 }
 
 /// What holds vacuum back now, as the caller's connection sees it.
@@ -87,8 +77,8 @@ pub async fn holds(conn: &mut AsyncPgConnection) -> Result<VacuumHolds> {
                 (SELECT count(*) FROM prepared) AS prepared_transactions, \
                 (SELECT max(seconds) FROM prepared) AS oldest_prepared_seconds, \
                 (SELECT gid FROM prepared LIMIT 1) AS oldest_prepared_gid, \
-                (SELECT string_agg(slot_name::text, ',' ORDER BY slot_name) FROM slots) \
-                    AS inactive_slots, \
+                (SELECT coalesce(array_agg(slot_name::text ORDER BY slot_name), '{}') \
+                    FROM slots) AS inactive_slots, \
                 (SELECT max(retained) FROM slots) AS inactive_slot_retained_bytes",
     )
     .get_result(conn)
@@ -190,11 +180,10 @@ impl Limits {
                 ),
             });
         }
-        let inactive = holds.inactive_slot_names();
-        self.idle_since
-            .retain(|slot, _| inactive.contains(&slot.as_str()));
+        let inactive = &holds.inactive_slots;
+        self.idle_since.retain(|slot, _| inactive.contains(slot));
         for slot in inactive {
-            let since = *self.idle_since.entry(slot.to_owned()).or_insert(now);
+            let since = *self.idle_since.entry(slot.clone()).or_insert(now);
             if now.duration_since(since) > self.config.max_slot_idle {
                 found.push(VacuumFinding {
                     kind: "idle_slot",
@@ -260,10 +249,8 @@ impl VacuumGuard {
                 .record(holds.oldest_transaction_seconds.unwrap_or(0.0), &[]);
             m.vacuum_prepared
                 .record(u64::try_from(holds.prepared_transactions).unwrap_or(0), &[]);
-            m.vacuum_inactive_slots.record(
-                u64::try_from(holds.inactive_slot_names().len()).unwrap_or(0),
-                &[],
-            );
+            m.vacuum_inactive_slots
+                .record(u64::try_from(holds.inactive_slots.len()).unwrap_or(0), &[]);
         }
         let findings = self.limits.findings(&holds, tokio::time::Instant::now());
         for finding in &findings {
@@ -305,7 +292,7 @@ mod tests {
             prepared_transactions: 0,
             oldest_prepared_seconds: None,
             oldest_prepared_gid: None,
-            inactive_slots: None,
+            inactive_slots: Vec::new(),
             inactive_slot_retained_bytes: None,
         }
     }
@@ -319,7 +306,7 @@ mod tests {
             oldest_transaction_seconds: Some(60.0),
             oldest_prepared_seconds: Some(10.0),
             prepared_transactions: 1,
-            inactive_slots: Some("a,b".into()),
+            inactive_slots: vec!["a".into(), "b".into()],
             ..nothing()
         };
         assert!(guard.findings(&young, now).is_empty(), "all within limits");
@@ -349,7 +336,7 @@ mod tests {
         let mut guard = Limits::new(VacuumGuardConfig::default());
         let now = tokio::time::Instant::now();
         let idle = VacuumHolds {
-            inactive_slots: Some("a".into()),
+            inactive_slots: vec!["a".into()],
             ..nothing()
         };
         assert!(guard.findings(&idle, now).is_empty());

@@ -198,12 +198,14 @@ fn print_vacuum(vacuum: &ferrybox::vacuum::VacuumHolds) {
     );
     println!(
         "inactive slots:         {}",
-        vacuum.inactive_slots.as_deref().map_or_else(
-            || "-".to_owned(),
-            |slots| format!(
-                "{slots} (up to {} bytes of WAL kept)",
+        if vacuum.inactive_slots.is_empty() {
+            "-".to_owned()
+        } else {
+            format!(
+                "{} (up to {} bytes of WAL kept)",
+                vacuum.inactive_slots.join(", "),
                 vacuum.inactive_slot_retained_bytes.unwrap_or_default()
             )
-        )
+        }
     );
 }
