@@ -32,6 +32,69 @@ async fn serves_and_stops_cleanly_on_sigterm() {
     assert!(status.success(), "exit status {status}");
 }
 
+/// The service's vacuum guard runs with its settings: a transaction held open in its
+/// database past `vacuum_guard.max_transaction_age_ms` reaches `alert.webhook_url` with the
+/// pid to end. (The limits are set small here: the defaults are minutes.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_transaction_held_open_in_its_database_is_alerted_by_the_vacuum_guard() {
+    use diesel_async::{AsyncConnection, RunQueryDsl, SimpleAsyncConnection};
+    #[derive(diesel::QueryableByName)]
+    struct Pid {
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        pid: i32,
+    }
+    let db = TestDatabase::create().await;
+    let stop = ferrybox::CancellationToken::new();
+    let (webhook, alerts) = testing::alert_sink(&stop).await;
+    let mut env = testing::service_env("AUTH_SERVICE_", db.url());
+    for (name, value) in [
+        (
+            "AUTH_SERVICE_USERS_TOPIC__NAME",
+            testing::create_topic(1).await,
+        ),
+        ("AUTH_SERVICE_USERS_TOPIC__PARTITIONS", "1".to_owned()),
+        ("AUTH_SERVICE_INBOX__GROUP_ID", testing::unique("auth")),
+        ("AUTH_SERVICE_ALERT__WEBHOOK_URL", webhook),
+        ("AUTH_SERVICE_VACUUM_GUARD__INTERVAL_MS", "100".to_owned()),
+        (
+            "AUTH_SERVICE_VACUUM_GUARD__MAX_TRANSACTION_AGE_MS",
+            "0".to_owned(),
+        ),
+    ] {
+        env.push((name.to_owned(), value));
+    }
+    let service = ServiceProcess::start(EXE.as_ref(), &["serve"], &env, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let mut open = diesel_async::AsyncPgConnection::establish(db.url())
+        .await
+        .unwrap();
+    open.batch_execute("BEGIN; SELECT txid_current()")
+        .await
+        .unwrap();
+    let Pid { pid } = diesel::sql_query("SELECT pg_backend_pid() AS pid")
+        .get_result(&mut open)
+        .await
+        .unwrap();
+    let ours = format!("pg_terminate_backend({pid})");
+    testing::wait_until(
+        Duration::from_secs(60),
+        "the long transaction alerted",
+        || async {
+            alerts.lock().unwrap().iter().any(|a| {
+                a.source == "auth-service"
+                    && a.kind == "long_transaction"
+                    && a.summary.contains(&ours)
+            })
+        },
+    )
+    .await;
+    open.batch_execute("ROLLBACK").await.unwrap();
+    let status = service.terminate(Duration::from_secs(30)).await.unwrap();
+    assert!(status.success(), "exit status {status}");
+    stop.cancel();
+}
+
 async fn run(env: &[(String, String)], args: &[&str]) -> (Option<i32>, String, String) {
     let out = tokio::process::Command::new(EXE)
         .args(args)

@@ -55,14 +55,29 @@ fn feed_config(url: &str, on_undecodable: OnUndecodable) -> FeedConfig {
     }
 }
 
+/// The tests' inbox settings for a feed consumer.
+fn feed_inbox(fx: &Fixture) -> ferrybox::InboxConfig {
+    let mut inbox = inbox_config(fx, "feed-consumer");
+    inbox.max_attempts = 3;
+    inbox
+}
+
 fn consumer(
     fx: &Fixture,
     url: &str,
     on_undecodable: OnUndecodable,
     alerter: Alerter,
 ) -> FeedConsumer<Recorder> {
-    let mut inbox = inbox_config(fx, "feed-consumer");
-    inbox.max_attempts = 3;
+    consumer_with(fx, feed_inbox(fx), url, on_undecodable, alerter)
+}
+
+fn consumer_with(
+    fx: &Fixture,
+    inbox: ferrybox::InboxConfig,
+    url: &str,
+    on_undecodable: OnUndecodable,
+    alerter: Alerter,
+) -> FeedConsumer<Recorder> {
     FeedConsumer::new(
         fx.pool.clone(),
         fx.codec.clone(),
@@ -266,18 +281,12 @@ async fn a_feed_consumer_deletes_applied_ids_its_position_is_past() {
     assert_eq!(record_feed(&fx).await, 3);
     let stop = CancellationToken::new();
     let url = serve_feed(&fx, &stop).await;
-    let mut inbox = inbox_config(&fx, "feed-consumer");
-    inbox.retention = Duration::ZERO;
-    inbox.cleanup_interval = Duration::from_millis(100);
-    let consumer = FeedConsumer::new(
-        fx.pool.clone(),
-        fx.codec.clone(),
-        Recorder::default(),
-        inbox,
-        feed_config(&url, OnUndecodable::Halt),
-        Alerter::log_only(),
-    )
-    .unwrap();
+    let inbox = ferrybox::InboxConfig {
+        retention: Duration::ZERO,
+        cleanup_interval: Duration::from_millis(100),
+        ..feed_inbox(&fx)
+    };
+    let consumer = consumer_with(&fx, inbox, &url, OnUndecodable::Halt, Alerter::log_only());
     let consuming = tokio::spawn(consumer.run(stop.child_token()));
     wait_until(TIMEOUT, "three applied and their ids deleted", || async {
         fx.count("SELECT count(*) AS n FROM applied").await == 3
