@@ -187,8 +187,16 @@ pub struct PrivatePostgres {
 }
 
 impl PrivatePostgres {
-    /// Makes and starts the server; waits until it accepts connections.
+    /// Makes and starts the server; waits until it accepts connections. (`initdb` and
+    /// `pg_ctl` run on a blocking thread, off the test's runtime.)
     pub async fn start(settings: &[&str]) -> Self {
+        let settings: Vec<String> = settings.iter().map(|&s| s.to_owned()).collect();
+        tokio::task::spawn_blocking(move || Self::start_blocking(&settings))
+            .await
+            .expect("start a private PostgreSQL")
+    }
+
+    fn start_blocking(settings: &[String]) -> Self {
         let bin = std::fs::read_dir("/usr/lib/postgresql")
             .ok()
             .into_iter()
