@@ -37,12 +37,7 @@ async fn serves_and_stops_cleanly_on_sigterm() {
 /// pid to end. (The limits are set small here: the defaults are minutes.)
 #[tokio::test(flavor = "multi_thread")]
 async fn a_transaction_held_open_in_its_database_is_alerted_by_the_vacuum_guard() {
-    use diesel_async::{AsyncConnection, RunQueryDsl, SimpleAsyncConnection};
-    #[derive(diesel::QueryableByName)]
-    struct Pid {
-        #[diesel(sql_type = diesel::sql_types::Integer)]
-        pid: i32,
-    }
+    use diesel_async::SimpleAsyncConnection;
     let db = TestDatabase::create().await;
     let stop = ferrybox::CancellationToken::new();
     let (webhook, alerts) = testing::alert_sink(&stop).await;
@@ -66,16 +61,7 @@ async fn a_transaction_held_open_in_its_database_is_alerted_by_the_vacuum_guard(
     let service = ServiceProcess::start(EXE.as_ref(), &["serve"], &env, Duration::from_secs(60))
         .await
         .unwrap();
-    let mut open = diesel_async::AsyncPgConnection::establish(db.url())
-        .await
-        .unwrap();
-    open.batch_execute("BEGIN; SELECT txid_current()")
-        .await
-        .unwrap();
-    let Pid { pid } = diesel::sql_query("SELECT pg_backend_pid() AS pid")
-        .get_result(&mut open)
-        .await
-        .unwrap();
+    let (mut open, pid) = testing::open_transaction(db.url()).await;
     let ours = format!("pg_terminate_backend({pid})");
     testing::wait_until(
         Duration::from_secs(60),

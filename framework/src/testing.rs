@@ -349,6 +349,29 @@ pub async fn execute(database_url: &str, sql: &str) {
         .unwrap_or_else(|e| panic!("{sql}: {e}"));
 }
 
+/// Opens a transaction that holds vacuum back (it has a transaction id) on a connection of
+/// its own to `database_url`: the connection, and its backend's pid. It stays open until the
+/// connection runs `ROLLBACK` or is dropped.
+pub async fn open_transaction(database_url: &str) -> (AsyncPgConnection, i32) {
+    use diesel_async::SimpleAsyncConnection;
+    #[derive(diesel::QueryableByName)]
+    struct Pid {
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        pid: i32,
+    }
+    let mut conn = AsyncPgConnection::establish(database_url)
+        .await
+        .expect("connect to the test database");
+    conn.batch_execute("BEGIN; SELECT txid_current()")
+        .await
+        .expect("begin a transaction");
+    let Pid { pid } = diesel::sql_query("SELECT pg_backend_pid() AS pid")
+        .get_result(&mut conn)
+        .await
+        .expect("the backend's pid");
+    (conn, pid)
+}
+
 /// Waits until `condition` returns true, checking every 20 ms; panics with `what` after
 /// `timeout`. Tests wait on conditions like this, never on fixed sleeps.
 pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut condition: F)

@@ -12,18 +12,11 @@ use ferrybox::vacuum::{self, VacuumGuard, VacuumGuardConfig};
 
 use crate::support::TIMEOUT;
 
-#[derive(diesel::QueryableByName)]
-struct Pid {
-    #[diesel(sql_type = diesel::sql_types::Integer)]
-    pid: i32,
-}
-
 /// A long transaction, a forgotten prepared transaction and a slot nobody streams each show
 /// in `holds` (what `outbox status` prints), and each past its limit is alerted with what to
 /// do; once they are gone, nothing is.
 #[tokio::test(flavor = "multi_thread")]
 async fn what_holds_vacuum_back_is_shown_and_alerted_past_its_limit() {
-    use diesel_async::RunQueryDsl;
     let server =
         testing::PrivatePostgres::start(&["wal_level=logical", "max_prepared_transactions=4"])
             .await;
@@ -38,14 +31,7 @@ async fn what_holds_vacuum_back_is_shown_and_alerted_past_its_limit() {
     look.batch_execute("SELECT pg_create_logical_replication_slot('nobody_streams', 'pgoutput')")
         .await
         .unwrap();
-    let mut open = AsyncPgConnection::establish(db.url()).await.unwrap();
-    open.batch_execute("BEGIN; SELECT txid_current()")
-        .await
-        .unwrap();
-    let Pid { pid } = diesel::sql_query("SELECT pg_backend_pid() AS pid")
-        .get_result(&mut open)
-        .await
-        .unwrap();
+    let (mut open, pid) = testing::open_transaction(db.url()).await;
     let mut preparing = AsyncPgConnection::establish(db.url()).await.unwrap();
     preparing
         .batch_execute(
