@@ -27,7 +27,9 @@ impl Active<'_> {
 
     /// Counts messages published.
     pub(super) fn count_published(&self, n: u64) {
-        self.published.send_modify(|total| *total += n);
+        if n > 0 {
+            self.published.send_modify(|total| *total += n);
+        }
     }
 }
 

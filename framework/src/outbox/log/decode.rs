@@ -30,7 +30,48 @@ pub(crate) struct Decoder {
 struct Relation {
     name: String,
     table: Option<Origin>,
-    columns: Vec<String>,
+    /// How many columns its rows carry.
+    columns: usize,
+    /// For each column, which of [`FIELDS`] it is (`None`: a column the relay does not
+    /// send), found once when the relation is described rather than per row.
+    field_of: Vec<Option<usize>>,
+    /// A field none of its columns is (an outbox table of an unexpected shape): its rows
+    /// are an error, reported when one arrives.
+    missing: Option<&'static str>,
+}
+
+/// The columns of an outbox row the relay sends, in the order [`row`] reads them.
+const FIELDS: [&str; 9] = [
+    "id",
+    "message_id",
+    "topic",
+    "message_key",
+    "message_type",
+    "entity_version",
+    "headers",
+    "payload",
+    "occurred_at",
+];
+
+impl Relation {
+    fn new(name: String, table: Option<Origin>, columns: &[&str]) -> Self {
+        let field_of: Vec<Option<usize>> = columns
+            .iter()
+            .map(|column| FIELDS.iter().position(|field| field == column))
+            .collect();
+        let missing = FIELDS
+            .iter()
+            .enumerate()
+            .find(|(i, _)| !field_of.contains(&Some(*i)))
+            .map(|(_, field)| *field);
+        Self {
+            name,
+            table,
+            columns: columns.len(),
+            field_of,
+            missing,
+        }
+    }
 }
 
 impl Decoder {
@@ -48,7 +89,7 @@ impl Decoder {
                 let mut columns = Vec::with_capacity(usize::from(count));
                 for _ in 0..count {
                     let _flags = p.u8()?;
-                    columns.push(p.cstr()?.to_owned());
+                    columns.push(p.cstr()?);
                     let _type_oid = p.u32()?;
                     let _modifier = p.u32()?;
                 }
@@ -57,14 +98,8 @@ impl Decoder {
                     "ferrybox_outbox" => Some(Origin::Outbox),
                     _ => None,
                 };
-                self.relations.insert(
-                    oid,
-                    Relation {
-                        name: format!("{namespace}.{name}"),
-                        table,
-                        columns,
-                    },
-                );
+                let relation = Relation::new(format!("{namespace}.{name}"), table, &columns);
+                self.relations.insert(oid, relation);
                 Ok(Change::Other)
             }
             b'I' => {
@@ -75,9 +110,11 @@ impl Decoder {
                 let relation = self.relations.get(&oid).ok_or_else(|| {
                     protocol(&format!("an Insert into relation {oid}, never described"))
                 })?;
-                let values = p.tuple()?;
                 match relation.table {
-                    Some(table) => Ok(Change::Message(table, Box::new(row(relation, &values)?))),
+                    Some(table) => Ok(Change::Message(
+                        table,
+                        Box::new(row(relation, &p.tuple(relation)?)?),
+                    )),
                     // A table someone added to the publication: not an outbox.
                     None => Ok(Change::Other),
                 }
@@ -101,51 +138,59 @@ fn protocol(what: &str) -> Error {
 /// insert never has).
 type Value<'a> = Option<&'a [u8]>;
 
-fn row(relation: &Relation, values: &[Value<'_>]) -> Result<OutboxRecord> {
-    if values.len() != relation.columns.len() {
-        return Err(protocol(&format!(
-            "a row of {} with {} values for {} columns",
-            relation.name,
-            values.len(),
-            relation.columns.len()
-        )));
+/// The values of one row's [`FIELDS`], in that order.
+type Fields<'a> = [Value<'a>; FIELDS.len()];
+
+fn row(relation: &Relation, values: &Fields<'_>) -> Result<OutboxRecord> {
+    if let Some(field) = relation.missing {
+        return Err(protocol(&format!("a row of {} without {field}", relation.name)));
     }
-    let column = |name: &str| -> Result<&[u8]> {
-        let i = relation
-            .columns
-            .iter()
-            .position(|c| c == name)
-            .ok_or_else(|| protocol(&format!("a row of {} without {name}", relation.name)))?;
-        values[i].ok_or_else(|| protocol(&format!("a row of {} with a null {name}", relation.name)))
-    };
-    let int8 = |name: &str| -> Result<i64> {
-        let bytes: [u8; 8] = column(name)?
+    let [
+        id,
+        message_id,
+        topic,
+        message_key,
+        message_type,
+        entity_version,
+        headers,
+        payload,
+        occurred_at,
+    ] = std::array::from_fn(|i| {
+        values[i].ok_or_else(|| {
+            protocol(&format!(
+                "a row of {} with a null {}",
+                relation.name, FIELDS[i]
+            ))
+        })
+    });
+    let int8 = |value: Result<&[u8]>, name: &str| -> Result<i64> {
+        let bytes: [u8; 8] = value?
             .try_into()
             .map_err(|_| protocol(&format!("a {name} that is not 8 bytes")))?;
         Ok(i64::from_be_bytes(bytes))
     };
-    let text = |name: &str| -> Result<String> {
-        String::from_utf8(column(name)?.to_vec())
+    let text = |value: Result<&[u8]>, name: &str| -> Result<String> {
+        String::from_utf8(value?.to_vec())
             .map_err(|_| protocol(&format!("a {name} that is not UTF-8")))
     };
-    let uuid = uuid::Uuid::from_slice(column("message_id")?)
+    let uuid = uuid::Uuid::from_slice(message_id?)
         .map_err(|_| protocol("a message_id that is not 16 bytes"))?;
-    let headers = crate::outbox::record::StoredHeaders::from_jsonb(column("headers")?)
+    let headers = crate::outbox::record::StoredHeaders::from_jsonb(headers?)
         .map_err(|e| protocol(&e))?;
     // timestamptz's binary form: microseconds since 2000-01-01 00:00 UTC.
-    let micros = int8("occurred_at")?;
+    let micros = int8(occurred_at, "occurred_at")?;
     let occurred_at = postgres_epoch()
         .checked_add_signed(chrono::Duration::microseconds(micros))
         .ok_or_else(|| protocol("an occurred_at out of range"))?;
     Ok(OutboxRecord {
-        id: int8("id")?,
+        id: int8(id, "id")?,
         message_id: uuid,
-        topic: text("topic")?,
-        message_key: text("message_key")?,
-        message_type: text("message_type")?,
-        entity_version: int8("entity_version")?,
+        topic: text(topic, "topic")?,
+        message_key: text(message_key, "message_key")?,
+        message_type: text(message_type, "message_type")?,
+        entity_version: int8(entity_version, "entity_version")?,
         headers,
-        payload: column("payload")?.to_vec(),
+        payload: payload?.to_vec(),
         occurred_at,
     })
 }
@@ -195,12 +240,19 @@ impl<'a> Reader<'a> {
     }
 
     /// TupleData: a count, then per column `n` (null), `u` (unchanged TOAST), or `t`/`b`
-    /// (text or binary) with a length and the bytes.
-    fn tuple(&mut self) -> Result<Vec<Value<'a>>> {
-        let count = self.u16()?;
-        let mut values = Vec::with_capacity(usize::from(count));
-        for _ in 0..count {
-            values.push(match self.u8()? {
+    /// (text or binary) with a length and the bytes. Keeps the values of `relation`'s
+    /// [`FIELDS`] and skips the rest.
+    fn tuple(&mut self, relation: &Relation) -> Result<Fields<'a>> {
+        let count = usize::from(self.u16()?);
+        if count != relation.columns {
+            return Err(protocol(&format!(
+                "a row of {} with {count} values for {} columns",
+                relation.name, relation.columns
+            )));
+        }
+        let mut fields: Fields<'a> = [None; FIELDS.len()];
+        for field in &relation.field_of {
+            let value = match self.u8()? {
                 b'n' | b'u' => None,
                 b't' | b'b' => {
                     let len = usize::try_from(self.u32()?).unwrap_or(usize::MAX);
@@ -212,9 +264,12 @@ impl<'a> Reader<'a> {
                         char::from(kind)
                     )));
                 }
-            });
+            };
+            if let Some(field) = field {
+                fields[*field] = value;
+            }
         }
-        Ok(values)
+        Ok(fields)
     }
 }
 
@@ -345,6 +400,23 @@ mod tests {
         nulls[2] = None;
         assert!(matches!(
             decoder.decode(&insert(1, &nulls)),
+            Err(Error::Replication(_))
+        ));
+        // An outbox table without a column the relay sends: its rows are errors.
+        let mut without_topic = COLUMNS.to_vec();
+        without_topic.remove(2);
+        decoder.decode(&relation(2, &without_topic)).unwrap();
+        let mut fewer = values(1);
+        fewer.remove(2);
+        let Err(Error::Replication(why)) = decoder.decode(&insert(2, &fewer)) else {
+            panic!("a row without its topic decoded");
+        };
+        assert!(why.contains("without topic"), "{why}");
+        // A row with more values than its relation has columns.
+        let mut more = values(1);
+        more.push(None);
+        assert!(matches!(
+            decoder.decode(&insert(1, &more)),
             Err(Error::Replication(_))
         ));
         // Deletes and truncates are nothing to publish.

@@ -29,9 +29,7 @@ use std::time::Duration;
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Nullable, Text};
 use diesel_async::{AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
-use futures::StreamExt;
-use futures::future::BoxFuture;
-use futures::stream::FuturesOrdered;
+use std::task::Poll;
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationEvent};
 use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
@@ -39,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 use self::decode::{Change, Decoder};
 use self::shards::Shard;
 use super::active::Active;
-use super::publish::{Ack, Publisher, Refusal, send_all};
+use super::publish::{Ack, Delivery, Publisher, Refusal, send_all};
 use super::record::{Origin, OutboxRecord};
 use super::settings::RelayConfig;
 use crate::error::{Error, Result};
@@ -70,6 +68,83 @@ enum Step {
     },
     /// The end of a transaction: everything in it was acknowledged (or recorded as refused).
     Committed(Lsn),
+}
+
+/// What the stream handed over and has not taken yet, in stream order: messages with their
+/// pending answers, and the ends of their transactions.
+enum Pending {
+    Message {
+        origin: Origin,
+        record: Box<OutboxRecord>,
+        delivery: Delivery,
+    },
+    Committed(Lsn),
+}
+
+/// The stream's window: steps are taken in stream order, so only the oldest message's answer
+/// is awaited (polled); the answers behind it complete on their own, and are found ready when
+/// their turn comes. (A set of futures polled as each wakes costs a task and a wake-up per
+/// message, and this order is the only one the stream can use.)
+#[derive(Default)]
+struct InFlight {
+    pending: VecDeque<Pending>,
+    messages: usize,
+}
+
+impl InFlight {
+    fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// Hands `record` to the publisher.
+    fn send(&mut self, publisher: &dyn Publisher, origin: Origin, record: Box<OutboxRecord>) {
+        // With tracing on, each message's publish span links the trace of the request that
+        // made it, as the polling relay's batch span links its batch's.
+        let delivery: Delivery = if crate::telemetry::tracing_enabled() {
+            let span = crate::telemetry::batch_span("publish", "producer", [&record.headers()]);
+            let delivery = span.in_scope(|| publisher.send(&record, origin));
+            Box::pin(tracing::Instrument::instrument(delivery, span))
+        } else {
+            publisher.send(&record, origin)
+        };
+        self.messages += 1;
+        self.pending.push_back(Pending::Message {
+            origin,
+            record,
+            delivery,
+        });
+    }
+
+    fn committed(&mut self, end: Lsn) {
+        self.pending.push_back(Pending::Committed(end));
+    }
+
+    /// The oldest step, once it is done (cancel-safe: nothing is taken until it is).
+    fn next(&mut self) -> impl Future<Output = Option<Step>> + '_ {
+        std::future::poll_fn(move |cx| {
+            let step = match self.pending.front_mut() {
+                None => return Poll::Ready(None),
+                Some(Pending::Committed(end)) => Step::Committed(*end),
+                Some(Pending::Message { delivery, .. }) => {
+                    let Poll::Ready(result) = delivery.as_mut().poll(cx) else {
+                        return Poll::Pending;
+                    };
+                    let Some(Pending::Message { origin, record, .. }) = self.pending.pop_front()
+                    else {
+                        unreachable!("the front was a message");
+                    };
+                    self.messages -= 1;
+                    return Poll::Ready(Some(Step::Delivered {
+                        origin,
+                        record,
+                        result,
+                    }));
+                }
+            };
+            self.pending.pop_front();
+            Poll::Ready(Some(step))
+        })
+    }
 }
 
 /// The log source: runs the log relay for `shard` while this instance holds its lock on `control`, until
@@ -164,8 +239,7 @@ async fn stream(
         .unwrap_or(usize::MAX)
         .max(1);
     let mut decoder = Decoder::default();
-    let mut in_flight: FuturesOrdered<BoxFuture<'static, Step>> = FuturesOrdered::new();
-    let mut messages_in_flight = 0usize;
+    let mut in_flight = InFlight::default();
     let mut in_transaction = false;
     let mut checkpoint = Checkpoint::default();
     let mut progress = Progress::default();
@@ -196,9 +270,6 @@ async fn stream(
                 }
             }
             Some(step) = in_flight.next(), if !in_flight.is_empty() => {
-                if matches!(step, Step::Delivered { .. }) {
-                    messages_in_flight -= 1;
-                }
                 // Caught up (nothing else in flight): rows of the polling table are marked
                 // now, so their feed positions do not wait for the tick.
                 let caught_up = in_flight.is_empty();
@@ -210,20 +281,19 @@ async fn stream(
                     break Err(e);
                 }
             }
-            event = client.recv(), if messages_in_flight < window => {
+            event = client.recv(), if in_flight.messages < window => {
                 let event = event.map_err(|e| Error::Replication(e.to_string()))?;
                 match event {
                     None => break Err(Error::Replication("the server ended the stream".into())),
                     Some(ReplicationEvent::Begin { .. }) => in_transaction = true,
                     Some(ReplicationEvent::XLogData { data, .. }) => {
                         if let Change::Message(origin, record) = decoder.decode(&data)? {
-                            messages_in_flight += 1;
-                            in_flight.push_back(send(publisher, origin, record));
+                            in_flight.send(publisher, origin, record);
                         }
                     }
                     Some(ReplicationEvent::Commit { end_lsn, .. }) => {
                         in_transaction = false;
-                        in_flight.push_back(Box::pin(std::future::ready(Step::Committed(end_lsn))));
+                        in_flight.committed(end_lsn);
                     }
                     Some(ReplicationEvent::KeepAlive { wal_end, .. }) => {
                         // Nothing of ours is in flight or open: the server may forget what it
@@ -256,6 +326,7 @@ async fn stream(
             }
         }
     }
+    active.count_published(std::mem::take(&mut progress.published));
     progress.flush(control, client, PATIENCE_STOPPING).await?;
     checkpoint
         .write(control, slot_name, progress.confirmed)
@@ -280,9 +351,11 @@ async fn take(
             result,
         } => {
             super::publish::count_sent(active.publisher, record.topic(), result.is_ok());
-            delivered(origin, &record, result, progress, control, active).await
+            delivered(origin, &record, result, progress, control).await
         }
         Step::Committed(end) => {
+            // Counted per transaction, not per message (the count's watchers wake on each).
+            active.count_published(std::mem::take(&mut progress.published));
             if let Some(lsn) = progress.committed(end) {
                 client.update_applied_lsn(lsn);
             } else if caught_up || progress.pending() >= MARK_BATCH {
@@ -291,33 +364,6 @@ async fn take(
             Ok(())
         }
     }
-}
-
-/// Sends one message; its step completes with the publisher's answer.
-fn send(
-    publisher: &dyn Publisher,
-    origin: Origin,
-    record: Box<OutboxRecord>,
-) -> BoxFuture<'static, Step> {
-    // With tracing on, each message's publish span links the trace of the request that made
-    // it, as the polling relay's batch span links its batch's.
-    let span = if crate::telemetry::tracing_enabled() {
-        crate::telemetry::batch_span("publish", "producer", [&record.headers()])
-    } else {
-        tracing::Span::none()
-    };
-    let delivery = span.in_scope(|| publisher.send(&record, origin));
-    Box::pin(tracing::Instrument::instrument(
-        async move {
-            let result = delivery.await;
-            Step::Delivered {
-                origin,
-                record,
-                result,
-            }
-        },
-        span,
-    ))
 }
 
 /// Takes one delivery's outcome: an acknowledged row of the polling table is marked (in the
@@ -329,14 +375,13 @@ async fn delivered(
     result: std::result::Result<Ack, Refusal>,
     progress: &mut Progress,
     control: &mut AsyncPgConnection,
-    active: &Active<'_>,
 ) -> Result<()> {
     match result {
         Ok(ack) => {
             if origin == Origin::Outbox {
                 progress.delivered(record.id, ack);
             }
-            active.count_published(1);
+            progress.published += 1;
             Ok(())
         }
         Err(refusal) if !refusal.for_good => Err(not_published(record, refusal)),
@@ -414,6 +459,8 @@ struct Progress {
     acknowledged: Lsn,
     /// The position last handed to the server as confirmed.
     confirmed: Lsn,
+    /// Messages acknowledged since the count was last given to [`Active::count_published`].
+    published: u64,
 }
 
 impl Progress {

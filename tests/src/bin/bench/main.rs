@@ -4,6 +4,7 @@
 //! runs (default 100,000); `FERRYBOX_BENCH_ONLY=relay|inbox` runs one section (`backlog`: only the log relay's large
 //! backlog drain, with its log lines).
 
+mod cpu;
 mod inbox;
 mod relay;
 

@@ -12,6 +12,10 @@
 //!   (`pg_logical_emit_message`): the bounds of what any outbox can cost on this machine.
 //! - `log_read_alone_vs_raw_producer`: the log mode's bound: how fast PostgreSQL streams the
 //!   same backlog to `pg_recvlogical`, with no broker, over the producer's rate.
+//! - `log_read_and_produce_vs_raw_producer`: the log mode's stronger bound: that stream and
+//!   the plain producer at once, on the same cores.
+//! - `table_read_and_mark_alone_vs_raw_producer`: the table mode's bound: the polling relay
+//!   with nothing to send to (`Relay::feed_only`), so only its database work (poll, mark).
 //! - `publish_latency_p99_ms_<mode>`: commit to acknowledged publish at 200 msg/s.
 //! - `backlog_vs_steady_<mode>`: the drain rate of a backlog ten times as large over the
 //!   drain rate above.
@@ -28,7 +32,7 @@ use ferrybox::{
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::FutureRecord;
 
-use crate::Report;
+use crate::{Report, cpu};
 use crate::inbox::messages;
 
 const KEYS: i64 = 1_000;
@@ -144,9 +148,25 @@ struct Running {
     published: tokio::sync::watch::Receiver<u64>,
 }
 
+/// Where a measured relay publishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Via {
+    /// The broker, as every relay rate here but the table mode's bound.
+    Kafka,
+    /// Nowhere (`Relay::feed_only`): reading and marking the rows is all the relay does.
+    Feed,
+}
+
 impl Running {
     fn start(db: &TestDatabase, config: RelayConfig) -> anyhow::Result<Self> {
-        let relay = Relay::new(db.config(), &testing::kafka(), config)?;
+        Self::start_via(db, config, Via::Kafka)
+    }
+
+    fn start_via(db: &TestDatabase, config: RelayConfig, via: Via) -> anyhow::Result<Self> {
+        let relay = match via {
+            Via::Kafka => Relay::new(db.config(), &testing::kafka(), config)?,
+            Via::Feed => Relay::feed_only(db.config(), config)?,
+        };
         let published = relay.published();
         let stop = CancellationToken::new();
         let task = tokio::spawn({
@@ -196,22 +216,24 @@ fn table_of(mode: RelayMode) -> &'static str {
 /// relay started; the clock runs from its start to its `n`th acknowledgement. For the log
 /// mode, also the bound: how fast PostgreSQL streams the same backlog from a slot of its own
 /// to `pg_recvlogical` (a C client that only writes it to /dev/null), with no broker at all.
-async fn drain_rate(mode: RelayMode, n: usize) -> anyhow::Result<(f64, Option<f64>)> {
-    drain_rate_in(mode, 1, n).await
+async fn drain_rate(mode: RelayMode, n: usize) -> anyhow::Result<(Measured, Option<Measured>)> {
+    drain_rate_in(mode, 1, n, Via::Kafka).await
 }
 
-/// The same with the log relay split into `shards` shards (one instance running them all).
+/// The same with the log relay split into `shards` shards (one instance running them all),
+/// publishing `via` the broker or nowhere.
 async fn drain_rate_in(
     mode: RelayMode,
     shards: u32,
     n: usize,
-) -> anyhow::Result<(f64, Option<f64>)> {
+    via: Via,
+) -> anyhow::Result<(Measured, Option<Measured>)> {
     let (db, mut conn) = outbox_database().await?;
     if shards > 1 {
         ferrybox::outbox::reshard(&mut conn, None, shards, Duration::from_secs(60)).await?;
     }
     let topic = testing::create_topic(3).await;
-    let mut warm = Running::start(&db, config_in(mode))?;
+    let mut warm = Running::start_via(&db, config_in(mode), via)?;
     // One row per key: every shard has its slot before the clock starts.
     let warm_rows = if shards > 1 {
         usize::try_from(KEYS)?
@@ -225,7 +247,8 @@ async fn drain_rate_in(
     warm.published(u64::try_from(warm_rows)?).await?;
     warm.stop().await?;
     let bound_slot = testing::unique("bound");
-    if mode == RelayMode::Log {
+    let with_bound = mode == RelayMode::Log && via == Via::Kafka;
+    if with_bound {
         diesel::sql_query(format!(
             "SELECT 1 FROM pg_create_logical_replication_slot('{bound_slot}', 'pgoutput')"
         ))
@@ -233,21 +256,44 @@ async fn drain_rate_in(
         .await?;
     }
     prefill(&mut conn, table_of(mode), &topic, n).await?;
-    let started = Instant::now();
-    let mut relay = Running::start(&db, config_in(mode))?;
-    relay.published(u64::try_from(n)?).await?;
-    let rate = n as f64 / started.elapsed().as_secs_f64();
+    let (drained, busy) = cpu::busy_during(async {
+        let started = Instant::now();
+        let mut relay = Running::start_via(&db, config_in(mode), via)?;
+        relay.published(u64::try_from(n)?).await?;
+        let rate = n as f64 / started.elapsed().as_secs_f64();
+        anyhow::Ok((relay, rate))
+    })
+    .await;
+    let (relay, rate) = drained?;
     relay.stop().await?;
-    let bound = if mode == RelayMode::Log {
-        let rate = log_read_rate(&db, &mut conn, &bound_slot, n).await?;
+    let bound = if with_bound {
+        let (rate, busy) = cpu::busy_during(log_read_rate(&db, &mut conn, &bound_slot, n)).await;
         diesel::sql_query(format!("SELECT pg_drop_replication_slot('{bound_slot}')"))
             .execute(&mut conn)
             .await?;
-        Some(rate)
+        Some(Measured::of(rate?, busy, n))
     } else {
         None
     };
-    Ok((rate, bound))
+    Ok((Measured::of(rate, busy, n), bound))
+}
+
+/// A rate and what it cost the machine.
+#[derive(Debug, Clone, Copy)]
+struct Measured {
+    /// Messages per second.
+    rate: f64,
+    /// Busy CPU seconds per message, every process on every core (see [`cpu`]).
+    cpu: f64,
+}
+
+impl Measured {
+    fn of(rate: f64, busy: f64, n: usize) -> Self {
+        Self {
+            rate,
+            cpu: busy / n as f64,
+        }
+    }
 }
 
 /// Messages per second `pg_recvlogical` reads from `slot` up to the current WAL position.
@@ -337,22 +383,34 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Drain rates (msg/s), medians of three alternated runs.
+/// Drain rates (msg/s) and their CPU, medians of three alternated runs.
 struct DrainRates {
-    log: f64,
-    log_3_shards: f64,
-    table: f64,
-    raw: f64,
+    log: Measured,
+    log_3_shards: Measured,
+    table: Measured,
+    raw: Measured,
     /// The log read alone.
-    read: f64,
-    /// The log read and the plain producer at once (the bound of the log mode).
+    read: Measured,
+    /// The log read and the plain producer at once (a bound of the log mode).
     read_and_produce: f64,
+    /// The table mode with nothing to send to (`Relay::feed_only`): polling the table and
+    /// marking its rows alone (the bound of the table mode).
+    read_and_mark: Measured,
+}
+
+/// The median rate and the median CPU per message of `runs`.
+fn median_of(runs: &[Measured]) -> Measured {
+    Measured {
+        rate: median(runs.iter().map(|m| m.rate).collect()),
+        cpu: median(runs.iter().map(|m| m.cpu).collect()),
+    }
 }
 
 /// Drain rates of each relay mode (the log one also in three shards) and of the plain
 /// producer, alternated three times.
 async fn drain_rates(n: usize) -> anyhow::Result<DrainRates> {
     let rows = baseline_rows(n).await?;
+    let mut marked = Vec::new();
     let (mut log, mut sharded, mut table, mut raw, mut read, mut both) = (
         Vec::new(),
         Vec::new(),
@@ -362,26 +420,37 @@ async fn drain_rates(n: usize) -> anyhow::Result<DrainRates> {
         Vec::new(),
     );
     for _ in 0..3 {
-        raw.push(raw_producer_rate(&testing::create_topic(3).await, &rows).await?);
+        let topic = testing::create_topic(3).await;
+        let (rate, busy) = cpu::busy_during(raw_producer_rate(&topic, &rows)).await;
+        raw.push(Measured::of(rate?, busy, n));
         let (rate, bound) = drain_rate(RelayMode::Log, n).await?;
         log.push(rate);
         read.extend(bound);
-        sharded.push(drain_rate_in(RelayMode::Log, 3, n).await?.0);
+        sharded.push(drain_rate_in(RelayMode::Log, 3, n, Via::Kafka).await?.0);
         table.push(drain_rate(RelayMode::Table, n).await?.0);
+        marked.push(drain_rate_in(RelayMode::Table, 1, n, Via::Feed).await?.0);
         both.push(read_and_produce_rate(&rows).await?);
     }
+    let rates = |runs: &[Measured]| runs.iter().map(|m| m.rate.round()).collect::<Vec<_>>();
     eprintln!(
-        "relay: drain runs (msg/s) log {log:.0?}, log in 3 shards {sharded:.0?}, \
-         table {table:.0?}, raw {raw:.0?}, the log read alone {read:.0?}, \
-         the log read and the producer at once {both:.0?}"
+        "relay: drain runs (msg/s) log {:?}, log in 3 shards {:?}, table {:?}, raw {:?}, \
+         the log read alone {:?}, the log read and the producer at once {both:.0?}, \
+         the table polled and marked, no broker {:?}",
+        rates(&log),
+        rates(&sharded),
+        rates(&table),
+        rates(&raw),
+        rates(&read),
+        rates(&marked),
     );
     Ok(DrainRates {
-        log: median(log),
-        log_3_shards: median(sharded),
-        table: median(table),
-        raw: median(raw),
-        read: median(read),
+        log: median_of(&log),
+        log_3_shards: median_of(&sharded),
+        table: median_of(&table),
+        raw: median_of(&raw),
+        read: median_of(&read),
         read_and_produce: median(both),
+        read_and_mark: median_of(&marked),
     })
 }
 
@@ -665,25 +734,40 @@ pub(crate) async fn run(report: &mut Report) -> anyhow::Result<()> {
         raw,
         read,
         read_and_produce,
+        read_and_mark,
     } = drain_rates(n).await?;
-    report.row("relay drain rate, log mode (msg/s)", log);
+    report.row("relay drain rate, log mode (msg/s)", log.rate);
     report.row(
         "relay drain rate, log mode in 3 shards, one instance (msg/s)",
-        log_3_shards,
+        log_3_shards.rate,
     );
-    report.row("relay drain rate, table mode (msg/s)", table);
-    report.row("plain producer rate, same messages (msg/s)", raw);
+    report.row("relay drain rate, table mode (msg/s)", table.rate);
+    report.row("plain producer rate, same messages (msg/s)", raw.rate);
     report.row(
         "the log read alone: pg_recvlogical, no broker (msg/s)",
-        read,
+        read.rate,
     );
     report.row(
         "the log read and a plain producer at once (msg/s)",
         read_and_produce,
     );
+    report.row(
+        "the table polled and marked, no broker (msg/s)",
+        read_and_mark.rate,
+    );
+    // What each costs the whole machine (broker, database, this process), per message.
+    let micros = |m: Measured| m.cpu * 1e6;
+    report.row("machine CPU per message, log relay (us)", micros(log));
+    report.row("machine CPU per message, table relay (us)", micros(table));
+    report.row("machine CPU per message, plain producer (us)", micros(raw));
+    report.row("machine CPU per message, the log read alone (us)", micros(read));
+    report.row(
+        "machine CPU per message, table polled and marked (us)",
+        micros(read_and_mark),
+    );
     let backlog = backlog_messages(n);
-    let backlog_log = drain_rate(RelayMode::Log, backlog).await?.0;
-    let backlog_table = drain_rate(RelayMode::Table, backlog).await?.0;
+    let backlog_log = drain_rate(RelayMode::Log, backlog).await?.0.rate;
+    let backlog_table = drain_rate(RelayMode::Table, backlog).await?.0.rate;
     report.row("backlog drain rate, log mode (msg/s)", backlog_log);
     report.row("backlog drain rate, table mode (msg/s)", backlog_table);
     let w1 = write_overhead(1).await?;
@@ -714,20 +798,40 @@ pub(crate) async fn run(report: &mut Report) -> anyhow::Result<()> {
         "commit-to-publish p99 at 200 msg/s, table mode (ms)",
         latency_table,
     );
-    report.ratio("relay_vs_raw_producer_log", log / raw);
-    report.ratio("relay_vs_raw_producer_table", table / raw);
-    report.ratio("relay_vs_raw_producer_log_3_shards", log_3_shards / raw);
+    report.ratio("relay_vs_raw_producer_log", log.rate / raw.rate);
+    report.ratio("relay_vs_raw_producer_table", table.rate / raw.rate);
+    report.ratio(
+        "relay_vs_raw_producer_log_3_shards",
+        log_3_shards.rate / raw.rate,
+    );
     // The bound for the log mode: PostgreSQL streaming the backlog to a client that does
     // nothing with it, over the same producer baseline.
-    report.ratio("log_read_alone_vs_raw_producer", read / raw);
-    // The bound: both halves of the log relay's work at once, by programs that do nothing
-    // else, on the same cores.
+    report.ratio("log_read_alone_vs_raw_producer", read.rate / raw.rate);
+    // Both halves of the log relay's work at once, by programs that do nothing else, on the
+    // same cores (each at full speed, so they take cores from each other).
     report.ratio(
         "log_read_and_produce_vs_raw_producer",
-        read_and_produce / raw,
+        read_and_produce / raw.rate,
     );
-    report.ratio("backlog_vs_steady_log", backlog_log / log);
-    report.ratio("backlog_vs_steady_table", backlog_table / table);
+    // The CPU bound of the log mode: the machine's cores, spent on nothing but what any log
+    // relay makes happen per message (PostgreSQL decoding and streaming it, the broker and
+    // the producer's client storing and sending it), each at the cost measured alone.
+    report.ratio(
+        "log_cpu_bound_vs_raw_producer",
+        cpu::rate_bound(read.cpu + raw.cpu) / raw.rate,
+    );
+    // The bound for the table mode: its database work alone (poll, mark published), with
+    // nothing sent, over the same producer baseline; and its CPU bound, as above.
+    report.ratio(
+        "table_read_and_mark_alone_vs_raw_producer",
+        read_and_mark.rate / raw.rate,
+    );
+    report.ratio(
+        "table_cpu_bound_vs_raw_producer",
+        cpu::rate_bound(read_and_mark.cpu + raw.cpu) / raw.rate,
+    );
+    report.ratio("backlog_vs_steady_log", backlog_log / log.rate);
+    report.ratio("backlog_vs_steady_table", backlog_table / table.rate);
     report.ratio("outbox_write_overhead_1", w1[0] / w1[1]);
     report.ratio("outbox_write_overhead_8", w8[0] / w8[1]);
     report.ratio("outbox_write_overhead_table_1", w1[3] / w1[1]);
@@ -753,7 +857,7 @@ pub(crate) async fn backlog_only(report: &mut Report) -> anyhow::Result<()> {
         _ => RelayMode::Log,
     };
     let started = Instant::now();
-    let rate = drain_rate(mode, backlog).await?.0;
+    let rate = drain_rate(mode, backlog).await?.0.rate;
     eprintln!(
         "relay: backlog of {backlog} drained in {:.1?} ({mode:?})",
         started.elapsed()

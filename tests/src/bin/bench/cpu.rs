@@ -1,0 +1,49 @@
+//! The machine's CPU time, for the bounds that account for it: how much CPU (every process,
+//! every core: the broker, the database, this process) a piece of work costs per message, from
+//! the kernel's counters in `/proc/stat`.
+
+use std::future::Future;
+
+/// The kernel's clock ticks per second for `/proc/stat` (`USER_HZ`, 100 on Linux).
+const TICKS_PER_SECOND: f64 = 100.0;
+
+/// Seconds the machine's cores have spent busy since boot (user, system, interrupts, stolen),
+/// or `None` where there is no `/proc/stat`.
+fn busy_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .ok()?;
+    // user nice system idle iowait irq softirq steal (guest time is within user).
+    let busy = [0, 1, 2, 5, 6, 7]
+        .iter()
+        .filter_map(|&i| ticks.get(i))
+        .sum::<u64>();
+    Some(busy as f64 / TICKS_PER_SECOND)
+}
+
+/// Runs `work` and gives its output with the machine's busy CPU seconds meanwhile (`NaN`
+/// where they cannot be read).
+pub(crate) async fn busy_during<T>(work: impl Future<Output = T>) -> (T, f64) {
+    let before = busy_seconds();
+    let output = work.await;
+    let spent = match (before, busy_seconds()) {
+        (Some(before), Some(after)) => after - before,
+        _ => f64::NAN,
+    };
+    (output, spent)
+}
+
+/// How many cores the machine has.
+pub(crate) fn cores() -> f64 {
+    std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64)
+}
+
+/// The most messages per second `cores` can carry when each costs `per_message` CPU seconds.
+pub(crate) fn rate_bound(per_message: f64) -> f64 {
+    cores() / per_message
+}
