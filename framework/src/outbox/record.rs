@@ -88,7 +88,9 @@ impl diesel::deserialize::FromSql<diesel::sql_types::Jsonb, diesel::pg::Pg> for 
 /// closing quote. `None` for anything else (an escape, a number, a nested value, another
 /// spacing), which serde_json reads instead: this is only quicker, never different (a test
 /// compares the two).
-fn plain_text_pairs(json: &str) -> Option<Vec<(std::borrow::Cow<'_, str>, std::borrow::Cow<'_, str>)>> {
+fn plain_text_pairs(
+    json: &str,
+) -> Option<Vec<(std::borrow::Cow<'_, str>, std::borrow::Cow<'_, str>)>> {
     /// A string without escapes at the start of `s`, and what follows it.
     fn string(s: &str) -> Option<(&str, &str)> {
         let s = s.strip_prefix('"')?;
@@ -103,7 +105,12 @@ fn plain_text_pairs(json: &str) -> Option<Vec<(std::borrow::Cow<'_, str>, std::b
     }
     loop {
         let (name, after) = string(rest)?;
-        let (value, after) = string(after.trim_ascii_start().strip_prefix(':')?.trim_ascii_start())?;
+        let (value, after) = string(
+            after
+                .trim_ascii_start()
+                .strip_prefix(':')?
+                .trim_ascii_start(),
+        )?;
         pairs.push((name.into(), value.into()));
         let after = after.trim_ascii_start();
         match after.strip_prefix(',') {
@@ -337,7 +344,9 @@ mod tests {
 
     #[test]
     fn the_quick_reading_of_headers_is_serde_json_s_or_none() {
-        fn serde(json: &str) -> Option<Vec<(std::borrow::Cow<'_, str>, std::borrow::Cow<'_, str>)>> {
+        fn serde(
+            json: &str,
+        ) -> Option<Vec<(std::borrow::Cow<'_, str>, std::borrow::Cow<'_, str>)>> {
             serde_json::from_str::<TextPairs<'_>>(json)
                 .ok()
                 .map(|pairs| pairs.0)

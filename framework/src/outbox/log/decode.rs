@@ -143,7 +143,10 @@ type Fields<'a> = [Value<'a>; FIELDS.len()];
 
 fn row(relation: &Relation, values: &Fields<'_>) -> Result<OutboxRecord> {
     if let Some(field) = relation.missing {
-        return Err(protocol(&format!("a row of {} without {field}", relation.name)));
+        return Err(protocol(&format!(
+            "a row of {} without {field}",
+            relation.name
+        )));
     }
     let [
         id,
@@ -175,8 +178,8 @@ fn row(relation: &Relation, values: &Fields<'_>) -> Result<OutboxRecord> {
     };
     let uuid = uuid::Uuid::from_slice(message_id?)
         .map_err(|_| protocol("a message_id that is not 16 bytes"))?;
-    let headers = crate::outbox::record::StoredHeaders::from_jsonb(headers?)
-        .map_err(|e| protocol(&e))?;
+    let headers =
+        crate::outbox::record::StoredHeaders::from_jsonb(headers?).map_err(|e| protocol(&e))?;
     // timestamptz's binary form: microseconds since 2000-01-01 00:00 UTC.
     let micros = int8(occurred_at, "occurred_at")?;
     let occurred_at = postgres_epoch()

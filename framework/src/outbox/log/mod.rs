@@ -29,9 +29,9 @@ use std::time::Duration;
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Nullable, Text};
 use diesel_async::{AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
-use std::task::Poll;
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationEvent};
 use secrecy::ExposeSecret;
+use std::task::Poll;
 use tokio_util::sync::CancellationToken;
 
 use self::decode::{Change, Decoder};

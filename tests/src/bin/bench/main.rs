@@ -4,6 +4,10 @@
 //! runs (default 100,000); `FERRYBOX_BENCH_ONLY=relay|inbox` runs one section (`backlog`: only the log relay's large
 //! backlog drain, with its log lines).
 
+/// The allocator the reference services run with (see their `main.rs`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod cpu;
 mod inbox;
 mod relay;
