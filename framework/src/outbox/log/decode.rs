@@ -30,10 +30,8 @@ pub(crate) struct Decoder {
 struct Relation {
     name: String,
     table: Option<Origin>,
-    /// How many columns its rows carry.
-    columns: usize,
-    /// For each column, which of [`FIELDS`] it is (`None`: a column the relay does not
-    /// send), found once when the relation is described rather than per row.
+    /// For each of its columns, in order, which of [`FIELDS`] it is (`None`: a column the
+    /// relay does not send), found once when the relation is described rather than per row.
     field_of: Vec<Option<usize>>,
     /// A field none of its columns is (an outbox table of an unexpected shape): its rows
     /// are an error, reported when one arrives.
@@ -67,7 +65,6 @@ impl Relation {
         Self {
             name,
             table,
-            columns: columns.len(),
             field_of,
             missing,
         }
@@ -247,10 +244,11 @@ impl<'a> Reader<'a> {
     /// [`FIELDS`] and skips the rest.
     fn tuple(&mut self, relation: &Relation) -> Result<Fields<'a>> {
         let count = usize::from(self.u16()?);
-        if count != relation.columns {
+        if count != relation.field_of.len() {
             return Err(protocol(&format!(
                 "a row of {} with {count} values for {} columns",
-                relation.name, relation.columns
+                relation.name,
+                relation.field_of.len()
             )));
         }
         let mut fields: Fields<'a> = [None; FIELDS.len()];

@@ -24,6 +24,7 @@ pub(crate) mod shards;
 pub(crate) mod slot;
 
 use std::collections::VecDeque;
+use std::task::Poll;
 use std::time::Duration;
 
 use diesel::prelude::*;
@@ -31,7 +32,6 @@ use diesel::sql_types::{BigInt, Nullable, Text};
 use diesel_async::{AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationEvent};
 use secrecy::ExposeSecret;
-use std::task::Poll;
 use tokio_util::sync::CancellationToken;
 
 use self::decode::{Change, Decoder};
