@@ -49,22 +49,14 @@ impl StoredHeaders {
 
     /// The headers as (name, value) pairs borrowed from the text where it has no escapes;
     /// `None` unless it is an object whose every value is text.
-    fn text_pairs(&self) -> Option<Vec<(std::borrow::Cow<'_, str>, std::borrow::Cow<'_, str>)>> {
+    fn text_pairs(&self) -> Option<Pairs<'_>> {
         plain_text_pairs(&self.0).or_else(|| {
             serde_json::from_str::<TextPairs<'_>>(&self.0)
                 .ok()
                 .map(|pairs| pairs.0)
         })
     }
-}
 
-impl From<serde_json::Value> for StoredHeaders {
-    fn from(value: serde_json::Value) -> Self {
-        Self(value.to_string())
-    }
-}
-
-impl StoredHeaders {
     /// From jsonb's binary form (a version byte, 1, and the JSON text), as queries and the
     /// replication stream both deliver it.
     pub(crate) fn from_jsonb(bytes: &[u8]) -> std::result::Result<Self, String> {
@@ -74,6 +66,12 @@ impl StoredHeaders {
                 .map_err(|e| format!("headers that are not text ({e})")),
             _ => Err("headers in an unknown jsonb format".to_owned()),
         }
+    }
+}
+
+impl From<serde_json::Value> for StoredHeaders {
+    fn from(value: serde_json::Value) -> Self {
+        Self(value.to_string())
     }
 }
 
@@ -88,9 +86,7 @@ impl diesel::deserialize::FromSql<diesel::sql_types::Jsonb, diesel::pg::Pg> for 
 /// closing quote. `None` for anything else (an escape, a number, a nested value, another
 /// spacing), which serde_json reads instead: this is only quicker, never different (a test
 /// compares the two).
-fn plain_text_pairs(
-    json: &str,
-) -> Option<Vec<(std::borrow::Cow<'_, str>, std::borrow::Cow<'_, str>)>> {
+fn plain_text_pairs(json: &str) -> Option<Pairs<'_>> {
     /// A string without escapes at the start of `s`, and what follows it.
     fn string(s: &str) -> Option<(&str, &str)> {
         let s = s.strip_prefix('"')?;
@@ -120,13 +116,16 @@ fn plain_text_pairs(
     }
 }
 
+/// Header (name, value) pairs, borrowed from the stored text where they can be.
+type Pairs<'a> = Vec<(std::borrow::Cow<'a, str>, std::borrow::Cow<'a, str>)>;
+
 /// A JSON object of text values, as borrowed (name, value) pairs.
-struct TextPairs<'a>(Vec<(std::borrow::Cow<'a, str>, std::borrow::Cow<'a, str>)>);
+struct TextPairs<'a>(Pairs<'a>);
 
 impl<'de> Deserialize<'de> for TextPairs<'de> {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Pairs;
-        impl<'de> serde::de::Visitor<'de> for Pairs {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
             type Value = TextPairs<'de>;
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.write_str("an object of text values")
@@ -142,7 +141,7 @@ impl<'de> Deserialize<'de> for TextPairs<'de> {
                 Ok(TextPairs(pairs))
             }
         }
-        deserializer.deserialize_map(Pairs)
+        deserializer.deserialize_map(Visitor)
     }
 }
 
@@ -344,9 +343,7 @@ mod tests {
 
     #[test]
     fn the_quick_reading_of_headers_is_serde_json_s_or_none() {
-        fn serde(
-            json: &str,
-        ) -> Option<Vec<(std::borrow::Cow<'_, str>, std::borrow::Cow<'_, str>)>> {
+        fn serde(json: &str) -> Option<Pairs<'_>> {
             serde_json::from_str::<TextPairs<'_>>(json)
                 .ok()
                 .map(|pairs| pairs.0)
