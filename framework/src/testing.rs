@@ -328,9 +328,7 @@ pub async fn count(database_url: &str, sql: &str) -> i64 {
         #[diesel(sql_type = diesel::sql_types::BigInt)]
         n: i64,
     }
-    let mut conn = AsyncPgConnection::establish(database_url)
-        .await
-        .expect("connect to the test database");
+    let mut conn = connect(database_url).await;
     diesel::sql_query(sql)
         .get_result::<N>(&mut conn)
         .await
@@ -341,9 +339,7 @@ pub async fn count(database_url: &str, sql: &str) -> i64 {
 /// Runs `sql` (one or more statements) on its own connection to `database_url`.
 pub async fn execute(database_url: &str, sql: &str) {
     use diesel_async::SimpleAsyncConnection;
-    let mut conn = AsyncPgConnection::establish(database_url)
-        .await
-        .expect("connect to the test database");
+    let mut conn = connect(database_url).await;
     conn.batch_execute(sql)
         .await
         .unwrap_or_else(|e| panic!("{sql}: {e}"));
@@ -359,17 +355,23 @@ pub async fn open_transaction(database_url: &str) -> (AsyncPgConnection, i32) {
         #[diesel(sql_type = diesel::sql_types::Integer)]
         pid: i32,
     }
-    let mut conn = AsyncPgConnection::establish(database_url)
-        .await
-        .expect("connect to the test database");
-    conn.batch_execute("BEGIN; SELECT txid_current()")
+    let mut conn = connect(database_url).await;
+    conn.batch_execute("BEGIN")
         .await
         .expect("begin a transaction");
-    let Pid { pid } = diesel::sql_query("SELECT pg_backend_pid() AS pid")
+    // The transaction id is what holds vacuum back.
+    let Pid { pid } = diesel::sql_query("SELECT pg_backend_pid() AS pid, txid_current() AS xid")
         .get_result(&mut conn)
         .await
-        .expect("the backend's pid");
+        .expect("a transaction id and the backend's pid");
     (conn, pid)
+}
+
+/// A connection of its own to `database_url`.
+async fn connect(database_url: &str) -> AsyncPgConnection {
+    AsyncPgConnection::establish(database_url)
+        .await
+        .expect("connect to the test database")
 }
 
 /// Waits until `condition` returns true, checking every 20 ms; panics with `what` after
