@@ -11,7 +11,8 @@
 //!   `logical_message_write_overhead_1` / `_8`: the same bytes as a logical decoding message
 //!   (`pg_logical_emit_message`): the bounds of what any outbox can cost on this machine.
 //! - `log_read_alone_vs_raw_producer`: the log mode's bound: how fast PostgreSQL streams the
-//!   same backlog to `pg_recvlogical`, with no broker, over the producer's rate.
+//!   same backlog to `pg_recvlogical` (timed from the first bytes it streams), with no broker,
+//!   over the producer's rate.
 //! - `log_read_and_produce_vs_raw_producer`: the log mode's stronger bound: that stream and
 //!   the plain producer at once, on the same cores.
 //! - `table_read_and_mark_alone_vs_raw_producer`: the table mode's bound: the polling relay
@@ -106,23 +107,34 @@ struct Stored {
     payload: Vec<u8>,
 }
 
-/// Messages per second of a plain producer with the relay's settings, sending `rows`, and the
-/// machine's CPU meanwhile.
-async fn raw_producer_rate(topic: &str, rows: &[Stored]) -> anyhow::Result<Measured> {
+/// A message of the plain producer's baseline, as the relay sends it.
+struct Outgoing {
+    key: String,
+    headers: BTreeMap<String, String>,
+    payload: Vec<u8>,
+}
+
+/// A plain producer with the relay's settings, ready: a message to `topic` acknowledged. A new
+/// idempotent producer's first message waits for its producer id (about 0.5 s against tansu),
+/// a start-up cost the relay's rate leaves out too (see `drain_rate_in`).
+async fn ready_producer(topic: &str) -> anyhow::Result<rdkafka::producer::FutureProducer> {
     let producer = ferrybox::kafka::durable_producer(&testing::kafka())?;
-    // The clock starts once the producer is ready (a message acknowledged): a new idempotent
-    // producer's first message waits for its producer id (about 0.5 s against tansu), a
-    // start-up cost the relay's rate leaves out too (see `drain_rate_in`).
     producer
         .send_result(FutureRecord::to(topic).key("warm-up").payload("warm-up"))
         .map_err(|(e, _)| e)?
         .await?
         .map_err(|(e, _)| e)?;
-    let headers: Vec<BTreeMap<String, String>> = rows
-        .iter()
-        .map(|r| serde_json::from_value(r.headers.clone()))
-        .collect::<Result<_, _>>()?;
-    let (sent, busy) = cpu::busy_during(send_timed(&producer, topic, rows, &headers)).await;
+    Ok(producer)
+}
+
+/// Messages per second of a ready plain producer sending `rows`, and the machine's CPU
+/// meanwhile.
+async fn raw_producer_rate(
+    producer: &rdkafka::producer::FutureProducer,
+    topic: &str,
+    rows: &[Outgoing],
+) -> anyhow::Result<Measured> {
+    let (sent, busy) = cpu::busy_during(send_timed(producer, topic, rows)).await;
     Ok(Measured::of(sent?, busy, rows.len()))
 }
 
@@ -130,17 +142,16 @@ async fn raw_producer_rate(topic: &str, rows: &[Stored]) -> anyhow::Result<Measu
 async fn send_timed(
     producer: &rdkafka::producer::FutureProducer,
     topic: &str,
-    rows: &[Stored],
-    headers: &[BTreeMap<String, String>],
+    rows: &[Outgoing],
 ) -> anyhow::Result<f64> {
     let started = Instant::now();
     let mut pending = VecDeque::new();
-    for (row, headers) in rows.iter().zip(headers) {
+    for row in rows {
         loop {
             let record = FutureRecord::to(topic)
-                .key(&row.message_key)
+                .key(&row.key)
                 .payload(&row.payload)
-                .headers(ferrybox::kafka::owned_headers(headers));
+                .headers(ferrybox::kafka::owned_headers(&row.headers));
             match producer.send_result(record) {
                 Ok(delivery) => {
                     pending.push_back(delivery);
@@ -289,19 +300,18 @@ async fn drain_rate_in(
     })
     .await;
     let measured = n.saturating_sub(usize::try_from(from)?).max(1);
-    let rate = measured as f64 / drained?;
-    let busy = busy * n as f64 / measured as f64;
+    let drain = Measured::of(measured as f64 / drained?, busy, measured);
     relay.stop().await?;
     let bound = if with_bound {
-        let (rate, busy) = cpu::busy_during(log_read_rate(&db, &mut conn, &bound_slot, n)).await;
+        let read = log_read_rate(&db, &mut conn, &bound_slot, n).await;
         diesel::sql_query(format!("SELECT pg_drop_replication_slot('{bound_slot}')"))
             .execute(&mut conn)
             .await?;
-        Some(Measured::of(rate?, busy, n))
+        Some(read?)
     } else {
         None
     };
-    Ok((Measured::of(rate, busy, n), bound))
+    Ok((drain, bound))
 }
 
 /// A rate and what it cost the machine.
@@ -314,6 +324,7 @@ struct Measured {
 }
 
 impl Measured {
+    /// A rate whose `n` messages kept the machine busy for `busy` CPU seconds.
     fn of(rate: f64, busy: f64, n: usize) -> Self {
         Self {
             rate,
@@ -328,7 +339,8 @@ async fn log_read_rate(
     conn: &mut AsyncPgConnection,
     slot: &str,
     n: usize,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<Measured> {
+    use tokio::io::AsyncReadExt;
     #[derive(diesel::QueryableByName)]
     struct Lsn {
         #[diesel(sql_type = Text)]
@@ -344,8 +356,7 @@ async fn log_read_rate(
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .filter(|d| std::path::Path::new(d).join("pg_recvlogical").exists())
         .unwrap_or_else(|| "/usr/lib/postgresql/15/bin".into());
-    let started = Instant::now();
-    let status = tokio::process::Command::new(format!("{bindir}/pg_recvlogical"))
+    let mut reader = tokio::process::Command::new(format!("{bindir}/pg_recvlogical"))
         .args([
             "-d",
             db.url(),
@@ -361,18 +372,34 @@ async fn log_read_rate(
             "-o",
             "publication_names=ferrybox_messages",
         ])
-        .args(["-o", "binary=true", "-f", "/dev/null", "--no-loop"])
-        .status()
-        .await?;
-    anyhow::ensure!(status.success(), "pg_recvlogical failed: {status}");
-    Ok(n as f64 / started.elapsed().as_secs_f64())
+        .args(["-o", "binary=true", "-f", "-", "--no-loop"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let mut out = reader.stdout.take().expect("piped");
+    // The clock starts at the first bytes streamed, as the relay's does at its first
+    // acknowledgement: the program's start, its connection and the decoding of the first
+    // transaction are left out (the messages of that first read, a pipe's worth, are not).
+    let mut buffer = vec![0u8; 1 << 16];
+    anyhow::ensure!(
+        out.read(&mut buffer).await? > 0,
+        "pg_recvlogical streamed nothing"
+    );
+    let (read, busy) = cpu::busy_during(async {
+        let started = Instant::now();
+        while out.read(&mut buffer).await? > 0 {}
+        let status = reader.wait().await?;
+        anyhow::ensure!(status.success(), "pg_recvlogical failed: {status}");
+        anyhow::Ok(started.elapsed().as_secs_f64())
+    })
+    .await;
+    Ok(Measured::of(n as f64 / read?, busy, n))
 }
 
 /// The bound for any relay that streams the log and publishes on this machine: PostgreSQL
 /// streaming a backlog of `rows.len()` messages to `pg_recvlogical` and a plain producer
 /// sending the same messages, both at once (the relay's two halves, done by programs that add
 /// nothing in between, sharing the cores as the relay's halves do). The rate of the slower.
-async fn read_and_produce_rate(rows: &[Stored]) -> anyhow::Result<f64> {
+async fn read_and_produce_rate(rows: &[Outgoing]) -> anyhow::Result<f64> {
     let n = rows.len();
     let (db, mut conn) = outbox_database().await?;
     let slot = testing::unique("bound");
@@ -383,26 +410,36 @@ async fn read_and_produce_rate(rows: &[Stored]) -> anyhow::Result<f64> {
     .await?;
     prefill(&mut conn, "ferrybox_messages", "unused", n).await?;
     let topic = testing::create_topic(3).await;
+    // Ready first, so that both halves run at once from their first message.
+    let producer = ready_producer(&topic).await?;
     let (read, produced) = tokio::join!(
         log_read_rate(&db, &mut conn, &slot, n),
-        raw_producer_rate(&topic, rows)
+        raw_producer_rate(&producer, &topic, rows)
     );
-    let produced = produced.map(|m| m.rate);
     diesel::sql_query(format!("SELECT pg_drop_replication_slot('{slot}')"))
         .execute(&mut conn)
         .await?;
-    Ok(read?.min(produced?))
+    Ok(read?.rate.min(produced?.rate))
 }
 
 /// The messages a drain sends, for the plain producer's baseline.
-async fn baseline_rows(n: usize) -> anyhow::Result<Vec<Stored>> {
+async fn baseline_rows(n: usize) -> anyhow::Result<Vec<Outgoing>> {
     let (_db, mut conn) = outbox_database().await?;
     prefill_outbox(&mut conn, "unused", n).await?;
-    Ok(
+    let stored: Vec<Stored> =
         diesel::sql_query("SELECT message_key, headers, payload FROM ferrybox_outbox ORDER BY id")
             .load(&mut conn)
-            .await?,
-    )
+            .await?;
+    stored
+        .into_iter()
+        .map(|row| {
+            Ok(Outgoing {
+                key: row.message_key,
+                headers: serde_json::from_value(row.headers)?,
+                payload: row.payload,
+            })
+        })
+        .collect()
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -448,7 +485,8 @@ async fn drain_rates(n: usize) -> anyhow::Result<DrainRates> {
     );
     for _ in 0..3 {
         let topic = testing::create_topic(3).await;
-        raw.push(raw_producer_rate(&topic, &rows).await?);
+        let producer = ready_producer(&topic).await?;
+        raw.push(raw_producer_rate(&producer, &topic, &rows).await?);
         let (rate, bound) = drain_rate(RelayMode::Log, n).await?;
         log.push(rate);
         read.extend(bound);
