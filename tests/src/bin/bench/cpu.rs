@@ -1,6 +1,7 @@
-//! The machine's CPU time, for the bounds that account for it: how much CPU (every process,
-//! every core: the broker, the database, this process) a piece of work costs per message, from
-//! the kernel's counters in `/proc/stat`.
+//! The machine's CPU time: how much CPU (every process, every core: the broker, the database,
+//! this process) a piece of work costs per message, from the kernel's counters in
+//! `/proc/stat`. (Not a bound: summing what each half costs alone gave a "bound" the relay
+//! beat, so the figures are printed for reading, not divided into ratios.)
 
 use std::future::Future;
 
@@ -36,14 +37,4 @@ pub(crate) async fn busy_during<T>(work: impl Future<Output = T>) -> (T, f64) {
         _ => f64::NAN,
     };
     (output, spent)
-}
-
-/// How many cores the machine has.
-pub(crate) fn cores() -> f64 {
-    std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64)
-}
-
-/// The most messages per second `cores` can carry when each costs `per_message` CPU seconds.
-pub(crate) fn rate_bound(per_message: f64) -> f64 {
-    cores() / per_message
 }
