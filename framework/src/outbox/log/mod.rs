@@ -247,10 +247,20 @@ async fn stream(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut next_cleanup = tokio::time::Instant::now();
     let mut next_gauges = tokio::time::Instant::now();
+    // A transaction whose messages were sent but whose end was not read yet is not confirmed:
+    // stopping inside it would have the next relay send them again. Shutdown waits for the
+    // end of the open transaction (the server streams only committed ones, so it follows),
+    // or `PATIENCE_STOPPING` for a very large one.
+    let stop_inside_transaction = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(PATIENCE_STOPPING).await;
+    };
+    tokio::pin!(stop_inside_transaction);
     let outcome = loop {
         tokio::select! {
             biased;
-            () = shutdown.cancelled() => break Ok(()),
+            () = shutdown.cancelled(), if !in_transaction => break Ok(()),
+            () = &mut stop_inside_transaction, if in_transaction => break Ok(()),
             _ = tick.tick() => {
                 progress.flush(control, client, PATIENCE).await?;
                 checkpoint.write(control, slot_name, progress.confirmed).await?;
