@@ -199,3 +199,72 @@ async fn resharding_online_loses_nothing_and_keeps_each_key_in_order() {
     .unwrap();
     assert_eq!(status.relay_shards, 3);
 }
+
+/// A reshard that died after recording its layout, before dropping the old layout's slots and
+/// publications, leaves them behind (a slot nobody streams holds WAL back for ever). Running
+/// the same reshard again, which has nothing to move, drops them; a slot of another layout
+/// that a sender still streams is left for later.
+#[tokio::test(flavor = "multi_thread")]
+async fn running_a_reshard_again_drops_what_an_unfinished_one_left_behind() {
+    let fx = Fixture::new(3).await.writing_for(RelayMode::Log);
+    let report = reshard(&fx, 3).await;
+    assert_eq!((report.from, report.to), (1, 3));
+    // The default slot name: `ferrybox_` and the database's name (`fbtest_<hex>` here).
+    let database = fx.db.url().rsplit('/').next().unwrap();
+    let base = format!("ferrybox_{database}");
+    // What a reshard from two shards that died before its end leaves: a slot and a
+    // publication of the old layout; also the one-shard slot.
+    let leftovers = [
+        format!("{base}_0_of_2"),
+        format!("{base}_1_of_2"),
+        base.clone(),
+    ];
+    let mut conn = AsyncPgConnection::establish(fx.db.url()).await.unwrap();
+    for slot in &leftovers {
+        diesel_async::RunQueryDsl::execute(
+            diesel::sql_query(format!(
+                "SELECT 1 FROM pg_create_logical_replication_slot('{slot}', 'pgoutput')"
+            )),
+            &mut conn,
+        )
+        .await
+        .unwrap();
+    }
+    diesel_async::SimpleAsyncConnection::batch_execute(
+        &mut conn,
+        "CREATE PUBLICATION ferrybox_messages_0_of_2 FOR TABLE ferrybox_messages",
+    )
+    .await
+    .unwrap();
+    let report = reshard(&fx, 3).await;
+    assert_eq!((report.from, report.to), (3, 3));
+    let mut expected = leftovers.to_vec();
+    expected.sort();
+    assert_eq!(report.dropped_slots, expected);
+    let left = fx
+        .count(&format!(
+            "SELECT count(*) AS n FROM pg_replication_slots WHERE slot_name LIKE '{base}%'"
+        ))
+        .await;
+    assert_eq!(
+        left, 0,
+        "the leftover slots are gone (the layout's own are made by its relays)"
+    );
+    assert_eq!(
+        fx.count(
+            "SELECT count(*) AS n FROM pg_publication WHERE pubname = 'ferrybox_messages_0_of_2'"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        fx.count(
+            "SELECT count(*) AS n FROM pg_publication WHERE pubname LIKE 'ferrybox_messages_%_of_3'"
+        )
+        .await,
+        3,
+        "the current layout's publications stay"
+    );
+    // Nothing more to drop the next time.
+    assert!(reshard(&fx, 3).await.dropped_slots.is_empty());
+}

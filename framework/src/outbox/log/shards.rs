@@ -245,10 +245,11 @@ pub async fn reshard(
     let base = super::slot::name(slot_name, conn).await?;
     let old = layout(conn).await?;
     if old.shards == shards && old.resharding_to.is_none() {
+        // Nothing to move; what an earlier reshard that died before its end left behind goes.
         return Ok(ReshardReport {
             from: shards,
             to: shards,
-            dropped_slots: Vec::new(),
+            dropped_slots: drop_leftovers(conn, &base, shards).await?,
         });
     }
     // Ask the relays to let go (they look at the layout once a second).
@@ -275,7 +276,10 @@ pub async fn reshard(
     // Lets go of every shard lock it took.
     conn.batch_execute("SELECT pg_advisory_unlock_all()")
         .await?;
-    let dropped_slots = outcome?;
+    let mut dropped_slots = outcome?;
+    dropped_slots.extend(drop_leftovers(conn, &base, shards).await?);
+    dropped_slots.sort();
+    dropped_slots.dedup();
     Ok(ReshardReport {
         from: old.shards,
         to: shards,
@@ -401,6 +405,74 @@ async fn move_to(
         conn.batch_execute(&sql).await?;
     }
     Ok(old_slots)
+}
+
+#[derive(diesel::QueryableByName)]
+struct Named {
+    #[diesel(sql_type = Text)]
+    name: String,
+}
+
+/// Drops what other layouts than the one of `current` shards left in this database: their
+/// slots that no sender uses (a reshard that died between recording its layout and dropping
+/// the old slots leaves them, holding WAL back for ever) and their publications. The
+/// dropped slots' names. A slot still in use is left, with a warning, to the next reshard.
+async fn drop_leftovers(
+    conn: &mut AsyncPgConnection,
+    base: &str,
+    current: u32,
+) -> Result<Vec<String>> {
+    let other = (1..=MAX_SHARDS).filter(|n| *n != current);
+    let slots: Vec<String> = other
+        .clone()
+        .flat_map(Shard::all)
+        .map(|s| s.slot(base))
+        .collect();
+    let publications: Vec<String> = other
+        .filter(|n| *n > 1)
+        .flat_map(Shard::all)
+        .map(Shard::publication)
+        .collect();
+    let found: Vec<(String, bool)> = diesel::sql_query(
+        "SELECT slot_name::text AS name, active FROM pg_replication_slots \
+         WHERE database = current_database() AND slot_name = ANY($1::text[]) \
+         ORDER BY slot_name",
+    )
+    .bind::<diesel::sql_types::Array<Text>, _>(&slots)
+    .load::<NamedSlot>(conn)
+    .await?
+    .into_iter()
+    .map(|s| (s.name, s.active))
+    .collect();
+    let (idle, busy): (Vec<_>, Vec<_>) = found.into_iter().partition(|(_, active)| !active);
+    for (name, _) in &busy {
+        tracing::warn!(slot = %name, "a slot of another relay layout is still streaming; the next reshard drops it");
+    }
+    let idle: Vec<String> = idle.into_iter().map(|(name, _)| name).collect();
+    drop_slots(conn, &idle).await?;
+    let stale: Vec<Named> = diesel::sql_query(
+        "SELECT pubname::text AS name FROM pg_publication WHERE pubname = ANY($1::text[])",
+    )
+    .bind::<diesel::sql_types::Array<Text>, _>(&publications)
+    .load(conn)
+    .await?;
+    // A layout's publication goes once none of its slots streams.
+    for publication in stale.into_iter().filter(|_| busy.is_empty()) {
+        conn.batch_execute(&format!("DROP PUBLICATION IF EXISTS {}", publication.name))
+            .await?;
+    }
+    if !idle.is_empty() {
+        tracing::info!(slots = ?idle, "dropped the slots an unfinished reshard left");
+    }
+    Ok(idle)
+}
+
+#[derive(diesel::QueryableByName)]
+struct NamedSlot {
+    #[diesel(sql_type = Text)]
+    name: String,
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    active: bool,
 }
 
 /// Drops the slots that exist of `slots`, waiting (up to 10 s) for a sender that is still
