@@ -320,6 +320,23 @@ pub async fn create_topic(partitions: i32) -> String {
     name
 }
 
+/// Deletes `topic` (a benchmark's, whose messages would otherwise stay in an in-memory
+/// broker's store for as long as it runs).
+pub async fn delete_topic(topic: &str) -> crate::Result<()> {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> =
+        kafka().client_config(ClientKind::Admin).create()?;
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    for result in admin.delete_topics(&[topic], &options).await? {
+        result.map_err(|(topic, code)| crate::Error::Topic {
+            topic,
+            reason: format!("could not be deleted: {code}"),
+        })?;
+    }
+    Ok(())
+}
+
 /// Runs `sql`, a query returning one row with a `BIGINT` column `n` (`SELECT count(*) AS n
 /// ...`), on its own connection to `database_url`, and returns `n`.
 pub async fn count(database_url: &str, sql: &str) -> i64 {

@@ -14,6 +14,10 @@
 //! - on the topic, per key, first deliveries follow version order;
 //! - no dead letters.
 //!
+//! Three runs: auth-service over Kafka and over the pulled feed, with user-service writing the
+//! feed's table (`ferrybox_outbox`, its default); and over Kafka with user-service serving no
+//! feed (`serve_feed = false`), so that it writes the log relay's append-only table.
+//!
 //! `FERRYBOX_FAULT_SEED` reruns one seed; `FERRYBOX_FAULT_KILLS` sets the number of kills
 //! (default 30); `make fault-soak` runs many seeds longer.
 
@@ -41,9 +45,19 @@ enum Transport {
     Feed,
 }
 
+/// Which outbox table user-service writes.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Writes {
+    /// `ferrybox_outbox`, the default: the service serves the pulled feed.
+    FeedTable,
+    /// `ferrybox_messages`, the log relay's append-only table (`serve_feed = false`).
+    AppendOnly,
+}
+
 /// The three processes and what they need to be restarted.
 struct Cluster {
     transport: Transport,
+    writes: Writes,
     user_db: TestDatabase,
     auth_db: TestDatabase,
     topic: String,
@@ -66,7 +80,11 @@ fn free_port() -> u16 {
 }
 
 impl Cluster {
-    async fn new(transport: Transport) -> Self {
+    async fn new(transport: Transport, writes: Writes) -> Self {
+        assert!(
+            !(transport == Transport::Feed && writes == Writes::AppendOnly),
+            "a feed consumer needs the feed"
+        );
         let topic = testing::create_topic(3).await;
         let user_db = TestDatabase::create().await;
         let auth_db = TestDatabase::create().await;
@@ -85,6 +103,9 @@ impl Cluster {
             ]
             .map(|(k, v)| (k.to_owned(), v)),
         );
+        if writes == Writes::AppendOnly {
+            user_env.push(("USER_SERVICE_SERVE_FEED".into(), "false".into()));
+        }
         let mut auth_env = testing::service_env("AUTH_SERVICE_", auth_db.url());
         auth_env.extend(
             [
@@ -121,6 +142,7 @@ impl Cluster {
         }
         let mut cluster = Self {
             transport,
+            writes,
             user_db,
             auth_db,
             topic,
@@ -454,18 +476,27 @@ async fn kill_while_draining(cluster: &mut Cluster, rng: &mut StdRng) -> Vec<Whi
     let victim = cluster.active_relay().await.unwrap_or(Which::User);
     cluster.kill_and_restart(victim, Duration::ZERO).await;
     kills.push(victim);
+    let unit = match cluster.writes {
+        Writes::FeedTable => "unpublished rows",
+        Writes::AppendOnly => "WAL bytes past the slot",
+    };
     eprintln!(
-        "[fault] backlog of {piled} piled up behind a frozen relay; {draining} left when {victim:?} was killed draining it"
+        "[fault] backlog ({unit}) of {piled} piled up behind a frozen relay; {draining} left when {victim:?} was killed draining it"
     );
     kills
 }
 
+/// What the relays have yet to publish: unpublished rows of the polling table, or, for the
+/// append-only one (which has no mark), the bytes of WAL past the slot's confirmed position.
 async fn backlog(cluster: &Cluster) -> i64 {
-    testing::count(
-        cluster.user_db.url(),
-        "SELECT count(*) AS n FROM ferrybox_outbox WHERE published_at IS NULL",
-    )
-    .await
+    let sql = match cluster.writes {
+        Writes::FeedTable => "SELECT count(*) AS n FROM ferrybox_outbox WHERE published_at IS NULL",
+        Writes::AppendOnly => {
+            "SELECT COALESCE(max(pg_current_wal_lsn() - confirmed_flush_lsn), 0)::bigint AS n \
+             FROM pg_replication_slots WHERE database = current_database()"
+        }
+    };
+    testing::count(cluster.user_db.url(), sql).await
 }
 
 async fn signal(name: &str, pid: u32) {
@@ -477,14 +508,20 @@ async fn signal(name: &str, pid: u32) {
     assert!(sent.success());
 }
 
-async fn fault_run(transport: Transport) {
+async fn fault_run(transport: Transport, writes: Writes) {
     let seed = seed();
     let planned = kills();
     eprintln!(
-        "[fault] {transport:?}: seed {seed} (rerun with FERRYBOX_FAULT_SEED={seed}), {planned} kills"
+        "[fault] {transport:?}, {writes:?}: seed {seed} (rerun with FERRYBOX_FAULT_SEED={seed}), {planned} kills"
     );
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut cluster = Cluster::new(transport).await;
+    let mut cluster = Cluster::new(transport, writes).await;
+    if writes == Writes::AppendOnly {
+        let events = reqwest::get(format!("{}/events", cluster.user_url))
+            .await
+            .unwrap();
+        assert_eq!(events.status(), 404, "no feed is served");
+    }
     let stop_writing = CancellationToken::new();
     let writers = start_writers(&cluster.user_url, seed, &stop_writing);
 
@@ -519,11 +556,21 @@ async fn fault_run(transport: Transport) {
     let auth_url = cluster.auth_db.url().to_owned();
     let outbox: BTreeSet<String> = ids(
         &user_url,
-        "SELECT message_id::text AS id FROM ferrybox_outbox",
+        "SELECT message_id::text AS id FROM ferrybox_outbox \
+         UNION ALL SELECT message_id::text AS id FROM ferrybox_messages",
     )
     .await
     .into_iter()
     .collect();
+    let appended = testing::count(&user_url, "SELECT count(*) AS n FROM ferrybox_messages").await;
+    let expected = match writes {
+        Writes::FeedTable => 0,
+        Writes::AppendOnly => i64::try_from(outbox.len()).unwrap(),
+    };
+    assert_eq!(
+        appended, expected,
+        "{writes:?}: the table every event went to"
+    );
     let inbox_sql = format!(
         "SELECT message_id::text AS id FROM ferrybox_inbox WHERE consumer = '{}'",
         cluster.group
@@ -588,7 +635,7 @@ async fn fault_run(transport: Transport) {
     }
     let by_process = |w: Which| kills.iter().filter(|k| **k == w).count();
     eprintln!(
-        "[fault] {transport:?} seed {seed}: {} kills (user-service {}, standby relay {}, auth-service {}); \
+        "[fault] {transport:?}, {writes:?}, seed {seed}: {} kills (user-service {}, standby relay {}, auth-service {}); \
          {} messages, {} records on the topic ({} duplicates), lost {}, reordered {reordered}, {} users",
         kills.len(),
         by_process(Which::User),
@@ -610,10 +657,17 @@ async fn fault_run(transport: Transport) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_binaries_in_their_default_configuration_survive_random_kills_over_kafka() {
-    fault_run(Transport::Kafka).await;
+    fault_run(Transport::Kafka, Writes::FeedTable).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_binaries_in_their_default_configuration_survive_random_kills_over_the_feed() {
-    fault_run(Transport::Feed).await;
+    fault_run(Transport::Feed, Writes::FeedTable).await;
+}
+
+/// The same over Kafka with user-service serving no feed (`serve_feed = false`), so that it
+/// writes the log relay's append-only table: the writer every service without a feed uses.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_binaries_writing_the_append_only_table_survive_random_kills_over_kafka() {
+    fault_run(Transport::Kafka, Writes::AppendOnly).await;
 }

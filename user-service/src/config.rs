@@ -25,6 +25,11 @@ pub struct Settings {
     pub users_topic: TopicConfig,
     /// How the relay batches and waits.
     pub relay: RelayConfig,
+    /// Serve `GET /events`, the pulled feed of the service's events (what auth-service reads
+    /// with `--transport feed`). Off: there is no `/events` (it answers `404`), and where the
+    /// relay reads the write-ahead log each event is written to its append-only table, which
+    /// costs every business transaction less than the feed's table does.
+    pub serve_feed: bool,
     /// Limits of the `events` feed endpoint.
     pub feed: FeedServerConfig,
     /// When what holds vacuum back (long or prepared transactions, idle slots) is alerted.
@@ -60,6 +65,7 @@ impl Default for Settings {
             schema_registry_url: "http://127.0.0.1:8081".into(),
             users_topic: TopicConfig::new("users"),
             relay: RelayConfig::default(),
+            serve_feed: true,
             feed: FeedServerConfig::default(),
             vacuum_guard: VacuumGuardConfig::default(),
             alert: AlertConfig::default(),
@@ -155,6 +161,7 @@ mod tests {
                 retention: Duration::from_millis(11),
                 cleanup_interval: Duration::from_millis(12),
             },
+            serve_feed: false,
             feed: FeedServerConfig {
                 default_limit: 13,
                 max_limit: 14,

@@ -17,19 +17,21 @@ use crate::users::{NewUser, Suspension, User, UserPatch, Users};
 
 /// The service's routes: the users API, and for other services `GET /snapshot` (every user,
 /// for reconciliation) and `GET /events` (the pulled event feed), which need the internal
-/// bearer token when one is set. Every error is JSON with a code
+/// bearer token when one is set (no `/events` without a `feed`). Every error is JSON with a code
 /// ([`ferrybox::http::json_errors`]), the 404s, 405s and 413s axum answers by itself included.
 pub fn router(
     users: Users,
-    feed: &FeedServer,
+    feed: Option<&FeedServer>,
     readiness: &Readiness,
     internal_token: Option<&SecretString>,
     max_body_bytes: usize,
 ) -> Router {
-    let internal = Router::new()
+    let mut internal = Router::new()
         .route("/snapshot", get(snapshot))
-        .with_state(users.clone())
-        .merge(feed.router());
+        .with_state(users.clone());
+    if let Some(feed) = feed {
+        internal = internal.merge(feed.router());
+    }
     let routes = Router::new()
         .route("/users", post(register))
         .route("/users/{id}", get(get_user).patch(update).delete(delete))

@@ -22,7 +22,8 @@ pub struct Application {
     listener: TcpListener,
     users: Users,
     relay: Relay,
-    feed: FeedServer,
+    /// The pulled feed, unless `serve_feed` is off.
+    feed: Option<FeedServer>,
     readiness: ferrybox::health::Readiness,
     /// Stops the feed's listener when the service stops.
     feed_stop: CancellationToken,
@@ -77,12 +78,30 @@ impl Application {
         let readiness =
             ferrybox::health::Readiness::new(pool.clone()).with_broker(&settings.kafka)?;
         let feed_stop = CancellationToken::new();
-        let feed = FeedServer::start(
-            pool.clone(),
-            &settings.database,
-            settings.feed.clone(),
-            &feed_stop,
-        )?;
+        // The feed's positions are given as the relay marks rows of the polling table, so a
+        // service that serves it writes there; one that does not writes where its relay reads.
+        let (feed, outbox) = if settings.serve_feed {
+            let feed = FeedServer::start(
+                pool.clone(),
+                &settings.database,
+                settings.feed.clone(),
+                &feed_stop,
+            )?;
+            (Some(feed), Outbox::new(SOURCE))
+        } else {
+            let mut conn = pool.get().await.context("database connection")?;
+            let mode = settings
+                .relay
+                .mode
+                .resolve(&mut conn)
+                .await
+                .context("relay mode")?;
+            tracing::info!(
+                ?mode,
+                "no pulled feed: events are written for the relay's mode"
+            );
+            (None, Outbox::new(SOURCE).for_mode(mode))
+        };
         let auth = crate::auth::Authenticator::new(
             settings.service_token.as_ref(),
             settings.token_secret.as_ref(),
@@ -91,7 +110,7 @@ impl Application {
         let users = Users {
             auth: std::sync::Arc::new(auth),
             pool,
-            outbox: Outbox::new(SOURCE),
+            outbox,
             codec,
             topic,
         };
@@ -144,7 +163,7 @@ impl Application {
             });
         let app = crate::routes::router(
             self.users,
-            &self.feed,
+            self.feed.as_ref(),
             &self.readiness,
             self.settings.internal_token.as_ref(),
             self.settings.max_body_bytes,
@@ -157,7 +176,9 @@ impl Application {
         // However the server ended, stop and drain the relay.
         shutdown.cancel();
         self.feed_stop.cancel();
-        self.feed.stopped().await;
+        if let Some(feed) = &self.feed {
+            feed.stopped().await;
+        }
         let relayed = relay_task.await.context("relay task")?;
         let guarded = guard_task.await.context("vacuum guard task")?;
         served.context("http server")?;
