@@ -18,6 +18,7 @@
 //! `settings.rs`; the `LISTEN` wake-up in `wake.rs`.
 
 mod active;
+mod adopt;
 mod enqueue;
 mod log;
 mod poll;

@@ -91,6 +91,7 @@ impl Active<'_> {
         // lock: a row marked after its acknowledgement is true whoever marks it.)
         let mut marker = self.connect().await?;
         let mut next_cleanup = tokio::time::Instant::now();
+        let mut next_adoption = tokio::time::Instant::now();
         let mut next_gauges = tokio::time::Instant::now();
         let mut failed_batches = 0u32;
         // A batch sent and acknowledged (or failed) but not recorded yet.
@@ -98,6 +99,10 @@ impl Active<'_> {
         // Holding the waiting lock: writers notify.
         let mut waiting = false;
         while !shutdown.is_cancelled() {
+            if tokio::time::Instant::now() >= next_adoption {
+                super::adopt::adopt_appended(conn).await?;
+                next_adoption = tokio::time::Instant::now() + self.config.cleanup_interval;
+            }
             if tokio::time::Instant::now() >= next_cleanup && self.clean_some(conn).await? {
                 next_cleanup = tokio::time::Instant::now() + self.config.cleanup_interval;
             }
@@ -197,7 +202,10 @@ impl Active<'_> {
         let statements = self.config.batch_size / batch + 1;
         let mut deleted = 0;
         for _ in 0..statements {
-            let went = sent_log::delete_expired_batch(conn, self.config.retention, batch).await?;
+            // The append-only table's rows left here are the log relay's acknowledged ones
+            // (see `adopt`): its sent log, which expires too.
+            let went = sent_log::delete_expired_batch(conn, self.config.retention, batch).await?
+                + sent_log::delete_expired_messages(conn, self.config.retention, batch).await?;
             deleted += went;
             if went < u64::try_from(batch).unwrap_or(0) {
                 tracing::debug!(deleted, "sent log: expired rows deleted");

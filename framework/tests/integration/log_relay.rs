@@ -415,3 +415,51 @@ async fn marking_names_rows_not_visible_yet_and_marks_them_once_they_are() {
         1
     );
 }
+
+/// An outbox relayed from the log is relayed by polling from then on (`relay.mode = table`),
+/// while its writer still writes the append-only table: the polling relay moves what the log
+/// relay had not acknowledged, and what is written there afterwards, into the polling table
+/// and publishes it; the log relay's acknowledged messages stay where they are, as the sent
+/// log. Nothing committed is lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_polling_relay_taking_over_from_the_log_relay_publishes_what_it_left() {
+    let fx = Fixture::new(2).await.writing_for(RelayMode::Log);
+    let mut written = BTreeSet::new();
+    let running = RunningRelay::start(log_relay(&fx));
+    write_changes(&fx, 0..20, 4, &mut written).await;
+    testing::read_ids(&testing::kafka(), &fx.topic, &written, TIMEOUT).await;
+    recovery_bound_checkpointed(&fx).await;
+    running.stop().await;
+    // Written while no relay runs: the log relay never saw these.
+    write_changes(&fx, 20..40, 4, &mut written).await;
+    // Its periodic pass (once per cleanup interval, a minute by default) comes soon here.
+    let polling = Relay::new(
+        fx.db.config(),
+        &testing::kafka(),
+        RelayConfig {
+            cleanup_interval: std::time::Duration::from_millis(200),
+            ..Fixture::relay_config_in(RelayMode::Table)
+        },
+    )
+    .unwrap();
+    let running = RunningRelay::start(polling);
+    // A writer still writing for the log mode while the relay polls.
+    write_changes(&fx, 40..45, 4, &mut written).await;
+    let records = testing::read_ids(&testing::kafka(), &fx.topic, &written, TIMEOUT).await;
+    running.stop().await;
+    let (_, ids) = by_key(&records);
+    assert_eq!(ids, written, "every message is on the topic");
+    let left = fx
+        .count("SELECT count(*) AS n FROM ferrybox_messages")
+        .await;
+    assert!(
+        (1..=20).contains(&left),
+        "the log relay's acknowledged messages stay as its sent log: {left}"
+    );
+    assert!(
+        fx.count("SELECT count(*) AS n FROM ferrybox_outbox WHERE published_at IS NOT NULL")
+            .await
+            >= 25,
+        "what it left was moved to the polling table and published there"
+    );
+}
