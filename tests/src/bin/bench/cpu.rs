@@ -38,3 +38,14 @@ pub(crate) async fn busy_during<T>(work: impl Future<Output = T>) -> (T, f64) {
     };
     (output, spent)
 }
+
+/// CPU seconds (user and system) process `pid` has spent, from `/proc/<pid>/stat`; `None`
+/// where it cannot be read (the process is gone, or another kernel).
+pub(crate) fn process_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name (in parentheses, which may hold spaces): field 3 on; utime
+    // and stime are fields 14 and 15.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i)?.parse::<u64>().ok();
+    Some((ticks(11)? + ticks(12)?) as f64 / TICKS_PER_SECOND)
+}

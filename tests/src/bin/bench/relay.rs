@@ -294,14 +294,25 @@ async fn drain_rate_in(
     // `raw_producer_rate`): before it, a new producer waits for its producer id.
     relay.published(1).await?;
     let from = *relay.published.borrow();
+    // The server processes decoding the log for the relay (one per slot).
+    let senders = if mode == RelayMode::Log {
+        wal_senders(&mut conn).await?
+    } else {
+        Vec::new()
+    };
+    let senders_before = senders_seconds(&senders);
     let (drained, busy) = cpu::busy_during(async {
         let started = Instant::now();
         relay.published(u64::try_from(n)?).await?;
         anyhow::Ok(started.elapsed().as_secs_f64())
     })
     .await;
+    let senders_spent = senders_seconds(&senders)
+        .zip(senders_before)
+        .map(|(after, before)| after - before);
     let measured = n.saturating_sub(usize::try_from(from)?).max(1);
-    let drain = Measured::of(measured as f64 / drained?, busy, measured);
+    let mut drain = Measured::of(measured as f64 / drained?, busy, measured);
+    drain.sender = senders_spent.map(|s| s / measured as f64);
     relay.stop().await?;
     // tansu keeps every message in memory until its topic goes: left, the runs' messages
     // make the broker slower run after run (9.8 GB after a few, and a 1,000,000-message
@@ -319,6 +330,35 @@ async fn drain_rate_in(
     Ok((drain, bound))
 }
 
+#[derive(diesel::QueryableByName)]
+struct Pid {
+    #[diesel(sql_type = diesel::sql_types::Integer)]
+    pid: i32,
+}
+
+/// The process ids of the WAL senders streaming this database's slots now.
+async fn wal_senders(conn: &mut AsyncPgConnection) -> anyhow::Result<Vec<u32>> {
+    let pids: Vec<Pid> = diesel::sql_query(
+        "SELECT active_pid AS pid FROM pg_replication_slots \
+         WHERE database = current_database() AND active_pid IS NOT NULL",
+    )
+    .load(conn)
+    .await?;
+    Ok(pids
+        .into_iter()
+        .filter_map(|p| u32::try_from(p.pid).ok())
+        .collect())
+}
+
+/// The CPU seconds the `senders` have spent, together (`None` when one cannot be read, or
+/// there are none).
+fn senders_seconds(senders: &[u32]) -> Option<f64> {
+    if senders.is_empty() {
+        return None;
+    }
+    senders.iter().map(|pid| cpu::process_seconds(*pid)).sum()
+}
+
 /// A rate and what it cost the machine.
 #[derive(Debug, Clone, Copy)]
 struct Measured {
@@ -326,6 +366,9 @@ struct Measured {
     rate: f64,
     /// Busy CPU seconds per message, every process on every core (see [`cpu`]).
     cpu: f64,
+    /// For the log relay: the CPU seconds per message of the WAL senders that decoded the log
+    /// for it (every shard's together).
+    sender: Option<f64>,
 }
 
 impl Measured {
@@ -334,6 +377,7 @@ impl Measured {
         Self {
             rate,
             cpu: busy / n as f64,
+            sender: None,
         }
     }
 }
@@ -470,9 +514,11 @@ struct DrainRates {
 
 /// The median rate and the median CPU per message of `runs`.
 fn median_of(runs: &[Measured]) -> Measured {
+    let senders: Vec<f64> = runs.iter().filter_map(|m| m.sender).collect();
     Measured {
         rate: median(runs.iter().map(|m| m.rate).collect()),
         cpu: median(runs.iter().map(|m| m.cpu).collect()),
+        sender: (!senders.is_empty()).then(|| median(senders)),
     }
 }
 
@@ -840,6 +886,18 @@ pub(crate) async fn run(report: &mut Report) -> anyhow::Result<()> {
         "machine CPU per message, table polled and marked (us)",
         micros(read_and_mark),
     );
+    // One slot is decoded by one server process, on one core: at its CPU per message, the
+    // most it can stream, however fast the relay, is one second's worth.
+    let sender = log.sender.unwrap_or(f64::NAN);
+    report.row(
+        "WAL sender CPU per message, log relay, one slot (us)",
+        sender * 1e6,
+    );
+    let one_sender_most = 1.0 / sender;
+    report.row(
+        "one WAL sender's most, a core at that cost (msg/s)",
+        one_sender_most,
+    );
     let backlog = backlog_messages(n);
     let backlog_log = drain_rate(RelayMode::Log, backlog).await?.0.rate;
     let backlog_table = drain_rate(RelayMode::Table, backlog).await?.0.rate;
@@ -882,6 +940,27 @@ pub(crate) async fn run(report: &mut Report) -> anyhow::Result<()> {
     // The bound for the log mode: PostgreSQL streaming the backlog to a client that does
     // nothing with it, over the same producer baseline.
     report.ratio("log_read_alone_vs_raw_producer", read.rate / raw.rate);
+    // The bound of one slot (the single-shard log relay): its WAL sender, a core's worth of
+    // CPU at the cost it was measured at, over the producer baseline. Shards split the
+    // decoding over several senders.
+    report.ratio(
+        "log_one_wal_sender_bound_vs_raw_producer",
+        one_sender_most / raw.rate,
+    );
+    // The machine's bound for any relay that reads the log and sends with this producer: per
+    // message, at least the WAL sender's CPU (measured during the relay's run) plus what the
+    // plain producer costs the machine (its client and the broker); the cores can do no more
+    // than that many messages a second.
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get) as f64;
+    let least = sender + raw.cpu;
+    report.row(
+        "least machine CPU per message of a log relay: WAL sender + plain producer (us)",
+        least * 1e6,
+    );
+    report.ratio(
+        "log_machine_cpu_bound_vs_raw_producer",
+        cores / least / raw.rate,
+    );
     // Both halves of the log relay's work at once, by programs that do nothing else, on the
     // same cores (each at full speed, so they take cores from each other).
     report.ratio(
