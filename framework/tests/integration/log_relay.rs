@@ -99,11 +99,9 @@ async fn recovery_bound_checkpointed(fx: &Fixture) {
     .await;
 }
 
-/// The slot is dropped (as an operator, or `max_slot_wal_keep_size`, would) while messages
-/// are committed and no relay runs: the next relay makes it again and publishes from the
-/// table what the lost slot had not delivered. Duplicates are allowed; a loss is not.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_lost_slot_is_made_again_and_nothing_committed_is_lost() {
+/// A log relay publishes 20 changes over 4 keys and checkpoints a recovery bound, then stops;
+/// 20 more are written while no relay runs (the log relay never saw them). The ids of all 40.
+async fn published_then_stopped_with_more_written() -> (Fixture, BTreeSet<String>) {
     let fx = Fixture::new(2).await.writing_for(RelayMode::Log);
     let mut written = BTreeSet::new();
     let running = RunningRelay::start(log_relay(&fx));
@@ -112,6 +110,15 @@ async fn a_lost_slot_is_made_again_and_nothing_committed_is_lost() {
     recovery_bound_checkpointed(&fx).await;
     running.stop().await;
     write_changes(&fx, 20..40, 4, &mut written).await;
+    (fx, written)
+}
+
+/// The slot is dropped (as an operator, or `max_slot_wal_keep_size`, would) while messages
+/// are committed and no relay runs: the next relay makes it again and publishes from the
+/// table what the lost slot had not delivered. Duplicates are allowed; a loss is not.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_slot_is_made_again_and_nothing_committed_is_lost() {
+    let (fx, mut written) = published_then_stopped_with_more_written().await;
     let mut conn = AsyncPgConnection::establish(fx.db.url()).await.unwrap();
     diesel::sql_query(
         "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
@@ -423,15 +430,7 @@ async fn marking_names_rows_not_visible_yet_and_marks_them_once_they_are() {
 /// log. Nothing committed is lost.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_polling_relay_taking_over_from_the_log_relay_publishes_what_it_left() {
-    let fx = Fixture::new(2).await.writing_for(RelayMode::Log);
-    let mut written = BTreeSet::new();
-    let running = RunningRelay::start(log_relay(&fx));
-    write_changes(&fx, 0..20, 4, &mut written).await;
-    testing::read_ids(&testing::kafka(), &fx.topic, &written, TIMEOUT).await;
-    recovery_bound_checkpointed(&fx).await;
-    running.stop().await;
-    // Written while no relay runs: the log relay never saw these.
-    write_changes(&fx, 20..40, 4, &mut written).await;
+    let (fx, mut written) = published_then_stopped_with_more_written().await;
     // Its periodic pass (once per cleanup interval, a minute by default) comes soon here.
     let polling = Relay::new(
         fx.db.config(),
