@@ -50,6 +50,13 @@ pub struct VacuumHolds {
     /// The WAL the most retaining of them keeps, in bytes.
     #[diesel(sql_type = Nullable<BigInt>)]
     pub inactive_slot_retained_bytes: Option<i64>,
+    /// The replication slot of the server, streamed or not, that keeps the most WAL: the one
+    /// whose consumer is furthest behind.
+    #[diesel(sql_type = Nullable<Text>)]
+    pub most_retaining_slot: Option<String>,
+    /// The WAL it keeps, in bytes.
+    #[diesel(sql_type = Nullable<BigInt>)]
+    pub most_retained_bytes: Option<i64>,
 }
 
 /// What holds vacuum back now, as the caller's connection sees it.
@@ -67,10 +74,14 @@ pub async fn holds(conn: &mut AsyncPgConnection) -> Result<VacuumHolds> {
          prepared AS ( \
              SELECT gid, extract(epoch FROM now() - prepared)::float8 AS seconds \
              FROM pg_prepared_xacts ORDER BY prepared), \
-         slots AS ( \
-             SELECT slot_name, \
+         every_slot AS ( \
+             SELECT slot_name, active, \
                     pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint AS retained \
-             FROM pg_replication_slots WHERE NOT active) \
+             FROM pg_replication_slots), \
+         slots AS (SELECT slot_name, retained FROM every_slot WHERE NOT active), \
+         most AS ( \
+             SELECT slot_name, retained FROM every_slot WHERE retained IS NOT NULL \
+             ORDER BY retained DESC LIMIT 1) \
          SELECT (SELECT seconds FROM oldest) AS oldest_transaction_seconds, \
                 (SELECT pid FROM oldest) AS oldest_transaction_pid, \
                 (SELECT client FROM oldest) AS oldest_transaction_client, \
@@ -79,7 +90,9 @@ pub async fn holds(conn: &mut AsyncPgConnection) -> Result<VacuumHolds> {
                 (SELECT gid FROM prepared LIMIT 1) AS oldest_prepared_gid, \
                 (SELECT coalesce(array_agg(slot_name::text ORDER BY slot_name), '{}') \
                     FROM slots) AS inactive_slots, \
-                (SELECT max(retained) FROM slots) AS inactive_slot_retained_bytes",
+                (SELECT max(retained) FROM slots) AS inactive_slot_retained_bytes, \
+                (SELECT slot_name::text FROM most) AS most_retaining_slot, \
+                (SELECT retained FROM most) AS most_retained_bytes",
     )
     .get_result(conn)
     .await?)
@@ -102,6 +115,10 @@ pub struct VacuumGuardConfig {
     /// its slot back within seconds).
     #[serde(with = "duration_ms", rename = "max_slot_idle_ms")]
     pub max_slot_idle: Duration,
+    /// A replication slot, streamed or not, keeping more WAL than this many bytes: its
+    /// consumer (a log relay, say) is that far behind. Set it well below the server's
+    /// `max_slot_wal_keep_size`, past which the slot is invalidated.
+    pub max_slot_retained_bytes: u64,
 }
 
 impl Default for VacuumGuardConfig {
@@ -111,6 +128,7 @@ impl Default for VacuumGuardConfig {
             max_transaction_age: Duration::from_secs(15 * 60),
             max_prepared_age: Duration::from_secs(5 * 60),
             max_slot_idle: Duration::from_secs(10 * 60),
+            max_slot_retained_bytes: 1 << 30,
         }
     }
 }
@@ -130,7 +148,7 @@ impl VacuumGuardConfig {
 /// Something that has held vacuum back past its limit.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VacuumFinding {
-    /// `long_transaction`, `prepared_transaction` or `idle_slot`.
+    /// `long_transaction`, `prepared_transaction`, `idle_slot` or `slot_lag`.
     pub kind: &'static str,
     /// What to look at, and what to do.
     pub summary: String,
@@ -197,6 +215,21 @@ impl Limits {
                     ),
                 });
             }
+        }
+        let limit = i64::try_from(self.config.max_slot_retained_bytes).unwrap_or(i64::MAX);
+        if let (Some(slot), Some(bytes)) = (&holds.most_retaining_slot, holds.most_retained_bytes)
+            && bytes > limit
+        {
+            found.push(VacuumFinding {
+                kind: "slot_lag",
+                summary: format!(
+                    "replication slot {slot} keeps {bytes} bytes of WAL (the limit is \
+                     {limit}): its consumer is that far behind, stuck or slower than the \
+                     writes (for a Ferrybox log relay: its log and `outbox status`); past the \
+                     server's max_slot_wal_keep_size the slot is invalidated, and a Ferrybox \
+                     relay then recovers from the table, sending its last messages again"
+                ),
+            });
         }
         found
     }
@@ -294,7 +327,32 @@ mod tests {
             oldest_prepared_gid: None,
             inactive_slots: Vec::new(),
             inactive_slot_retained_bytes: None,
+            most_retaining_slot: None,
+            most_retained_bytes: None,
         }
+    }
+
+    #[test]
+    fn a_slot_is_alerted_once_it_keeps_more_wal_than_its_limit() {
+        let mut guard = Limits::new(VacuumGuardConfig::default());
+        let now = tokio::time::Instant::now();
+        let behind = |bytes| VacuumHolds {
+            most_retaining_slot: Some("ferrybox_users".into()),
+            most_retained_bytes: Some(bytes),
+            ..nothing()
+        };
+        assert!(
+            guard.findings(&behind(1 << 30), now).is_empty(),
+            "at the limit"
+        );
+        let found = guard.findings(&behind((1 << 30) + 1), now);
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].kind, "slot_lag");
+        assert!(
+            found[0].summary.contains("ferrybox_users"),
+            "{}",
+            found[0].summary
+        );
     }
 
     #[test]

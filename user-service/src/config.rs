@@ -173,6 +173,7 @@ mod tests {
                 max_transaction_age: Duration::from_millis(19),
                 max_prepared_age: Duration::from_millis(20),
                 max_slot_idle: Duration::from_millis(21),
+                max_slot_retained_bytes: 22,
             },
             alert: AlertConfig {
                 webhook_url: Some("https://alerts.example.com/users".into()),

@@ -208,4 +208,11 @@ fn print_vacuum(vacuum: &ferrybox::vacuum::VacuumHolds) {
             )
         }
     );
+    println!(
+        "slot keeping most WAL:  {}",
+        match (&vacuum.most_retaining_slot, vacuum.most_retained_bytes) {
+            (Some(slot), Some(bytes)) => format!("{bytes} bytes ({slot})"),
+            _ => "-".to_owned(),
+        }
+    );
 }

@@ -65,6 +65,7 @@ async fn what_holds_vacuum_back_is_shown_and_alerted_past_its_limit() {
         max_transaction_age: Duration::ZERO,
         max_prepared_age: Duration::ZERO,
         max_slot_idle: Duration::from_millis(50),
+        max_slot_retained_bytes: u64::MAX,
     };
     let mut guard =
         VacuumGuard::new(limits.clone(), pool.clone(), alerter.clone(), "test").unwrap();
@@ -111,6 +112,26 @@ async fn what_holds_vacuum_back_is_shown_and_alerted_past_its_limit() {
             )
         );
     }
+
+    // The slot keeps the WAL written since it was made: past a limit below that, it is
+    // alerted as behind, with the bytes it keeps.
+    let retained = held.most_retained_bytes.expect("the slot keeps WAL");
+    assert_eq!(held.most_retaining_slot.as_deref(), Some("nobody_streams"));
+    let strict = VacuumGuardConfig {
+        max_slot_retained_bytes: u64::try_from(retained).unwrap() - 1,
+        ..limits.clone()
+    };
+    let lagging = VacuumGuard::new(strict, pool.clone(), alerter.clone(), "test")
+        .unwrap()
+        .check()
+        .await
+        .unwrap();
+    assert!(
+        lagging
+            .iter()
+            .any(|f| f.kind == "slot_lag" && f.summary.contains("nobody_streams")),
+        "{lagging:?}"
+    );
 
     // The running guard stops first: its own look, mid-query, is an open transaction too.
     stop.cancel();

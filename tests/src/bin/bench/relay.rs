@@ -10,9 +10,13 @@
 //! - `bare_row_write_overhead_1` / `_8`: a bare one-row insert instead of `enqueue`, and
 //!   `logical_message_write_overhead_1` / `_8`: the same bytes as a logical decoding message
 //!   (`pg_logical_emit_message`): the bounds of what any outbox can cost on this machine.
-//! - `log_read_alone_vs_raw_producer`: the log mode's bound: how fast PostgreSQL streams the
-//!   same backlog to `pg_recvlogical` (timed from the first bytes it streams), with no broker,
-//!   over the producer's rate.
+//! - `log_machine_cpu_bound_vs_raw_producer`: the log mode's bound: the machine's cores over
+//!   the least CPU a log relay costs per message (its WAL sender's, measured during the
+//!   relay's run, plus what the plain producer costs the machine), over the producer's rate;
+//!   `log_one_wal_sender_bound_vs_raw_producer`: one WAL sender's most at its CPU per message.
+//! - `log_read_alone_vs_raw_producer`: how fast PostgreSQL streams the same backlog to
+//!   `pg_recvlogical` (timed from the first bytes it streams), with no broker, over the
+//!   producer's rate (printed; no bound: the relay is faster).
 //! - `log_read_and_produce_vs_raw_producer`: that stream and the plain producer at once, on
 //!   the same cores (not a bound: each runs at full speed and takes cores from the other,
 //!   which the relay's read, paced by its sends, does not).
@@ -20,7 +24,11 @@
 //!   with nothing to send to (`Relay::feed_only`), so only its database work (poll, mark).
 //! - `publish_latency_p99_ms_<mode>`: commit to acknowledged publish at 200 msg/s.
 //! - `backlog_vs_steady_<mode>`: the drain rate of a backlog ten times as large over the
-//!   drain rate above.
+//!   drain rate above (medians of three runs each); its bound,
+//!   `raw_producer_backlog_vs_steady`: the plain producer sending that many over its rate
+//!   above (how much of the slowdown the broker and client alone cause), and
+//!   `table_read_and_mark_backlog_vs_steady`: the same for the table mode's database work
+//!   alone (`Relay::feed_only`).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -898,11 +906,14 @@ pub(crate) async fn run(report: &mut Report) -> anyhow::Result<()> {
         "one WAL sender's most, a core at that cost (msg/s)",
         one_sender_most,
     );
-    let backlog = backlog_messages(n);
-    let backlog_log = drain_rate(RelayMode::Log, backlog).await?.0.rate;
-    let backlog_table = drain_rate(RelayMode::Table, backlog).await?.0.rate;
-    report.row("backlog drain rate, log mode (msg/s)", backlog_log);
-    report.row("backlog drain rate, table mode (msg/s)", backlog_table);
+    let backlog = backlog_rates(backlog_messages(n)).await?;
+    report.row("backlog drain rate, log mode (msg/s)", backlog.log);
+    report.row("backlog drain rate, table mode (msg/s)", backlog.table);
+    report.row("plain producer rate, backlog's size (msg/s)", backlog.raw);
+    report.row(
+        "the table polled and marked, no broker, backlog's size (msg/s)",
+        backlog.read_and_mark,
+    );
     let w1 = write_overhead(1).await?;
     let w8 = write_overhead(8).await?;
     for (w, writers) in [(&w1, 1), (&w8, 8)] {
@@ -973,8 +984,15 @@ pub(crate) async fn run(report: &mut Report) -> anyhow::Result<()> {
         "table_read_and_mark_alone_vs_raw_producer",
         read_and_mark.rate / raw.rate,
     );
-    report.ratio("backlog_vs_steady_log", backlog_log / log.rate);
-    report.ratio("backlog_vs_steady_table", backlog_table / table.rate);
+    report.ratio("backlog_vs_steady_log", backlog.log / log.rate);
+    report.ratio("backlog_vs_steady_table", backlog.table / table.rate);
+    // The bounds: the broker and client alone sending the backlog's size, and the table
+    // mode's database work alone on it, each over its own steady rate.
+    report.ratio("raw_producer_backlog_vs_steady", backlog.raw / raw.rate);
+    report.ratio(
+        "table_read_and_mark_backlog_vs_steady",
+        backlog.read_and_mark / read_and_mark.rate,
+    );
     report.ratio("outbox_write_overhead_1", w1[0] / w1[1]);
     report.ratio("outbox_write_overhead_8", w8[0] / w8[1]);
     report.ratio("outbox_write_overhead_table_1", w1[3] / w1[1]);
@@ -989,6 +1007,50 @@ pub(crate) async fn run(report: &mut Report) -> anyhow::Result<()> {
     // The bound: the producer alone, no database, no relay.
     report.ratio("publish_latency_p99_ms_raw_producer", latency_raw);
     Ok(())
+}
+
+/// Drain rates (msg/s) of a backlog of `n` in each mode, and the plain producer's rate
+/// sending as many: medians of three alternated runs (a single one swings as much as the
+/// steady drains do).
+async fn backlog_rates(n: usize) -> anyhow::Result<BacklogRates> {
+    let rows = baseline_rows(n).await?;
+    let (mut log, mut table, mut raw, mut marked) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..3 {
+        let topic = testing::create_topic(3).await;
+        let producer = ready_producer(&topic).await?;
+        raw.push(raw_producer_rate(&producer, &topic, &rows).await?.rate);
+        drop(producer);
+        testing::delete_topic(&topic).await?;
+        log.push(drain_rate(RelayMode::Log, n).await?.0.rate);
+        table.push(drain_rate(RelayMode::Table, n).await?.0.rate);
+        marked.push(
+            drain_rate_in(RelayMode::Table, 1, n, Via::Feed)
+                .await?
+                .0
+                .rate,
+        );
+    }
+    eprintln!(
+        "relay: backlog runs of {n} (msg/s) log {log:.0?}, table {table:.0?}, raw {raw:.0?}, \
+         the table polled and marked, no broker {marked:.0?}"
+    );
+    Ok(BacklogRates {
+        log: median(log),
+        table: median(table),
+        raw: median(raw),
+        read_and_mark: median(marked),
+    })
+}
+
+/// The medians of [`backlog_rates`], msg/s.
+struct BacklogRates {
+    log: f64,
+    table: f64,
+    /// The plain producer sending as many.
+    raw: f64,
+    /// The table mode with nothing to send to: its database work alone.
+    read_and_mark: f64,
 }
 
 /// Only the large backlog drain (`FERRYBOX_BENCH_ONLY=backlog`), of the log relay or, with
