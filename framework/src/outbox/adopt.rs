@@ -33,15 +33,13 @@ struct Moved {
 /// Moves the append-only table's rows the log relay may not have published into the polling
 /// table, in one statement; how many moved.
 pub(super) async fn adopt_appended(conn: &mut AsyncPgConnection) -> Result<u64> {
-    let moved: Moved = diesel::sql_query(
+    let moved: Moved = diesel::sql_query(format!(
         "WITH bound AS ( \
              SELECT CASE WHEN count(recover_from_xid) = count(*) AND count(*) > 0 \
                          THEN min(recover_from_xid) END AS xid \
              FROM ferrybox_relay_checkpoints), \
          gone AS ( \
-             DELETE FROM ferrybox_messages \
-             WHERE (SELECT xid FROM bound) IS NULL \
-                OR age(xmin) <= age(((SELECT xid FROM bound)::text::bigint % 4294967296)::text::xid) \
+             DELETE FROM ferrybox_messages WHERE {} \
              RETURNING id, message_id, topic, message_key, message_type, entity_version, headers, \
                        payload, occurred_at, created_at), \
          made AS ( \
@@ -54,7 +52,8 @@ pub(super) async fn adopt_appended(conn: &mut AsyncPgConnection) -> Result<u64> 
              ON CONFLICT (message_id) DO NOTHING \
              RETURNING 1) \
          SELECT (SELECT count(*) FROM gone) AS moved",
-    )
+        super::log::slot::since_bound("SELECT xid FROM bound")
+    ))
     .get_result(conn)
     .await?;
     let moved = u64::try_from(moved.moved).unwrap_or(0);

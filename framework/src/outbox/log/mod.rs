@@ -665,10 +665,9 @@ async fn publish_snapshot(
         "SELECT id, message_id, topic, message_key, message_type, entity_version, \
                 occurred_at, headers, payload \
          FROM ferrybox_messages \
-         WHERE id > $1 AND ($2::text IS NULL \
-               OR age(xmin) <= age((($2::text)::bigint % 4294967296)::text::xid)) \
-           AND ({}) \
+         WHERE id > $1 AND {} AND ({}) \
          ORDER BY id LIMIT $3",
+        slot::since_bound("$2::text"),
         shard.condition()
     );
     let mut after = 0i64;

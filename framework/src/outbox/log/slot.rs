@@ -349,6 +349,17 @@ pub(crate) async fn snapshot_done(
     Ok(())
 }
 
+/// SQL: whether a row's transaction is at or above the recovery bound `bound` (an SQL
+/// expression of the bound's `xid8` or its text; NULL: every row is): the rows a slot that
+/// checkpointed that bound may not have delivered. `xmin` is 32 bits, so the bound's epoch
+/// goes and the two are compared by age (both are within the wraparound horizon).
+pub(crate) fn since_bound(bound: &str) -> String {
+    format!(
+        "(({bound}) IS NULL \
+          OR age(xmin) <= age(((({bound})::text)::bigint % 4294967296)::text::xid))"
+    )
+}
+
 /// The checkpoint: the confirmed position and the recovery bound.
 pub(crate) async fn write_checkpoint(
     conn: &mut AsyncPgConnection,
