@@ -276,10 +276,10 @@ pub async fn reshard(
     // Lets go of every shard lock it took.
     conn.batch_execute("SELECT pg_advisory_unlock_all()")
         .await?;
+    // The old layout's slots are dropped by `move_to`; its publications, and whatever an
+    // earlier unfinished reshard left, go here.
     let mut dropped_slots = outcome?;
     dropped_slots.extend(drop_leftovers(conn, &base, shards).await?);
-    dropped_slots.sort();
-    dropped_slots.dedup();
     Ok(ReshardReport {
         from: old.shards,
         to: shards,
@@ -393,17 +393,6 @@ async fn move_to(
     .execute(conn)
     .await?;
     drop_slots(conn, &old_slots).await?;
-    // The old layout's own publications go too (one shard's is the migrations').
-    if from > 1 {
-        let mut sql = String::new();
-        for shard in Shard::all(from) {
-            sql.push_str(&format!(
-                "DROP PUBLICATION IF EXISTS {};",
-                shard.publication()
-            ));
-        }
-        conn.batch_execute(&sql).await?;
-    }
     Ok(old_slots)
 }
 
@@ -433,22 +422,19 @@ async fn drop_leftovers(
         .flat_map(Shard::all)
         .map(Shard::publication)
         .collect();
-    let found: Vec<(String, bool)> = diesel::sql_query(
+    let found: Vec<NamedSlot> = diesel::sql_query(
         "SELECT slot_name::text AS name, active FROM pg_replication_slots \
          WHERE database = current_database() AND slot_name = ANY($1::text[]) \
          ORDER BY slot_name",
     )
     .bind::<diesel::sql_types::Array<Text>, _>(&slots)
-    .load::<NamedSlot>(conn)
-    .await?
-    .into_iter()
-    .map(|s| (s.name, s.active))
-    .collect();
-    let (idle, busy): (Vec<_>, Vec<_>) = found.into_iter().partition(|(_, active)| !active);
-    for (name, _) in &busy {
-        tracing::warn!(slot = %name, "a slot of another relay layout is still streaming; the next reshard drops it");
+    .load(conn)
+    .await?;
+    let (busy, idle): (Vec<_>, Vec<_>) = found.into_iter().partition(|slot| slot.active);
+    for slot in &busy {
+        tracing::warn!(slot = %slot.name, "a slot of another relay layout is still streaming; the next reshard drops it");
     }
-    let idle: Vec<String> = idle.into_iter().map(|(name, _)| name).collect();
+    let idle: Vec<String> = idle.into_iter().map(|slot| slot.name).collect();
     drop_slots(conn, &idle).await?;
     let stale: Vec<Named> = diesel::sql_query(
         "SELECT pubname::text AS name FROM pg_publication WHERE pubname = ANY($1::text[])",
