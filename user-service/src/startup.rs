@@ -89,7 +89,7 @@ impl Application {
             )?;
             (Some(feed), Outbox::new(SOURCE))
         } else {
-            let mut conn = pool.get().await.context("database connection")?;
+            let mut conn = db::connection(&pool).await?;
             let mode = settings
                 .relay
                 .mode
