@@ -1,7 +1,9 @@
-//! The machine's CPU time: how much CPU (every process, every core: the broker, the database,
-//! this process) a piece of work costs per message, from the kernel's counters in
-//! `/proc/stat`. (Not a bound: summing what each half costs alone gave a "bound" the relay
-//! beat, so the figures are printed for reading, not divided into ratios.)
+//! CPU time: how much CPU a piece of work costs per message, the whole machine's (every
+//! process, every core: the broker, the database, this process) from `/proc/stat`, and one
+//! process's (a WAL sender) from `/proc/<pid>/stat`. The log mode's machine bound adds the WAL
+//! sender's, measured during the relay's own run, to the plain producer's (summing
+//! `pg_recvlogical`'s whole run instead, client program included, gave a "bound" the relay
+//! beat).
 
 use std::future::Future;
 
