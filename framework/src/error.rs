@@ -92,6 +92,10 @@ pub enum Error {
     /// stream, which resumes from the slot's confirmed position.
     #[error("replication: {0}")]
     Replication(String),
+    /// A gap in a producer's numbers could not be repaired from its sent log yet (the
+    /// producer away, the numbers no longer kept): tried again.
+    #[error("repairing a gap: {0}")]
+    Repair(String),
 
     /// The database cannot serve the log relay as it is set up (`wal_level`, privileges, the
     /// publication, free slots): what to change is in the message.
@@ -110,7 +114,8 @@ impl Error {
             | Error::Task(_)
             | Error::Http(_)
             | Error::NotPublished { .. }
-            | Error::Replication(_) => true,
+            | Error::Replication(_)
+            | Error::Repair(_) => true,
             Error::Codec(e) => e.is_retryable(),
             Error::Migration(_)
             | Error::Topic { .. }

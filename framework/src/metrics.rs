@@ -103,6 +103,7 @@ pub(crate) fn instruments() -> Option<&'static Instruments> {
 pub(crate) struct Instruments {
     pub(crate) sent: Counter<u64>,
     pub(crate) consumed: Counter<u64>,
+    pub(crate) gaps: Counter<u64>,
     pub(crate) process_duration: Histogram<f64>,
     pub(crate) retries: Counter<u64>,
     pub(crate) outbox_backlog: Gauge<u64>,
@@ -136,6 +137,13 @@ impl Instruments {
                 .u64_counter("messaging.client.consumed.messages")
                 .with_unit("{message}")
                 .with_description("Messages a consumer finished, by outcome")
+                .build(),
+            gaps: meter
+                .u64_counter("ferrybox.inbox.gaps")
+                .with_unit("{gap}")
+                .with_description(
+                    "Gaps found in producers' numbers (a partition halted until repaired)",
+                )
                 .build(),
             process_duration: meter
                 .f64_histogram("messaging.process.duration")

@@ -307,17 +307,23 @@ fn require_broker(kafka: &KafkaConfig) {
 
 /// Creates a topic with a random name and `partitions` partitions on the test broker.
 pub async fn create_topic(partitions: i32) -> String {
-    require_broker(&kafka());
     let name = unique("fbtest").replace('_', "-");
+    create_topic_named(&name, partitions).await;
+    name
+}
+
+/// Creates topic `name` with `partitions` partitions on the test broker (again, after
+/// [`delete_topic`]: a topic whose data the broker lost).
+pub async fn create_topic_named(name: &str, partitions: i32) {
+    require_broker(&kafka());
     let topic = TopicConfig {
-        name: name.clone(),
+        name: name.to_owned(),
         partitions,
         replication_factor: 1,
     };
     crate::kafka::ensure_topics(&kafka(), &[topic])
         .await
         .expect("create test topic");
-    name
 }
 
 /// Deletes `topic` (a benchmark's, whose messages would otherwise stay in an in-memory
@@ -770,15 +776,19 @@ pub struct ReadRecord {
     pub key: Option<String>,
     /// Its headers.
     pub headers: std::collections::BTreeMap<String, String>,
+    /// Its payload.
+    pub payload: Option<Vec<u8>>,
 }
 
 impl ReadRecord {
-    fn from_message(m: &impl rdkafka::message::Message) -> Self {
+    /// The record `m` as read.
+    pub fn from_message(m: &impl rdkafka::message::Message) -> Self {
         Self {
             partition: m.partition(),
             offset: m.offset(),
             key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
             headers: crate::kafka::headers_map(m),
+            payload: m.payload().map(<[u8]>::to_vec),
         }
     }
 }

@@ -280,6 +280,19 @@ impl<H: Handler> FeedConsumer<H> {
                 {
                     Progress::Done { count, by_applier } => (count, by_applier),
                     Progress::Shutdown => return Ok(None),
+                    Progress::Gap(gap) => {
+                        // Feed events carry positions, not producer numbers: a numbered one
+                        // out of order is the producer's bug.
+                        return Err(Error::FeedHalted {
+                            position,
+                            reason: format!(
+                                "message at position {} is numbered past the next number of \
+                                 {} on {}/{} (missing {}..={})",
+                                rest[0].offset, gap.source, gap.topic, gap.partition,
+                                gap.from_seq, gap.to_seq
+                            ),
+                        });
+                    }
                     Progress::Halted(failure) => {
                         return Err(Error::FeedHalted {
                             position,

@@ -32,6 +32,7 @@
 //! need an operator (reconcile, then set the position).
 
 mod consumer;
+mod numbered;
 mod server;
 
 use std::collections::BTreeMap;
@@ -40,6 +41,7 @@ use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use serde::{Deserialize, Serialize};
 
 pub use consumer::{FeedConfig, FeedConsumer, OnUndecodable};
+pub use numbered::{MAX_NUMBERS, numbered_router};
 pub use server::{FeedServer, FeedServerConfig};
 
 use crate::outbox::schema::ferrybox_feed_positions as positions;

@@ -48,6 +48,20 @@ impl Record {
     }
 }
 
+/// A message numbered past the next one of its source, topic and partition: the numbers
+/// `from_seq..=to_seq` never arrived. Nothing of that partition after it is applied until the
+/// gap is repaired or skipped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Gap {
+    pub(crate) source: String,
+    pub(crate) topic: String,
+    pub(crate) partition: i32,
+    pub(crate) from_seq: i64,
+    pub(crate) to_seq: i64,
+    /// The offset of the message after the gap, where the partition resumes.
+    pub(crate) offset: i64,
+}
+
 /// What happened to one message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Outcome {
@@ -61,6 +75,8 @@ pub(crate) struct Failure {
     pub(crate) kind: &'static str,
     pub(crate) error: String,
     pub(crate) retryable: bool,
+    /// Not a failure of the message: the gap before it (its partition halts).
+    pub(crate) gap: Option<Box<Gap>>,
 }
 
 impl Failure {
@@ -69,6 +85,19 @@ impl Failure {
             kind,
             error: error.into(),
             retryable: false,
+            gap: None,
+        }
+    }
+
+    fn gap(gap: Gap) -> Self {
+        Self {
+            kind: "gap",
+            error: format!(
+                "numbers {}..={} of {} on {}/{} never arrived",
+                gap.from_seq, gap.to_seq, gap.source, gap.topic, gap.partition
+            ),
+            retryable: false,
+            gap: Some(Box::new(gap)),
         }
     }
 
@@ -81,6 +110,7 @@ impl Failure {
             },
             error: e.to_string(),
             retryable: e.is_retryable(),
+            gap: None,
         }
     }
 
@@ -89,6 +119,7 @@ impl Failure {
             kind,
             error: e.to_string(),
             retryable: e.is_retryable(),
+            gap: None,
         }
     }
 }
@@ -104,6 +135,54 @@ pub(crate) struct Applier<H> {
     /// For a feed consumer: the feed whose position (the records' `offset`) is stored in the
     /// same transaction as the messages it applied.
     pub(crate) checkpoint: Option<String>,
+    /// How messages are deduplicated.
+    pub(crate) dedup: Dedup,
+}
+
+/// How the inbox knows a message is a duplicate (`inbox.dedup`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Dedup {
+    /// By the producer's numbers where a message carries them (every message a Ferrybox log
+    /// relay publishes, see [`crate::outbox::SEQ_HEADER`]): one row per source, topic and
+    /// partition holds the last number applied, written in the applying transaction; a
+    /// message numbered past the next one is a gap, and halts its partition. Messages without
+    /// numbers (other producers, the polling relay) are deduplicated by id.
+    #[default]
+    Sequence,
+    /// By message id only: one inbox row per message, whoever produced it.
+    Id,
+}
+
+/// How a message of a batch is deduplicated, once its number was looked at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// The next number of its partition: applied.
+    Next,
+    /// At or below the last number applied: skipped.
+    Duplicate,
+    /// Carries no number (or the inbox deduplicates by id, or it is redriven from the dead
+    /// letters, whose number was used when it was dead-lettered): its id decides.
+    ById,
+}
+
+/// A message's source, topic, partition and number, when it carries them.
+fn numbered(message: &ReceivedMessage) -> Option<(&str, i64)> {
+    let headers = &message.envelope.headers;
+    let source = headers.get(crate::outbox::SOURCE_HEADER)?;
+    let seq = headers.get(crate::outbox::SEQ_HEADER)?.parse::<i64>().ok()?;
+    (seq > 0).then_some((source.as_str(), seq))
+}
+
+/// (source, topic, partition)
+type SeqKey = (String, String, i32);
+
+fn seq_key(message: &ReceivedMessage, source: &str) -> SeqKey {
+    (
+        source.to_owned(),
+        message.envelope.topic.clone(),
+        message.envelope.partition,
+    )
 }
 
 /// What a batch did: the leading records it finished, and the failure that stopped it.
@@ -113,16 +192,20 @@ pub(crate) struct BatchApplied {
     pub(crate) outcomes: Vec<Outcome>,
     /// Why the record right after those was not applied; `None` when all were.
     pub(crate) failure: Option<Failure>,
+    /// The record right after those is numbered past the next number: the gap before it.
+    pub(crate) gap: Option<Gap>,
 }
 
 impl<H: Handler> Applier<H> {
     /// Applies `record` once: `Duplicate` when its id is already in the inbox.
+    /// A record numbered past the next one fails with its [`Failure::gap`].
     pub(crate) async fn apply(&self, record: &Record) -> Result<Outcome, Failure> {
         let mut batch = self.apply_batch(std::slice::from_ref(record)).await;
-        match (batch.outcomes.pop(), batch.failure) {
-            (Some(outcome), None) => Ok(outcome),
-            (_, Some(failure)) => Err(failure),
-            (None, None) => Err(Failure::permanent("internal", "empty batch result")),
+        match (batch.outcomes.pop(), batch.failure, batch.gap) {
+            (_, _, Some(gap)) => Err(Failure::gap(gap)),
+            (Some(outcome), None, None) => Ok(outcome),
+            (_, Some(failure), None) => Err(failure),
+            (None, None, None) => Err(Failure::permanent("internal", "empty batch result")),
         }
     }
 
@@ -181,6 +264,7 @@ impl<H: Handler> Applier<H> {
             return BatchApplied {
                 outcomes: Vec::new(),
                 failure,
+                gap: None,
             };
         }
         let mut conn = match db::connection(&self.pool).await {
@@ -189,44 +273,80 @@ impl<H: Handler> Applier<H> {
                 return BatchApplied {
                     outcomes: Vec::new(),
                     failure: Some(Failure::from_error("database", &e)),
+                    gap: None,
                 };
             }
         };
         let result = conn
             .transaction::<_, diesel::result::Error, _>(async |tx| {
-                self.apply_prepared(tx, records, &messages).await
+                self.apply_prepared(tx, records, &messages, false).await
             })
             .await;
         match result {
-            Ok((outcomes, handler_failure)) => BatchApplied {
+            Ok(Prepared {
+                outcomes,
+                failure: handler_failure,
+                gap: Some(gap),
+            }) => BatchApplied {
+                outcomes,
+                failure: handler_failure,
+                gap: Some(gap),
+            },
+            Ok(Prepared {
+                outcomes,
+                failure: handler_failure,
+                gap: None,
+            }) => BatchApplied {
                 outcomes,
                 failure: handler_failure.or(failure),
+                gap: None,
             },
             Err(e) => BatchApplied {
                 outcomes: Vec::new(),
                 failure: Some(Failure::from_handler(&HandlerError::from(e))),
+                gap: None,
             },
         }
     }
 
-    /// Applies `messages` (prepared from the leading records of `records`) in `tx`: records
-    /// their ids, runs the handler for the new ones (as a batch, then one by one to isolate a
-    /// failure) and moves the feed position. Returns the leading outcomes that may commit and
-    /// the handler failure that ended them, if any; `tx` is the caller's transaction.
+    /// Applies `messages` (prepared from the leading records of `records`) in `tx`: looks
+    /// their numbers up (the batch ends before a gap), records the ids of those without, runs
+    /// the handler for the new ones (as a batch, then one by one to isolate a failure), and
+    /// moves the numbers and the feed position. Returns the leading outcomes that may commit,
+    /// the handler failure that ended them and the gap that did, if any; `tx` is the caller's
+    /// transaction.
     pub(crate) async fn apply_prepared(
         &self,
         tx: &mut AsyncPgConnection,
         records: &[Record],
         messages: &[ReceivedMessage],
-    ) -> Result<(Vec<Outcome>, Option<Failure>), diesel::result::Error> {
+        redrive: bool,
+    ) -> Result<Prepared, diesel::result::Error> {
         let consumer = self.consumer.as_str();
         // Cancels the handler's statement if it runs over its limit; one per transaction.
         let cancel = tx.cancel_token();
-        let mut new = record_ids(tx, consumer, messages).await?;
+        let (verdicts, gap) = if redrive {
+            (vec![Verdict::ById; messages.len()], None)
+        } else {
+            self.number(tx, messages).await?
+        };
+        let messages = &messages[..verdicts.len()];
+        let by_id: Vec<&ReceivedMessage> = messages
+            .iter()
+            .zip(&verdicts)
+            .filter(|(_, v)| **v == Verdict::ById)
+            .map(|(m, _)| m)
+            .collect();
+        let mut new = record_ids(tx, consumer, &by_id).await?;
         // Which messages are new (a second copy of an id within the batch is a duplicate).
         let fresh: Vec<bool> = messages
             .iter()
-            .map(|m| new.remove(&m.envelope.id.0))
+            .zip(&verdicts)
+            .map(|(m, v)| match v {
+                Verdict::Next => true,
+                Verdict::Duplicate => false,
+                Verdict::ById => new.remove(&m.envelope.id.0),
+            })
             .collect();
         let fresh_messages: Vec<&ReceivedMessage> = messages
             .iter()
@@ -251,7 +371,12 @@ impl<H: Handler> Applier<H> {
             .collect();
         if as_batch {
             self.store_position(tx, &records[..outcomes.len()]).await?;
-            return Ok((outcomes, None));
+            store_numbers(tx, consumer, messages, &verdicts).await?;
+            return Ok(Prepared {
+                outcomes,
+                failure: None,
+                gap,
+            });
         }
         // The batch failed: apply one by one to find the failing message.
         for (i, message) in messages.iter().enumerate() {
@@ -277,11 +402,73 @@ impl<H: Handler> Applier<H> {
                 .execute(tx)
                 .await?;
                 self.store_position(tx, &records[..i]).await?;
-                return Ok((outcomes[..i].to_vec(), Some(Failure::from_handler(&e))));
+                store_numbers(tx, consumer, &messages[..i], &verdicts[..i]).await?;
+                return Ok(Prepared {
+                    outcomes: outcomes[..i].to_vec(),
+                    failure: Some(Failure::from_handler(&e)),
+                    gap: None,
+                });
             }
         }
         self.store_position(tx, &records[..outcomes.len()]).await?;
-        Ok((outcomes, None))
+        store_numbers(tx, consumer, messages, &verdicts).await?;
+        Ok(Prepared {
+            outcomes,
+            failure: None,
+            gap,
+        })
+    }
+
+    /// How each of `messages` is deduplicated: by its number (locking its partition's row, so
+    /// two instances never apply one number twice), or by id. Stops at the first message
+    /// numbered past the next one, and returns its gap: the verdicts cover the messages before
+    /// it.
+    async fn number(
+        &self,
+        tx: &mut AsyncPgConnection,
+        messages: &[ReceivedMessage],
+    ) -> Result<(Vec<Verdict>, Option<Gap>), diesel::result::Error> {
+        let numbers: Vec<Option<(&str, i64)>> = messages
+            .iter()
+            .map(|m| match self.dedup {
+                Dedup::Sequence => numbered(m),
+                Dedup::Id => None,
+            })
+            .collect();
+        let mut keys: Vec<SeqKey> = messages
+            .iter()
+            .zip(&numbers)
+            .filter_map(|(m, n)| n.map(|(source, _)| seq_key(m, source)))
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let mut last = lock_numbers(tx, &self.consumer, &keys).await?;
+        let mut verdicts = Vec::with_capacity(messages.len());
+        for (message, number) in messages.iter().zip(numbers) {
+            let Some((source, seq)) = number else {
+                verdicts.push(Verdict::ById);
+                continue;
+            };
+            let key = seq_key(message, source);
+            let applied = last.get(&key).copied().unwrap_or(0);
+            if seq <= applied {
+                verdicts.push(Verdict::Duplicate);
+            } else if seq == applied + 1 {
+                last.insert(key, seq);
+                verdicts.push(Verdict::Next);
+            } else {
+                let gap = Gap {
+                    source: key.0,
+                    topic: key.1,
+                    partition: key.2,
+                    from_seq: applied + 1,
+                    to_seq: seq - 1,
+                    offset: message.envelope.offset,
+                };
+                return Ok((verdicts, Some(gap)));
+            }
+        }
+        Ok((verdicts, None))
     }
 
     /// Records how long a handler call took, when metrics are on.
@@ -397,6 +584,158 @@ async fn cancel_statement(cancel: &tokio_postgres::CancelToken) {
     }
 }
 
+/// Where a record stands among its partition's numbers, for one finished without being
+/// applied (dead-lettered or parked): see [`claim_number`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Claim {
+    /// It carries no number (or the inbox deduplicates by id).
+    Unnumbered,
+    /// It was the next number, and now counts as used in the caller's transaction.
+    Next,
+    /// At or below the last number used: finished already (by another instance).
+    Duplicate,
+    /// Numbered past the next one.
+    Gap(Gap),
+}
+
+/// Uses `record`'s number, in `tx`, for a record finished without being applied (a dead
+/// letter, a parked message), so the messages after it are not taken for a gap.
+pub(crate) async fn claim_number(
+    tx: &mut AsyncPgConnection,
+    consumer: &str,
+    dedup: Dedup,
+    record: &Record,
+) -> Result<Claim, diesel::result::Error> {
+    let number = record
+        .headers
+        .get(crate::outbox::SOURCE_HEADER)
+        .zip(record.headers.get(crate::outbox::SEQ_HEADER))
+        .and_then(|(source, seq)| Some((source, seq.parse::<i64>().ok()?)))
+        .filter(|(_, seq)| *seq > 0 && dedup == Dedup::Sequence);
+    let Some((source, seq)) = number else {
+        return Ok(Claim::Unnumbered);
+    };
+    let key = (source.clone(), record.topic.clone(), record.partition);
+    let last = lock_numbers(tx, consumer, std::slice::from_ref(&key))
+        .await?
+        .get(&key)
+        .copied()
+        .unwrap_or(0);
+    if seq <= last {
+        return Ok(Claim::Duplicate);
+    }
+    if seq > last + 1 {
+        return Ok(Claim::Gap(Gap {
+            source: key.0,
+            topic: key.1,
+            partition: key.2,
+            from_seq: last + 1,
+            to_seq: seq - 1,
+            offset: record.offset,
+        }));
+    }
+    diesel::sql_query(
+        "UPDATE ferrybox_inbox_sequences SET last_seq = $5, updated_at = now()          WHERE consumer = $1 AND source = $2 AND topic = $3 AND kafka_partition = $4",
+    )
+    .bind::<diesel::sql_types::Text, _>(consumer)
+    .bind::<diesel::sql_types::Text, _>(&key.0)
+    .bind::<diesel::sql_types::Text, _>(&key.1)
+    .bind::<diesel::sql_types::Integer, _>(key.2)
+    .bind::<diesel::sql_types::BigInt, _>(seq)
+    .execute(tx)
+    .await?;
+    Ok(Claim::Next)
+}
+
+/// What [`Applier::apply_prepared`] did: the leading outcomes that may commit, the handler
+/// failure that ended them, or the gap that did.
+#[derive(Debug)]
+pub(crate) struct Prepared {
+    pub(crate) outcomes: Vec<Outcome>,
+    pub(crate) failure: Option<Failure>,
+    pub(crate) gap: Option<Gap>,
+}
+
+#[derive(QueryableByName)]
+struct LastNumber {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    source: String,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    topic: String,
+    #[diesel(sql_type = diesel::sql_types::Integer)]
+    kafka_partition: i32,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    last_seq: i64,
+}
+
+/// The last number applied for each of `keys` (0 for a source not seen yet), with their rows
+/// locked until `tx` ends; one statement. `keys` are distinct.
+async fn lock_numbers(
+    tx: &mut AsyncPgConnection,
+    consumer: &str,
+    keys: &[SeqKey],
+) -> Result<std::collections::HashMap<SeqKey, i64>, diesel::result::Error> {
+    use diesel::sql_types::{Array, Integer, Text};
+    if keys.is_empty() {
+        return Ok(std::collections::HashMap::new());
+    }
+    // The no-op update locks a row that exists and returns its number; a new one is made at 0.
+    let rows: Vec<LastNumber> = crate::db::prepared(
+        diesel::sql_query(
+            "INSERT INTO ferrybox_inbox_sequences                (consumer, source, topic, kafka_partition, last_seq)              SELECT $1, s, t, p, 0 FROM unnest($2::text[], $3::text[], $4::int[]) AS u(s, t, p)              ON CONFLICT (consumer, source, topic, kafka_partition)              DO UPDATE SET last_seq = ferrybox_inbox_sequences.last_seq              RETURNING source, topic, kafka_partition, last_seq",
+        )
+        .bind::<Text, _>(consumer)
+        .bind::<Array<Text>, _>(keys.iter().map(|k| k.0.as_str()).collect::<Vec<_>>())
+        .bind::<Array<Text>, _>(keys.iter().map(|k| k.1.as_str()).collect::<Vec<_>>())
+        .bind::<Array<Integer>, _>(keys.iter().map(|k| k.2).collect::<Vec<_>>()),
+    )
+    .load(tx)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| ((r.source, r.topic, r.kafka_partition), r.last_seq))
+        .collect())
+}
+
+/// Moves each partition's last applied number to the highest of `messages` judged
+/// [`Verdict::Next`]; one statement, none when there is nothing numbered.
+async fn store_numbers(
+    tx: &mut AsyncPgConnection,
+    consumer: &str,
+    messages: &[ReceivedMessage],
+    verdicts: &[Verdict],
+) -> Result<(), diesel::result::Error> {
+    use diesel::sql_types::{Array, BigInt, Integer, Text};
+    let mut last: std::collections::BTreeMap<(&str, &str, i32), i64> =
+        std::collections::BTreeMap::new();
+    for (message, verdict) in messages.iter().zip(verdicts) {
+        if *verdict == Verdict::Next
+            && let Some((source, seq)) = numbered(message)
+        {
+            last.insert(
+                (source, &message.envelope.topic, message.envelope.partition),
+                seq,
+            );
+        }
+    }
+    if last.is_empty() {
+        return Ok(());
+    }
+    crate::db::prepared(
+        diesel::sql_query(
+            "UPDATE ferrybox_inbox_sequences AS s SET last_seq = u.q, updated_at = now()              FROM unnest($2::text[], $3::text[], $4::int[], $5::bigint[]) AS u(s, t, p, q)              WHERE s.consumer = $1 AND s.source = u.s AND s.topic = u.t                AND s.kafka_partition = u.p",
+        )
+        .bind::<Text, _>(consumer)
+        .bind::<Array<Text>, _>(last.keys().map(|k| k.0).collect::<Vec<_>>())
+        .bind::<Array<Text>, _>(last.keys().map(|k| k.1).collect::<Vec<_>>())
+        .bind::<Array<Integer>, _>(last.keys().map(|k| k.2).collect::<Vec<_>>())
+        .bind::<Array<BigInt>, _>(last.values().copied().collect::<Vec<_>>()),
+    )
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
 /// What [`Applier::handle_in_savepoint`] hands the handler.
 #[derive(Clone, Copy)]
 enum Handling<'a> {
@@ -426,9 +765,12 @@ struct NewId {
 async fn record_ids(
     tx: &mut AsyncPgConnection,
     consumer: &str,
-    messages: &[ReceivedMessage],
+    messages: &[&ReceivedMessage],
 ) -> Result<HashSet<uuid::Uuid>, diesel::result::Error> {
     use diesel::sql_types::{Array, BigInt, Integer, Text, Uuid};
+    if messages.is_empty() {
+        return Ok(HashSet::new());
+    }
     let envelopes = messages.iter().map(|m| &m.envelope);
     let new: Vec<NewId> = crate::db::prepared(
         diesel::sql_query(RECORD_IDS_SQL)

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::apply::Dedup;
 use crate::config::{Backoff, duration_ms};
 use crate::error::{Error, Result};
 
@@ -61,6 +62,16 @@ pub struct InboxConfig {
     /// How often expired inbox rows are deleted (in small batches).
     #[serde(with = "duration_ms", rename = "cleanup_interval_ms")]
     pub cleanup_interval: Duration,
+    /// How duplicates are found: `sequence` (the default: by the producer's numbers where
+    /// messages carry them, by id otherwise) or `id`.
+    pub dedup: Dedup,
+    /// Where a gap in a topic's numbers is repaired from: per topic, the URL of its producer's
+    /// repair endpoint (`/events/numbered` of a Ferrybox service). A topic without one waits
+    /// for an operator (`inbox gaps`, `inbox skip-gap`).
+    pub repair_urls: std::collections::BTreeMap<String, String>,
+    /// How often a halted partition's gap is tried again (repaired, or found skipped).
+    #[serde(with = "duration_ms", rename = "repair_interval_ms")]
+    pub repair_interval: Duration,
 }
 
 impl Default for InboxConfig {
@@ -81,6 +92,9 @@ impl Default for InboxConfig {
             // Kafka's default retention is 7 days; keep ids a week longer.
             retention: Duration::from_secs(14 * 24 * 3600),
             cleanup_interval: Duration::from_secs(300),
+            dedup: Dedup::Sequence,
+            repair_urls: std::collections::BTreeMap::new(),
+            repair_interval: Duration::from_secs(5),
         }
     }
 }
@@ -119,6 +133,16 @@ impl InboxConfig {
             return Err(Error::Config(
                 "inbox.instance_id is empty: leave it unset for the default".into(),
             ));
+        }
+        if self.repair_interval.is_zero() {
+            return Err(Error::Config(
+                "inbox.repair_interval_ms must be above zero".into(),
+            ));
+        }
+        for (topic, url) in &self.repair_urls {
+            reqwest::Url::parse(url).map_err(|e| {
+                Error::Config(format!("inbox.repair_urls.{topic} is not a URL ({e}): {url}"))
+            })?;
         }
         if self.cleanup_interval.is_zero() {
             return Err(Error::Config(

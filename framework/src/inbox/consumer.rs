@@ -2,13 +2,13 @@
 //! Kafka offset only after that transaction committed; retry what may succeed later,
 //! dead-letter what cannot, and park the later messages of a dead-lettered key.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use tokio_util::sync::CancellationToken;
 
-use super::apply::Record;
+use super::apply::{Gap, Record};
 use super::config::{InboxConfig, InboxStats};
 use super::handler::Handler;
 use super::pipeline::{Pipeline, Progress, Transport};
@@ -27,6 +27,19 @@ enum Applied {
     AllWithDeadLetters,
     /// Shutdown stopped it; the rest of the batch is left for redelivery.
     Stopped,
+}
+
+/// How a repair try ended.
+enum Repair {
+    /// The gap is filled or skipped: the partition resumes.
+    Resumed,
+    /// Not yet; numbers from `next` on are still missing.
+    Waiting { next: i64 },
+}
+
+/// An instant no timer reaches (for a branch that is off).
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + std::time::Duration::from_secs(86_400 * 365)
 }
 
 /// How often librdkafka reports statistics (and so consumer lag) when metrics are on.
@@ -75,6 +88,24 @@ impl rdkafka::consumer::ConsumerContext for LagContext {}
 pub struct InboxConsumer<H> {
     consumer: StreamConsumer<LagContext>,
     pipeline: Pipeline<H>,
+    /// Partitions halted at a gap in their numbers (see [`super::gaps`]).
+    halted: std::sync::Mutex<HashMap<(String, i32), Halt>>,
+    /// Woken when a partition halts, so a receive waiting for records also waits for its
+    /// repair.
+    halt_added: tokio::sync::Notify,
+    http: reqwest::Client,
+    repair_token: Option<String>,
+}
+
+/// A partition halted at a gap, until it is repaired or skipped.
+#[derive(Debug, Clone)]
+struct Halt {
+    id: i64,
+    gap: Gap,
+    /// The first number not repaired yet.
+    next: i64,
+    /// When to try again.
+    due: tokio::time::Instant,
 }
 
 impl<H> std::fmt::Debug for InboxConsumer<H> {
@@ -145,6 +176,13 @@ impl<H: Handler> InboxConsumer<H> {
         };
         Ok(Self {
             consumer,
+            halted: std::sync::Mutex::default(),
+            halt_added: tokio::sync::Notify::new(),
+            http: reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(30))
+                .build()
+                .map_err(|e| Error::Config(format!("http client: {e}")))?,
+            repair_token: None,
             pipeline: Pipeline::new(
                 pool,
                 codec,
@@ -173,6 +211,13 @@ impl<H: Handler> InboxConsumer<H> {
         self
     }
 
+    /// The bearer token sent to the producers' repair endpoints (`inbox.repair_urls`).
+    #[must_use]
+    pub fn with_repair_token(mut self, token: impl Into<String>) -> Self {
+        self.repair_token = Some(token.into());
+        self
+    }
+
     /// Shared counters, readable while the consumer runs.
     pub fn stats(&self) -> Arc<InboxStats> {
         Arc::clone(&self.pipeline.stats)
@@ -194,6 +239,7 @@ impl<H: Handler> InboxConsumer<H> {
         // this one is applied: receiving and copying records is the consumer's work, applying
         // them the database's.
         while let Some(records) = batch.take() {
+            self.repair_due(&shutdown).await;
             let gather_next = async {
                 let next = self
                     .gather(&shutdown, &mut receive_failures, &mut fatal)
@@ -236,9 +282,19 @@ impl<H: Handler> InboxConsumer<H> {
     ) -> Option<Vec<Record>> {
         let config = &self.pipeline.config;
         let first = loop {
+            // Registered before looking, so a halt added in between still wakes this.
+            let halt_added = self.halt_added.notified();
+            let mut halt_added = std::pin::pin!(halt_added);
+            halt_added.as_mut().enable();
+            let repair_due = self.next_repair();
             let received = tokio::select! {
                 () = shutdown.cancelled() => return None,
                 r = self.consumer.recv() => r,
+                () = halt_added => continue,
+                // A halted partition's repair is due: an empty batch lets the loop try it.
+                () = tokio::time::sleep_until(repair_due.unwrap_or_else(far_future)), if repair_due.is_some() => {
+                    return Some(Vec::new());
+                }
             };
             match received {
                 Ok(m) => {
@@ -285,6 +341,11 @@ impl<H: Handler> InboxConsumer<H> {
         mut checked: Option<HashSet<String>>,
         shutdown: &CancellationToken,
     ) -> Applied {
+        // Records of halted partitions wait: they come again when the partition resumes.
+        let mut batch = std::borrow::Cow::Borrowed(batch);
+        if self.halted_any(&batch) {
+            batch = std::borrow::Cow::Owned(self.without_halted(&batch));
+        }
         let mut next = 0;
         let mut outcome = Applied::All;
         while next < batch.len() {
@@ -293,6 +354,13 @@ impl<H: Handler> InboxConsumer<H> {
                 .process_from(&batch[next..], checked.take(), shutdown)
                 .await;
             let done = match progress {
+                Progress::Gap(gap) => {
+                    self.halt(gap).await;
+                    let rest = self.without_halted(&batch[next + 1..]);
+                    batch = std::borrow::Cow::Owned(rest);
+                    next = 0;
+                    continue;
+                }
                 Progress::Done { count, by_applier } => {
                     if !by_applier {
                         outcome = Applied::AllWithDeadLetters;
@@ -317,6 +385,216 @@ impl<H: Handler> InboxConsumer<H> {
             next += done;
         }
         outcome
+    }
+
+    /// Whether any of `records` is of a halted partition.
+    fn halted_any(&self, records: &[Record]) -> bool {
+        let halted = self.halted.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        !halted.is_empty()
+            && records
+                .iter()
+                .any(|r| halted.contains_key(&(r.topic.clone(), r.partition)))
+    }
+
+    /// `records` without those of halted partitions.
+    fn without_halted(&self, records: &[Record]) -> Vec<Record> {
+        let halted = self.halted.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        records
+            .iter()
+            .filter(|r| !halted.contains_key(&(r.topic.clone(), r.partition)))
+            .cloned()
+            .collect()
+    }
+
+    /// When the soonest halted partition's repair is due.
+    fn next_repair(&self) -> Option<tokio::time::Instant> {
+        let halted = self.halted.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        halted.values().map(|h| h.due).min()
+    }
+
+    /// Halts `gap`'s partition: records the gap (alerting when it is new), pauses the
+    /// partition's fetching, and tries the repair at once.
+    async fn halt(&self, gap: Gap) {
+        let consumer = self.pipeline.applier.consumer.clone();
+        let id = loop {
+            match super::gaps::record(&self.pipeline.applier.pool, &consumer, &gap).await {
+                Ok((id, new)) => {
+                    if new {
+                        tracing::error!(source = gap.source, topic = gap.topic, partition = gap.partition,
+                            from = gap.from_seq, to = gap.to_seq, offset = gap.offset,
+                            "gap in the producer's numbers: the partition halts until it is repaired");
+                        self.pipeline
+                            .alerter
+                            .raise(&crate::alert::Alert::new(
+                                format!("{consumer} inbox consumer"),
+                                "sequence_gap",
+                                format!(
+                                    "messages {}..={} of {} on {}/{} never arrived; the partition halts",
+                                    gap.from_seq, gap.to_seq, gap.source, gap.topic, gap.partition
+                                ),
+                                serde_json::json!({
+                                    "consumer": consumer,
+                                    "gap": id,
+                                    "source": gap.source,
+                                    "topic": gap.topic,
+                                    "partition": gap.partition,
+                                    "from_seq": gap.from_seq,
+                                    "to_seq": gap.to_seq,
+                                    "offset": gap.offset,
+                                    "repair": self.pipeline.config.repair_urls.contains_key(&gap.topic),
+                                }),
+                            ))
+                            .await;
+                    }
+                    break id;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not record a gap; trying again");
+                    tokio::time::sleep(self.pipeline.config.backoff.delay(1)).await;
+                }
+            }
+        };
+        if let Some(m) = crate::metrics::instruments() {
+            m.gaps.add(1, &[opentelemetry::KeyValue::new(
+                "messaging.destination.name",
+                gap.topic.clone(),
+            )]);
+        }
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        tpl.add_partition(&gap.topic, gap.partition);
+        if let Err(e) = self.consumer.pause(&tpl) {
+            tracing::warn!(error = %e, topic = gap.topic, partition = gap.partition,
+                "could not pause the halted partition; its records are dropped until it resumes");
+        }
+        let next = gap.from_seq;
+        self.halted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(
+                (gap.topic.clone(), gap.partition),
+                Halt {
+                    id,
+                    gap,
+                    next,
+                    due: tokio::time::Instant::now(),
+                },
+            );
+        self.halt_added.notify_waiters();
+    }
+
+    /// Tries each halted partition whose turn it is: resumes it when its gap was skipped, or
+    /// repairs it from the producer when a repair endpoint is configured for its topic.
+    async fn repair_due(&self, shutdown: &CancellationToken) {
+        let due: Vec<Halt> = {
+            let halted = self.halted.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let now = tokio::time::Instant::now();
+            halted.values().filter(|h| h.due <= now).cloned().collect()
+        };
+        for halt in due {
+            let outcome = self.repair(&halt, shutdown).await;
+            let key = (halt.gap.topic.clone(), halt.gap.partition);
+            match outcome {
+                Repair::Resumed => {
+                    self.halted
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .remove(&key);
+                    self.resume(&halt.gap);
+                }
+                Repair::Waiting { next } => {
+                    let mut halted =
+                        self.halted.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if let Some(h) = halted.get_mut(&key) {
+                        h.next = next;
+                        h.due = tokio::time::Instant::now() + self.pipeline.config.repair_interval;
+                    }
+                }
+            }
+        }
+    }
+
+    /// One try at `halt`'s gap.
+    async fn repair(&self, halt: &Halt, shutdown: &CancellationToken) -> Repair {
+        let pool = &self.pipeline.applier.pool;
+        let waiting = Repair::Waiting { next: halt.next };
+        match super::gaps::status(pool, halt.id).await {
+            Ok(status) if status != "open" => return Repair::Resumed,
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "could not look at a gap; trying again");
+                return waiting;
+            }
+        }
+        let Some(url) = self.pipeline.config.repair_urls.get(&halt.gap.topic) else {
+            return waiting;
+        };
+        let mut next = halt.next;
+        while next <= halt.gap.to_seq {
+            let records = match super::gaps::fetch(
+                &self.http,
+                url,
+                &halt.gap,
+                next,
+                self.repair_token.as_deref(),
+            )
+            .await
+            {
+                Ok(records) => records,
+                Err(e) => {
+                    tracing::warn!(error = %e, gap = halt.id, "gap not repaired yet; trying again");
+                    let _ = super::gaps::close(pool, halt.id, false, &e.to_string()).await;
+                    return Repair::Waiting { next };
+                }
+            };
+            let mut done = 0;
+            while done < records.len() {
+                match self
+                    .pipeline
+                    .process_from(&records[done..], None, shutdown)
+                    .await
+                {
+                    Progress::Done { count, .. } => done += count,
+                    Progress::Shutdown | Progress::Halted(_) => {
+                        return Repair::Waiting { next: next + i64::try_from(done).unwrap_or(0) };
+                    }
+                    Progress::Gap(gap) => {
+                        // Numbers before ours were applied meanwhile (another instance):
+                        // ask again from where the partition is.
+                        tracing::warn!(?gap, "repair found the partition elsewhere; asking again");
+                        return Repair::Waiting { next: gap.from_seq };
+                    }
+                }
+            }
+            next += i64::try_from(records.len()).unwrap_or(0);
+        }
+        tracing::info!(gap = halt.id, source = halt.gap.source, topic = halt.gap.topic,
+            partition = halt.gap.partition, from = halt.gap.from_seq, to = halt.gap.to_seq,
+            "gap repaired from the producer's sent log; the partition resumes");
+        if let Err(e) = super::gaps::close(pool, halt.id, true, &format!("repaired from {url}")).await {
+            tracing::warn!(error = %e, "could not close the repaired gap; trying again");
+            return Repair::Waiting { next };
+        }
+        Repair::Resumed
+    }
+
+    /// Fetches `gap`'s partition again from the message after the gap.
+    fn resume(&self, gap: &Gap) {
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        tpl.add_partition(&gap.topic, gap.partition);
+        if let Err(e) = self.consumer.seek(
+            &gap.topic,
+            gap.partition,
+            rdkafka::Offset::Offset(gap.offset),
+            std::time::Duration::from_secs(10),
+        ) {
+            // Not assigned here any more: its new owner starts from the committed offset.
+            tracing::warn!(error = %e, topic = gap.topic, partition = gap.partition,
+                "could not seek the resumed partition");
+        }
+        if let Err(e) = self.consumer.resume(&tpl) {
+            tracing::warn!(error = %e, topic = gap.topic, partition = gap.partition,
+                "could not resume the partition");
+        }
     }
 
     /// Commits the stored offsets, leaves the group and waits for the cleaner.

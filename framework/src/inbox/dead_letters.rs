@@ -17,7 +17,7 @@ use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::Serialize;
 
-use super::apply::{Applier, Failure, Outcome, Record};
+use super::apply::{Applier, Claim, Failure, Outcome, Record};
 use super::handler::Handler;
 use super::schema::ferrybox_dead_letters as dl;
 use crate::codec::AvroCodec;
@@ -55,6 +55,9 @@ pub(crate) struct DeadLetterStore {
     pub(crate) consumer: String,
     pub(crate) consumer_version: Option<String>,
     pub(crate) topic: Option<(FutureProducer, String)>,
+    /// How the consumer deduplicates: a numbered message's number is used when it is
+    /// dead-lettered or parked.
+    pub(crate) dedup: super::apply::Dedup,
 }
 
 impl DeadLetterStore {
@@ -100,10 +103,17 @@ impl DeadLetterStore {
             let Some(blocking) = blocking else {
                 return Ok(false);
             };
+            // Its number is used by parking it; one that is not the next is left to the
+            // applier, which skips a duplicate and halts on a gap.
+            match super::apply::claim_number(tx, consumer, self.dedup, record).await? {
+                Claim::Unnumbered | Claim::Next => {}
+                Claim::Duplicate | Claim::Gap(_) => return Ok(false),
+            }
             let failure = Failure {
                 kind: "parked",
                 error: format!("parked behind dead letter #{blocking} of key {key}"),
                 retryable: false,
+                gap: None,
             };
             insert(tx, consumer, version, record, &failure, 0, "parked").await?;
             Ok(true)
@@ -122,16 +132,32 @@ impl DeadLetterStore {
     ) -> Result<()> {
         let mut conn = db::connection(&self.pool).await?;
         let attempts = i32::try_from(attempts).unwrap_or(i32::MAX);
-        insert(
-            &mut conn,
-            &self.consumer,
-            self.consumer_version.as_deref(),
-            record,
-            failure,
-            attempts,
-            "dead",
-        )
-        .await?;
+        // Its number counts as used with the dead letter, in one transaction.
+        let stored = conn
+            .transaction::<_, Error, _>(async |tx| {
+                if super::apply::claim_number(tx, &self.consumer, self.dedup, record).await?
+                    == Claim::Duplicate
+                {
+                    return Ok(false);
+                }
+                insert(
+                    tx,
+                    &self.consumer,
+                    self.consumer_version.as_deref(),
+                    record,
+                    failure,
+                    attempts,
+                    "dead",
+                )
+                .await?;
+                Ok(true)
+            })
+            .await?;
+        if !stored {
+            tracing::info!(topic = record.topic, partition = record.partition, offset = record.offset,
+                "not dead-lettered: its number was used meanwhile (applied by another instance)");
+            return Ok(());
+        }
         let Some((producer, topic)) = &self.topic else {
             return Ok(());
         };
@@ -450,6 +476,8 @@ impl DeadLetters {
             consumer: self.consumer.clone(),
             handler_timeout,
             checkpoint: None,
+            // A redriven message's number was used when it was dead-lettered: its id decides.
+            dedup: super::apply::Dedup::Id,
         };
         let mut conn = db::connection(&self.pool).await?;
         let selected: Vec<DeadLetter> = self
@@ -530,10 +558,14 @@ impl DeadLetters {
                 let failure = match prepared {
                     Ok(message) => {
                         match applier
-                            .apply_prepared(tx, std::slice::from_ref(&record), &[message])
+                            .apply_prepared(tx, std::slice::from_ref(&record), &[message], true)
                             .await?
                         {
-                            (outcomes, None) => {
+                            super::apply::Prepared {
+                                outcomes,
+                                failure: None,
+                                ..
+                            } => {
                                 let outcome = outcomes.into_iter().next();
                                 diesel::update(dl::table.find(letter.id))
                                     .set((
@@ -545,7 +577,10 @@ impl DeadLetters {
                                     .await?;
                                 return Ok(Ok(outcome));
                             }
-                            (_, Some(failure)) => failure,
+                            super::apply::Prepared {
+                                failure: Some(failure),
+                                ..
+                            } => failure,
                         }
                     }
                     Err(failure) => failure,

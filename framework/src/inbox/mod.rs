@@ -8,16 +8,18 @@ pub(crate) mod apply;
 mod config;
 mod consumer;
 mod dead_letters;
+mod gaps;
 mod handler;
 pub(crate) mod pipeline;
 mod retention;
 pub(crate) mod schema;
 
-pub use apply::RECORD_IDS_SQL;
+pub use apply::{Dedup, RECORD_IDS_SQL};
 pub use config::{InboxConfig, InboxStats, InboxStatsSnapshot};
 pub use consumer::InboxConsumer;
 pub use dead_letters::{
     DeadLetter, DeadLetterCounts, DeadLetterFilter, DeadLetters, RedriveReport, dlq_headers,
 };
+pub use gaps::{GapRecord, Gaps};
 pub use handler::{Handler, HandlerError, ReceivedMessage};
 pub use retention::{Horizon, delete_expired, kafka_horizon};

@@ -10,7 +10,7 @@ use rdkafka::producer::FutureProducer;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::apply::{Applier, Failure, Outcome, Record};
+use super::apply::{Applier, Failure, Gap, Outcome, Record};
 use super::config::{InboxConfig, InboxStats};
 use super::dead_letters::DeadLetterStore;
 use super::handler::Handler;
@@ -50,6 +50,9 @@ pub(crate) enum Progress {
     },
     /// The first record cannot be applied and the pipeline halts on such records.
     Halted(Failure),
+    /// The first record is numbered past the next number of its partition: the gap before
+    /// it. Nothing of that partition after it may be applied until the gap is filled.
+    Gap(Gap),
     /// Shutdown came while the first record was still failing; it is left for redelivery.
     Shutdown,
 }
@@ -58,6 +61,7 @@ pub(crate) enum Progress {
 enum Step {
     Finished(Done),
     Halted(Failure),
+    Gap(Gap),
     Shutdown,
 }
 
@@ -153,12 +157,14 @@ impl<H: Handler> Pipeline<H> {
                     Transport::Feed(feed) => Some(feed.clone()),
                     Transport::Kafka(_) => None,
                 },
+                dedup: config.dedup,
             },
             dead_letters: DeadLetterStore {
                 pool,
                 consumer: config.consumer_name().to_owned(),
                 consumer_version: config.consumer_version.clone(),
                 topic: dead_letter_topic,
+                dedup: config.dedup,
             },
             config,
             stats: Arc::default(),
@@ -278,6 +284,9 @@ impl<H: Handler> Pipeline<H> {
                     by_applier: true,
                 };
             }
+            if let Some(gap) = applied.gap {
+                return Progress::Gap(gap);
+            }
         }
         // The first record is blocked or failed in the batch: handle it alone.
         let first_blocked = records[0].key_text().is_some_and(|k| blocked.contains(&k));
@@ -287,6 +296,7 @@ impl<H: Handler> Pipeline<H> {
                 by_applier: matches!(done, Done::Applied | Done::Duplicate),
             },
             Step::Halted(failure) => Progress::Halted(failure),
+            Step::Gap(gap) => Progress::Gap(gap),
             Step::Shutdown => Progress::Shutdown,
         }
     }
@@ -302,6 +312,7 @@ impl<H: Handler> Pipeline<H> {
                     self.counted(done, &record.topic, 1);
                     return Step::Finished(done);
                 }
+                Err(Failure { gap: Some(gap), .. }) => return Step::Gap(*gap),
                 Err(failure) => failure,
             };
             if !failure.retryable || attempt >= self.config.max_attempts {

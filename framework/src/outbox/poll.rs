@@ -239,7 +239,8 @@ impl Active<'_> {
         // (`message.timeout.ms`) oldest first, so a key's later rows fail with its earlier ones
         // and are retried together.
         let publisher = self.publisher;
-        let results = send_all(publisher, &rows, Origin::Outbox).await;
+        // The polling relay does not number its messages (see `super::sequence`).
+        let results = send_all(publisher, &rows, Origin::Outbox, &Default::default()).await;
         let sent = Sent::of(publisher, &rows, results);
         if !sent.failed.is_empty() {
             publisher.recover()?;

@@ -17,6 +17,7 @@ use futures::future::BoxFuture;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
 use super::record::{Origin, OutboxRecord};
+use super::sequence::{SEQ_HEADER, SOURCE_HEADER, Sequence};
 use crate::config::KafkaConfig;
 use crate::error::Result;
 
@@ -52,8 +53,15 @@ pub(crate) type Delivery = BoxFuture<'static, std::result::Result<Ack, Refusal>>
 /// messages keep their order) and returns its answer as a future of its own, so that many can
 /// be in flight.
 pub(crate) trait Publisher: Send + Sync {
-    /// Hands one message over; `origin` is the table it was written to.
-    fn send(&self, record: &OutboxRecord, origin: Origin) -> Delivery;
+    /// Hands one message over; `origin` is the table it was written to. With a `sequence`
+    /// it goes to that partition and carries its source and number (see
+    /// [`super::sequence`]).
+    fn send(&self, record: &OutboxRecord, origin: Origin, sequence: Option<&Sequence>)
+    -> Delivery;
+
+    /// How many partitions `topic` has, for a publisher that numbers its messages per
+    /// partition; `None` for one that does not (the feed has positions of its own).
+    fn partitions(&self, topic: &str) -> BoxFuture<'static, Result<Option<i32>>>;
 
     /// Starts over after a failure that may pass (for Kafka, a new producer).
     fn recover(&self) -> Result<()>;
@@ -62,18 +70,20 @@ pub(crate) trait Publisher: Send + Sync {
     fn name(&self) -> &'static str;
 }
 
-/// Hands every record to `publisher`, then awaits each answer, in the records' order. With
+/// Hands every record to `publisher`, then awaits each answer, in the records' order; a
+/// record whose id `numbers` holds is sent with that number (see [`super::sequence`]). With
 /// tracing on, the batch has a publish span linking each record's trace (whatever sends it:
 /// the polling relay, a new slot's snapshot, a drain, a replay).
 pub(crate) async fn send_all(
     publisher: &dyn Publisher,
     records: &[OutboxRecord],
     origin: Origin,
+    numbers: &std::collections::HashMap<i64, Sequence>,
 ) -> Vec<std::result::Result<Ack, Refusal>> {
     let sending = async {
         let in_flight: Vec<Delivery> = records
             .iter()
-            .map(|record| publisher.send(record, origin))
+            .map(|record| publisher.send(record, origin, numbers.get(&record.id)))
             .collect();
         futures::future::join_all(in_flight).await
     };
@@ -144,12 +154,25 @@ impl KafkaPublisher {
 }
 
 impl Publisher for KafkaPublisher {
-    fn send(&self, row: &OutboxRecord, _origin: Origin) -> Delivery {
-        let record = FutureRecord::to(&row.topic)
+    fn send(&self, row: &OutboxRecord, _origin: Origin, sequence: Option<&Sequence>) -> Delivery {
+        let mut headers = row.kafka_headers();
+        let mut record = FutureRecord::to(&row.topic)
             .key(&row.message_key)
-            .payload(&row.payload)
-            .headers(row.kafka_headers());
-        match self.producer().send_result(record) {
+            .payload(&row.payload);
+        if let Some(sequence) = sequence {
+            let seq = sequence.seq.to_string();
+            headers = headers
+                .insert(rdkafka::message::Header {
+                    key: SOURCE_HEADER,
+                    value: Some(sequence.source.as_bytes()),
+                })
+                .insert(rdkafka::message::Header {
+                    key: SEQ_HEADER,
+                    value: Some(seq.as_bytes()),
+                });
+            record = record.partition(sequence.partition);
+        }
+        match self.producer().send_result(record.headers(headers)) {
             Ok(delivery) => Box::pin(async move {
                 match delivery.await {
                     Ok(Ok(d)) => Ok(Ack {
@@ -187,6 +210,33 @@ impl Publisher for KafkaPublisher {
         Ok(())
     }
 
+    fn partitions(&self, topic: &str) -> BoxFuture<'static, Result<Option<i32>>> {
+        let producer = self.producer();
+        let topic = topic.to_owned();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                let metadata = producer
+                    .client()
+                    .fetch_metadata(Some(&topic), std::time::Duration::from_secs(10))?;
+                match metadata
+                    .topics()
+                    .iter()
+                    .find(|t| t.name() == topic && t.error().is_none())
+                    .map(|t| t.partitions().len())
+                    .filter(|n| *n > 0)
+                {
+                    Some(n) => Ok(Some(i32::try_from(n).unwrap_or(i32::MAX))),
+                    None => Err(crate::Error::Topic {
+                        topic,
+                        reason: "has no partitions the relay can see (does it exist?)".into(),
+                    }),
+                }
+            })
+            .await
+            .map_err(|e| crate::Error::Task(e.to_string()))?
+        })
+    }
+
     fn name(&self) -> &'static str {
         "kafka"
     }
@@ -211,7 +261,7 @@ fn kafka_refusal(e: &rdkafka::error::KafkaError) -> Refusal {
 pub(crate) struct FeedPublisher;
 
 impl Publisher for FeedPublisher {
-    fn send(&self, _record: &OutboxRecord, origin: Origin) -> Delivery {
+    fn send(&self, _record: &OutboxRecord, origin: Origin, _: Option<&Sequence>) -> Delivery {
         Box::pin(std::future::ready(match origin {
             Origin::Outbox => Ok(Ack::default()),
             Origin::Messages => Err(Refusal {
@@ -228,6 +278,10 @@ impl Publisher for FeedPublisher {
 
     fn recover(&self) -> Result<()> {
         Ok(())
+    }
+
+    fn partitions(&self, _topic: &str) -> BoxFuture<'static, Result<Option<i32>>> {
+        Box::pin(std::future::ready(Ok(None)))
     }
 
     fn name(&self) -> &'static str {
@@ -258,10 +312,10 @@ mod tests {
     {
         let feed = FeedPublisher;
         assert_eq!(
-            feed.send(&record(), Origin::Outbox).await.unwrap(),
+            feed.send(&record(), Origin::Outbox, None).await.unwrap(),
             Ack::default()
         );
-        let refused = feed.send(&record(), Origin::Messages).await.unwrap_err();
+        let refused = feed.send(&record(), Origin::Messages, None).await.unwrap_err();
         assert!(refused.for_good, "{refused}");
         assert!(refused.reason.contains("ferrybox_outbox"), "{refused}");
     }

@@ -370,7 +370,10 @@ pub async fn replay(
             after = last.id;
             tokio::time::sleep_until(started + per_message * queued).await;
             queued = queued.saturating_add(u32::try_from(rows.len()).unwrap_or(u32::MAX));
-            for (row, result) in rows.iter().zip(send_all(&publisher, &rows, origin).await) {
+            // Each row goes with the number it was first published with, where it had one.
+            let numbers = super::sequence::numbers_for(conn, origin, &rows).await?;
+            let results = send_all(&publisher, &rows, origin, &numbers).await;
+            for (row, result) in rows.iter().zip(results) {
                 match result {
                     Ok(_) => {
                         report.sent += 1;

@@ -186,7 +186,8 @@ pub(super) async fn drain_table(
         if rows.is_empty() {
             return Ok(total);
         }
-        let results = send_all(publisher, &rows, Origin::Outbox).await;
+        let numbers = super::sequence::numbers_for(conn, Origin::Outbox, &rows).await?;
+        let results = send_all(publisher, &rows, Origin::Outbox, &numbers).await;
         let sent = Sent::of(publisher, &rows, results);
         if !sent.acked.is_empty() {
             mark_read(conn, &sent.acked, &sent.partitions, &sent.offsets).await?;

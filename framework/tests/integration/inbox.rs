@@ -75,6 +75,14 @@ pub(crate) struct Running {
 }
 
 impl Running {
+    /// Runs `consumer` in the background.
+    pub(crate) fn start<H: Handler>(consumer: InboxConsumer<H>) -> Self {
+        let stats = consumer.stats();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(consumer.run(stop.clone()));
+        Running { stop, task, stats }
+    }
+
     pub(crate) async fn stop(self) {
         self.stop.cancel();
         self.task.await.unwrap().unwrap();
@@ -102,10 +110,7 @@ pub(crate) fn start_reading(
     if let Some(readers) = readers {
         consumer = consumer.with_reader_schemas(readers);
     }
-    let stats = consumer.stats();
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(consumer.run(stop.clone()));
-    Running { stop, task, stats }
+    Running::start(consumer)
 }
 
 pub(crate) async fn publish_all(fx: &Fixture) {

@@ -12,5 +12,6 @@ mod inbox;
 mod log_relay;
 mod outbox;
 mod relay;
+mod sequences;
 mod shards;
 mod vacuum;

@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Nullable, Text};
-use diesel_async::{AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationEvent};
 use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
@@ -39,6 +39,7 @@ use self::shards::Shard;
 use super::active::Active;
 use super::publish::{Ack, Delivery, Publisher, Refusal, send_all};
 use super::record::{Origin, OutboxRecord};
+use super::sequence::{Sequence, Sequencer};
 use super::settings::RelayConfig;
 use crate::error::{Error, Result};
 
@@ -64,6 +65,7 @@ enum Step {
     Delivered {
         origin: Origin,
         record: Box<OutboxRecord>,
+        sequence: Option<Sequence>,
         result: std::result::Result<Ack, Refusal>,
     },
     /// The end of a transaction: everything in it was acknowledged (or recorded as refused).
@@ -76,6 +78,7 @@ enum Pending {
     Message {
         origin: Origin,
         record: Box<OutboxRecord>,
+        sequence: Option<Sequence>,
         delivery: Delivery,
     },
     Committed(Lsn),
@@ -96,21 +99,28 @@ impl InFlight {
         self.pending.is_empty()
     }
 
-    /// Hands `record` to the publisher.
-    fn send(&mut self, publisher: &dyn Publisher, origin: Origin, record: Box<OutboxRecord>) {
+    /// Hands `record` to the publisher, with its number when it has one.
+    fn send(
+        &mut self,
+        publisher: &dyn Publisher,
+        origin: Origin,
+        record: Box<OutboxRecord>,
+        sequence: Option<Sequence>,
+    ) {
         // With tracing on, each message's publish span links the trace of the request that
         // made it, as the polling relay's batch span links its batch's.
         let delivery: Delivery = if crate::telemetry::tracing_enabled() {
             let span = crate::telemetry::batch_span("publish", "producer", [&record.headers()]);
-            let delivery = span.in_scope(|| publisher.send(&record, origin));
+            let delivery = span.in_scope(|| publisher.send(&record, origin, sequence.as_ref()));
             Box::pin(tracing::Instrument::instrument(delivery, span))
         } else {
-            publisher.send(&record, origin)
+            publisher.send(&record, origin, sequence.as_ref())
         };
         self.messages += 1;
         self.pending.push_back(Pending::Message {
             origin,
             record,
+            sequence,
             delivery,
         });
     }
@@ -129,7 +139,12 @@ impl InFlight {
                     let Poll::Ready(result) = delivery.as_mut().poll(cx) else {
                         return Poll::Pending;
                     };
-                    let Some(Pending::Message { origin, record, .. }) = self.pending.pop_front()
+                    let Some(Pending::Message {
+                        origin,
+                        record,
+                        sequence,
+                        ..
+                    }) = self.pending.pop_front()
                     else {
                         unreachable!("the front was a message");
                     };
@@ -137,6 +152,7 @@ impl InFlight {
                     return Poll::Ready(Some(Step::Delivered {
                         origin,
                         record,
+                        sequence,
                         result,
                     }));
                 }
@@ -239,6 +255,7 @@ async fn stream(
         .unwrap_or(usize::MAX)
         .max(1);
     let mut decoder = Decoder::default();
+    let mut sequencer = Sequencer::load(control, slot_name).await?;
     let mut in_flight = InFlight::default();
     let mut in_transaction = false;
     let mut checkpoint = Checkpoint::default();
@@ -262,8 +279,9 @@ async fn stream(
             () = shutdown.cancelled(), if !in_transaction => break Ok(()),
             () = &mut stop_inside_transaction, if in_transaction => break Ok(()),
             _ = tick.tick() => {
-                progress.flush(control, client, PATIENCE).await?;
-                checkpoint.write(control, slot_name, progress.confirmed).await?;
+                progress.flush(control, PATIENCE).await?;
+                checkpoint.write(control, slot_name, progress.confirmed, &mut sequencer).await?;
+                checkpoint.confirm(client);
                 slot::record_lag(control, slot_name).await?;
                 if crate::metrics::instruments().is_some() && tokio::time::Instant::now() >= next_gauges {
                     super::table::record_backlog(control).await?;
@@ -283,7 +301,7 @@ async fn stream(
                 // Caught up (nothing else in flight): rows of the polling table are marked
                 // now, so their feed positions do not wait for the tick.
                 let caught_up = in_flight.is_empty();
-                if let Err(e) = take(step, &mut progress, caught_up, active, control, client).await {
+                if let Err(e) = take(step, &mut progress, &mut sequencer, caught_up, active, control).await {
                     if let Error::NotPublished { .. } = e {
                         tracing::warn!(error = %e, "a message was not published; resending from the confirmed position");
                         publisher.recover()?;
@@ -298,7 +316,8 @@ async fn stream(
                     Some(ReplicationEvent::Begin { .. }) => in_transaction = true,
                     Some(ReplicationEvent::XLogData { data, .. }) => {
                         if let Change::Message(origin, record) = decoder.decode(&data)? {
-                            in_flight.send(publisher, origin, record);
+                            let sequence = number(&mut sequencer, publisher, &record).await?;
+                            in_flight.send(publisher, origin, record, sequence);
                         }
                     }
                     Some(ReplicationEvent::Commit { end_lsn, .. }) => {
@@ -312,8 +331,11 @@ async fn stream(
                         if in_flight.is_empty()
                             && !in_transaction
                             && let Some(lsn) = progress.idle_at(wal_end)
+                            && !sequencer.has_unwritten()
                         {
-                            client.update_applied_lsn(lsn);
+                            // Nothing numbered waits for the checkpoint either.
+                            checkpoint.confirmable(lsn);
+                            checkpoint.confirm(client);
                         }
                     }
                     Some(ReplicationEvent::Message { .. }) => {}
@@ -328,7 +350,7 @@ async fn stream(
     // (on an error, up to the first failure).
     if outcome.is_ok() {
         while let Some(step) = in_flight.next().await {
-            if take(step, &mut progress, false, active, control, client)
+            if take(step, &mut progress, &mut sequencer, false, active, control)
                 .await
                 .is_err()
             {
@@ -337,10 +359,11 @@ async fn stream(
         }
     }
     active.count_published(std::mem::take(&mut progress.published));
-    progress.flush(control, client, PATIENCE_STOPPING).await?;
+    progress.flush(control, PATIENCE_STOPPING).await?;
     checkpoint
-        .write(control, slot_name, progress.confirmed)
+        .write(control, slot_name, progress.confirmed, &mut sequencer)
         .await?;
+    checkpoint.confirm(client);
     outcome
 }
 
@@ -349,31 +372,55 @@ async fn stream(
 async fn take(
     step: Step,
     progress: &mut Progress,
+    sequencer: &mut Sequencer,
     caught_up: bool,
     active: &Active<'_>,
     control: &mut AsyncPgConnection,
-    client: &ReplicationClient,
 ) -> Result<()> {
     match step {
         Step::Delivered {
             origin,
             record,
+            sequence,
             result,
         } => {
             super::publish::count_sent(active.publisher, record.topic(), result.is_ok());
-            delivered(origin, &record, result, progress, control).await
+            delivered(origin, &record, result, progress, control).await?;
+            // Acknowledged, or kept as refused for good: either way its number is used (a
+            // consumer finds the refused one in the sent log when it repairs the gap).
+            if let Some(sequence) = sequence {
+                sequencer.taken(record.topic(), &sequence, origin, record.id);
+            }
+            Ok(())
         }
         Step::Committed(end) => {
             // Counted per transaction, not per message (the count's watchers wake on each).
             active.count_published(std::mem::take(&mut progress.published));
-            if let Some(lsn) = progress.committed(end) {
-                client.update_applied_lsn(lsn);
-            } else if caught_up || progress.pending() >= MARK_BATCH {
-                progress.flush(control, client, PATIENCE).await?;
+            sequencer.committed(end);
+            if progress.committed(end).is_none() && (caught_up || progress.pending() >= MARK_BATCH)
+            {
+                progress.flush(control, PATIENCE).await?;
             }
             Ok(())
         }
     }
+}
+
+/// The number `record` is sent with: from `sequencer`, once the publisher told the topic's
+/// partition count (read the first time the source publishes to the topic); `None` for a
+/// publisher that does not number messages.
+async fn number(
+    sequencer: &mut Sequencer,
+    publisher: &dyn Publisher,
+    record: &OutboxRecord,
+) -> Result<Option<Sequence>> {
+    if sequencer.partitions(record.topic()).is_none() {
+        match publisher.partitions(record.topic()).await? {
+            Some(count) => sequencer.set_partitions(record.topic(), count),
+            None => return Ok(None),
+        }
+    }
+    Ok(sequencer.assign(record.topic(), record.message_key.as_bytes()))
 }
 
 /// Takes one delivery's outcome: an acknowledged row of the polling table is marked (in the
@@ -522,28 +569,28 @@ impl Progress {
         })
     }
 
-    /// Marks the waiting rows published, then confirms what that allows.
-    async fn flush(
-        &mut self,
-        conn: &mut AsyncPgConnection,
-        client: &ReplicationClient,
-        patience: Duration,
-    ) -> Result<()> {
+    /// Marks the waiting rows published, which lets the confirmable position move (it is
+    /// confirmed with the next checkpoint).
+    async fn flush(&mut self, conn: &mut AsyncPgConnection, patience: Duration) -> Result<()> {
         if !self.ids.is_empty() {
             super::table::mark_streamed(conn, &self.ids, &self.partitions, &self.offsets, patience)
                 .await?;
         }
-        if let Some(lsn) = self.marked() {
-            client.update_applied_lsn(lsn);
-        }
+        self.marked();
         Ok(())
     }
 }
 
-/// The confirmed position and the recovery bound, written once per tick when they moved.
+/// The confirmed position, the recovery bound and the numbers given out, written once per
+/// tick when they moved; the slot is confirmed only up to what was written (see
+/// [`super::sequence`]).
 #[derive(Default)]
 struct Checkpoint {
     written: Lsn,
+    /// What may be confirmed to the server (written, or idle past nothing numbered), and what
+    /// was.
+    confirmable: Lsn,
+    confirmed: Lsn,
     /// (transaction-id horizon, WAL position) samples: the horizon holds as a recovery bound
     /// once the confirmed position is past the WAL position taken after it.
     samples: VecDeque<(String, Lsn)>,
@@ -563,11 +610,27 @@ struct WalPosition {
 }
 
 impl Checkpoint {
+    /// `lsn` may be confirmed to the server.
+    fn confirmable(&mut self, lsn: Lsn) {
+        self.confirmable = self.confirmable.max(lsn);
+    }
+
+    /// Confirms to the server what may be, if it moved.
+    fn confirm(&mut self, client: &ReplicationClient) {
+        if self.confirmable > self.confirmed {
+            self.confirmed = self.confirmable;
+            client.update_applied_lsn(self.confirmed);
+        }
+    }
+
+    /// Writes the checkpoint at `confirmed` (everything before it acknowledged and marked),
+    /// with the numbers given to what it covers, in one transaction.
     async fn write(
         &mut self,
         conn: &mut AsyncPgConnection,
         slot_name: &str,
         confirmed: Lsn,
+        sequencer: &mut Sequencer,
     ) -> Result<()> {
         // The horizon first, the position after it: a transaction that commits after the
         // position was taken was running (or not begun) when the horizon was.
@@ -594,8 +657,14 @@ impl Checkpoint {
         if confirmed == self.written || confirmed == Lsn::ZERO {
             return Ok(());
         }
-        slot::write_checkpoint(conn, slot_name, confirmed, self.bound.as_deref()).await?;
+        let bound = self.bound.as_deref();
+        conn.transaction::<_, Error, _>(async |tx| {
+            sequencer.write(tx, confirmed).await?;
+            slot::write_checkpoint(tx, slot_name, confirmed, bound).await
+        })
+        .await?;
         self.written = confirmed;
+        self.confirmable(confirmed);
         Ok(())
     }
 }
@@ -642,7 +711,8 @@ async fn publish_snapshot(
             break;
         };
         after = last.id;
-        let results = send_all(publisher, &rows, Origin::Outbox).await;
+        let numbers = super::sequence::numbers_for(control, Origin::Outbox, &rows).await?;
+        let results = send_all(publisher, &rows, Origin::Outbox, &numbers).await;
         let passing = results
             .iter()
             .zip(&rows)
@@ -682,7 +752,8 @@ async fn publish_snapshot(
             break;
         };
         after = last.id;
-        let results = send_all(publisher, &rows, Origin::Messages).await;
+        let numbers = super::sequence::numbers_for(control, Origin::Messages, &rows).await?;
+        let results = send_all(publisher, &rows, Origin::Messages, &numbers).await;
         for (row, result) in rows.iter().zip(results) {
             super::publish::count_sent(publisher, row.topic(), result.is_ok());
             match result {

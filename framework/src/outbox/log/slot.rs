@@ -282,6 +282,11 @@ pub(crate) async fn begin_new_slot(
     .bind::<Text, _>(slot)
     .execute(conn)
     .await?;
+    // A new slot is a new sequence source (see `super::super::sequence`).
+    diesel::sql_query("DELETE FROM ferrybox_sequence_sources WHERE stream = $1")
+        .bind::<Text, _>(slot)
+        .execute(conn)
+        .await?;
     if exists {
         client
             .simple_query(&format!("DROP_REPLICATION_SLOT {slot} WAIT"))
