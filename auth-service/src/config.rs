@@ -41,6 +41,10 @@ pub struct Settings {
     pub transport: Transport,
     /// user-service's event feed (with `transport = "feed"`).
     pub feed: FeedConfig,
+    /// user-service's repair endpoint (`/events/numbered`): a gap in the users topic's
+    /// numbers (messages the broker lost) is filled from it, with `feed.token`. Unset: a gap
+    /// halts its partition until an operator skips it (`inbox skip-gap`).
+    pub repair_url: Option<String>,
     /// Reconciliation with user-service's snapshot.
     pub reconcile: ReconcileConfig,
     /// Where alerts go besides the log.
@@ -80,6 +84,7 @@ impl Default for Settings {
                 name: "user-service".into(),
                 ..FeedConfig::default()
             },
+            repair_url: Some("http://127.0.0.1:8080/events/numbered".into()),
             reconcile: ReconcileConfig {
                 snapshot_url: Some("http://127.0.0.1:8080/snapshot".into()),
                 ..ReconcileConfig::default()
@@ -140,6 +145,22 @@ impl Settings {
         self.inbox.topics = vec![topic.to_owned()];
         self.inbox.dead_letter_topic = Some(format!("{topic}.auth-service.dlq"));
         self
+    }
+
+    /// The inbox settings the Kafka consumer runs with: `inbox`, plus `repair_url` for the
+    /// users topic (with `feed.token`) unless `inbox.repair_urls` names one.
+    pub fn inbox(&self) -> InboxConfig {
+        let mut inbox = self.inbox.clone();
+        if let Some(url) = &self.repair_url {
+            inbox
+                .repair_urls
+                .entry(self.users_topic.name.clone())
+                .or_insert_with(|| url.clone());
+        }
+        if inbox.repair_token.is_none() {
+            inbox.repair_token = self.feed.token.clone();
+        }
+        inbox
     }
 
     /// The topics this service needs: the users topic and, when set, its dead-letter topic
@@ -204,6 +225,13 @@ mod tests {
         s.inbox.handler_timeout = Duration::from_millis(14);
         s.inbox.retention = Duration::from_millis(15);
         s.inbox.cleanup_interval = Duration::from_millis(16);
+        s.inbox.dedup = ferrybox::inbox::Dedup::Id;
+        s.inbox
+            .repair_urls
+            .insert("users".into(), "http://users:8080/events/numbered".into());
+        s.inbox.repair_token = Some("repair-token".into());
+        s.inbox.repair_interval = Duration::from_millis(32);
+        s.repair_url = Some("http://users-b:8080/events/numbered".into());
         s.transport = Transport::Feed;
         s.feed.url = "http://users:8080/events".into();
         s.feed.name = "users".into();

@@ -90,7 +90,7 @@ impl Application {
                         &settings.kafka,
                         codec,
                         UserEvents,
-                        settings.inbox.clone(),
+                        settings.inbox(),
                     )?
                     .with_reader_schemas(readers)
                     .with_alerter(alerter.clone()),

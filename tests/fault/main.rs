@@ -419,6 +419,72 @@ async fn ids(url: &str, sql: &str) -> Vec<String> {
         .collect()
 }
 
+/// What the relays numbered, from user-service's runs: (message id, "source/topic/partition",
+/// number).
+async fn numbered(url: &str) -> Vec<(String, String, i64)> {
+    #[derive(QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = Text)]
+        id: String,
+        #[diesel(sql_type = Text)]
+        key: String,
+        #[diesel(sql_type = BigInt)]
+        seq: i64,
+    }
+    let mut conn = AsyncPgConnection::establish(url).await.unwrap();
+    diesel::sql_query(
+        "SELECT m.message_id::text AS id,                 r.source || '/' || r.topic || '/' || r.kafka_partition AS key,                 r.first_seq + u.n - 1 AS seq          FROM ferrybox_sequence_runs AS r          CROSS JOIN LATERAL unnest(r.row_ids) WITH ORDINALITY AS u(row_id, n)          JOIN (SELECT id, message_id, 'outbox' AS origin FROM ferrybox_outbox                UNION ALL SELECT id, message_id, 'messages' FROM ferrybox_messages) AS m            ON m.id = u.row_id AND m.origin = r.origin",
+    )
+    .load::<Row>(&mut conn)
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|r| (r.id, r.key, r.seq))
+    .collect()
+}
+
+/// The last number auth-service applied per "source/topic/partition".
+async fn last_numbers(url: &str, consumer: &str) -> BTreeMap<String, i64> {
+    #[derive(QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = Text)]
+        key: String,
+        #[diesel(sql_type = BigInt)]
+        last_seq: i64,
+    }
+    let mut conn = AsyncPgConnection::establish(url).await.unwrap();
+    diesel::sql_query(
+        "SELECT source || '/' || topic || '/' || kafka_partition AS key, last_seq          FROM ferrybox_inbox_sequences WHERE consumer = $1",
+    )
+    .bind::<Text, _>(consumer)
+    .load::<Row>(&mut conn)
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|r| (r.key, r.last_seq))
+    .collect()
+}
+
+/// The messages auth-service applied: those its inbox holds by id, and the numbered ones at
+/// or below the last number it applied of their partition (they need no inbox row). Each id
+/// once per way it was applied.
+async fn applied(user_url: &str, auth_url: &str, consumer: &str) -> Vec<String> {
+    let mut applied = ids(
+        auth_url,
+        &format!("SELECT message_id::text AS id FROM ferrybox_inbox WHERE consumer = '{consumer}'"),
+    )
+    .await;
+    let last = last_numbers(auth_url, consumer).await;
+    applied.extend(
+        numbered(user_url)
+            .await
+            .into_iter()
+            .filter(|(_, key, seq)| last.get(key).is_some_and(|l| seq <= l))
+            .map(|(id, _, _)| id),
+    );
+    applied
+}
+
 fn seed() -> u64 {
     std::env::var("FERRYBOX_FAULT_SEED")
         .ok()
@@ -571,14 +637,17 @@ async fn fault_run(transport: Transport, writes: Writes) {
         appended, expected,
         "{writes:?}: the table every event went to"
     );
-    let inbox_sql = format!(
-        "SELECT message_id::text AS id FROM ferrybox_inbox WHERE consumer = '{}'",
-        cluster.group
-    );
     wait_until(
         CONVERGE,
-        "auth-service has every outbox message",
-        || async { ids(&auth_url, &inbox_sql).await.len() >= outbox.len() },
+        "auth-service applied every outbox message",
+        || async {
+            applied(&user_url, &auth_url, &cluster.group)
+                .await
+                .into_iter()
+                .collect::<BTreeSet<_>>()
+                .len()
+                >= outbox.len()
+        },
     )
     .await;
     wait_until(
@@ -603,10 +672,14 @@ async fn fault_run(transport: Transport, writes: Writes) {
             assert_eq!(status, "deleted", "user {id}: acked delete");
         }
     }
-    // Every outbox message id is in the inbox once, and nothing else is.
-    let inbox = ids(&auth_url, &inbox_sql).await;
+    // Every outbox message was applied once (by id or by number), and nothing else was.
+    let inbox = applied(&user_url, &auth_url, &cluster.group).await;
     let inbox_set: BTreeSet<String> = inbox.iter().cloned().collect();
-    assert_eq!(inbox.len(), inbox_set.len(), "no id twice in the inbox");
+    assert_eq!(
+        inbox.len(),
+        inbox_set.len(),
+        "no message applied both by id and by number"
+    );
     let lost: Vec<&String> = outbox.difference(&inbox_set).collect();
     let extra: Vec<&String> = inbox_set.difference(&outbox).collect();
     assert!(
@@ -619,6 +692,30 @@ async fn fault_run(transport: Transport, writes: Writes) {
 
     // On the topic, per key, first deliveries follow version order.
     let records = testing::read_ids(&testing::kafka(), &cluster.topic, &outbox, CONVERGE).await;
+    // Every number was given to one message, and a message sent again kept its number.
+    let mut numbers: BTreeMap<(String, i32, String), BTreeSet<String>> = BTreeMap::new();
+    let mut numbered_as: BTreeMap<String, BTreeSet<(String, i32, String)>> = BTreeMap::new();
+    for r in &records {
+        if let (Some(source), Some(seq)) = (
+            r.headers.get(ferrybox::outbox::SOURCE_HEADER),
+            r.headers.get(ferrybox::outbox::SEQ_HEADER),
+        ) {
+            let number = (source.clone(), r.partition, seq.clone());
+            let id = r.headers["ce_id"].clone();
+            numbers
+                .entry(number.clone())
+                .or_default()
+                .insert(id.clone());
+            numbered_as.entry(id).or_default().insert(number);
+        }
+    }
+    let reused = numbers.values().filter(|ids| ids.len() > 1).count();
+    let renumbered = numbered_as.values().filter(|n| n.len() > 1).count();
+    assert_eq!(
+        (reused, renumbered),
+        (0, 0),
+        "numbers given twice, messages numbered twice"
+    );
     let mut seen = BTreeSet::new();
     let mut last: BTreeMap<String, i64> = BTreeMap::new();
     let mut reordered = 0;
@@ -636,12 +733,13 @@ async fn fault_run(transport: Transport, writes: Writes) {
     let by_process = |w: Which| kills.iter().filter(|k| **k == w).count();
     eprintln!(
         "[fault] {transport:?}, {writes:?}, seed {seed}: {} kills (user-service {}, standby relay {}, auth-service {}); \
-         {} messages, {} records on the topic ({} duplicates), lost {}, reordered {reordered}, {} users",
+         {} messages ({} numbered), {} records on the topic ({} duplicates), lost {}, reordered {reordered}, {} users",
         kills.len(),
         by_process(Which::User),
         by_process(Which::Standby),
         by_process(Which::Auth),
         outbox.len(),
+        numbered_as.len(),
         records.len(),
         records.len() - seen.len(),
         lost.len(),

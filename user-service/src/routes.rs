@@ -16,8 +16,9 @@ use crate::snapshot::{SOURCE, UserSnapshot};
 use crate::users::{NewUser, Suspension, User, UserPatch, Users};
 
 /// The service's routes: the users API, and for other services `GET /snapshot` (every user,
-/// for reconciliation) and `GET /events` (the pulled event feed), which need the internal
-/// bearer token when one is set (no `/events` without a `feed`). Every error is JSON with a code
+/// for reconciliation), `GET /events` (the pulled event feed) and `GET /events/numbered`
+/// (the sent log by the relay's numbers, for consumers repairing a gap), which need the
+/// internal bearer token when one is set (no `/events` without a `feed`). Every error is JSON with a code
 /// ([`ferrybox::http::json_errors`]), the 404s, 405s and 413s axum answers by itself included.
 pub fn router(
     users: Users,
@@ -26,9 +27,11 @@ pub fn router(
     internal_token: Option<&SecretString>,
     max_body_bytes: usize,
 ) -> Router {
+    // The repair endpoint serves the sent log by the relay's numbers, with or without a feed.
     let mut internal = Router::new()
         .route("/snapshot", get(snapshot))
-        .with_state(users.clone());
+        .with_state(users.clone())
+        .merge(ferrybox::feed::numbered_router(users.pool.clone()));
     if let Some(feed) = feed {
         internal = internal.merge(feed.router());
     }

@@ -288,8 +288,12 @@ impl<H: Handler> FeedConsumer<H> {
                             reason: format!(
                                 "message at position {} is numbered past the next number of \
                                  {} on {}/{} (missing {}..={})",
-                                rest[0].offset, gap.source, gap.topic, gap.partition,
-                                gap.from_seq, gap.to_seq
+                                rest[0].offset,
+                                gap.source,
+                                gap.topic,
+                                gap.partition,
+                                gap.from_seq,
+                                gap.to_seq
                             ),
                         });
                     }

@@ -92,7 +92,9 @@ async fn numbered(
         rows.extend(found.into_iter().map(|r| ((*origin, r.id), r)));
     }
     let mut events = Vec::with_capacity(numbered.len());
-    for (expected, row) in (q.from..=q.to).zip(numbered.iter().map(Some).chain(std::iter::repeat(None))) {
+    for (expected, row) in
+        (q.from..=q.to).zip(numbered.iter().map(Some).chain(std::iter::repeat(None)))
+    {
         let record = row
             .filter(|r| r.seq == expected)
             .and_then(|r| rows.get(&(r.origin.as_str(), r.row_id)));

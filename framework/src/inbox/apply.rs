@@ -170,7 +170,10 @@ enum Verdict {
 fn numbered(message: &ReceivedMessage) -> Option<(&str, i64)> {
     let headers = &message.envelope.headers;
     let source = headers.get(crate::outbox::SOURCE_HEADER)?;
-    let seq = headers.get(crate::outbox::SEQ_HEADER)?.parse::<i64>().ok()?;
+    let seq = headers
+        .get(crate::outbox::SEQ_HEADER)?
+        .parse::<i64>()
+        .ok()?;
     (seq > 0).then_some((source.as_str(), seq))
 }
 

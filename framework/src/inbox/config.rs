@@ -69,6 +69,10 @@ pub struct InboxConfig {
     /// repair endpoint (`/events/numbered` of a Ferrybox service). A topic without one waits
     /// for an operator (`inbox gaps`, `inbox skip-gap`).
     pub repair_urls: std::collections::BTreeMap<String, String>,
+    /// Sent to the repair endpoints as `Authorization: Bearer <token>` (the producer's
+    /// internal token). Never logged.
+    #[serde(serialize_with = "crate::config::secret::serialize_option")]
+    pub repair_token: Option<secrecy::SecretString>,
     /// How often a halted partition's gap is tried again (repaired, or found skipped).
     #[serde(with = "duration_ms", rename = "repair_interval_ms")]
     pub repair_interval: Duration,
@@ -94,6 +98,7 @@ impl Default for InboxConfig {
             cleanup_interval: Duration::from_secs(300),
             dedup: Dedup::Sequence,
             repair_urls: std::collections::BTreeMap::new(),
+            repair_token: None,
             repair_interval: Duration::from_secs(5),
         }
     }
@@ -141,7 +146,9 @@ impl InboxConfig {
         }
         for (topic, url) in &self.repair_urls {
             reqwest::Url::parse(url).map_err(|e| {
-                Error::Config(format!("inbox.repair_urls.{topic} is not a URL ({e}): {url}"))
+                Error::Config(format!(
+                    "inbox.repair_urls.{topic} is not a URL ({e}): {url}"
+                ))
             })?;
         }
         if self.cleanup_interval.is_zero() {

@@ -94,7 +94,6 @@ pub struct InboxConsumer<H> {
     /// repair.
     halt_added: tokio::sync::Notify,
     http: reqwest::Client,
-    repair_token: Option<String>,
 }
 
 /// A partition halted at a gap, until it is repaired or skipped.
@@ -182,7 +181,6 @@ impl<H: Handler> InboxConsumer<H> {
                 .timeout(std::time::Duration::from_secs(30))
                 .build()
                 .map_err(|e| Error::Config(format!("http client: {e}")))?,
-            repair_token: None,
             pipeline: Pipeline::new(
                 pool,
                 codec,
@@ -208,13 +206,6 @@ impl<H: Handler> InboxConsumer<H> {
     #[must_use]
     pub fn with_alerter(mut self, alerter: crate::alert::Alerter) -> Self {
         self.pipeline.alerter = alerter;
-        self
-    }
-
-    /// The bearer token sent to the producers' repair endpoints (`inbox.repair_urls`).
-    #[must_use]
-    pub fn with_repair_token(mut self, token: impl Into<String>) -> Self {
-        self.repair_token = Some(token.into());
         self
     }
 
@@ -389,7 +380,10 @@ impl<H: Handler> InboxConsumer<H> {
 
     /// Whether any of `records` is of a halted partition.
     fn halted_any(&self, records: &[Record]) -> bool {
-        let halted = self.halted.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let halted = self
+            .halted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         !halted.is_empty()
             && records
                 .iter()
@@ -398,7 +392,10 @@ impl<H: Handler> InboxConsumer<H> {
 
     /// `records` without those of halted partitions.
     fn without_halted(&self, records: &[Record]) -> Vec<Record> {
-        let halted = self.halted.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let halted = self
+            .halted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         records
             .iter()
             .filter(|r| !halted.contains_key(&(r.topic.clone(), r.partition)))
@@ -408,7 +405,10 @@ impl<H: Handler> InboxConsumer<H> {
 
     /// When the soonest halted partition's repair is due.
     fn next_repair(&self) -> Option<tokio::time::Instant> {
-        let halted = self.halted.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let halted = self
+            .halted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         halted.values().map(|h| h.due).min()
     }
 
@@ -420,9 +420,15 @@ impl<H: Handler> InboxConsumer<H> {
             match super::gaps::record(&self.pipeline.applier.pool, &consumer, &gap).await {
                 Ok((id, new)) => {
                     if new {
-                        tracing::error!(source = gap.source, topic = gap.topic, partition = gap.partition,
-                            from = gap.from_seq, to = gap.to_seq, offset = gap.offset,
-                            "gap in the producer's numbers: the partition halts until it is repaired");
+                        tracing::error!(
+                            source = gap.source,
+                            topic = gap.topic,
+                            partition = gap.partition,
+                            from = gap.from_seq,
+                            to = gap.to_seq,
+                            offset = gap.offset,
+                            "gap in the producer's numbers: the partition halts until it is repaired"
+                        );
                         self.pipeline
                             .alerter
                             .raise(&crate::alert::Alert::new(
@@ -455,10 +461,13 @@ impl<H: Handler> InboxConsumer<H> {
             }
         };
         if let Some(m) = crate::metrics::instruments() {
-            m.gaps.add(1, &[opentelemetry::KeyValue::new(
-                "messaging.destination.name",
-                gap.topic.clone(),
-            )]);
+            m.gaps.add(
+                1,
+                &[opentelemetry::KeyValue::new(
+                    "messaging.destination.name",
+                    gap.topic.clone(),
+                )],
+            );
         }
         let mut tpl = rdkafka::TopicPartitionList::new();
         tpl.add_partition(&gap.topic, gap.partition);
@@ -486,7 +495,10 @@ impl<H: Handler> InboxConsumer<H> {
     /// repairs it from the producer when a repair endpoint is configured for its topic.
     async fn repair_due(&self, shutdown: &CancellationToken) {
         let due: Vec<Halt> = {
-            let halted = self.halted.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let halted = self
+                .halted
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             let now = tokio::time::Instant::now();
             halted.values().filter(|h| h.due <= now).cloned().collect()
         };
@@ -502,8 +514,10 @@ impl<H: Handler> InboxConsumer<H> {
                     self.resume(&halt.gap);
                 }
                 Repair::Waiting { next } => {
-                    let mut halted =
-                        self.halted.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let mut halted = self
+                        .halted
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
                     if let Some(h) = halted.get_mut(&key) {
                         h.next = next;
                         h.due = tokio::time::Instant::now() + self.pipeline.config.repair_interval;
@@ -535,7 +549,7 @@ impl<H: Handler> InboxConsumer<H> {
                 url,
                 &halt.gap,
                 next,
-                self.repair_token.as_deref(),
+                self.pipeline.config.repair_token.as_ref(),
             )
             .await
             {
@@ -555,7 +569,9 @@ impl<H: Handler> InboxConsumer<H> {
                 {
                     Progress::Done { count, .. } => done += count,
                     Progress::Shutdown | Progress::Halted(_) => {
-                        return Repair::Waiting { next: next + i64::try_from(done).unwrap_or(0) };
+                        return Repair::Waiting {
+                            next: next + i64::try_from(done).unwrap_or(0),
+                        };
                     }
                     Progress::Gap(gap) => {
                         // Numbers before ours were applied meanwhile (another instance):
@@ -567,10 +583,18 @@ impl<H: Handler> InboxConsumer<H> {
             }
             next += i64::try_from(records.len()).unwrap_or(0);
         }
-        tracing::info!(gap = halt.id, source = halt.gap.source, topic = halt.gap.topic,
-            partition = halt.gap.partition, from = halt.gap.from_seq, to = halt.gap.to_seq,
-            "gap repaired from the producer's sent log; the partition resumes");
-        if let Err(e) = super::gaps::close(pool, halt.id, true, &format!("repaired from {url}")).await {
+        tracing::info!(
+            gap = halt.id,
+            source = halt.gap.source,
+            topic = halt.gap.topic,
+            partition = halt.gap.partition,
+            from = halt.gap.from_seq,
+            to = halt.gap.to_seq,
+            "gap repaired from the producer's sent log; the partition resumes"
+        );
+        if let Err(e) =
+            super::gaps::close(pool, halt.id, true, &format!("repaired from {url}")).await
+        {
             tracing::warn!(error = %e, "could not close the repaired gap; trying again");
             return Repair::Waiting { next };
         }

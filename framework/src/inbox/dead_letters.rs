@@ -154,8 +154,12 @@ impl DeadLetterStore {
             })
             .await?;
         if !stored {
-            tracing::info!(topic = record.topic, partition = record.partition, offset = record.offset,
-                "not dead-lettered: its number was used meanwhile (applied by another instance)");
+            tracing::info!(
+                topic = record.topic,
+                partition = record.partition,
+                offset = record.offset,
+                "not dead-lettered: its number was used meanwhile (applied by another instance)"
+            );
             return Ok(());
         }
         let Some((producer, topic)) = &self.topic else {

@@ -129,8 +129,16 @@ impl Gaps {
             .bind::<BigInt, _>(gap.to_seq)
             .execute(tx)
             .await?;
-            tracing::warn!(id, source = gap.source, topic = gap.topic, partition = gap.kafka_partition,
-                from = gap.from_seq, to = gap.to_seq, reason, "gap skipped: its messages are accepted as lost");
+            tracing::warn!(
+                id,
+                source = gap.source,
+                topic = gap.topic,
+                partition = gap.kafka_partition,
+                from = gap.from_seq,
+                to = gap.to_seq,
+                reason,
+                "gap skipped: its messages are accepted as lost"
+            );
             Ok(true)
         })
         .await
@@ -224,7 +232,7 @@ pub(crate) async fn fetch(
     url: &str,
     gap: &Gap,
     from: i64,
-    token: Option<&str>,
+    token: Option<&secrecy::SecretString>,
 ) -> Result<Vec<Record>> {
     let to = gap.to_seq.min(from + REPAIR_PAGE - 1);
     let mut url = reqwest::Url::parse(url)
@@ -235,11 +243,7 @@ pub(crate) async fn fetch(
         .append_pair("partition", &gap.partition.to_string())
         .append_pair("from", &from.to_string())
         .append_pair("to", &to.to_string());
-    let mut request = http.get(url.clone());
-    if let Some(token) = token {
-        request = request.bearer_auth(token);
-    }
-    let response = request
+    let response = crate::http::get_with_token(http, url.clone(), token)
         .send()
         .await
         .map_err(|e| Error::Repair(format!("asking {url}: {e}")))?;

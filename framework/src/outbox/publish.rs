@@ -56,8 +56,7 @@ pub(crate) trait Publisher: Send + Sync {
     /// Hands one message over; `origin` is the table it was written to. With a `sequence`
     /// it goes to that partition and carries its source and number (see
     /// [`super::sequence`]).
-    fn send(&self, record: &OutboxRecord, origin: Origin, sequence: Option<&Sequence>)
-    -> Delivery;
+    fn send(&self, record: &OutboxRecord, origin: Origin, sequence: Option<&Sequence>) -> Delivery;
 
     /// How many partitions `topic` has, for a publisher that numbers its messages per
     /// partition; `None` for one that does not (the feed has positions of its own).
@@ -315,7 +314,10 @@ mod tests {
             feed.send(&record(), Origin::Outbox, None).await.unwrap(),
             Ack::default()
         );
-        let refused = feed.send(&record(), Origin::Messages, None).await.unwrap_err();
+        let refused = feed
+            .send(&record(), Origin::Messages, None)
+            .await
+            .unwrap_err();
         assert!(refused.for_good, "{refused}");
         assert!(refused.reason.contains("ferrybox_outbox"), "{refused}");
     }

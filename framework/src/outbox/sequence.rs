@@ -118,7 +118,10 @@ impl Sequencer {
     /// The numbering of `stream` as its last checkpoint left it; a new source when it has none
     /// (a new slot).
     pub(crate) async fn load(conn: &mut AsyncPgConnection, stream: &str) -> Result<Self> {
-        let fresh = format!("{stream}.{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let fresh = format!(
+            "{stream}.{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
         let row: SourceRow = diesel::sql_query(
             "WITH made AS ( \
                  INSERT INTO ferrybox_sequence_sources (stream, source) VALUES ($1, $2) \
@@ -450,7 +453,11 @@ mod tests {
                 );
             }
         }
-        assert_eq!(partition_for(b"anything", 0), 0, "no partitions counts as one");
+        assert_eq!(
+            partition_for(b"anything", 0),
+            0,
+            "no partitions counts as one"
+        );
     }
 
     #[test]
@@ -466,7 +473,15 @@ mod tests {
         ]);
         let summary: Vec<(&str, i32, i64, Origin, Vec<i64>)> = runs
             .iter()
-            .map(|r| (&*r.topic, r.partition, r.first_seq, r.origin, r.row_ids.clone()))
+            .map(|r| {
+                (
+                    &*r.topic,
+                    r.partition,
+                    r.first_seq,
+                    r.origin,
+                    r.row_ids.clone(),
+                )
+            })
             .collect();
         assert_eq!(
             summary,

@@ -32,7 +32,10 @@ fn check_numbering(records: &[ReadRecord]) -> usize {
     for r in records {
         let number = number_of(r);
         let id = r.headers["ce_id"].clone();
-        by_number.entry(number.clone()).or_default().insert(id.clone());
+        by_number
+            .entry(number.clone())
+            .or_default()
+            .insert(id.clone());
         by_id.entry(id).or_default().insert(number);
     }
     for (number, ids) in &by_number {
@@ -50,7 +53,11 @@ fn check_numbering(records: &[ReadRecord]) -> usize {
     }
     for (partition, seqs) in partitions {
         let n = i64::try_from(seqs.len()).unwrap();
-        assert_eq!(seqs, (1..=n).collect::<Vec<_>>(), "{partition:?} has a hole");
+        assert_eq!(
+            seqs,
+            (1..=n).collect::<Vec<_>>(),
+            "{partition:?} has a hole"
+        );
     }
     by_id.len()
 }
@@ -91,7 +98,11 @@ async fn until_streaming(fx: &Fixture) {
     .await;
 }
 
-fn start_consumer(fx: &Fixture, config: ferrybox::InboxConfig, alerter: Option<Alerter>) -> Running {
+fn start_consumer(
+    fx: &Fixture,
+    config: ferrybox::InboxConfig,
+    alerter: Option<Alerter>,
+) -> Running {
     let mut consumer = InboxConsumer::new(
         fx.pool.clone(),
         &testing::kafka(),
@@ -117,7 +128,9 @@ async fn numbers_are_contiguous_per_partition_and_kept_across_relay_crashes_and_
         let running = RunningRelay::start(log_relay(&fx));
         until_streaming(&fx).await;
         for i in 0..30 {
-            let id = fx.change(&format!("k{}", i % 10), round * 3 + i / 10 + 1).await;
+            let id = fx
+                .change(&format!("k{}", i % 10), round * 3 + i / 10 + 1)
+                .await;
             ids.insert(id.to_string());
         }
         // Killed as soon as the round arrived, well before its numbers' checkpoint (once a
@@ -156,10 +169,14 @@ async fn numbers_are_contiguous_per_partition_and_kept_across_relay_crashes_and_
 
     let running = start_consumer(&fx, inbox_config(&fx, &testing::unique("group")), None);
     let read = u64::try_from(all.len()).unwrap();
-    wait_until(TIMEOUT, "at least what the reader read processed", || async {
-        let s = running.stats.snapshot();
-        s.applied + s.duplicates >= read
-    })
+    wait_until(
+        TIMEOUT,
+        "at least what the reader read processed",
+        || async {
+            let s = running.stats.snapshot();
+            s.applied + s.duplicates >= read
+        },
+    )
     .await;
     let stats = running.stats.snapshot();
     running.stop().await;
@@ -190,7 +207,11 @@ async fn a_gap_halts_only_its_partition_alerts_and_is_repaired_from_the_producer
     until_streaming(&fx).await;
     let mut ids = BTreeSet::new();
     for i in 0..40 {
-        ids.insert(fx.change(&format!("k{}", i % 8), i / 8 + 1).await.to_string());
+        ids.insert(
+            fx.change(&format!("k{}", i % 8), i / 8 + 1)
+                .await
+                .to_string(),
+        );
     }
     let mut records = testing::read_ids(&testing::kafka(), &fx.topic, &ids, TIMEOUT).await;
     running.stop().await;
@@ -255,9 +276,13 @@ async fn a_gap_halts_only_its_partition_alerts_and_is_repaired_from_the_producer
     // Halted: a repair try (every 100 ms, with nothing to repair from) changes nothing.
     let tries_before = running.stats.snapshot();
     running.stop().await;
-    assert_eq!(tries_before.applied, halted_at, "nothing after the gap was applied");
     assert_eq!(
-        fx.count("SELECT count(*) AS n FROM ferrybox_inbox_gaps").await,
+        tries_before.applied, halted_at,
+        "nothing after the gap was applied"
+    );
+    assert_eq!(
+        fx.count("SELECT count(*) AS n FROM ferrybox_inbox_gaps")
+            .await,
         1
     );
 
@@ -280,7 +305,8 @@ async fn a_gap_halts_only_its_partition_alerts_and_is_repaired_from_the_producer
     stop.cancel();
     // Equal to the producer, each key in order, each message once.
     assert_eq!(
-        fx.count("SELECT count(DISTINCT message_id) AS n FROM applied").await,
+        fx.count("SELECT count(DISTINCT message_id) AS n FROM applied")
+            .await,
         40
     );
     assert_eq!(
