@@ -43,7 +43,7 @@ pub struct Settings {
     pub feed: FeedConfig,
     /// user-service's repair endpoint (`/events/numbered`): a gap in the users topic's
     /// numbers (messages the broker lost) is filled from it, with `feed.token`. Unset: a gap
-    /// halts its partition until an operator skips it (`inbox skip-gap`).
+    /// halts its partition until an operator skips it (`gaps skip`).
     pub repair_url: Option<String>,
     /// Reconciliation with user-service's snapshot.
     pub reconcile: ReconcileConfig,

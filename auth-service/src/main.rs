@@ -67,6 +67,31 @@ enum Command {
         #[command(subcommand)]
         action: Feed,
     },
+    /// Gaps in user-service's numbers (messages the broker lost): each halts its partition
+    /// until it is repaired from user-service (`repair_url`) or skipped here.
+    Gaps {
+        #[command(subcommand)]
+        action: Gaps,
+    },
+}
+
+#[derive(Subcommand)]
+enum Gaps {
+    /// List the open gaps (with `--all`, the repaired and skipped ones too).
+    List {
+        /// Every gap, not only the open ones.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Accept the loss of an open gap's messages: its partition goes on after it. Reconcile
+    /// afterwards. Exit status 1 when no open gap has that id.
+    Skip {
+        /// The gap's id.
+        id: i64,
+        /// Why, for the record.
+        #[arg(long)]
+        reason: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -155,6 +180,17 @@ async fn main() -> anyhow::Result<ExitCode> {
         Command::Feed {
             action: Feed::Position { set },
         } => ops::feed_position(&settings, set, cli.json).await?,
+        Command::Gaps {
+            action: Gaps::List { all },
+        } => ops::gaps(&settings, all, cli.json).await?,
+        Command::Gaps {
+            action: Gaps::Skip { id, reason },
+        } => {
+            if !ops::skip_gap(&settings, id, &reason).await? {
+                eprintln!("no open gap {id}");
+                return Ok(ExitCode::from(1));
+            }
+        }
         Command::Dlq {
             action: Dlq::List(select),
         } => ops::list(&settings, &select.filter(), cli.json).await?,

@@ -189,3 +189,48 @@ pub async fn feed_position(
     }
     Ok(())
 }
+
+/// `gaps list`: the open gaps in user-service's numbers (every gap with `all`).
+pub async fn gaps(settings: &Settings, all: bool, json: bool) -> anyhow::Result<()> {
+    let gaps = ferrybox::inbox::Gaps::new(
+        db::pool(&settings.database)?,
+        settings.inbox.consumer_name(),
+    )
+    .list(all)
+    .await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&gaps)?);
+        return Ok(());
+    }
+    println!("{} gap(s)", gaps.len());
+    for g in &gaps {
+        println!(
+            "#{} {} {}/{} missing {}..={} (resumes at offset {}) {} since {}{}",
+            g.id,
+            g.source,
+            g.topic,
+            g.kafka_partition,
+            g.from_seq,
+            g.to_seq,
+            g.kafka_offset,
+            g.status,
+            g.detected_at.format("%Y-%m-%d %H:%M:%S"),
+            g.detail
+                .as_deref()
+                .map(|d| format!(": {d}"))
+                .unwrap_or_default(),
+        );
+    }
+    Ok(())
+}
+
+/// `gaps skip ID --reason R`: accepts the loss of an open gap's messages. False when no open
+/// gap has that id.
+pub async fn skip_gap(settings: &Settings, id: i64, reason: &str) -> anyhow::Result<bool> {
+    Ok(ferrybox::inbox::Gaps::new(
+        db::pool(&settings.database)?,
+        settings.inbox.consumer_name(),
+    )
+    .skip(id, reason)
+    .await?)
+}

@@ -67,7 +67,7 @@ pub struct InboxConfig {
     pub dedup: Dedup,
     /// Where a gap in a topic's numbers is repaired from: per topic, the URL of its producer's
     /// repair endpoint (`/events/numbered` of a Ferrybox service). A topic without one waits
-    /// for an operator (`inbox gaps`, `inbox skip-gap`).
+    /// for an operator ([`crate::inbox::Gaps`]; `auth-service gaps list`, `gaps skip`).
     pub repair_urls: std::collections::BTreeMap<String, String>,
     /// Sent to the repair endpoints as `Authorization: Bearer <token>` (the producer's
     /// internal token). Never logged.

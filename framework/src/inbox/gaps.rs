@@ -20,7 +20,7 @@ use crate::db::{self, PgPool};
 use crate::error::{Error, Result};
 use crate::feed::FeedEvent;
 
-/// A gap as `inbox gaps` shows it.
+/// A gap as an operator sees it (`auth-service gaps list`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, QueryableByName)]
 pub struct GapRecord {
     /// Its id (for [`Gaps::skip`]).

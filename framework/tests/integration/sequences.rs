@@ -195,16 +195,12 @@ async fn numbers_are_contiguous_per_partition_and_kept_across_relay_crashes_and_
     );
 }
 
-/// The broker loses three messages of one partition (the topic's data is deleted and every
-/// record but those is published again as it was): the consumer applies the other partition
-/// in full and the first up to the gap, records the gap and alerts; started with the
-/// producer's repair endpoint, it fills the gap from the sent log and ends equal to the
-/// producer, each key in order.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_gap_halts_only_its_partition_alerts_and_is_repaired_from_the_producers_sent_log() {
-    let fx = Fixture::new(2).await.writing_for(RelayMode::Log);
-    let running = RunningRelay::start(log_relay(&fx));
-    until_streaming(&fx).await;
+/// Publishes 40 changes of 8 keys through the log relay to `fx`'s 2 partitions, then has the
+/// broker lose numbers 4..=6 of partition 0: the topic's data is deleted and every other
+/// record published again as it was. Returns how many records partition 1 holds.
+async fn publish_and_lose_4_to_6_of_partition_0(fx: &Fixture) -> usize {
+    let running = RunningRelay::start(log_relay(fx));
+    until_streaming(fx).await;
     let mut ids = BTreeSet::new();
     for i in 0..40 {
         ids.insert(
@@ -245,6 +241,19 @@ async fn a_gap_halts_only_its_partition_alerts_and_is_repaired_from_the_producer
             .map_err(|(e, _)| e)
             .unwrap();
     }
+
+    kept_partition_1
+}
+
+/// The broker loses three messages of one partition (the topic's data is deleted and every
+/// record but those is published again as it was): the consumer applies the other partition
+/// in full and the first up to the gap, records the gap and alerts; started with the
+/// producer's repair endpoint, it fills the gap from the sent log and ends equal to the
+/// producer, each key in order.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_gap_halts_only_its_partition_alerts_and_is_repaired_from_the_producers_sent_log() {
+    let fx = Fixture::new(2).await.writing_for(RelayMode::Log);
+    let kept_partition_1 = publish_and_lose_4_to_6_of_partition_0(&fx).await;
 
     let stop = CancellationToken::new();
     let (webhook, alerts) = testing::alert_sink(&stop).await;
@@ -326,4 +335,43 @@ async fn a_gap_halts_only_its_partition_alerts_and_is_repaired_from_the_producer
         .filter(|a| a.kind == "sequence_gap")
         .count();
     assert_eq!(alerted, 1, "the gap is alerted once, not again on restart");
+}
+
+/// With no repair endpoint, a gap waits for an operator: skipping it accepts the loss, and the
+/// running consumer goes on after it within its repair interval.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_operator_skipping_a_gap_resumes_its_partition_after_it() {
+    let fx = Fixture::new(2).await.writing_for(RelayMode::Log);
+    let kept_partition_1 = publish_and_lose_4_to_6_of_partition_0(&fx).await;
+    let group = testing::unique("group");
+    let mut config = inbox_config(&fx, &group);
+    config.repair_interval = Duration::from_millis(100);
+    let running = start_consumer(&fx, config, None);
+    let gaps = ferrybox::inbox::Gaps::new(fx.pool.clone(), group.clone());
+    wait_until(TIMEOUT, "the gap recorded", || async {
+        gaps.list(false).await.unwrap().len() == 1
+    })
+    .await;
+    wait_until(TIMEOUT, "partition 1 applied", || async {
+        running.stats.snapshot().applied == u64::try_from(kept_partition_1 + 3).unwrap()
+    })
+    .await;
+    let gap = gaps.list(false).await.unwrap().remove(0);
+    assert_eq!((gap.kafka_partition, gap.from_seq, gap.to_seq), (0, 4, 6));
+    assert!(!gaps.skip(gap.id + 1, "no such gap").await.unwrap());
+    assert!(gaps.skip(gap.id, "lost in a test").await.unwrap());
+    assert!(!gaps.skip(gap.id, "twice").await.unwrap(), "skipped once");
+    wait_until(TIMEOUT, "the rest applied", || async {
+        fx.count("SELECT count(*) AS n FROM applied").await == 37
+    })
+    .await;
+    running.stop().await;
+    assert_eq!(gaps.list(false).await.unwrap().len(), 0);
+    let all = gaps.list(true).await.unwrap();
+    assert_eq!(all[0].status, "skipped");
+    assert_eq!(
+        fx.count("SELECT count(DISTINCT message_id) AS n FROM applied")
+            .await,
+        37
+    );
 }
