@@ -638,7 +638,8 @@ pub(crate) async fn claim_number(
         }));
     }
     diesel::sql_query(
-        "UPDATE ferrybox_inbox_sequences SET last_seq = $5, updated_at = now()          WHERE consumer = $1 AND source = $2 AND topic = $3 AND kafka_partition = $4",
+        "UPDATE ferrybox_inbox_sequences SET last_seq = $5, updated_at = now() \
+         WHERE consumer = $1 AND source = $2 AND topic = $3 AND kafka_partition = $4",
     )
     .bind::<diesel::sql_types::Text, _>(consumer)
     .bind::<diesel::sql_types::Text, _>(&key.0)
@@ -658,6 +659,24 @@ pub(crate) struct Prepared {
     pub(crate) failure: Option<Failure>,
     pub(crate) gap: Option<Gap>,
 }
+
+/// The statement that locks a batch's partitions' rows of numbers (making those not seen yet,
+/// at 0) and returns their last applied numbers: binds consumer, then arrays of sources,
+/// topics and partitions. The no-op update locks a row that exists. Public for benchmarks
+/// that measure what it costs.
+pub const LOCK_NUMBERS_SQL: &str = "INSERT INTO ferrybox_inbox_sequences \
+       (consumer, source, topic, kafka_partition, last_seq) \
+     SELECT $1, s, t, p, 0 FROM unnest($2::text[], $3::text[], $4::int[]) AS u(s, t, p) \
+     ON CONFLICT (consumer, source, topic, kafka_partition) \
+     DO UPDATE SET last_seq = ferrybox_inbox_sequences.last_seq \
+     RETURNING source, topic, kafka_partition, last_seq";
+
+/// The statement that moves each partition's last applied number: binds consumer, then arrays
+/// of sources, topics, partitions and numbers. Public for benchmarks.
+pub const STORE_NUMBERS_SQL: &str = "UPDATE ferrybox_inbox_sequences AS s \
+     SET last_seq = u.q, updated_at = now() \
+     FROM unnest($2::text[], $3::text[], $4::int[], $5::bigint[]) AS u(s, t, p, q) \
+     WHERE s.consumer = $1 AND s.source = u.s AND s.topic = u.t AND s.kafka_partition = u.p";
 
 #[derive(QueryableByName)]
 struct LastNumber {
@@ -684,13 +703,11 @@ async fn lock_numbers(
     }
     // The no-op update locks a row that exists and returns its number; a new one is made at 0.
     let rows: Vec<LastNumber> = crate::db::prepared(
-        diesel::sql_query(
-            "INSERT INTO ferrybox_inbox_sequences                (consumer, source, topic, kafka_partition, last_seq)              SELECT $1, s, t, p, 0 FROM unnest($2::text[], $3::text[], $4::int[]) AS u(s, t, p)              ON CONFLICT (consumer, source, topic, kafka_partition)              DO UPDATE SET last_seq = ferrybox_inbox_sequences.last_seq              RETURNING source, topic, kafka_partition, last_seq",
-        )
-        .bind::<Text, _>(consumer)
-        .bind::<Array<Text>, _>(keys.iter().map(|k| k.0.as_str()).collect::<Vec<_>>())
-        .bind::<Array<Text>, _>(keys.iter().map(|k| k.1.as_str()).collect::<Vec<_>>())
-        .bind::<Array<Integer>, _>(keys.iter().map(|k| k.2).collect::<Vec<_>>()),
+        diesel::sql_query(LOCK_NUMBERS_SQL)
+            .bind::<Text, _>(consumer)
+            .bind::<Array<Text>, _>(keys.iter().map(|k| k.0.as_str()).collect::<Vec<_>>())
+            .bind::<Array<Text>, _>(keys.iter().map(|k| k.1.as_str()).collect::<Vec<_>>())
+            .bind::<Array<Integer>, _>(keys.iter().map(|k| k.2).collect::<Vec<_>>()),
     )
     .load(tx)
     .await?;
@@ -725,14 +742,12 @@ async fn store_numbers(
         return Ok(());
     }
     crate::db::prepared(
-        diesel::sql_query(
-            "UPDATE ferrybox_inbox_sequences AS s SET last_seq = u.q, updated_at = now()              FROM unnest($2::text[], $3::text[], $4::int[], $5::bigint[]) AS u(s, t, p, q)              WHERE s.consumer = $1 AND s.source = u.s AND s.topic = u.t                AND s.kafka_partition = u.p",
-        )
-        .bind::<Text, _>(consumer)
-        .bind::<Array<Text>, _>(last.keys().map(|k| k.0).collect::<Vec<_>>())
-        .bind::<Array<Text>, _>(last.keys().map(|k| k.1).collect::<Vec<_>>())
-        .bind::<Array<Integer>, _>(last.keys().map(|k| k.2).collect::<Vec<_>>())
-        .bind::<Array<BigInt>, _>(last.values().copied().collect::<Vec<_>>()),
+        diesel::sql_query(STORE_NUMBERS_SQL)
+            .bind::<Text, _>(consumer)
+            .bind::<Array<Text>, _>(last.keys().map(|k| k.0).collect::<Vec<_>>())
+            .bind::<Array<Text>, _>(last.keys().map(|k| k.1).collect::<Vec<_>>())
+            .bind::<Array<Integer>, _>(last.keys().map(|k| k.2).collect::<Vec<_>>())
+            .bind::<Array<BigInt>, _>(last.values().copied().collect::<Vec<_>>()),
     )
     .execute(tx)
     .await?;

@@ -14,7 +14,7 @@ pub(crate) mod pipeline;
 mod retention;
 pub(crate) mod schema;
 
-pub use apply::{Dedup, RECORD_IDS_SQL};
+pub use apply::{Dedup, LOCK_NUMBERS_SQL, RECORD_IDS_SQL, STORE_NUMBERS_SQL};
 pub use config::{InboxConfig, InboxStats, InboxStatsSnapshot};
 pub use consumer::InboxConsumer;
 pub use dead_letters::{

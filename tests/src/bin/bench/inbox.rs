@@ -1,9 +1,13 @@
 //! The inbox benchmarks.
 //!
-//! - `inbox_vs_raw_insert`: inbox apply rate for messages already in Kafka, over the rate of
-//!   inserting the same rows straight into PostgreSQL in batches of the same size.
-//! - `bare_consumer_vs_raw_insert` / `inbox_ids_vs_raw_insert`: what the broker alone and the
-//!   database alone (the inserts plus the ids the inbox records) allow against that floor.
+//! - `inbox_vs_raw_insert`: inbox apply rate for messages already in Kafka, numbered as a
+//!   Ferrybox relay numbers them (deduplicated by number, the default), over the rate of
+//!   inserting the same rows straight into PostgreSQL in batches of the same size;
+//!   `inbox_id_mode_vs_raw_insert`: the same with `dedup = id` (a row per message).
+//! - `bare_consumer_vs_raw_insert` / `raw_insert_with_numbers_vs_raw_insert` /
+//!   `inbox_ids_vs_raw_insert`: what the broker alone and the database alone (the inserts
+//!   plus the inbox's number statements, or plus the ids it records) allow against that
+//!   floor.
 //! - `inbox_vs_naive`: the same inbox rate over a naive consumer doing one transaction and one
 //!   synchronous offset commit per message.
 //! - `e2e_latency_p99_ms`: producer commit to consumer commit, at a fixed moderate rate,
@@ -14,10 +18,12 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use diesel::sql_types::{Array, BigInt, Text, Uuid as SqlUuid};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use ferrybox::inbox::Dedup;
 use ferrybox::inbox::{Handler, HandlerError, ReceivedMessage};
 use ferrybox::testing::{self, TestDatabase};
 use ferrybox::{
     AvroCodec, CancellationToken, Event, InboxConfig, InboxConsumer, Outbox, Relay, RelayConfig,
+    RelayMode,
 };
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -136,18 +142,31 @@ fn readings(n: usize) -> Vec<Reading> {
         .collect()
 }
 
-/// Produces `n` encoded messages straight to `topic` (not part of any measurement).
+/// The partitions the pre-filled topics have.
+const PARTITIONS: usize = 3;
+
+/// Produces `n` encoded messages straight to `topic` (not part of any measurement), numbered
+/// as a Ferrybox relay numbers them: message `i` to partition `i % 3`, number `i / 3 + 1`.
 async fn prefill(topic: &str, codec: &AvroCodec, n: usize) -> anyhow::Result<()> {
     let producer: FutureProducer = testing::kafka()
         .client_config(ferrybox::ClientKind::Producer)
         .set("linger.ms", "20")
         .create()?;
     let mut pending = Vec::new();
-    for reading in readings(n) {
+    for (i, reading) in readings(n).into_iter().enumerate() {
         let message = codec.message(topic, &reading).await?;
-        let headers = message.kafka_headers("bench");
+        let mut headers = message.kafka_headers("bench");
+        headers.insert(
+            ferrybox::outbox::SOURCE_HEADER.into(),
+            "bench-source".into(),
+        );
+        headers.insert(
+            ferrybox::outbox::SEQ_HEADER.into(),
+            (i / PARTITIONS + 1).to_string(),
+        );
         let kafka_headers = ferrybox::kafka::owned_headers(&headers);
         let record = FutureRecord::to(topic)
+            .partition(i32::try_from(i % PARTITIONS)?)
             .key(&message.key)
             .payload(&message.payload)
             .headers(kafka_headers);
@@ -215,17 +234,23 @@ async fn bare_consume_rate(topic: &str) -> anyhow::Result<f64> {
     Ok(messages() as f64 / started.elapsed().as_secs_f64())
 }
 
-/// Messages per second the inbox applies from a pre-filled topic, and a bare consumer's rate
-/// on the same topic.
-async fn inbox_rate(codec: &AvroCodec) -> anyhow::Result<(f64, f64)> {
-    let topic = testing::create_topic(3).await;
+/// A pre-filled topic of numbered messages and a bare consumer's rate on it.
+async fn prefilled(codec: &AvroCodec) -> anyhow::Result<(String, f64)> {
+    let topic = testing::create_topic(i32::try_from(PARTITIONS)?).await;
     prefill(&topic, codec, messages()).await?;
     let bare = bare_consume_rate(&topic).await?;
+    Ok((topic, bare))
+}
+
+/// Messages per second the inbox applies from the pre-filled `topic`, deduplicating by
+/// `dedup`.
+async fn inbox_rate(codec: &AvroCodec, topic: &str, dedup: Dedup) -> anyhow::Result<f64> {
     let (db, _conn) = database().await?;
     let config = InboxConfig {
         group_id: testing::unique("bench"),
-        topics: vec![topic],
+        topics: vec![topic.to_owned()],
         batch_size: BATCH,
+        dedup,
         ..InboxConfig::default()
     };
     let consumer = readings_inbox(&db, codec, config)?;
@@ -243,27 +268,80 @@ async fn inbox_rate(codec: &AvroCodec) -> anyhow::Result<(f64, f64)> {
     let elapsed = started.elapsed();
     stop.cancel();
     task.await??;
-    Ok((messages() as f64 / elapsed.as_secs_f64(), bare))
+    Ok(messages() as f64 / elapsed.as_secs_f64())
+}
+
+/// What a raw batch writes besides the business rows.
+#[derive(Clone, Copy)]
+enum Extra {
+    Nothing,
+    /// The inbox's id insert.
+    Ids,
+    /// The inbox's two number statements (lock and move each partition's last number).
+    Numbers,
 }
 
 /// Rows per second inserted straight into PostgreSQL, in batches of the same size; with
-/// `with_ids`, each batch also records its message ids as the inbox does (same statement, in
-/// the same transaction), still without Kafka, decoding or anything else.
-async fn raw_insert_rate(with_ids: bool) -> anyhow::Result<f64> {
+/// `extra`, each batch also writes what the inbox writes (the same statements, in the same
+/// transaction), still without Kafka, decoding or anything else.
+async fn raw_insert_rate(extra: Extra) -> anyhow::Result<f64> {
     let (_db, mut conn) = database().await?;
     let rows = readings(messages());
     let started = Instant::now();
-    for chunk in rows.chunks(BATCH) {
+    for (n, chunk) in rows.chunks(BATCH).enumerate() {
         let ids: Vec<uuid::Uuid> = chunk.iter().map(|_| uuid::Uuid::now_v7()).collect();
         conn.transaction::<_, diesel::result::Error, _>(async |tx| {
-            if with_ids {
-                record_ids(tx, &ids).await?;
+            match extra {
+                Extra::Nothing => {}
+                Extra::Ids => record_ids(tx, &ids).await?,
+                Extra::Numbers => move_numbers(tx, n).await?,
             }
             insert_readings(tx, ids, chunk).await
         })
         .await?;
     }
     Ok(messages() as f64 / started.elapsed().as_secs_f64())
+}
+
+/// The inbox's number statements for a batch over [`PARTITIONS`] partitions: lock each
+/// partition's row ([`ferrybox::inbox::LOCK_NUMBERS_SQL`]), then move its last number
+/// ([`ferrybox::inbox::STORE_NUMBERS_SQL`]).
+async fn move_numbers(
+    conn: &mut AsyncPgConnection,
+    batch: usize,
+) -> Result<(), diesel::result::Error> {
+    use diesel::sql_types::Integer;
+    #[derive(diesel::QueryableByName)]
+    #[allow(dead_code)]
+    struct Last {
+        #[diesel(sql_type = BigInt)]
+        last_seq: i64,
+    }
+    let partitions: Vec<i32> = (0..i32::try_from(PARTITIONS).unwrap_or(1)).collect();
+    let sources = vec!["bench-source"; PARTITIONS];
+    let topics = vec!["bench-raw-topic"; PARTITIONS];
+    let locked: Vec<Last> = ferrybox::db::prepared(
+        diesel::sql_query(ferrybox::inbox::LOCK_NUMBERS_SQL)
+            .bind::<Text, _>("bench-raw")
+            .bind::<Array<Text>, _>(&sources)
+            .bind::<Array<Text>, _>(&topics)
+            .bind::<Array<Integer>, _>(&partitions),
+    )
+    .load(conn)
+    .await?;
+    assert_eq!(locked.len(), PARTITIONS);
+    let last = i64::try_from((batch + 1) * BATCH / PARTITIONS).unwrap_or(i64::MAX);
+    ferrybox::db::prepared(
+        diesel::sql_query(ferrybox::inbox::STORE_NUMBERS_SQL)
+            .bind::<Text, _>("bench-raw")
+            .bind::<Array<Text>, _>(&sources)
+            .bind::<Array<Text>, _>(&topics)
+            .bind::<Array<Integer>, _>(&partitions)
+            .bind::<Array<BigInt>, _>(vec![last; PARTITIONS]),
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// The inbox's own id insert ([`ferrybox::inbox::RECORD_IDS_SQL`]), for the bound above.
@@ -347,7 +425,15 @@ async fn e2e_latency(codec: &AvroCodec, rate: u32, seconds: u32) -> anyhow::Resu
     let topic = testing::create_topic(3).await;
     codec.register::<Reading>(&topic).await?;
     let (db, mut conn) = database().await?;
-    let relay = Relay::new(db.config(), &testing::kafka(), RelayConfig::default())?;
+    // Through the relay that reads the write-ahead log, from the append-only table.
+    let relay = Relay::new(
+        db.config(),
+        &testing::kafka(),
+        RelayConfig {
+            mode: RelayMode::Log,
+            ..RelayConfig::default()
+        },
+    )?;
     let config = InboxConfig {
         group_id: testing::unique("latency"),
         topics: vec![topic.clone()],
@@ -362,7 +448,7 @@ async fn e2e_latency(codec: &AvroCodec, rate: u32, seconds: u32) -> anyhow::Resu
         async move { relay.run(stop).await }
     });
     let consumer_task = tokio::spawn(consumer.run(stop.clone()));
-    let outbox = Outbox::new("bench");
+    let outbox = Outbox::new("bench").for_mode(RelayMode::Log);
     let total = rate * seconds;
     let interval = Duration::from_secs(1) / rate;
     // Warm-up, left out of the percentiles: the consumer joins its group and the relay learns
@@ -408,7 +494,7 @@ async fn e2e_latency(codec: &AvroCodec, rate: u32, seconds: u32) -> anyhow::Resu
     let p: P = diesel::sql_query(
         "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY ms) AS p50, percentile_cont(0.99) WITHIN GROUP (ORDER BY ms) AS p99 \
          FROM (SELECT extract(epoch FROM (r.applied_at - o.created_at)) * 1000 AS ms \
-               FROM readings r JOIN ferrybox_outbox o ON o.message_id = r.message_id) AS l",
+               FROM readings r JOIN ferrybox_messages o ON o.message_id = r.message_id) AS l",
     )
     .get_result(&mut conn)
     .await
@@ -422,22 +508,37 @@ pub(crate) async fn run(codec: &AvroCodec, report: &mut Report) -> anyhow::Resul
         "inbox: {} messages of ~200 bytes over {KEYS} keys, batches of {BATCH}",
         messages()
     );
-    let (inbox, bare) = inbox_rate(codec).await?;
-    let raw = raw_insert_rate(false).await?;
-    let raw_with_ids = raw_insert_rate(true).await?;
+    let (topic, bare) = prefilled(codec).await?;
+    let inbox = inbox_rate(codec, &topic, Dedup::Sequence).await?;
+    let inbox_id_mode = inbox_rate(codec, &topic, Dedup::Id).await?;
+    testing::delete_topic(&topic).await?;
+    let raw = raw_insert_rate(Extra::Nothing).await?;
+    let raw_with_numbers = raw_insert_rate(Extra::Numbers).await?;
+    let raw_with_ids = raw_insert_rate(Extra::Ids).await?;
     let naive = naive_rate(codec).await?;
     let (p50, p99) = e2e_latency(codec, 200, 10).await?;
-    report.row("inbox apply rate (msg/s)", inbox);
+    report.row("inbox apply rate, dedup by number (msg/s)", inbox);
+    report.row("inbox apply rate, dedup by id (msg/s)", inbox_id_mode);
     report.row("raw batched insert rate (rows/s)", raw);
     report.row("bare consumer, same topic, no database (msg/s)", bare);
+    report.row(
+        "raw batched insert + the inbox's numbers, no Kafka (rows/s)",
+        raw_with_numbers,
+    );
     report.row(
         "raw batched insert + inbox ids, no Kafka (rows/s)",
         raw_with_ids,
     );
     report.row("naive consumer rate (msg/s)", naive);
-    report.row("e2e latency p50 at 200 msg/s (ms)", p50);
-    report.row("e2e latency p99 at 200 msg/s (ms)", p99);
+    report.row("e2e latency p50 at 200 msg/s, log relay (ms)", p50);
+    report.row("e2e latency p99 at 200 msg/s, log relay (ms)", p99);
     report.ratio("inbox_vs_raw_insert", inbox / raw);
+    report.ratio("inbox_id_mode_vs_raw_insert", inbox_id_mode / raw);
+    // The bound of inbox_vs_raw_insert the database sets: the inserts plus the numbers.
+    report.ratio(
+        "raw_insert_with_numbers_vs_raw_insert",
+        raw_with_numbers / raw,
+    );
     // What the floor of inbox_vs_raw_insert needs of the broker alone: a consumer that
     // writes nothing, over the raw insert rate.
     report.ratio("bare_consumer_vs_raw_insert", bare / raw);
