@@ -381,6 +381,7 @@ fn records(position: i64, page: &FeedPage) -> Result<Vec<Record>> {
             key: Some(event.key.as_bytes().to_vec()),
             headers: event.headers.clone(),
             payload: Some(payload),
+            decoded: None,
         });
     }
     Ok(records)

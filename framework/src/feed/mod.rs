@@ -14,7 +14,9 @@
 //!
 //! **Consumers** store their position in their own database, in the same transaction as the
 //! changes the messages made, so a crash anywhere resumes exactly after the last applied
-//! message; the inbox deduplicates by message id besides. On data they cannot understand they
+//! message; the position is also how the inbox deduplicates (its row is locked in the applying
+//! transaction, and a message at or below it is skipped), so no inbox row is written per
+//! message (`inbox.dedup = "id"` writes them). On data they cannot understand they
 //! halt and raise an alert (the default), or dead-letter it and go on.
 //!
 //! **The wire format** (`GET /events?after=P&limit=N&wait_ms=W`):

@@ -2,6 +2,7 @@
 //! transaction record its id and run the handler. Shared by the consumer loop and redrive.
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use diesel::prelude::*;
@@ -25,6 +26,8 @@ pub(crate) struct Record {
     pub(crate) key: Option<Vec<u8>>,
     pub(crate) headers: BTreeMap<String, String>,
     pub(crate) payload: Option<Vec<u8>>,
+    /// The record decoded ahead of its batch (see [`Applier::decode_ahead`]), if it was.
+    pub(crate) decoded: Option<Arc<ReceivedMessage>>,
 }
 
 impl Record {
@@ -37,6 +40,7 @@ impl Record {
             key: m.key().map(<[u8]>::to_vec),
             headers,
             payload: m.payload().map(<[u8]>::to_vec),
+            decoded: None,
         }
     }
 
@@ -147,7 +151,8 @@ pub enum Dedup {
     /// relay publishes, see [`crate::outbox::SEQ_HEADER`]): one row per source, topic and
     /// partition holds the last number applied, written in the applying transaction; a
     /// message numbered past the next one is a gap, and halts its partition. Messages without
-    /// numbers (other producers, the polling relay) are deduplicated by id.
+    /// numbers (other producers, the polling relay) are deduplicated by id. A feed consumer's
+    /// messages are numbered by their feed position, kept in the same transaction.
     #[default]
     Sequence,
     /// By message id only: one inbox row per message, whoever produced it.
@@ -212,38 +217,36 @@ impl<H: Handler> Applier<H> {
         }
     }
 
-    /// Decodes a record and resolves it into the reader schema.
-    pub(crate) async fn prepare(&self, record: &Record) -> Result<ReceivedMessage, Failure> {
-        let envelope = IncomingMessage::from_parts(
-            &record.topic,
-            record.partition,
-            record.offset,
-            record.key.as_deref(),
-            record.headers.clone(),
-            record.payload.as_deref(),
-        )
-        .map_err(|e| Failure::permanent("envelope", e.to_string()))?;
-        let decoded = self
-            .codec
-            .decode(&envelope.payload)
-            .await
-            .map_err(|e| Failure::from_error("decode", &Error::Codec(e)))?;
-        let value = match &self.readers {
-            None => decoded.value,
-            Some(readers) if !readers.knows(&envelope.message_type) => {
-                return Err(Failure::permanent(
-                    "unknown_type",
-                    format!(
-                        "no reader schema for message type {}",
-                        envelope.message_type
-                    ),
-                ));
+    /// Decodes `records` ahead of their batch, on another task (another core), while the
+    /// batch before them is applied: the apply takes them as they are. A record that does not
+    /// decode is left as it is; it fails again, with its reason, when applied.
+    /// `Err` when the decoding task panicked.
+    pub(crate) async fn decode_ahead(&self, records: Vec<Record>) -> crate::Result<Vec<Record>> {
+        let codec = self.codec.clone();
+        let readers = self.readers.clone();
+        let decoding = tokio::spawn(async move {
+            let mut records = records;
+            for record in &mut records {
+                if let Ok(message) = decode(&codec, readers.as_ref(), record).await {
+                    record.decoded = Some(Arc::new(message));
+                }
             }
-            Some(readers) => readers
-                .resolve(&envelope.message_type, decoded.value)
-                .map_err(|e| Failure::permanent("schema_resolution", e))?,
-        };
-        Ok(ReceivedMessage { envelope, value })
+            records
+        });
+        decoding
+            .await
+            .map_err(|e| Error::Task(format!("decoding a batch: {e}")))
+    }
+
+    /// Decodes a record and resolves it into the reader schema (or takes what
+    /// [`Applier::decode_ahead`] made of it).
+    pub(crate) async fn prepare(&self, record: &Record) -> Result<Arc<ReceivedMessage>, Failure> {
+        if let Some(message) = &record.decoded {
+            return Ok(Arc::clone(message));
+        }
+        decode(&self.codec, self.readers.as_ref(), record)
+            .await
+            .map(Arc::new)
     }
 
     /// Applies the leading records of `records` in one transaction: one statement records every
@@ -322,7 +325,7 @@ impl<H: Handler> Applier<H> {
         &self,
         tx: &mut AsyncPgConnection,
         records: &[Record],
-        messages: &[ReceivedMessage],
+        messages: &[Arc<ReceivedMessage>],
         redrive: bool,
     ) -> Result<Prepared, diesel::result::Error> {
         let consumer = self.consumer.as_str();
@@ -338,7 +341,7 @@ impl<H: Handler> Applier<H> {
             .iter()
             .zip(&verdicts)
             .filter(|(_, v)| **v == Verdict::ById)
-            .map(|(m, _)| m)
+            .map(|(m, _)| &**m)
             .collect();
         let mut new = record_ids(tx, consumer, &by_id).await?;
         // Which messages are new (a second copy of an id within the batch is a duplicate).
@@ -355,7 +358,7 @@ impl<H: Handler> Applier<H> {
             .iter()
             .zip(&fresh)
             .filter(|(_, f)| **f)
-            .map(|(m, _)| m)
+            .map(|(m, _)| &**m)
             .collect();
         let as_batch = fresh_messages.is_empty()
             || self
@@ -429,8 +432,24 @@ impl<H: Handler> Applier<H> {
     async fn number(
         &self,
         tx: &mut AsyncPgConnection,
-        messages: &[ReceivedMessage],
+        messages: &[Arc<ReceivedMessage>],
     ) -> Result<(Vec<Verdict>, Option<Gap>), diesel::result::Error> {
+        // A feed consumer's records are numbered by the feed: its position, kept in this
+        // transaction, is the last applied number (the feed's own contiguity check finds gaps).
+        if let (Some(feed), Dedup::Sequence) = (&self.checkpoint, self.dedup) {
+            let position = lock_position(tx, &self.consumer, feed).await?;
+            let verdicts = messages
+                .iter()
+                .map(|m| {
+                    if m.envelope.offset <= position {
+                        Verdict::Duplicate
+                    } else {
+                        Verdict::Next
+                    }
+                })
+                .collect();
+            return Ok((verdicts, None));
+        }
         let numbers: Vec<Option<(&str, i64)>> = messages
             .iter()
             .map(|m| match self.dedup {
@@ -552,6 +571,43 @@ impl<H: Handler> Applier<H> {
         self.record_duration(started, result.is_ok());
         result
     }
+}
+
+/// Decodes `record` with `codec` and resolves it into `readers`' schema, when given.
+async fn decode(
+    codec: &AvroCodec,
+    readers: Option<&ReaderSchemas>,
+    record: &Record,
+) -> Result<ReceivedMessage, Failure> {
+    let envelope = IncomingMessage::from_parts(
+        &record.topic,
+        record.partition,
+        record.offset,
+        record.key.as_deref(),
+        record.headers.clone(),
+        record.payload.as_deref(),
+    )
+    .map_err(|e| Failure::permanent("envelope", e.to_string()))?;
+    let decoded = codec
+        .decode(&envelope.payload)
+        .await
+        .map_err(|e| Failure::from_error("decode", &Error::Codec(e)))?;
+    let value = match readers {
+        None => decoded.value,
+        Some(readers) if !readers.knows(&envelope.message_type) => {
+            return Err(Failure::permanent(
+                "unknown_type",
+                format!(
+                    "no reader schema for message type {}",
+                    envelope.message_type
+                ),
+            ));
+        }
+        Some(readers) => readers
+            .resolve(&envelope.message_type, decoded.value)
+            .map_err(|e| Failure::permanent("schema_resolution", e))?,
+    };
+    Ok(ReceivedMessage { envelope, value })
 }
 
 /// How long a handler over its limit gets, after its statement was cancelled, to notice and
@@ -679,6 +735,34 @@ pub const STORE_NUMBERS_SQL: &str = "UPDATE ferrybox_inbox_sequences AS s \
      WHERE s.consumer = $1 AND s.source = u.s AND s.topic = u.t AND s.kafka_partition = u.p";
 
 #[derive(QueryableByName)]
+struct Position {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    position: i64,
+}
+
+/// A feed consumer's stored position (0 before its first message), its row locked until `tx`
+/// ends.
+async fn lock_position(
+    tx: &mut AsyncPgConnection,
+    consumer: &str,
+    feed: &str,
+) -> Result<i64, diesel::result::Error> {
+    use diesel::sql_types::Text;
+    let row: Position = crate::db::prepared(
+        diesel::sql_query(
+            "INSERT INTO ferrybox_feed_positions (consumer, feed, position) VALUES ($1, $2, 0) \
+             ON CONFLICT (consumer, feed) DO UPDATE \
+             SET position = ferrybox_feed_positions.position RETURNING position",
+        )
+        .bind::<Text, _>(consumer)
+        .bind::<Text, _>(feed),
+    )
+    .get_result(tx)
+    .await?;
+    Ok(row.position)
+}
+
+#[derive(QueryableByName)]
 struct LastNumber {
     #[diesel(sql_type = diesel::sql_types::Text)]
     source: String,
@@ -722,7 +806,7 @@ async fn lock_numbers(
 async fn store_numbers(
     tx: &mut AsyncPgConnection,
     consumer: &str,
-    messages: &[ReceivedMessage],
+    messages: &[Arc<ReceivedMessage>],
     verdicts: &[Verdict],
 ) -> Result<(), diesel::result::Error> {
     use diesel::sql_types::{Array, BigInt, Integer, Text};

@@ -321,7 +321,17 @@ impl<H: Handler> InboxConsumer<H> {
                 _ => break,
             }
         }
-        Some(batch)
+        // Decoding is the consumer's own work: done here, while the batch before is applied.
+        match self.pipeline.applier.decode_ahead(batch).await {
+            Ok(batch) => Some(batch),
+            // The batch is gone with the task: stop before anything after it is stored; it is
+            // received again after the restart.
+            Err(e) => {
+                tracing::error!(error = %e, "the consumer stops");
+                *fatal = Some(e);
+                None
+            }
+        }
     }
 
     /// Finishes every record of `batch` in order (applied, duplicate, parked or dead-lettered)

@@ -331,6 +331,7 @@ impl DeadLetter {
             key: self.message_key.as_ref().map(|k| k.as_bytes().to_vec()),
             headers,
             payload: self.payload.clone(),
+            decoded: None,
         }
     }
 }

@@ -284,6 +284,7 @@ pub(crate) async fn fetch(
                 key: Some(event.key.into_bytes()),
                 headers,
                 payload: Some(payload),
+                decoded: None,
             })
         })
         .collect()
