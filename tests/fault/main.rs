@@ -465,15 +465,32 @@ async fn last_numbers(url: &str, consumer: &str) -> BTreeMap<String, i64> {
     .collect()
 }
 
-/// The messages auth-service applied: those its inbox holds by id, and the numbered ones at
-/// or below the last number it applied of their partition (they need no inbox row). Each id
-/// once per way it was applied.
+/// The messages auth-service applied: those its inbox holds by id, the numbered ones at or
+/// below the last number it applied of their partition, and those at or below its feed
+/// position (neither needs an inbox row). Each id once per way it was applied.
 async fn applied(user_url: &str, auth_url: &str, consumer: &str) -> Vec<String> {
     let mut applied = ids(
         auth_url,
         &format!("SELECT message_id::text AS id FROM ferrybox_inbox WHERE consumer = '{consumer}'"),
     )
     .await;
+    let position = testing::count(
+        auth_url,
+        &format!(
+            "SELECT coalesce(max(position), 0) AS n FROM ferrybox_feed_positions \
+             WHERE consumer = '{consumer}'"
+        ),
+    )
+    .await;
+    applied.extend(
+        ids(
+            user_url,
+            &format!(
+                "SELECT message_id::text AS id FROM ferrybox_outbox WHERE feed_position <= {position}"
+            ),
+        )
+        .await,
+    );
     let last = last_numbers(auth_url, consumer).await;
     applied.extend(
         numbered(user_url)
