@@ -79,6 +79,26 @@ pub(crate) async fn delete_expired_messages(
     Ok(u64::try_from(deleted).unwrap_or(0))
 }
 
+/// Deletes up to `batch` of the log relay's number runs (which rows got which numbers, see
+/// [`super::sequence`]) older than `retention`, the sent log's: the rows they name are gone
+/// by then. The counters stay, one row per source and partition.
+pub(crate) async fn delete_expired_runs(
+    conn: &mut AsyncPgConnection,
+    retention: Duration,
+    batch: i64,
+) -> Result<u64> {
+    let deleted = diesel::sql_query(
+        "DELETE FROM ferrybox_sequence_runs WHERE ctid IN ( \
+             SELECT ctid FROM ferrybox_sequence_runs WHERE created_at < now() - $1 \
+             ORDER BY created_at LIMIT $2)",
+    )
+    .bind::<Interval, _>(interval(retention))
+    .bind::<BigInt, _>(batch)
+    .execute(conn)
+    .await?;
+    Ok(u64::try_from(deleted).unwrap_or(0))
+}
+
 fn interval(d: Duration) -> diesel::data_types::PgInterval {
     diesel::data_types::PgInterval::from_microseconds(
         i64::try_from(d.as_micros()).unwrap_or(i64::MAX),

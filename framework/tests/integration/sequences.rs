@@ -375,3 +375,52 @@ async fn an_operator_skipping_a_gap_resumes_its_partition_after_it() {
         37
     );
 }
+
+/// The runs (which rows got which numbers) age with the sent log: the relay deletes those
+/// older than its retention, and keeps the counters.
+#[tokio::test(flavor = "multi_thread")]
+async fn number_runs_are_deleted_with_the_sent_log_and_the_counters_stay() {
+    let fx = Fixture::new(1).await.writing_for(RelayMode::Log);
+    let running = RunningRelay::start(log_relay(&fx));
+    until_streaming(&fx).await;
+    for i in 0..5 {
+        fx.change("k", i + 1).await;
+    }
+    wait_until(TIMEOUT, "the numbers checkpointed", || async {
+        fx.count("SELECT coalesce(sum(cardinality(row_ids)), 0)::bigint AS n FROM ferrybox_sequence_runs")
+            .await
+            == 5
+    })
+    .await;
+    running.stop().await;
+    testing::execute(
+        fx.db.url(),
+        "UPDATE ferrybox_sequence_runs SET created_at = now() - interval '2 hours'",
+    )
+    .await;
+    let relay = ferrybox::Relay::new(
+        fx.db.config(),
+        &testing::kafka(),
+        ferrybox::RelayConfig {
+            retention: Duration::from_secs(3600),
+            cleanup_interval: Duration::from_millis(100),
+            standby_interval: Duration::from_millis(50),
+            ..crate::support::Fixture::relay_config_in(RelayMode::Log)
+        },
+    )
+    .unwrap();
+    let running = RunningRelay::start(relay);
+    wait_until(TIMEOUT, "the old runs deleted", || async {
+        fx.count("SELECT count(*) AS n FROM ferrybox_sequence_runs")
+            .await
+            == 0
+    })
+    .await;
+    running.stop().await;
+    assert_eq!(
+        fx.count("SELECT max(next_seq) AS n FROM ferrybox_sequence_counters")
+            .await,
+        6,
+        "the counters stay"
+    );
+}

@@ -292,6 +292,7 @@ async fn stream(
                 if shard.index == 0 && tokio::time::Instant::now() >= next_cleanup {
                     // Both tables' sent logs, a batch each per pass.
                     super::sent_log::delete_expired_messages(control, config.retention, super::sent_log::CLEANUP_BATCH).await?;
+                    super::sent_log::delete_expired_runs(control, config.retention, super::sent_log::CLEANUP_BATCH).await?;
                     super::sent_log::delete_expired_batch(control, config.retention, super::sent_log::CLEANUP_BATCH).await?;
                     drain_table(publisher, control, config, true).await?;
                     next_cleanup = tokio::time::Instant::now() + config.cleanup_interval;
