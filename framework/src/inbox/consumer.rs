@@ -356,7 +356,9 @@ impl<H: Handler> InboxConsumer<H> {
                 .await;
             let done = match progress {
                 Progress::Gap(gap) => {
-                    self.halt(gap).await;
+                    if !self.halt(gap, shutdown).await {
+                        return Applied::Stopped;
+                    }
                     let rest = self.without_halted(&batch[next + 1..]);
                     batch = std::borrow::Cow::Owned(rest);
                     next = 0;
@@ -423,8 +425,9 @@ impl<H: Handler> InboxConsumer<H> {
     }
 
     /// Halts `gap`'s partition: records the gap (alerting when it is new), pauses the
-    /// partition's fetching, and tries the repair at once.
-    async fn halt(&self, gap: Gap) {
+    /// partition's fetching, and tries the repair at once. False when shutdown came while the
+    /// gap could not be recorded (nothing of the partition after it was stored).
+    async fn halt(&self, gap: Gap, shutdown: &CancellationToken) -> bool {
         let consumer = self.pipeline.applier.consumer.clone();
         let id = loop {
             match super::gaps::record(&self.pipeline.applier.pool, &consumer, &gap).await {
@@ -466,7 +469,9 @@ impl<H: Handler> InboxConsumer<H> {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "could not record a gap; trying again");
-                    tokio::time::sleep(self.pipeline.config.backoff.delay(1)).await;
+                    if sleep_or_shutdown(self.pipeline.config.backoff.delay(1), shutdown).await {
+                        return false;
+                    }
                 }
             }
         };
@@ -499,6 +504,7 @@ impl<H: Handler> InboxConsumer<H> {
                 },
             );
         self.halt_added.notify_waiters();
+        true
     }
 
     /// Tries each halted partition whose turn it is: resumes it when its gap was skipped, or
