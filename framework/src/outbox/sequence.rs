@@ -88,8 +88,9 @@ pub(crate) struct Sequencer {
     /// The partition count each topic is numbered with.
     partitions: BTreeMap<String, i32>,
     partitions_changed: bool,
-    /// The next number to hand out per (topic, partition).
-    next: HashMap<(Arc<str>, i32), i64>,
+    /// The next number to hand out per topic and partition (looked up by `&str`: no
+    /// allocation per message).
+    next: HashMap<Arc<str>, HashMap<i32, i64>>,
     /// Acknowledged messages in stream order, and how many of them each taken transaction end
     /// covers (its end position).
     taken: VecDeque<Numbered>,
@@ -144,15 +145,18 @@ impl Sequencer {
         .bind::<Text, _>(&row.source)
         .load(conn)
         .await?;
+        let mut next: HashMap<Arc<str>, HashMap<i32, i64>> = HashMap::new();
+        for c in counters {
+            next.entry(Arc::from(c.topic))
+                .or_default()
+                .insert(c.kafka_partition, c.next_seq);
+        }
         Ok(Self {
             stream: stream.to_owned(),
             source: row.source.into(),
             partitions,
             partitions_changed: false,
-            next: counters
-                .into_iter()
-                .map(|c| ((Arc::from(c.topic), c.kafka_partition), c.next_seq))
-                .collect(),
+            next,
             taken: VecDeque::new(),
             ends: VecDeque::new(),
         })
@@ -173,10 +177,10 @@ impl Sequencer {
     /// count is not known yet ([`Sequencer::set_partitions`] first).
     pub(crate) fn assign(&mut self, topic: &str, key: &[u8]) -> Option<Sequence> {
         let partition = partition_for(key, self.partitions(topic)?);
-        let next = match self.next.get_mut(&(Arc::from(topic), partition)) {
-            Some(next) => next,
-            None => self.next.entry((Arc::from(topic), partition)).or_insert(1),
-        };
+        if !self.next.contains_key(topic) {
+            self.next.insert(Arc::from(topic), HashMap::new());
+        }
+        let next = self.next.get_mut(topic)?.entry(partition).or_insert(1);
         let seq = *next;
         *next += 1;
         Some(Sequence {
@@ -189,8 +193,13 @@ impl Sequencer {
     /// A numbered message was acknowledged (or recorded as refused): it is written with the
     /// checkpoint that covers its transaction.
     pub(crate) fn taken(&mut self, topic: &str, sequence: &Sequence, origin: Origin, row_id: i64) {
+        // The counters' key, shared: no allocation per message.
+        let topic = self
+            .next
+            .get_key_value(topic)
+            .map_or_else(|| Arc::from(topic), |(key, _)| Arc::clone(key));
         self.taken.push_back(Numbered {
-            topic: Arc::from(topic),
+            topic,
             partition: sequence.partition,
             seq: sequence.seq,
             origin,
