@@ -52,6 +52,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod reconcile;
 pub mod shutdown;
+pub mod storage;
 pub mod telemetry;
 #[cfg(feature = "test-util")]
 pub mod testing;

@@ -850,9 +850,21 @@ enum Handling<'a> {
 /// The statement the inbox records a batch's message ids with, in the applying transaction:
 /// binds consumer, then arrays of message ids, types, topics, partitions and offsets; returns
 /// the ids that were not recorded yet. Public for benchmarks that measure what it costs.
+///
+/// The ids go into the newest generation (see [`super::retention::expire`]); an id in an older
+/// one is skipped here, and the newest one's key catches the rest, concurrent inserts
+/// included. It reads the newest generation after taking its lock on `ferrybox_inbox` (a
+/// statement's relations are locked before its snapshot is taken), which a new generation's
+/// opening holds: the transaction runs at READ COMMITTED, as the inbox's do.
 pub const RECORD_IDS_SQL: &str = "INSERT INTO ferrybox_inbox \
-       (consumer, message_id, message_type, topic, kafka_partition, kafka_offset) \
-     SELECT $1, * FROM unnest($2::uuid[], $3::text[], $4::text[], $5::int[], $6::bigint[]) \
+       (consumer, message_id, message_type, topic, kafka_partition, kafka_offset, generation) \
+     SELECT $1, u.*, g.newest \
+     FROM unnest($2::uuid[], $3::text[], $4::text[], $5::int[], $6::bigint[]) \
+          AS u(message_id, message_type, topic, kafka_partition, kafka_offset), \
+          (SELECT max(generation) AS newest FROM ferrybox_inbox_generations) AS g \
+     WHERE NOT EXISTS (SELECT 1 FROM ferrybox_inbox AS i \
+                       WHERE i.consumer = $1 AND i.message_id = u.message_id \
+                         AND i.generation < g.newest) \
      ON CONFLICT DO NOTHING RETURNING message_id";
 
 #[derive(QueryableByName)]

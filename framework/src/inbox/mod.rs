@@ -22,4 +22,4 @@ pub use dead_letters::{
 };
 pub use gaps::{GapRecord, Gaps};
 pub use handler::{Handler, HandlerError, ReceivedMessage};
-pub use retention::{Horizon, delete_expired, kafka_horizon};
+pub use retention::{Expired, Horizon, expire, generation_span, kafka_horizon};

@@ -444,16 +444,19 @@ async fn clean_periodically(
     while !sleep_or_shutdown(config.cleanup_interval, &shutdown).await {
         let cleaned = match transport.horizon(&pool, &config).await {
             Ok(horizon) => {
-                retention::delete_expired(&pool, config.consumer_name(), &horizon, retention::BATCH)
-                    .await
+                retention::expire(&pool, config.consumer_name(), &horizon, config.retention).await
             }
             Err(e) => Err(e),
         };
         match cleaned {
-            Ok(0) => {}
-            Ok(n) => {
-                tracing::info!(deleted = n, "expired inbox rows deleted");
-                InboxStats::add(&stats.cleaned, n);
+            Ok(expired) if expired.ids == 0 => {}
+            Ok(expired) => {
+                tracing::info!(
+                    ids = expired.ids,
+                    generations = expired.generations,
+                    "expired inbox ids dropped"
+                );
+                InboxStats::add(&stats.cleaned, expired.ids);
             }
             Err(e) => tracing::warn!(error = %e, "inbox cleanup failed; will try again"),
         }

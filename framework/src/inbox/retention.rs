@@ -1,5 +1,7 @@
 //! Inbox retention: an applied id is kept as long as the message can still be delivered
-//! again, then deleted in small batches so no long lock or bloat builds up.
+//! again, then dropped with the rest of its generation ([`expire`]): no row is deleted one by
+//! one, so no dead tuples or bloat build up, and cleanup costs the same however many ids
+//! there are.
 //!
 //! A message can come again while the consumer has not committed past it (a crash between
 //! the inbox commit and the offset commit redelivers it, however long the consumer was down)
@@ -11,15 +13,12 @@
 
 use std::time::Duration;
 
-use diesel::sql_types::{Array, BigInt, Integer, Text};
-use diesel_async::RunQueryDsl;
+use diesel::sql_types::{Array, BigInt, Bool, Integer, Interval, Text};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
 
 use crate::config::{ClientKind, KafkaConfig};
 use crate::db::{self, PgPool};
 use crate::error::{Error, Result};
-
-/// Rows deleted per statement.
-pub(crate) const BATCH: i64 = 1_000;
 
 /// How far each of a consumer's partitions is past redelivery: the position the consumer
 /// committed there (rows below it will not be delivered again) and the age a row must have
@@ -136,45 +135,166 @@ pub async fn kafka_horizon(
     .map_err(|e| Error::Task(e.to_string()))?
 }
 
-/// Deletes `consumer`'s inbox rows that `horizon` says are past redelivery, `batch` rows per
-/// statement; returns how many went.
-pub async fn delete_expired(
+/// How long the id inbox writes into one generation: a third of the inbox's `retention` (an id
+/// is kept at most that much longer than it must), at least a second and at most a week.
+pub fn generation_span(retention: Duration) -> Duration {
+    Duration::from_secs((retention.as_secs() / 3).clamp(1, 7 * 24 * 3600))
+}
+
+/// What one [`expire`] pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Expired {
+    /// Generations dropped.
+    pub generations: u64,
+    /// The ids they held, every consumer's.
+    pub ids: u64,
+}
+
+/// Retention of the id inbox, which is partitioned by generation (migration `ferrybox-0010`):
+/// ids go into the newest generation; one pass of this
+///
+/// 1. opens a new generation once the newest is [`generation_span`] old;
+/// 2. sums up each closed generation once, per consumer and partition (how far its ids reach:
+///    the highest offset, the last time one was applied);
+/// 3. marks `consumer`'s sums that `horizon` says are past redelivery;
+/// 4. drops every closed generation whose sums are all marked, by every consumer with ids in
+///    it: a `DROP TABLE`, however many ids it holds.
+///
+/// An id stays while any consumer with ids in its generation is not past redelivery for them
+/// (a consumer that stopped running for good holds its generations until its rows are
+/// removed by hand; `inbox status` names it).
+///
+/// Dedup spans the generations: the inbox's insert ([`super::RECORD_IDS_SQL`]) skips an id
+/// present in an older one, and the newest one's key catches the rest. Opening a generation
+/// locks the table against inserts for a moment, so no insert that read the old generation
+/// as the newest is still running once the new one is there.
+pub async fn expire(
     pool: &PgPool,
     consumer: &str,
     horizon: &Horizon,
-    batch: i64,
-) -> Result<u64> {
-    if horizon.is_empty() {
-        return Ok(0);
-    }
+    retention: Duration,
+) -> Result<Expired> {
     let mut conn = db::connection(pool).await?;
-    let mut total = 0u64;
-    loop {
-        let deleted = diesel::sql_query(
-            "DELETE FROM ferrybox_inbox WHERE ctid IN ( \
-                 SELECT i.ctid FROM ferrybox_inbox AS i \
-                 JOIN unnest($2::text[], $3::int[], $4::bigint[], $5::bigint[]) \
-                      AS h(topic, kafka_partition, committed, min_age) \
-                   ON i.topic = h.topic AND i.kafka_partition = h.kafka_partition \
-                 WHERE i.consumer = $1 AND i.kafka_offset < h.committed \
-                   AND i.applied_at < now() - make_interval(secs => h.min_age) \
-                 LIMIT $6)",
+    open_generation_if_due(&mut conn, generation_span(retention)).await?;
+    summarize_closed(&mut conn).await?;
+    if !horizon.is_empty() {
+        diesel::sql_query(
+            "UPDATE ferrybox_inbox_bounds AS b SET expired = true \
+             FROM unnest($2::text[], $3::int[], $4::bigint[], $5::bigint[]) \
+                  AS h(topic, kafka_partition, committed, min_age) \
+             WHERE b.consumer = $1 AND NOT b.expired \
+               AND b.topic = h.topic AND b.kafka_partition = h.kafka_partition \
+               AND b.max_offset < h.committed \
+               AND b.last_applied_at < now() - make_interval(secs => h.min_age)",
         )
         .bind::<Text, _>(consumer)
         .bind::<Array<Text>, _>(&horizon.topics)
         .bind::<Array<Integer>, _>(&horizon.partitions)
         .bind::<Array<BigInt>, _>(&horizon.committed)
         .bind::<Array<BigInt>, _>(&horizon.min_age_seconds)
-        .bind::<BigInt, _>(batch)
         .execute(&mut conn)
         .await?;
-        total += u64::try_from(deleted).unwrap_or(0);
-        if i64::try_from(deleted).unwrap_or(0) < batch {
-            return Ok(total);
-        }
-        // Let other work in between batches.
-        tokio::task::yield_now().await;
     }
+    drop_expired(&mut conn).await
+}
+
+#[derive(diesel::QueryableByName)]
+struct Generation {
+    #[diesel(sql_type = Integer)]
+    generation: i32,
+}
+
+async fn open_generation_if_due(conn: &mut AsyncPgConnection, span: Duration) -> Result<()> {
+    #[derive(diesel::QueryableByName)]
+    struct Newest {
+        #[diesel(sql_type = Integer)]
+        generation: i32,
+        #[diesel(sql_type = Bool)]
+        due: bool,
+    }
+    let newest: Newest = diesel::sql_query(
+        "SELECT generation, opened_at < now() - $1 AS due FROM ferrybox_inbox_generations \
+         ORDER BY generation DESC LIMIT 1",
+    )
+    .bind::<Interval, _>(crate::storage::interval(span))
+    .get_result(conn)
+    .await?;
+    if !newest.due {
+        return Ok(());
+    }
+    // `ferrybox_open_inbox_generation` takes the inbox's lock against inserts: they take
+    // theirs before they read the newest generation, so none runs with the old one as the
+    // newest once the new one commits.
+    let ddl = format!(
+        "SELECT ferrybox_open_inbox_generation(make_interval(secs => {}))",
+        span.as_secs()
+    );
+    if crate::storage::change_layout(conn, "ferrybox_inbox", ddl).await? {
+        tracing::info!(
+            after = newest.generation,
+            "inbox: a new id generation opened"
+        );
+    }
+    Ok(())
+}
+
+async fn summarize_closed(conn: &mut AsyncPgConnection) -> Result<()> {
+    let closed: Vec<Generation> = diesel::sql_query(
+        "SELECT generation FROM ferrybox_inbox_generations \
+         WHERE closed_at IS NOT NULL AND NOT summarized ORDER BY generation",
+    )
+    .load(conn)
+    .await?;
+    for Generation { generation } in closed {
+        // Nothing is written into a closed generation: read once, with the sums, in one
+        // statement (so one transaction).
+        diesel::sql_query(format!(
+            "WITH sums AS ( \
+                 INSERT INTO ferrybox_inbox_bounds \
+                     (generation, consumer, topic, kafka_partition, max_offset, \
+                      last_applied_at, ids) \
+                 SELECT {generation}, consumer, topic, kafka_partition, max(kafka_offset), \
+                        max(applied_at), count(*) \
+                 FROM ferrybox_inbox WHERE generation = {generation} \
+                 GROUP BY consumer, topic, kafka_partition \
+                 ON CONFLICT DO NOTHING) \
+             UPDATE ferrybox_inbox_generations SET summarized = true \
+             WHERE generation = {generation}"
+        ))
+        .execute(conn)
+        .await?;
+    }
+    Ok(())
+}
+
+async fn drop_expired(conn: &mut AsyncPgConnection) -> Result<Expired> {
+    #[derive(diesel::QueryableByName)]
+    struct Droppable {
+        #[diesel(sql_type = Integer)]
+        generation: i32,
+        #[diesel(sql_type = BigInt)]
+        ids: i64,
+    }
+    let droppable: Vec<Droppable> = diesel::sql_query(
+        "SELECT g.generation, coalesce(sum(b.ids), 0)::bigint AS ids \
+         FROM ferrybox_inbox_generations AS g \
+         LEFT JOIN ferrybox_inbox_bounds AS b USING (generation) \
+         WHERE g.summarized \
+         GROUP BY g.generation HAVING bool_and(coalesce(b.expired, true)) \
+         ORDER BY g.generation",
+    )
+    .load(conn)
+    .await?;
+    let mut done = Expired::default();
+    for Droppable { generation, ids } in droppable {
+        let ddl = format!("SELECT ferrybox_drop_inbox_generation({generation})");
+        if crate::storage::change_layout(conn, "ferrybox_inbox", ddl).await? {
+            tracing::info!(generation, ids, "inbox: an expired id generation dropped");
+            done.generations += 1;
+            done.ids += u64::try_from(ids).unwrap_or(0);
+        }
+    }
+    Ok(done)
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ diesel::table! {
         kafka_partition -> Integer,
         kafka_offset -> BigInt,
         applied_at -> Timestamptz,
+        generation -> Integer,
     }
 }
 

@@ -49,7 +49,7 @@ pub(super) async fn adopt_appended(conn: &mut AsyncPgConnection) -> Result<u64> 
              SELECT message_id, topic, message_key, message_type, entity_version, headers, \
                     payload, occurred_at, created_at \
              FROM gone ORDER BY id \
-             ON CONFLICT (message_id) DO NOTHING \
+             ON CONFLICT (message_id, created_at) DO NOTHING \
              RETURNING 1) \
          SELECT (SELECT count(*) FROM gone) AS moved",
         super::log::slot::since_bound("SELECT xid FROM bound")

@@ -30,7 +30,6 @@ use super::enqueue::{NOTIFY_CHANNEL, RELAY_WAITING_LOCK};
 use super::publish::send_all;
 use super::record::{Origin, OutboxRecord};
 use super::schema::ferrybox_outbox;
-use super::sent_log;
 use super::table::{
     BACKLOG_GAUGE_INTERVAL, BatchOutcome, Sent, mark_read, record_backlog, record_failures,
 };
@@ -103,7 +102,8 @@ impl Active<'_> {
                 super::adopt::adopt_appended(conn).await?;
                 next_adoption = tokio::time::Instant::now() + self.config.cleanup_interval;
             }
-            if tokio::time::Instant::now() >= next_cleanup && self.clean_some(conn).await? {
+            if tokio::time::Instant::now() >= next_cleanup {
+                self.clean(conn).await?;
                 next_cleanup = tokio::time::Instant::now() + self.config.cleanup_interval;
             }
             if crate::metrics::instruments().is_some() && tokio::time::Instant::now() >= next_gauges
@@ -194,26 +194,14 @@ impl Active<'_> {
         Ok(())
     }
 
-    /// Retention in short statements between batches, so publishing never waits long: at most
-    /// one publishing batch's worth of rows per pass (enough to keep up with expiry while the
-    /// relay publishes at full speed). True when nothing expired is left.
-    async fn clean_some(&self, conn: &mut AsyncPgConnection) -> Result<bool> {
-        let batch = sent_log::CLEANUP_BATCH;
-        let statements = self.config.batch_size / batch + 1;
-        let mut deleted = 0;
-        for _ in 0..statements {
-            // The append-only table's rows left here are the log relay's acknowledged ones
-            // (see `adopt`): its sent log, which expires too.
-            let went = sent_log::delete_expired_batch(conn, self.config.retention, batch).await?
-                + sent_log::delete_expired_messages(conn, self.config.retention, batch).await?;
-            deleted += went;
-            if went < u64::try_from(batch).unwrap_or(0) {
-                tracing::debug!(deleted, "sent log: expired rows deleted");
-                return Ok(true);
-            }
-        }
-        tracing::debug!(deleted, "sent log: expired rows deleted; more to go");
-        Ok(false)
+    /// Retention: drops the expired partitions of both outbox tables (the append-only
+    /// table's rows left here are the log relay's acknowledged ones, see `adopt`: its sent log,
+    /// which expires too) and makes the ones ahead (see [`crate::storage`]). A layout change
+    /// it had to give up on is tried again on the next pass.
+    async fn clean(&self, conn: &mut AsyncPgConnection) -> Result<()> {
+        let done = crate::storage::maintain_outboxes(conn, self.config.retention).await?;
+        tracing::debug!(?done, "sent log maintained");
+        Ok(())
     }
 
     /// Claims the next batch of unpublished rows in id order (leaving out `in_flight`, rows

@@ -1,5 +1,6 @@
 //! The sent log: published outbox rows kept for a retention window, so that what was sent can
-//! be inspected ([`status`]) and sent again after broker data loss ([`replay`]).
+//! be inspected ([`status`]) and sent again after broker data loss ([`replay`]). Retention
+//! drops its partitions ([`crate::storage`]).
 
 use std::time::Duration;
 
@@ -16,68 +17,8 @@ use super::record::{Origin, OutboxRecord};
 use super::schema::{ferrybox_messages, ferrybox_outbox};
 use crate::error::{Error, Result};
 
-/// Rows deleted per statement by [`delete_expired`], so no statement holds many row locks or
-/// runs long.
+/// Number runs deleted per statement by the relay's cleanup.
 pub const CLEANUP_BATCH: i64 = 1_000;
-
-/// Deletes published rows older than `retention`, oldest first, `batch` rows per statement
-/// (each its own short transaction); returns how many went. Unpublished rows are never
-/// deleted, however old.
-pub async fn delete_expired(
-    conn: &mut AsyncPgConnection,
-    retention: Duration,
-    batch: i64,
-) -> Result<u64> {
-    let mut total = 0u64;
-    loop {
-        let deleted = delete_expired_batch(conn, retention, batch).await?;
-        total += deleted;
-        if deleted < u64::try_from(batch).unwrap_or(0) {
-            return Ok(total);
-        }
-        tokio::task::yield_now().await;
-    }
-}
-
-/// One statement of [`delete_expired`]: at most `batch` of the oldest expired rows.
-pub(crate) async fn delete_expired_batch(
-    conn: &mut AsyncPgConnection,
-    retention: Duration,
-    batch: i64,
-) -> Result<u64> {
-    let deleted = diesel::sql_query(
-        "DELETE FROM ferrybox_outbox WHERE id IN ( \
-             SELECT id FROM ferrybox_outbox \
-             WHERE published_at IS NOT NULL AND published_at < now() - $1 \
-             ORDER BY published_at LIMIT $2)",
-    )
-    .bind::<Interval, _>(interval(retention))
-    .bind::<BigInt, _>(batch)
-    .execute(conn)
-    .await?;
-    Ok(u64::try_from(deleted).unwrap_or(0))
-}
-
-/// Deletes at most `batch` of the log relay's oldest messages (`ferrybox_messages`) that are
-/// older than `retention`; how many went. The oldest rows by id are looked at, so no index
-/// but the primary key is needed (ids follow creation closely: a row created slightly out
-/// of order is deleted by a later pass).
-pub(crate) async fn delete_expired_messages(
-    conn: &mut AsyncPgConnection,
-    retention: Duration,
-    batch: i64,
-) -> Result<u64> {
-    let deleted = diesel::sql_query(
-        "DELETE FROM ferrybox_messages WHERE id IN ( \
-             SELECT id FROM ferrybox_messages ORDER BY id LIMIT $2) \
-         AND created_at < now() - $1",
-    )
-    .bind::<Interval, _>(interval(retention))
-    .bind::<BigInt, _>(batch)
-    .execute(conn)
-    .await?;
-    Ok(u64::try_from(deleted).unwrap_or(0))
-}
 
 /// Deletes up to `batch` of the log relay's number runs (which rows got which numbers, see
 /// [`super::sequence`]) older than `retention`, the sent log's: the rows they name are gone
@@ -99,11 +40,7 @@ pub(crate) async fn delete_expired_runs(
     Ok(u64::try_from(deleted).unwrap_or(0))
 }
 
-fn interval(d: Duration) -> diesel::data_types::PgInterval {
-    diesel::data_types::PgInterval::from_microseconds(
-        i64::try_from(d.as_micros()).unwrap_or(i64::MAX),
-    )
-}
+use crate::storage::interval;
 
 /// What the outbox holds right now: `outbox status`.
 #[derive(Debug, Clone, PartialEq, Serialize, QueryableByName)]

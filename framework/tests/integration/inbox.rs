@@ -332,109 +332,193 @@ async fn reader_schemas_drop_unknown_fields_and_dead_letter_what_they_cannot_res
     assert_eq!(fx.count("SELECT count(*) AS n FROM applied").await, 1);
 }
 
+/// Ages the newest id generation, so the next retention pass opens another.
+async fn age_newest_generation(fx: &Fixture) {
+    testing::execute(
+        fx.db.url(),
+        "UPDATE ferrybox_inbox_generations SET opened_at = now() - interval '60 days' \
+         WHERE generation = (SELECT max(generation) FROM ferrybox_inbox_generations)",
+    )
+    .await;
+}
+
+/// `count` ids of `consumer` applied `age` ago at offsets 0.. into the newest generation.
+async fn applied_ids(fx: &Fixture, consumer: &str, topic: &str, count: i64, age: &str) {
+    testing::execute(
+        fx.db.url(),
+        &format!(
+            "INSERT INTO ferrybox_inbox (consumer, message_id, message_type, topic, kafka_partition, kafka_offset, applied_at, generation) \
+             SELECT '{consumer}', gen_random_uuid(), 't', '{topic}', 0, n - 1, now() - interval '{age}', \
+                    (SELECT max(generation) FROM ferrybox_inbox_generations) \
+             FROM generate_series(1, {count}) AS n"
+        ),
+    )
+    .await;
+}
+
+/// Retention drops a whole generation, once every consumer with ids in it is past
+/// redelivery for all of them; the newest generation and recent ids stay.
 #[tokio::test(flavor = "multi_thread")]
-async fn expired_inbox_rows_are_deleted_in_batches_and_recent_ones_kept() {
+async fn an_id_generation_is_dropped_whole_once_every_consumer_in_it_is_past_redelivery() {
     let fx = Fixture::new(1).await;
-    let mut conn = AsyncPgConnection::establish(fx.db.url()).await.unwrap();
-    for (consumer, count, age) in [
-        ("c", 2_500, "30 days"),
-        ("c", 10, "1 hour"),
-        ("other", 5, "30 days"),
-    ] {
-        diesel::sql_query(format!(
-            "INSERT INTO ferrybox_inbox (consumer, message_id, message_type, topic, kafka_partition, kafka_offset, applied_at) \
-             SELECT '{consumer}', gen_random_uuid(), 't', 't', 0, n, now() - interval '{age}' FROM generate_series(1, {count}) AS n"
-        ))
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    }
     let two_weeks = std::time::Duration::from_secs(14 * 24 * 3600);
+    applied_ids(&fx, "c", "t", 2_500, "30 days").await;
+    applied_ids(&fx, "other", "t", 5, "30 days").await;
+    age_newest_generation(&fx).await;
     // Committed past every row: age decides.
-    let horizon = Horizon::none().with("t", 0, i64::MAX, two_weeks);
-    let deleted = ferrybox::inbox::delete_expired(&fx.pool, "c", &horizon, 1_000)
+    let past = Horizon::none().with("t", 0, i64::MAX, two_weeks);
+    let expired = ferrybox::inbox::expire(&fx.pool, "c", &past, two_weeks)
         .await
         .unwrap();
-    assert_eq!(deleted, 2_500);
+    assert_eq!(
+        expired.ids, 0,
+        "'other' is not known to be past its ids yet"
+    );
+    assert_eq!(
+        fx.count("SELECT count(*) AS n FROM ferrybox_inbox_generations")
+            .await,
+        2,
+        "a new generation was opened"
+    );
+    applied_ids(&fx, "c", "t", 10, "1 hour").await;
+    let expired = ferrybox::inbox::expire(&fx.pool, "other", &past, two_weeks)
+        .await
+        .unwrap();
+    assert_eq!(expired.generations, 1);
+    assert_eq!(expired.ids, 2_505, "both consumers' ids in it");
     assert_eq!(
         fx.count("SELECT count(*) AS n FROM ferrybox_inbox WHERE consumer = 'c'")
             .await,
-        10
+        10,
+        "the newest generation stays"
     );
     assert_eq!(
-        fx.count("SELECT count(*) AS n FROM ferrybox_inbox WHERE consumer = 'other'")
+        fx.count("SELECT count(*) AS n FROM pg_class WHERE relname = 'ferrybox_inbox_g0'")
             .await,
-        5
+        0,
+        "dropped as a table, not deleted row by row"
     );
     assert_eq!(
-        ferrybox::inbox::delete_expired(&fx.pool, "c", &horizon, 1_000)
+        ferrybox::inbox::expire(&fx.pool, "c", &past, two_weeks)
             .await
             .unwrap(),
-        0
+        ferrybox::inbox::Expired::default()
+    );
+}
+
+/// An id recorded in a generation that has since closed is still a duplicate: the inbox's
+/// insert looks in every generation.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_id_in_an_older_generation_is_still_a_duplicate() {
+    let fx = Fixture::new(1).await;
+    #[derive(diesel::QueryableByName)]
+    struct New {
+        #[diesel(sql_type = Uuid)]
+        message_id: uuid::Uuid,
+    }
+    let record = |ids: Vec<uuid::Uuid>| {
+        let url = fx.db.url().to_owned();
+        async move {
+            let mut conn = AsyncPgConnection::establish(&url).await.unwrap();
+            let n = ids.len();
+            let new: Vec<New> = diesel::sql_query(ferrybox::inbox::RECORD_IDS_SQL)
+                .bind::<Text, _>("c")
+                .bind::<diesel::sql_types::Array<Uuid>, _>(ids)
+                .bind::<diesel::sql_types::Array<Text>, _>(vec!["t"; n])
+                .bind::<diesel::sql_types::Array<Text>, _>(vec!["t"; n])
+                .bind::<diesel::sql_types::Array<diesel::sql_types::Integer>, _>(vec![0; n])
+                .bind::<diesel::sql_types::Array<BigInt>, _>(vec![0i64; n])
+                .load(&mut conn)
+                .await
+                .unwrap();
+            new.into_iter().map(|n| n.message_id).collect::<Vec<_>>()
+        }
+    };
+    let old = uuid::Uuid::now_v7();
+    assert_eq!(record(vec![old]).await, vec![old]);
+    age_newest_generation(&fx).await;
+    // Nothing committed: the pass only opens a generation.
+    ferrybox::inbox::expire(&fx.pool, "c", &Horizon::none(), std::time::Duration::ZERO)
+        .await
+        .unwrap();
+    let newest = fx
+        .count("SELECT max(generation)::bigint AS n FROM ferrybox_inbox_generations")
+        .await;
+    assert_eq!(newest, 1);
+    let fresh = uuid::Uuid::now_v7();
+    assert_eq!(
+        record(vec![old, fresh, fresh]).await,
+        vec![fresh],
+        "the id of the closed generation is a duplicate, and so is the repeated one"
+    );
+    assert_eq!(
+        fx.count(&format!(
+            "SELECT generation::bigint AS n FROM ferrybox_inbox WHERE message_id = '{fresh}'"
+        ))
+        .await,
+        1
     );
 }
 
 /// However old, an applied id stays while its group has not committed past its offset (a
 /// consumer killed between its inbox commit and its offset commit, then down for weeks, is
-/// redelivered the message): retention asks the broker for the group's committed offsets.
+/// redelivered the message): retention asks the broker for the group's committed offsets, and
+/// a generation goes only once the group is past every id in it.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_applied_id_stays_until_the_group_committed_past_it_however_old_it_is() {
     let fx = Fixture::new(1).await;
     let group = testing::unique("retention");
-    testing::execute(
-        fx.db.url(),
-        &format!(
-            "INSERT INTO ferrybox_inbox (consumer, message_id, message_type, topic, kafka_partition, kafka_offset, applied_at) \
-             SELECT '{group}', gen_random_uuid(), 't', '{}', 0, n, now() - interval '60 days' \
-             FROM generate_series(0, 99) AS n",
-            fx.topic
-        ),
-    )
-    .await;
+    applied_ids(&fx, &group, &fx.topic, 100, "60 days").await;
+    age_newest_generation(&fx).await;
     let two_weeks = std::time::Duration::from_secs(14 * 24 * 3600);
     let horizon = |group: String, topic: String| async move {
         ferrybox::inbox::kafka_horizon(&testing::kafka(), &group, &[topic], two_weeks)
             .await
             .unwrap()
     };
+    let count_ids = format!("SELECT count(*) AS n FROM ferrybox_inbox WHERE consumer = '{group}'");
+    let ids = || fx.count(&count_ids);
     let nothing_committed = horizon(group.clone(), fx.topic.clone()).await;
     assert!(nothing_committed.is_empty(), "{nothing_committed:?}");
-    assert_eq!(
-        ferrybox::inbox::delete_expired(&fx.pool, &group, &nothing_committed, 1_000)
-            .await
-            .unwrap(),
-        0,
-        "nothing committed: every id stays"
-    );
+    ferrybox::inbox::expire(&fx.pool, &group, &nothing_committed, two_weeks)
+        .await
+        .unwrap();
+    assert_eq!(ids().await, 100, "nothing committed: every id stays");
 
-    // The group commits offset 40: the next message it would read is 40.
-    let committer: BaseConsumer = testing::kafka()
-        .client_config(ferrybox::ClientKind::Consumer)
-        .set("group.id", &group)
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(&fx.topic, 0, Offset::Offset(40))
-        .unwrap();
-    committer
-        .commit(&tpl, rdkafka::consumer::CommitMode::Sync)
-        .unwrap();
+    // The group commits offset 40 (the next message it would read): 40..99 can come again.
+    let commit = |offset: i64| {
+        let committer: BaseConsumer = testing::kafka()
+            .client_config(ferrybox::ClientKind::Consumer)
+            .set("group.id", &group)
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&fx.topic, 0, Offset::Offset(offset))
+            .unwrap();
+        committer
+            .commit(&tpl, rdkafka::consumer::CommitMode::Sync)
+            .unwrap();
+    };
+    commit(40);
     let committed = horizon(group.clone(), fx.topic.clone()).await;
     assert_eq!(committed.len(), 1, "{committed:?}");
+    let expired = ferrybox::inbox::expire(&fx.pool, &group, &committed, two_weeks)
+        .await
+        .unwrap();
+    assert_eq!(expired.ids, 0);
     assert_eq!(
-        ferrybox::inbox::delete_expired(&fx.pool, &group, &committed, 1_000)
-            .await
-            .unwrap(),
-        40
+        ids().await,
+        100,
+        "the ids past the committed offset hold their generation"
     );
-    assert_eq!(
-        fx.count(&format!(
-            "SELECT min(kafka_offset) AS n FROM ferrybox_inbox WHERE consumer = '{group}'"
-        ))
-        .await,
-        40,
-        "the ids at and past the committed offset stay"
-    );
+
+    commit(100);
+    let committed = horizon(group.clone(), fx.topic.clone()).await;
+    let expired = ferrybox::inbox::expire(&fx.pool, &group, &committed, two_weeks)
+        .await
+        .unwrap();
+    assert_eq!(expired.ids, 100, "committed past all of them");
+    assert_eq!(ids().await, 0);
 }
 
 /// The running consumer, with a retention of zero: what it applied is deleted only once its

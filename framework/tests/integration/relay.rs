@@ -349,41 +349,107 @@ async fn three_relays_with_concurrent_writers_publish_each_row_once_in_key_order
     }
 }
 
+/// Retention drops a partition of the sent log whole, once every row in it was published
+/// longer ago than the retention; an unpublished row holds its partition however old. Rows
+/// no range covers (the DEFAULT partition) are deleted one by one.
 #[tokio::test(flavor = "multi_thread")]
-async fn retention_deletes_expired_published_rows_only_in_small_batches() {
+async fn retention_drops_a_partition_once_every_row_in_it_expired_and_never_an_unpublished_row() {
+    use diesel_async::RunQueryDsl;
     let fx = Fixture::new(1).await;
-    for i in 0..7 {
-        fx.change(&format!("r{i}"), 1).await;
-    }
     let mut conn = AsyncPgConnection::establish(fx.db.url()).await.unwrap();
-    let mut rows = fx.count("SELECT count(*) AS n FROM ferrybox_outbox").await;
-    assert_eq!(rows, 7);
-    relay(&fx, Fixture::relay_config())
-        .publish_pending(&mut conn)
+    // The migration's first range holds what the table had (nothing here) up to its time.
+    let first: String = {
+        #[derive(diesel::QueryableByName)]
+        struct Name {
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            name: String,
+        }
+        let n: Name = diesel::sql_query(
+            "SELECT relname::text AS name FROM pg_class WHERE relname LIKE 'ferrybox_outbox_p0\\_%'",
+        )
+        .get_result(&mut conn)
         .await
         .unwrap();
-    fx.change("unpublished", 1).await;
-    // Five published rows are two days old; the unpublished one is older still.
-    fx.count(
-        "WITH aged AS (UPDATE ferrybox_outbox SET published_at = now() - interval '2 days' \
-         WHERE id IN (SELECT id FROM ferrybox_outbox WHERE published_at IS NOT NULL ORDER BY id LIMIT 5) \
-         RETURNING 1) SELECT count(*) AS n FROM aged",
+        n.name
+    };
+    let old_rows = |published: bool, count: usize| {
+        format!(
+            "INSERT INTO ferrybox_outbox (message_id, topic, message_key, message_type, entity_version, payload, occurred_at, created_at, published_at) \
+             SELECT gen_random_uuid(), 't', 'k', 'ty', 1, 'x', now(), now() - interval '3 days', {} \
+             FROM generate_series(1, {count})",
+            if published {
+                "now() - interval '2 days'"
+            } else {
+                "NULL"
+            }
+        )
+    };
+    testing::execute(fx.db.url(), &old_rows(true, 5)).await;
+    testing::execute(fx.db.url(), &old_rows(false, 1)).await;
+    let in_first = format!("SELECT count(*) AS n FROM {first}");
+    assert_eq!(fx.count(&in_first).await, 6);
+
+    // A retention of a second: ranges of a second each. Once a range made by maintenance has
+    // expired and gone, the first one (older still) was looked at too: the unpublished row
+    // holds it.
+    let retention = Duration::from_secs(1);
+    let made = std::sync::atomic::AtomicU64::new(0);
+    let url = fx.db.url();
+    wait_until(
+        TIMEOUT,
+        "a range made ahead expired and dropped",
+        || async {
+            let mut conn = AsyncPgConnection::establish(url).await.unwrap();
+            let done = ferrybox::storage::maintain(&mut conn, ferrybox::storage::OUTBOX, retention)
+                .await
+                .unwrap();
+            made.fetch_add(done.created, std::sync::atomic::Ordering::Relaxed);
+            done.dropped > 0
+        },
     )
     .await;
-    fx.count(
-        "WITH aged AS (UPDATE ferrybox_outbox SET created_at = now() - interval '3 days' \
-         WHERE published_at IS NULL RETURNING 1) SELECT count(*) AS n FROM aged",
-    )
-    .await;
-    let deleted = sent_log::delete_expired(&mut conn, Duration::from_secs(24 * 3600), 2)
-        .await
-        .unwrap();
-    assert_eq!(deleted, 5);
-    rows = fx.count("SELECT count(*) AS n FROM ferrybox_outbox").await;
-    assert_eq!(
-        rows, 3,
-        "two recent published rows and the unpublished one stay"
+    let made = made.into_inner();
+    assert!(
+        made >= ferrybox::storage::AHEAD as u64,
+        "{made} ranges made ahead"
     );
+    assert_eq!(fx.count(&in_first).await, 6, "held by its unpublished row");
+
+    // Published (long ago, for the test): the range goes, as a table.
+    testing::execute(
+        fx.db.url(),
+        "UPDATE ferrybox_outbox SET published_at = now() - interval '2 days' WHERE published_at IS NULL",
+    )
+    .await;
+    let done = ferrybox::storage::maintain(&mut conn, ferrybox::storage::OUTBOX, retention)
+        .await
+        .unwrap();
+    assert!(done.dropped >= 1, "{done:?}");
+    assert_eq!(
+        fx.count(&format!(
+            "SELECT count(*) AS n FROM pg_class WHERE relname = '{first}'"
+        ))
+        .await,
+        0
+    );
+    assert_eq!(
+        fx.count("SELECT count(*) AS n FROM ferrybox_outbox").await,
+        0
+    );
+
+    // No range covers three days ago any more: such rows go to the DEFAULT partition, where
+    // the expired published one is deleted and the unpublished one stays.
+    testing::execute(fx.db.url(), &old_rows(true, 1)).await;
+    testing::execute(fx.db.url(), &old_rows(false, 1)).await;
+    assert_eq!(
+        fx.count("SELECT count(*) AS n FROM ferrybox_outbox_default")
+            .await,
+        2
+    );
+    let done = ferrybox::storage::maintain(&mut conn, ferrybox::storage::OUTBOX, retention)
+        .await
+        .unwrap();
+    assert_eq!(done.deleted_from_default, 1, "{done:?}");
     assert_eq!(
         fx.count("SELECT count(*) AS n FROM ferrybox_outbox WHERE published_at IS NULL")
             .await,

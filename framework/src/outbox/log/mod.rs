@@ -290,10 +290,9 @@ async fn stream(
                 // Shard 0 keeps the sent logs and retries refused rows (of every shard: a
                 // refused row is out of its key's order already).
                 if shard.index == 0 && tokio::time::Instant::now() >= next_cleanup {
-                    // Both tables' sent logs, a batch each per pass.
-                    super::sent_log::delete_expired_messages(control, config.retention, super::sent_log::CLEANUP_BATCH).await?;
+                    // Both tables' sent logs (by partition) and the number runs.
+                    crate::storage::maintain_outboxes(control, config.retention).await?;
                     super::sent_log::delete_expired_runs(control, config.retention, super::sent_log::CLEANUP_BATCH).await?;
-                    super::sent_log::delete_expired_batch(control, config.retention, super::sent_log::CLEANUP_BATCH).await?;
                     drain_table(publisher, control, config, true).await?;
                     next_cleanup = tokio::time::Instant::now() + config.cleanup_interval;
                 }
@@ -472,11 +471,11 @@ async fn refused(
         Origin::Messages => {
             "INSERT INTO ferrybox_outbox \
              (message_id, topic, message_key, message_type, entity_version, headers, payload, \
-              occurred_at, attempts, last_error) \
+              occurred_at, created_at, attempts, last_error) \
              SELECT message_id, topic, message_key, message_type, entity_version, headers, \
-                    payload, occurred_at, 1, $2 \
+                    payload, occurred_at, created_at, 1, $2 \
              FROM ferrybox_messages WHERE id = $1 \
-             ON CONFLICT (message_id) DO UPDATE SET attempts = ferrybox_outbox.attempts + 1, \
+             ON CONFLICT (message_id, created_at) DO UPDATE SET attempts = ferrybox_outbox.attempts + 1, \
                 last_error = EXCLUDED.last_error"
         }
     };

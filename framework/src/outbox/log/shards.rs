@@ -365,7 +365,7 @@ async fn move_to(
              CREATE PUBLICATION {publication} \
                FOR TABLE ferrybox_messages WHERE ({condition}), \
                          ferrybox_outbox WHERE ({condition}) \
-               WITH (publish = 'insert');"
+               WITH (publish = 'insert', publish_via_partition_root = true);"
         ));
     }
     sql.push_str("COMMIT;");

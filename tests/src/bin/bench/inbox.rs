@@ -412,8 +412,8 @@ async fn naive_rate(codec: &AvroCodec) -> anyhow::Result<f64> {
         let reading: Reading = codec.decode(&envelope.payload).await?.into_typed()?;
         conn.transaction::<_, diesel::result::Error, _>(async |tx| {
             diesel::sql_query(
-                "INSERT INTO ferrybox_inbox (consumer, message_id, message_type, topic, kafka_partition, kafka_offset) \
-                 VALUES ('naive', $1, 't', 't', 0, 0) ON CONFLICT DO NOTHING",
+                "INSERT INTO ferrybox_inbox (consumer, message_id, message_type, topic, kafka_partition, kafka_offset, generation) \
+                 VALUES ('naive', $1, 't', 't', 0, 0, 0) ON CONFLICT DO NOTHING",
             )
             .bind::<SqlUuid, _>(envelope.id.0)
             .execute(tx)

@@ -1,7 +1,7 @@
 //! `make bench`: Ferrybox's throughput and latency, each against a baseline measured in the
 //! same run on the same broker and database. Prints one table and one `ratio <name> <value>`
 //! line per comparison. `FERRYBOX_BENCH_MESSAGES` sets the message count of the throughput
-//! runs (default 100,000); `FERRYBOX_BENCH_ONLY=relay|inbox` runs one section (`backlog`: only the log relay's large
+//! runs (default 100,000); `FERRYBOX_BENCH_ONLY=relay|inbox|soak` runs one section (`backlog`: only the log relay's large
 //! backlog drain, with its log lines).
 
 /// The allocator the reference services run with (see their `main.rs`).
@@ -11,6 +11,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod cpu;
 mod inbox;
 mod relay;
+mod soak;
 
 use ferrybox::AvroCodec;
 use ferrybox::testing;
@@ -66,6 +67,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if only.is_empty() || only == "inbox" {
         inbox::run(&codec, &mut report).await?;
+    }
+    if only.is_empty() || only == "soak" {
+        soak::run(&mut report).await?;
     }
     report.print();
     Ok(())
