@@ -22,24 +22,22 @@ fn user_id(raw: &str) -> Result<Uuid, HandlerError> {
         .map_err(|e| HandlerError::permanent(format!("user_id {raw:?} is not a UUID: {e}")))
 }
 
-impl Handler for UserEvents {
-    async fn handle(
-        &self,
-        conn: &mut AsyncPgConnection,
-        message: &ReceivedMessage,
-    ) -> Result<(), HandlerError> {
-        match message.envelope.message_type.as_str() {
+/// What one user event asks of the cache: the user's new status and version, and, for an
+/// event that carries them, their details.
+#[derive(Debug, Clone)]
+struct CacheWrite {
+    id: Uuid,
+    version: i64,
+    status: String,
+    details: Option<UserState>,
+}
+
+impl CacheWrite {
+    fn of(message: &ReceivedMessage) -> Result<Self, HandlerError> {
+        let (state, status) = match message.envelope.message_type.as_str() {
             types::REGISTERED => {
                 let state: UserState = message.body()?;
-                upsert(
-                    conn,
-                    user_id(&state.user_id)?,
-                    state.version,
-                    "active",
-                    Some(&state),
-                )
-                .await
-                .map(drop)
+                (Ok(state), "active".to_owned())
             }
             types::UPDATED => {
                 let UserUpdate { state, status } = message.body()?;
@@ -48,34 +46,144 @@ impl Handler for UserEvents {
                         "unknown user status {status:?}"
                     )));
                 }
-                upsert(
-                    conn,
-                    user_id(&state.user_id)?,
-                    state.version,
-                    &status,
-                    Some(&state),
-                )
-                .await
-                .map(drop)
+                (Ok(state), status)
             }
-            types::SUSPENDED => {
-                let r: UserRef = message.body()?;
-                upsert(conn, user_id(&r.user_id)?, r.version, "suspended", None)
-                    .await
-                    .map(drop)
+            types::SUSPENDED => (Err(message.body::<UserRef>()?), "suspended".to_owned()),
+            types::DELETED => (Err(message.body::<UserRef>()?), "deleted".to_owned()),
+            other => {
+                return Err(HandlerError::permanent(format!(
+                    "unknown message type {other}"
+                )));
             }
-            types::DELETED => {
-                let r: UserRef = message.body()?;
-                upsert(conn, user_id(&r.user_id)?, r.version, "deleted", None)
-                    .await
-                    .map(drop)
-            }
-            other => Err(HandlerError::permanent(format!(
-                "unknown message type {other}"
-            ))),
-        }
+        };
+        Ok(match state {
+            Ok(state) => Self {
+                id: user_id(&state.user_id)?,
+                version: state.version,
+                status,
+                details: Some(state),
+            },
+            Err(r) => Self {
+                id: user_id(&r.user_id)?,
+                version: r.version,
+                status,
+                details: None,
+            },
+        })
     }
 }
+
+impl Handler for UserEvents {
+    async fn handle(
+        &self,
+        conn: &mut AsyncPgConnection,
+        message: &ReceivedMessage,
+    ) -> Result<(), HandlerError> {
+        let write = CacheWrite::of(message)?;
+        upsert(
+            conn,
+            write.id,
+            write.version,
+            &write.status,
+            write.details.as_ref(),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// The whole batch in one statement ([`upsert_batch`]). A message that does not decode
+    /// fails the batch, and the consumer applies its messages one by one to set it apart.
+    async fn handle_batch(
+        &self,
+        conn: &mut AsyncPgConnection,
+        messages: &[&ReceivedMessage],
+    ) -> Result<(), HandlerError> {
+        let writes = messages
+            .iter()
+            .map(|m| CacheWrite::of(m))
+            .collect::<Result<Vec<_>, _>>()?;
+        upsert_batch(conn, &writes).await.map(drop)
+    }
+}
+
+/// [`upsert`] for a whole batch, in one statement, with the same outcome as writing its events
+/// one by one in order: per user, the newest event newer than the cache sets status and
+/// version, the details are the newest of those newer events that carry them (kept otherwise,
+/// cleared for a deleted user), and a user any of them leaves not active loses their sessions.
+/// Returns how many users were written.
+async fn upsert_batch(
+    conn: &mut AsyncPgConnection,
+    writes: &[CacheWrite],
+) -> Result<usize, HandlerError> {
+    use diesel::sql_types::Array;
+    if writes.is_empty() {
+        return Ok(0);
+    }
+    let detail = |f: fn(&UserState) -> &str| {
+        writes
+            .iter()
+            .map(|w| w.details.as_ref().map(f))
+            .collect::<Vec<_>>()
+    };
+    #[derive(diesel::QueryableByName)]
+    struct Written {
+        #[diesel(sql_type = BigInt)]
+        written: i64,
+    }
+    let written: Written = ferrybox::db::prepared(
+        diesel::sql_query(UPSERT_BATCH_SQL)
+            .bind::<Array<SqlUuid>, _>(writes.iter().map(|w| w.id).collect::<Vec<_>>())
+            .bind::<Array<Nullable<Text>>, _>(detail(|d| &d.email))
+            .bind::<Array<Nullable<Text>>, _>(detail(|d| &d.name))
+            .bind::<Array<Nullable<Text>>, _>(detail(|d| &d.password_hash))
+            .bind::<Array<Text>, _>(writes.iter().map(|w| w.status.as_str()).collect::<Vec<_>>())
+            .bind::<Array<BigInt>, _>(writes.iter().map(|w| w.version).collect::<Vec<_>>()),
+    )
+    .get_result(conn)
+    .await?;
+    Ok(usize::try_from(written.written).unwrap_or(0))
+}
+
+/// Every part of the statement reads the cache as it was before it (one snapshot), so `newer`
+/// is each event newer than the cached user, as writing them in order would have found. (Of
+/// two events of one user in the batch out of version order, the older is not skipped here:
+/// its status can only end sessions, never keep one.)
+const UPSERT_BATCH_SQL: &str = "\
+    WITH input AS ( \
+        SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], \
+                             $6::bigint[]) \
+            AS u(id, email, name, password_hash, status, version)), \
+    newer AS ( \
+        SELECT i.* FROM input AS i LEFT JOIN cached_users AS c ON c.id = i.id \
+        WHERE c.id IS NULL OR i.version > c.version), \
+    latest AS ( \
+        SELECT DISTINCT ON (id) id, status, version FROM newer ORDER BY id, version DESC), \
+    details AS ( \
+        SELECT DISTINCT ON (id) id, email, name, password_hash FROM newer \
+        WHERE email IS NOT NULL ORDER BY id, version DESC), \
+    written AS ( \
+        INSERT INTO cached_users (id, email, name, password_hash, status, version) \
+        SELECT l.id, CASE WHEN l.status = 'deleted' THEN NULL ELSE d.email END, \
+               CASE WHEN l.status = 'deleted' THEN NULL ELSE d.name END, \
+               CASE WHEN l.status = 'deleted' THEN NULL ELSE d.password_hash END, \
+               l.status, l.version \
+        FROM latest AS l LEFT JOIN details AS d ON d.id = l.id \
+        ON CONFLICT (id) DO UPDATE SET \
+            email = CASE WHEN EXCLUDED.status = 'deleted' THEN NULL \
+                         ELSE COALESCE(EXCLUDED.email, cached_users.email) END, \
+            name = CASE WHEN EXCLUDED.status = 'deleted' THEN NULL \
+                        ELSE COALESCE(EXCLUDED.name, cached_users.name) END, \
+            password_hash = CASE WHEN EXCLUDED.status = 'deleted' THEN NULL \
+                                 ELSE COALESCE(EXCLUDED.password_hash, cached_users.password_hash) END, \
+            status = EXCLUDED.status, \
+            version = EXCLUDED.version, \
+            updated_at = now() \
+        WHERE cached_users.version < EXCLUDED.version \
+        RETURNING 1), \
+    ended AS ( \
+        DELETE FROM sessions WHERE user_id IN (SELECT id FROM newer WHERE status <> 'active') \
+        RETURNING 1) \
+    SELECT (SELECT count(*) FROM written) AS written";
 
 /// Writes the user's new state if `version` is newer than the cached one. Without `details`,
 /// only status and version change; a deleted user's details are cleared. A user who is no

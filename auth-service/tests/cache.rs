@@ -252,3 +252,126 @@ async fn events_the_handler_cannot_understand_are_permanent_errors() {
         .unwrap();
     assert!(none.is_empty());
 }
+
+#[derive(diesel::QueryableByName, Debug, PartialEq)]
+struct FullRow {
+    #[diesel(sql_type = Text)]
+    id: String,
+    #[diesel(sql_type = Nullable<Text>)]
+    email: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    name: Option<String>,
+    #[diesel(sql_type = Text)]
+    status: String,
+    #[diesel(sql_type = BigInt)]
+    version: i64,
+    #[diesel(sql_type = BigInt)]
+    sessions: i64,
+}
+
+async fn everything(conn: &mut AsyncPgConnection) -> Vec<FullRow> {
+    diesel::sql_query(
+        "SELECT c.id::text AS id, c.email, c.name, c.status, c.version, \
+                (SELECT count(*) FROM sessions AS s WHERE s.user_id = c.id) AS sessions \
+         FROM cached_users AS c ORDER BY c.id",
+    )
+    .load(conn)
+    .await
+    .unwrap()
+}
+
+/// The batch path (one statement for the whole batch) ends where writing the same events one
+/// by one, in order, ends: a stale event skipped, details kept across events that carry none,
+/// a suspension ends the user's sessions even when a later event of the batch reactivates
+/// them, a deletion clears the details.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_in_one_statement_ends_where_its_events_one_by_one_end() {
+    let (_one_db, mut one) = database().await;
+    let (_batch_db, mut batch) = database().await;
+    let ids = [
+        "0193a0b4-0000-7000-8000-0000000000a1",
+        "0193a0b4-0000-7000-8000-0000000000a2",
+        "0193a0b4-0000-7000-8000-0000000000a3",
+        "0193a0b4-0000-7000-8000-0000000000a4",
+    ];
+    let state = |id, version, name| State {
+        user_id: id,
+        version,
+        email: "x@example.com",
+        name,
+        password_hash: "h",
+    };
+    let update = |id, version, name, status| Update {
+        user_id: id,
+        version,
+        email: "x@example.com",
+        name,
+        password_hash: "h",
+        status,
+    };
+    let by_ref = |id, version| Ref {
+        user_id: id,
+        version,
+    };
+    // Before the batch, in both: the second user at version 5, every user with a session.
+    for conn in [&mut one, &mut batch] {
+        apply(conn, &message("UserRegistered", 5, state(ids[1], 5, "old")))
+            .await
+            .unwrap();
+        for (n, id) in ids.iter().enumerate() {
+            diesel::sql_query(
+                "INSERT INTO sessions (token_hash, user_id, expires_at) \
+                 VALUES ($1, $2::uuid, now() + interval '1 hour')",
+            )
+            .bind::<Text, _>(format!("token-{n}"))
+            .bind::<Text, _>(*id)
+            .execute(conn)
+            .await
+            .unwrap();
+        }
+    }
+    let events = vec![
+        message("UserRegistered", 1, state(ids[0], 1, "a1")),
+        message("UserUpdated", 4, update(ids[1], 4, "stale", "active")),
+        message("UserUpdated", 2, update(ids[0], 2, "a2", "active")),
+        message("UserRegistered", 1, state(ids[2], 1, "c1")),
+        message("UserSuspended", 6, by_ref(ids[1], 6)),
+        message("UserSuspended", 3, by_ref(ids[0], 3)),
+        message("UserDeleted", 2, by_ref(ids[2], 2)),
+        message("UserUpdated", 7, update(ids[1], 7, "b7", "active")),
+        message("UserSuspended", 1, by_ref(ids[3], 1)),
+    ];
+    for event in &events {
+        apply(&mut one, event).await.unwrap();
+    }
+    let refs: Vec<&ReceivedMessage> = events.iter().collect();
+    batch
+        .transaction::<_, HandlerError, _>(async |tx| UserEvents.handle_batch(tx, &refs).await)
+        .await
+        .unwrap();
+
+    let expected = everything(&mut one).await;
+    assert_eq!(everything(&mut batch).await, expected);
+    let second = expected.iter().find(|r| r.id == ids[1]).unwrap();
+    assert_eq!(
+        (
+            second.name.as_deref(),
+            second.status.as_str(),
+            second.version,
+            second.sessions
+        ),
+        (Some("b7"), "active", 7, 0),
+        "the stale update skipped, the suspension ended the session, the last update won"
+    );
+    let deleted = expected.iter().find(|r| r.id == ids[2]).unwrap();
+    assert_eq!(
+        (deleted.name.as_deref(), deleted.status.as_str()),
+        (None, "deleted")
+    );
+    let first = expected.iter().find(|r| r.id == ids[0]).unwrap();
+    assert_eq!(
+        (first.name.as_deref(), first.status.as_str()),
+        (Some("a2"), "suspended"),
+        "details kept through the suspension"
+    );
+}

@@ -182,13 +182,13 @@ fn numbered(message: &ReceivedMessage) -> Option<(&str, i64)> {
     (seq > 0).then_some((source.as_str(), seq))
 }
 
-/// (source, topic, partition)
-type SeqKey = (String, String, i32);
+/// (source, topic, partition), borrowed from the batch's messages.
+type SeqKey<'a> = (&'a str, &'a str, i32);
 
-fn seq_key(message: &ReceivedMessage, source: &str) -> SeqKey {
+fn seq_key<'a>(message: &'a ReceivedMessage, source: &'a str) -> SeqKey<'a> {
     (
-        source.to_owned(),
-        message.envelope.topic.clone(),
+        source,
+        message.envelope.topic.as_str(),
         message.envelope.partition,
     )
 }
@@ -457,7 +457,7 @@ impl<H: Handler> Applier<H> {
                 Dedup::Id => None,
             })
             .collect();
-        let mut keys: Vec<SeqKey> = messages
+        let mut keys: Vec<SeqKey<'_>> = messages
             .iter()
             .zip(&numbers)
             .filter_map(|(m, n)| n.map(|(source, _)| seq_key(m, source)))
@@ -480,8 +480,8 @@ impl<H: Handler> Applier<H> {
                 verdicts.push(Verdict::Next);
             } else {
                 let gap = Gap {
-                    source: key.0,
-                    topic: key.1,
+                    source: key.0.to_owned(),
+                    topic: key.1.to_owned(),
                     partition: key.2,
                     from_seq: applied + 1,
                     to_seq: seq - 1,
@@ -674,7 +674,7 @@ pub(crate) async fn claim_number(
     let Some((source, seq)) = number else {
         return Ok(Claim::Unnumbered);
     };
-    let key = (source.clone(), record.topic.clone(), record.partition);
+    let key = (source.as_str(), record.topic.as_str(), record.partition);
     let last = lock_numbers(tx, consumer, std::slice::from_ref(&key))
         .await?
         .get(&key)
@@ -685,8 +685,8 @@ pub(crate) async fn claim_number(
     }
     if seq > last + 1 {
         return Ok(Claim::Gap(Gap {
-            source: key.0,
-            topic: key.1,
+            source: key.0.to_owned(),
+            topic: key.1.to_owned(),
             partition: key.2,
             from_seq: last + 1,
             to_seq: seq - 1,
@@ -776,11 +776,11 @@ struct LastNumber {
 
 /// The last number applied for each of `keys` (0 for a source not seen yet), with their rows
 /// locked until `tx` ends; one statement. `keys` are distinct.
-async fn lock_numbers(
+async fn lock_numbers<'a>(
     tx: &mut AsyncPgConnection,
     consumer: &str,
-    keys: &[SeqKey],
-) -> Result<std::collections::HashMap<SeqKey, i64>, diesel::result::Error> {
+    keys: &[SeqKey<'a>],
+) -> Result<std::collections::HashMap<SeqKey<'a>, i64>, diesel::result::Error> {
     use diesel::sql_types::{Array, Integer, Text};
     if keys.is_empty() {
         return Ok(std::collections::HashMap::new());
@@ -789,15 +789,21 @@ async fn lock_numbers(
     let rows: Vec<LastNumber> = crate::db::prepared(
         diesel::sql_query(LOCK_NUMBERS_SQL)
             .bind::<Text, _>(consumer)
-            .bind::<Array<Text>, _>(keys.iter().map(|k| k.0.as_str()).collect::<Vec<_>>())
-            .bind::<Array<Text>, _>(keys.iter().map(|k| k.1.as_str()).collect::<Vec<_>>())
+            .bind::<Array<Text>, _>(keys.iter().map(|k| k.0).collect::<Vec<_>>())
+            .bind::<Array<Text>, _>(keys.iter().map(|k| k.1).collect::<Vec<_>>())
             .bind::<Array<Integer>, _>(keys.iter().map(|k| k.2).collect::<Vec<_>>()),
     )
     .load(tx)
     .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| ((r.source, r.topic, r.kafka_partition), r.last_seq))
+    // A handful of keys (a batch's partitions): matched to their rows by looking.
+    Ok(keys
+        .iter()
+        .map(|&key| {
+            let row = rows
+                .iter()
+                .find(|r| (r.source.as_str(), r.topic.as_str(), r.kafka_partition) == key);
+            (key, row.map_or(0, |r| r.last_seq))
+        })
         .collect())
 }
 

@@ -399,7 +399,7 @@ impl<H: Handler> InboxConsumer<H> {
         !halted.is_empty()
             && records
                 .iter()
-                .any(|r| halted.contains_key(&(r.topic.clone(), r.partition)))
+                .any(|r| is_halted(&halted, &r.topic, r.partition))
     }
 
     /// `records` without those of halted partitions.
@@ -410,7 +410,7 @@ impl<H: Handler> InboxConsumer<H> {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         records
             .iter()
-            .filter(|r| !halted.contains_key(&(r.topic.clone(), r.partition)))
+            .filter(|r| !is_halted(&halted, &r.topic, r.partition))
             .cloned()
             .collect()
     }
@@ -654,4 +654,10 @@ impl<H: Handler> InboxConsumer<H> {
             tracing::warn!(error = %e, "inbox cleaner task failed");
         }
     }
+}
+
+/// Whether `topic`'s `partition` is among the `halted` ones (a handful: looked through, with no
+/// key made per record).
+fn is_halted(halted: &HashMap<(String, i32), Halt>, topic: &str, partition: i32) -> bool {
+    halted.keys().any(|(t, p)| t == topic && *p == partition)
 }

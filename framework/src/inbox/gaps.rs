@@ -269,12 +269,17 @@ pub(crate) async fn fetch(
             let payload = base64::engine::general_purpose::STANDARD
                 .decode(&event.payload)
                 .map_err(|e| Error::Repair(format!("number {}: payload: {e}", event.position)))?;
-            let mut headers: BTreeMap<String, String> = event.headers;
-            headers.insert(crate::outbox::SOURCE_HEADER.to_owned(), gap.source.clone());
-            headers.insert(
-                crate::outbox::SEQ_HEADER.to_owned(),
-                event.position.to_string(),
-            );
+            let headers: BTreeMap<String, String> = event.headers;
+            // The producer sends each message with its number, as the relay did: one that
+            // says otherwise is not the message that is missing.
+            let source = headers.get(crate::outbox::SOURCE_HEADER);
+            let seq = headers.get(crate::outbox::SEQ_HEADER);
+            if source != Some(&gap.source) || seq != Some(&event.position.to_string()) {
+                return Err(Error::Repair(format!(
+                    "{url}: number {} came with source {source:?} and number {seq:?}",
+                    event.position
+                )));
+            }
             Ok(Record {
                 topic: gap.topic.clone(),
                 partition: gap.partition,
