@@ -232,6 +232,7 @@ in_every_mode!(
     three_relays_with_concurrent_writers_publish_each_row_once_in_key_order,
     a_standby_takes_over_when_the_active_relay_stops,
     the_running_relay_deletes_the_sent_log_after_its_retention,
+    under_load_the_running_relay_keeps_the_sent_log_within_its_retention,
 );
 
 /// Over `message.max.bytes`: librdkafka refuses it itself, for good. Two such messages, one
@@ -637,6 +638,96 @@ async fn the_running_relay_deletes_the_sent_log_after_its_retention(mode: RelayM
     })
     .await;
     running.stop().await;
+}
+
+/// Under a steady write load, the running relay keeps the sent log within its retention and
+/// one range: after the first few seconds nothing older stays, however much has been written,
+/// and it keeps as many partitions at the end as at the start. (Sizes over 10,000,000 rows are
+/// the soak's, in `make bench`.)
+async fn under_load_the_running_relay_keeps_the_sent_log_within_its_retention(mode: RelayMode) {
+    let fx = Fixture::new(1).await.writing_for(mode);
+    let retention = Duration::from_secs(2);
+    let span = ferrybox::storage::span_for(retention);
+    let mut running = RunningRelay::start(relay(
+        &fx,
+        RelayConfig {
+            retention,
+            cleanup_interval: Duration::from_millis(100),
+            ..Fixture::relay_config_in(mode)
+        },
+    ));
+    let (table, headers) = if mode == RelayMode::Log {
+        ("ferrybox_messages", "headers, ")
+    } else {
+        ("ferrybox_outbox", "")
+    };
+    let write = format!(
+        "INSERT INTO {table} (message_id, topic, message_key, message_type, entity_version, \
+                              {headers}payload, occurred_at) \
+         SELECT gen_random_uuid(), '{}', 'k' || (n % 50), 'load.Changed', n, {}'x', now() \
+         FROM generate_series(1, 500) AS n",
+        fx.topic,
+        if headers.is_empty() { "" } else { "'{}', " }
+    );
+    let partitions =
+        format!("SELECT count(*) AS n FROM pg_inherits WHERE inhparent = '{table}'::regclass");
+    let oldest = format!(
+        "SELECT coalesce(extract(epoch FROM now() - min(created_at)), 0)::bigint AS n FROM {table}"
+    );
+    // Retention, a range, the relay's cleanup tick (a second in log mode) and slack for a
+    // loaded machine; a sent log that kept everything would be older than this well before
+    // the end.
+    let bound = i64::try_from((retention + span * 2 + Duration::from_secs(3)).as_secs()).unwrap();
+    let run_for = Duration::from_secs(u64::try_from(bound).unwrap() * 2 + 4);
+    let started = std::time::Instant::now();
+    let (mut written, mut counts) = (0i64, Vec::new());
+    while started.elapsed() < run_for {
+        running.assert_running().await;
+        let before = fx.progress().await;
+        testing::execute(fx.db.url(), &write).await;
+        written += 500;
+        // (Published rows leave the polling table with retention: its relay is done once
+        // none is left unpublished.)
+        wait_until(
+            TIMEOUT,
+            "the relay publishes the rows just written",
+            || async {
+                if mode == RelayMode::Log {
+                    fx.progress().await > before
+                } else {
+                    fx.count("SELECT count(*) AS n FROM ferrybox_outbox WHERE published_at IS NULL")
+                        .await
+                        == 0
+                }
+            },
+        )
+        .await;
+        if started.elapsed() > Duration::from_secs(u64::try_from(bound).unwrap()) {
+            let age = fx.count(&oldest).await;
+            assert!(
+                age <= bound,
+                "the sent log holds a row {age} s old (retention {retention:?})"
+            );
+            counts.push(fx.count(&partitions).await);
+        }
+    }
+    running.stop().await;
+    let most = *counts
+        .iter()
+        .max()
+        .expect("checked after the first seconds");
+    assert!(
+        written > 0 && counts.len() > 1,
+        "{written} rows, {counts:?}"
+    );
+    // The ranges kept: those the retention and one range span, those made ahead, the DEFAULT.
+    let kept = i64::try_from(((retention + span).as_secs() / span.as_secs()) + 1).unwrap()
+        + ferrybox::storage::AHEAD
+        + 2;
+    assert!(
+        most <= kept,
+        "{most} partitions at most (about {kept} expected): {counts:?}"
+    );
 }
 
 async fn a_standby_takes_over_when_the_active_relay_stops(mode: RelayMode) {

@@ -207,6 +207,14 @@ impl RunningRelay {
         self.task.abort();
     }
 
+    /// Fails the test with the relay's error if it has stopped on its own.
+    pub(crate) async fn assert_running(&mut self) {
+        if self.task.is_finished() {
+            let ended = (&mut self.task).await.unwrap();
+            panic!("the relay stopped on its own: {ended:?}");
+        }
+    }
+
     /// Cancels it and waits for it to drain; it must end without error.
     pub(crate) async fn stop(self) {
         self.stop.cancel();
