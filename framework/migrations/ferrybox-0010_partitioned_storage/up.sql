@@ -204,6 +204,8 @@ $$;
 -- Drops a range partition of an outbox table.
 CREATE FUNCTION ferrybox_drop_range(parent TEXT, range_name TEXT)
 RETURNS VOID LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+DECLARE
+    unpublished BOOLEAN;
 BEGIN
     IF parent NOT IN ('ferrybox_messages', 'ferrybox_outbox') THEN
         RAISE EXCEPTION 'ferrybox_drop_range: % is not a partitioned outbox table', parent;
@@ -212,6 +214,13 @@ BEGIN
                    WHERE i.inhparent = parent::regclass AND c.relname = range_name
                      AND starts_with(range_name, parent || '_p')) THEN
         RAISE EXCEPTION 'ferrybox_drop_range: % is not a range of %', range_name, parent;
+    END IF;
+    IF parent = 'ferrybox_outbox' THEN
+        EXECUTE format('SELECT EXISTS (SELECT 1 FROM %I WHERE published_at IS NULL)', range_name)
+            INTO unpublished;
+        IF unpublished THEN
+            RAISE EXCEPTION 'ferrybox_drop_range: % holds unpublished rows', range_name;
+        END IF;
     END IF;
     EXECUTE format('DROP TABLE %I', range_name);
 END
@@ -252,3 +261,10 @@ BEGIN
     DELETE FROM ferrybox_inbox_generations WHERE generation = closed;
 END
 $$;
+
+-- Only roles given the right may call them (with their rights on the tables): not every role
+-- that can connect.
+REVOKE ALL ON FUNCTION ferrybox_create_range(TEXT, BIGINT, BIGINT) FROM PUBLIC;
+REVOKE ALL ON FUNCTION ferrybox_drop_range(TEXT, TEXT) FROM PUBLIC;
+REVOKE ALL ON FUNCTION ferrybox_open_inbox_generation(INTERVAL) FROM PUBLIC;
+REVOKE ALL ON FUNCTION ferrybox_drop_inbox_generation(INTEGER) FROM PUBLIC;

@@ -854,30 +854,45 @@ enum Handling<'a> {
 }
 
 /// The statement the inbox records a batch's message ids with, in the applying transaction:
-/// binds consumer, then arrays of message ids, types, topics, partitions and offsets; returns
-/// the ids that were not recorded yet. Public for benchmarks that measure what it costs.
+/// binds consumer, then arrays of message ids, types, topics, partitions and offsets, then the
+/// newest id generation as the caller last saw it; returns the ids that were not recorded yet.
+/// Public for benchmarks that measure what it costs.
 ///
 /// The ids go into the newest generation (see [`super::retention::expire`]); an id in an older
-/// one is skipped here, and the newest one's key catches the rest, concurrent inserts
-/// included. It reads the newest generation after taking its lock on `ferrybox_inbox` (a
-/// statement's relations are locked before its snapshot is taken), which a new generation's
-/// opening holds: the transaction runs at READ COMMITTED, as the inbox's do.
-pub const RECORD_IDS_SQL: &str = "INSERT INTO ferrybox_inbox \
-       (consumer, message_id, message_type, topic, kafka_partition, kafka_offset, generation) \
-     SELECT $1, u.*, g.newest \
-     FROM unnest($2::uuid[], $3::text[], $4::text[], $5::int[], $6::bigint[]) \
-          AS u(message_id, message_type, topic, kafka_partition, kafka_offset), \
-          (SELECT max(generation) AS newest FROM ferrybox_inbox_generations) AS g \
-     WHERE NOT EXISTS (SELECT 1 FROM ferrybox_inbox AS i \
-                       WHERE i.consumer = $1 AND i.message_id = u.message_id \
-                         AND i.generation < g.newest) \
-     ON CONFLICT DO NOTHING RETURNING message_id";
+/// one is skipped, and the newest one's key catches the rest, concurrent inserts included.
+/// The generation is a bind, so the plan leaves the newest partition out of the look into the
+/// older ones (whatever the statistics of a partition that was empty when the statement was
+/// planned); it is checked against the table in the same statement, which reads it after
+/// taking its lock on `ferrybox_inbox` (a statement's relations are locked before its
+/// snapshot is taken), a lock that opening a new generation holds: when it is not the newest
+/// any more, nothing is recorded and one row with a NULL id gives the newest, to try again
+/// with. The transaction runs at READ COMMITTED, as the inbox's do.
+pub const RECORD_IDS_SQL: &str = "WITH g AS (SELECT max(generation) AS newest FROM ferrybox_inbox_generations), \
+     recorded AS ( \
+       INSERT INTO ferrybox_inbox \
+         (consumer, message_id, message_type, topic, kafka_partition, kafka_offset, generation) \
+       SELECT $1, u.*, $7 \
+       FROM unnest($2::uuid[], $3::text[], $4::text[], $5::int[], $6::bigint[]) \
+            AS u(message_id, message_type, topic, kafka_partition, kafka_offset), g \
+       WHERE g.newest = $7 \
+         AND NOT EXISTS (SELECT 1 FROM ferrybox_inbox AS i \
+                         WHERE i.consumer = $1 AND i.message_id = u.message_id \
+                           AND i.generation < $7) \
+       ON CONFLICT DO NOTHING RETURNING message_id) \
+     SELECT message_id, $7 AS generation FROM recorded \
+     UNION ALL SELECT NULL, newest FROM g WHERE newest IS DISTINCT FROM $7";
 
 #[derive(QueryableByName)]
 struct NewId {
-    #[diesel(sql_type = diesel::sql_types::Uuid)]
-    message_id: uuid::Uuid,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Uuid>)]
+    message_id: Option<uuid::Uuid>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Integer>)]
+    generation: Option<i32>,
 }
+
+/// The newest id generation as this process last saw it: a hint [`RECORD_IDS_SQL`] checks
+/// (a stale one costs a second try of the statement, never a wrong answer).
+static NEWEST_GENERATION: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
 
 /// Records the batch's ids in the inbox in one statement; returns the ids that were not there
 /// yet. One fixed statement whatever the batch size (arrays, not a VALUES list per row), so it
@@ -892,26 +907,45 @@ async fn record_ids(
         return Ok(HashSet::new());
     }
     let envelopes = messages.iter().map(|m| &m.envelope);
-    let new: Vec<NewId> = crate::db::prepared(
-        diesel::sql_query(RECORD_IDS_SQL)
-            .bind::<Text, _>(consumer)
-            .bind::<Array<Uuid>, _>(envelopes.clone().map(|e| e.id.0).collect::<Vec<_>>())
-            .bind::<Array<Text>, _>(
-                envelopes
-                    .clone()
-                    .map(|e| e.message_type.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .bind::<Array<Text>, _>(
-                envelopes
-                    .clone()
-                    .map(|e| e.topic.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .bind::<Array<Integer>, _>(envelopes.clone().map(|e| e.partition).collect::<Vec<_>>())
-            .bind::<Array<BigInt>, _>(envelopes.map(|e| e.offset).collect::<Vec<_>>()),
-    )
-    .load(tx)
-    .await?;
-    Ok(new.into_iter().map(|n| n.message_id).collect())
+    let ids = envelopes.clone().map(|e| e.id.0).collect::<Vec<_>>();
+    let types = envelopes
+        .clone()
+        .map(|e| e.message_type.as_str())
+        .collect::<Vec<_>>();
+    let topics = envelopes
+        .clone()
+        .map(|e| e.topic.as_str())
+        .collect::<Vec<_>>();
+    let partitions = envelopes.clone().map(|e| e.partition).collect::<Vec<_>>();
+    let offsets = envelopes.map(|e| e.offset).collect::<Vec<_>>();
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut generation = std::sync::atomic::AtomicI32::load(&NEWEST_GENERATION, Relaxed);
+    loop {
+        let rows: Vec<NewId> = crate::db::prepared(
+            diesel::sql_query(RECORD_IDS_SQL)
+                .bind::<Text, _>(consumer)
+                .bind::<Array<Uuid>, _>(&ids)
+                .bind::<Array<Text>, _>(&types)
+                .bind::<Array<Text>, _>(&topics)
+                .bind::<Array<Integer>, _>(&partitions)
+                .bind::<Array<BigInt>, _>(&offsets)
+                .bind::<Integer, _>(generation),
+        )
+        .load(tx)
+        .await?;
+        match rows.iter().find(|r| r.message_id.is_none()) {
+            // Not the newest (a new one opened, or another database): again, with the newest.
+            Some(stale) => {
+                let newest = stale.generation.unwrap_or(0);
+                if newest == generation {
+                    return Err(diesel::result::Error::QueryBuilderError(
+                        "the inbox has no id generation: run the framework's migrations".into(),
+                    ));
+                }
+                generation = newest;
+                NEWEST_GENERATION.store(newest, Relaxed);
+            }
+            None => return Ok(rows.into_iter().filter_map(|r| r.message_id).collect()),
+        }
+    }
 }

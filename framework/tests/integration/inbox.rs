@@ -413,14 +413,19 @@ async fn an_id_in_an_older_generation_is_still_a_duplicate() {
     let fx = Fixture::new(1).await;
     #[derive(diesel::QueryableByName)]
     struct New {
-        #[diesel(sql_type = Uuid)]
-        message_id: uuid::Uuid,
+        #[diesel(sql_type = diesel::sql_types::Nullable<Uuid>)]
+        message_id: Option<uuid::Uuid>,
     }
     let record = |ids: Vec<uuid::Uuid>| {
         let url = fx.db.url().to_owned();
         async move {
             let mut conn = AsyncPgConnection::establish(&url).await.unwrap();
             let n = ids.len();
+            let newest = testing::count(
+                &url,
+                "SELECT max(generation)::bigint AS n FROM ferrybox_inbox_generations",
+            )
+            .await;
             let new: Vec<New> = diesel::sql_query(ferrybox::inbox::RECORD_IDS_SQL)
                 .bind::<Text, _>("c")
                 .bind::<diesel::sql_types::Array<Uuid>, _>(ids)
@@ -428,10 +433,13 @@ async fn an_id_in_an_older_generation_is_still_a_duplicate() {
                 .bind::<diesel::sql_types::Array<Text>, _>(vec!["t"; n])
                 .bind::<diesel::sql_types::Array<diesel::sql_types::Integer>, _>(vec![0; n])
                 .bind::<diesel::sql_types::Array<BigInt>, _>(vec![0i64; n])
+                .bind::<diesel::sql_types::Integer, _>(i32::try_from(newest).unwrap())
                 .load(&mut conn)
                 .await
                 .unwrap();
-            new.into_iter().map(|n| n.message_id).collect::<Vec<_>>()
+            new.into_iter()
+                .map(|n| n.message_id.expect("the newest generation"))
+                .collect::<Vec<_>>()
         }
     };
     let old = uuid::Uuid::now_v7();
@@ -457,6 +465,27 @@ async fn an_id_in_an_older_generation_is_still_a_duplicate() {
         ))
         .await,
         1
+    );
+
+    // Given a generation that is not the newest any more, it records nothing and says which is.
+    let mut conn = AsyncPgConnection::establish(fx.db.url()).await.unwrap();
+    let stale: Vec<New> = diesel::sql_query(ferrybox::inbox::RECORD_IDS_SQL)
+        .bind::<Text, _>("c")
+        .bind::<diesel::sql_types::Array<Uuid>, _>(vec![uuid::Uuid::now_v7()])
+        .bind::<diesel::sql_types::Array<Text>, _>(vec!["t"])
+        .bind::<diesel::sql_types::Array<Text>, _>(vec!["t"])
+        .bind::<diesel::sql_types::Array<diesel::sql_types::Integer>, _>(vec![0])
+        .bind::<diesel::sql_types::Array<BigInt>, _>(vec![0i64])
+        .bind::<diesel::sql_types::Integer, _>(0)
+        .load(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(stale.len(), 1);
+    assert_eq!(stale[0].message_id, None);
+    assert_eq!(
+        fx.count("SELECT count(*) AS n FROM ferrybox_inbox").await,
+        2,
+        "nothing recorded with the stale generation"
     );
 }
 
