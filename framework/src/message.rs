@@ -206,6 +206,54 @@ impl IncomingMessage {
         headers: BTreeMap<String, String>,
         payload: Option<&[u8]>,
     ) -> Result<Self, EnvelopeError> {
+        Self::from_owned_parts(
+            topic,
+            partition,
+            offset,
+            key,
+            headers,
+            payload.map(<[u8]>::to_vec),
+        )
+        .map_err(|refused| refused.0)
+    }
+
+    /// [`IncomingMessage::from_parts`], taking the headers and the payload as they are (no
+    /// copy); when the envelope is not valid, they are handed back with the reason.
+    pub(crate) fn from_owned_parts(
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        key: Option<&[u8]>,
+        headers: BTreeMap<String, String>,
+        payload: Option<Vec<u8>>,
+    ) -> Result<Self, Refused> {
+        let fields = match Self::fields(&headers, key) {
+            Ok(fields) => fields,
+            Err(e) => return Err(Refused(e, headers, payload)),
+        };
+        let Some(payload) = payload else {
+            return Err(Refused(EnvelopeError::MissingPayload, headers, None));
+        };
+        let (id, message_type, entity_version, occurred_at, key) = fields;
+        Ok(Self {
+            id,
+            message_type,
+            key,
+            entity_version,
+            occurred_at,
+            topic: topic.to_owned(),
+            partition,
+            offset,
+            headers,
+            payload,
+        })
+    }
+
+    /// The envelope's fields, read from the headers and the record key.
+    fn fields(
+        headers: &BTreeMap<String, String>,
+        key: Option<&[u8]>,
+    ) -> Result<(MessageId, String, i64, DateTime<Utc>, String), EnvelopeError> {
         let get = |name: &'static str| {
             headers
                 .get(name)
@@ -225,25 +273,22 @@ impl IncomingMessage {
             .map_err(|e| invalid(headers::TIME, e.to_string()))?
             .with_timezone(&Utc);
         let key = match key {
-            Some(k) => String::from_utf8(k.to_vec())
+            Some(k) => std::str::from_utf8(k)
+                .map(str::to_owned)
                 .map_err(|e| invalid(headers::SUBJECT, format!("record key: {e}")))?,
             None => get(headers::SUBJECT)?.to_owned(),
         };
-        let payload = payload.ok_or(EnvelopeError::MissingPayload)?.to_vec();
-        Ok(Self {
-            id,
-            message_type,
-            key,
-            entity_version,
-            occurred_at,
-            topic: topic.to_owned(),
-            partition,
-            offset,
-            headers,
-            payload,
-        })
+        Ok((id, message_type, entity_version, occurred_at, key))
     }
 }
+
+/// An envelope that is not valid: why, and the headers and payload it was given back.
+#[derive(Debug)]
+pub(crate) struct Refused(
+    pub(crate) EnvelopeError,
+    pub(crate) BTreeMap<String, String>,
+    pub(crate) Option<Vec<u8>>,
+);
 
 #[cfg(test)]
 mod tests {

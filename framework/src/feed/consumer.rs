@@ -374,15 +374,14 @@ fn records(position: i64, page: &FeedPage) -> Result<Vec<Record>> {
         let payload = base64::engine::general_purpose::STANDARD
             .decode(&event.payload)
             .unwrap_or_else(|_| event.payload.as_bytes().to_vec());
-        records.push(Record {
-            topic: event.topic.clone(),
-            partition: FEED_PARTITION,
-            offset: event.position,
-            key: Some(event.key.as_bytes().to_vec()),
-            headers: event.headers.clone(),
-            payload: Some(payload),
-            decoded: None,
-        });
+        records.push(Record::new(
+            event.topic.clone(),
+            FEED_PARTITION,
+            event.position,
+            Some(event.key.as_bytes().to_vec()),
+            event.headers.clone(),
+            Some(payload),
+        ));
     }
     Ok(records)
 }
@@ -413,7 +412,7 @@ mod tests {
         };
         let read = records(3, &page).unwrap();
         assert_eq!(read.iter().map(|r| r.offset).collect::<Vec<_>>(), [4, 5]);
-        assert_eq!(read[0].payload.as_deref(), Some(&[0u8, 1][..]));
+        assert_eq!(read[0].payload(), Some(&[0u8, 1][..]));
         assert_eq!(read[0].partition, FEED_PARTITION);
         let gap = records(2, &page).unwrap_err();
         assert!(
@@ -430,7 +429,7 @@ mod tests {
             head: 1,
         };
         assert_eq!(
-            records(0, &page).unwrap()[0].payload.as_deref(),
+            records(0, &page).unwrap()[0].payload(),
             Some(&b"not base64!"[..])
         );
     }

@@ -24,23 +24,58 @@ pub(crate) struct Record {
     pub(crate) partition: i32,
     pub(crate) offset: i64,
     pub(crate) key: Option<Vec<u8>>,
-    pub(crate) headers: BTreeMap<String, String>,
-    pub(crate) payload: Option<Vec<u8>>,
+    /// Moved into [`Record::decoded`]'s envelope when the record is decoded ahead: read them
+    /// with [`Record::headers`] and [`Record::payload`].
+    headers: BTreeMap<String, String>,
+    payload: Option<Vec<u8>>,
     /// The record decoded ahead of its batch (see [`Applier::decode_ahead`]), if it was.
     pub(crate) decoded: Option<Arc<ReceivedMessage>>,
 }
 
 impl Record {
-    pub(crate) fn from_kafka(m: &BorrowedMessage<'_>) -> Self {
-        let headers = crate::kafka::headers_map(m);
+    pub(crate) fn new(
+        topic: String,
+        partition: i32,
+        offset: i64,
+        key: Option<Vec<u8>>,
+        headers: BTreeMap<String, String>,
+        payload: Option<Vec<u8>>,
+    ) -> Self {
         Self {
-            topic: m.topic().to_owned(),
-            partition: m.partition(),
-            offset: m.offset(),
-            key: m.key().map(<[u8]>::to_vec),
+            topic,
+            partition,
+            offset,
+            key,
             headers,
-            payload: m.payload().map(<[u8]>::to_vec),
+            payload,
             decoded: None,
+        }
+    }
+
+    pub(crate) fn from_kafka(m: &BorrowedMessage<'_>) -> Self {
+        Self::new(
+            m.topic().to_owned(),
+            m.partition(),
+            m.offset(),
+            m.key().map(<[u8]>::to_vec),
+            crate::kafka::headers_map(m),
+            m.payload().map(<[u8]>::to_vec),
+        )
+    }
+
+    /// The record's headers (its decoded envelope's, once decoded ahead: they were moved
+    /// there, not copied).
+    pub(crate) fn headers(&self) -> &BTreeMap<String, String> {
+        self.decoded
+            .as_ref()
+            .map_or(&self.headers, |m| &m.envelope.headers)
+    }
+
+    /// The record's payload (its decoded envelope's, once decoded ahead).
+    pub(crate) fn payload(&self) -> Option<&[u8]> {
+        match &self.decoded {
+            Some(m) => Some(&m.envelope.payload),
+            None => self.payload.as_deref(),
         }
     }
 
@@ -227,8 +262,16 @@ impl<H: Handler> Applier<H> {
         let decoding = tokio::spawn(async move {
             let mut records = records;
             for record in &mut records {
-                if let Ok(message) = decode(&codec, readers.as_ref(), record).await {
-                    record.decoded = Some(Arc::new(message));
+                // The headers and the payload move into the envelope (and back when the
+                // record does not decode).
+                let headers = std::mem::take(&mut record.headers);
+                let payload = record.payload.take();
+                match decode_owned(&codec, readers.as_ref(), record, headers, payload).await {
+                    Ok(message) => record.decoded = Some(Arc::new(message)),
+                    Err((_, headers, payload)) => {
+                        record.headers = headers;
+                        record.payload = payload;
+                    }
                 }
             }
             records
@@ -579,33 +622,76 @@ async fn decode(
     readers: Option<&ReaderSchemas>,
     record: &Record,
 ) -> Result<ReceivedMessage, Failure> {
-    let envelope = IncomingMessage::from_parts(
+    decode_owned(
+        codec,
+        readers,
+        record,
+        record.headers.clone(),
+        record.payload.clone(),
+    )
+    .await
+    .map_err(|(failure, _, _)| failure)
+}
+
+/// A record that did not decode: why, and its headers and payload, handed back.
+type Undecoded = (Failure, BTreeMap<String, String>, Option<Vec<u8>>);
+
+/// [`decode`] with `record`'s headers and payload given as they are, moved into the envelope.
+async fn decode_owned(
+    codec: &AvroCodec,
+    readers: Option<&ReaderSchemas>,
+    record: &Record,
+    headers: BTreeMap<String, String>,
+    payload: Option<Vec<u8>>,
+) -> Result<ReceivedMessage, Undecoded> {
+    let envelope = IncomingMessage::from_owned_parts(
         &record.topic,
         record.partition,
         record.offset,
         record.key.as_deref(),
-        record.headers.clone(),
-        record.payload.as_deref(),
+        headers,
+        payload,
     )
-    .map_err(|e| Failure::permanent("envelope", e.to_string()))?;
-    let decoded = codec
-        .decode(&envelope.payload)
-        .await
-        .map_err(|e| Failure::from_error("decode", &Error::Codec(e)))?;
+    .map_err(|refused| {
+        (
+            Failure::permanent("envelope", refused.0.to_string()),
+            refused.1,
+            refused.2,
+        )
+    })?;
+    let give_back = |failure: Failure, envelope: IncomingMessage| {
+        (failure, envelope.headers, Some(envelope.payload))
+    };
+    let decoded = match codec.decode(&envelope.payload).await {
+        Ok(decoded) => decoded,
+        Err(e) => {
+            return Err(give_back(
+                Failure::from_error("decode", &Error::Codec(e)),
+                envelope,
+            ));
+        }
+    };
     let value = match readers {
         None => decoded.value,
         Some(readers) if !readers.knows(&envelope.message_type) => {
-            return Err(Failure::permanent(
+            let failure = Failure::permanent(
                 "unknown_type",
                 format!(
                     "no reader schema for message type {}",
                     envelope.message_type
                 ),
-            ));
+            );
+            return Err(give_back(failure, envelope));
         }
-        Some(readers) => readers
-            .resolve(&envelope.message_type, decoded.value)
-            .map_err(|e| Failure::permanent("schema_resolution", e))?,
+        Some(readers) => match readers.resolve(&envelope.message_type, decoded.value) {
+            Ok(value) => value,
+            Err(e) => {
+                return Err(give_back(
+                    Failure::permanent("schema_resolution", e),
+                    envelope,
+                ));
+            }
+        },
     };
     Ok(ReceivedMessage { envelope, value })
 }
@@ -666,9 +752,9 @@ pub(crate) async fn claim_number(
     record: &Record,
 ) -> Result<Claim, diesel::result::Error> {
     let number = record
-        .headers
+        .headers()
         .get(crate::outbox::SOURCE_HEADER)
-        .zip(record.headers.get(crate::outbox::SEQ_HEADER))
+        .zip(record.headers().get(crate::outbox::SEQ_HEADER))
         .and_then(|(source, seq)| Some((source, seq.parse::<i64>().ok()?)))
         .filter(|(_, seq)| *seq > 0 && dedup == Dedup::Sequence);
     let Some((source, seq)) = number else {

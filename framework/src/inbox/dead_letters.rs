@@ -189,7 +189,7 @@ impl DeadLetterStore {
         if published.is_some() {
             return Ok(());
         }
-        let mut headers = record.headers.clone();
+        let mut headers = record.headers().clone();
         for (name, value) in [
             (dlq_headers::ORIGIN_TOPIC, record.topic.clone()),
             (dlq_headers::ORIGIN_PARTITION, record.partition.to_string()),
@@ -210,8 +210,8 @@ impl DeadLetterStore {
         if let Some(key) = &record.key {
             out = out.key(key.as_slice());
         }
-        if let Some(payload) = &record.payload {
-            out = out.payload(payload.as_slice());
+        if let Some(payload) = record.payload() {
+            out = out.payload(payload);
         }
         producer
             .send(out, Duration::from_secs(30))
@@ -235,11 +235,11 @@ async fn insert(
     status: &str,
 ) -> Result<()> {
     let message_id = record
-        .headers
+        .headers()
         .get(crate::message::headers::ID)
         .and_then(|v| v.parse::<uuid::Uuid>().ok());
-    let message_type = record.headers.get(crate::message::headers::TYPE);
-    let headers = serde_json::to_value(&record.headers).unwrap_or_default();
+    let message_type = record.headers().get(crate::message::headers::TYPE);
+    let headers = serde_json::to_value(record.headers()).unwrap_or_default();
     diesel::insert_into(dl::table)
         .values((
             dl::consumer.eq(consumer),
@@ -251,7 +251,7 @@ async fn insert(
             dl::kafka_partition.eq(record.partition),
             dl::kafka_offset.eq(record.offset),
             dl::headers.eq(headers),
-            dl::payload.eq(record.payload.as_deref()),
+            dl::payload.eq(record.payload()),
             dl::error_kind.eq(failure.kind),
             dl::error.eq(&failure.error),
             dl::attempts.eq(attempts),
@@ -324,15 +324,14 @@ impl DeadLetter {
     fn record(&self) -> Record {
         let headers: BTreeMap<String, String> =
             serde_json::from_value(self.headers.clone()).unwrap_or_default();
-        Record {
-            topic: self.topic.clone(),
-            partition: self.kafka_partition,
-            offset: self.kafka_offset,
-            key: self.message_key.as_ref().map(|k| k.as_bytes().to_vec()),
+        Record::new(
+            self.topic.clone(),
+            self.kafka_partition,
+            self.kafka_offset,
+            self.message_key.as_ref().map(|k| k.as_bytes().to_vec()),
             headers,
-            payload: self.payload.clone(),
-            decoded: None,
-        }
+            self.payload.clone(),
+        )
     }
 }
 

@@ -280,17 +280,16 @@ pub(crate) async fn fetch(
                     event.position
                 )));
             }
-            Ok(Record {
-                topic: gap.topic.clone(),
-                partition: gap.partition,
-                // A repaired record has no offset of its own: it carries its number, negated,
-                // where a dead letter of it records the origin.
-                offset: -event.position,
-                key: Some(event.key.into_bytes()),
+            // A repaired record has no offset of its own: it carries its number, negated,
+            // where a dead letter of it records the origin.
+            Ok(Record::new(
+                gap.topic.clone(),
+                gap.partition,
+                -event.position,
+                Some(event.key.into_bytes()),
                 headers,
-                payload: Some(payload),
-                decoded: None,
-            })
+                Some(payload),
+            ))
         })
         .collect()
 }

@@ -11,7 +11,8 @@
 //! - `inbox_vs_naive`: the same inbox rate over a naive consumer doing one transaction and one
 //!   synchronous offset commit per message.
 //! - `e2e_latency_p99_ms`: producer commit to consumer commit, at a fixed moderate rate,
-//!   through outbox, relay and broker.
+//!   through outbox, relay and broker; `broker_latency_p99_ms`: a plain producer to a bare
+//!   consumer at the same rate, the broker's part of it.
 
 use std::time::{Duration, Instant};
 
@@ -519,6 +520,77 @@ async fn e2e_latency(codec: &AvroCodec, rate: u32, seconds: u32) -> anyhow::Resu
     Ok((p.p50, p.p99))
 }
 
+/// The broker's part of the end-to-end latency: a plain producer (the relay's producer
+/// settings) sends at `rate` messages a second for `seconds`, each with its send time, and a
+/// bare consumer (the inbox's consumer settings) times each from send to receipt; p50 and p99
+/// in ms. No database: what the end-to-end p99 cannot go below on this broker.
+async fn broker_latency(rate: u32, seconds: u32) -> anyhow::Result<(f64, f64)> {
+    let topic = testing::create_topic(3).await;
+    let producer: FutureProducer = testing::kafka()
+        .client_config(ferrybox::ClientKind::Producer)
+        .create()?;
+    let consumer: StreamConsumer = consumer_kafka()
+        .client_config_with_defaults(
+            ferrybox::ClientKind::Consumer,
+            &[
+                ("enable.auto.commit", "true"),
+                ("auto.offset.reset", "earliest"),
+                ("enable.partition.eof", "false"),
+            ],
+        )
+        .set("group.id", testing::unique("broker-latency"))
+        .create()?;
+    consumer.subscribe(&[&topic])?;
+    let epoch = Instant::now();
+    let send = |n: u32| {
+        let sent = epoch.elapsed().as_micros().to_string();
+        let key = (n % 1000).to_string();
+        producer
+            .send_result(FutureRecord::to(&topic).key(&key).payload(&sent))
+            .map_err(|(e, _)| e)
+    };
+    // Warm-up, left out: the consumer joins its group, the producer gets its id.
+    send(0)?.await?.map_err(|(e, _)| e)?;
+    tokio::time::timeout(Duration::from_secs(60), consumer.recv())
+        .await
+        .context("broker latency warm-up")??;
+    let total = rate * seconds;
+    let receiving = async {
+        let mut latencies = Vec::with_capacity(total as usize);
+        for _ in 0..total {
+            let m = tokio::time::timeout(Duration::from_secs(60), consumer.recv())
+                .await
+                .context("broker latency receive")??;
+            let sent: u128 =
+                std::str::from_utf8(rdkafka::message::Message::payload(&m).unwrap_or_default())?
+                    .parse()?;
+            latencies.push((epoch.elapsed().as_micros() - sent) as f64 / 1e3);
+        }
+        anyhow::Ok(latencies)
+    };
+    let sending = async {
+        let interval = Duration::from_secs(1) / rate;
+        let mut next = Instant::now();
+        let mut acks = Vec::with_capacity(total as usize);
+        for n in 1..=total {
+            tokio::time::sleep_until(next.into()).await;
+            next += interval;
+            acks.push(send(n)?);
+        }
+        for ack in acks {
+            ack.await?.map_err(|(e, _)| e)?;
+        }
+        anyhow::Ok(())
+    };
+    let (latencies, sent) = tokio::join!(receiving, sending);
+    sent?;
+    let mut latencies = latencies?;
+    testing::delete_topic(&topic).await?;
+    latencies.sort_by(f64::total_cmp);
+    let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize];
+    Ok((at(0.5), at(0.99)))
+}
+
 /// The inbox section: throughput against raw inserts and a naive consumer, and e2e latency.
 pub(crate) async fn run(codec: &AvroCodec, report: &mut Report) -> anyhow::Result<()> {
     eprintln!(
@@ -534,6 +606,7 @@ pub(crate) async fn run(codec: &AvroCodec, report: &mut Report) -> anyhow::Resul
     let raw_with_ids = raw_insert_rate(Extra::Ids).await?;
     let naive = naive_rate(codec).await?;
     let (p50, p99) = e2e_latency(codec, 200, 10).await?;
+    let (broker_p50, broker_p99) = broker_latency(200, 10).await?;
     report.row("inbox apply rate, dedup by number (msg/s)", inbox);
     report.row("inbox apply rate, dedup by id (msg/s)", inbox_id_mode);
     report.row("raw batched insert rate (rows/s)", raw);
@@ -549,6 +622,14 @@ pub(crate) async fn run(codec: &AvroCodec, report: &mut Report) -> anyhow::Resul
     report.row("naive consumer rate (msg/s)", naive);
     report.row("e2e latency p50 at 200 msg/s, log relay (ms)", p50);
     report.row("e2e latency p99 at 200 msg/s, log relay (ms)", p99);
+    report.row(
+        "producer to bare consumer p50 at 200 msg/s, no database (ms)",
+        broker_p50,
+    );
+    report.row(
+        "producer to bare consumer p99 at 200 msg/s, no database (ms)",
+        broker_p99,
+    );
     report.ratio("inbox_vs_raw_insert", inbox / raw);
     report.ratio("inbox_id_mode_vs_raw_insert", inbox_id_mode / raw);
     // The bound of inbox_vs_raw_insert the database sets: the inserts plus the numbers.
@@ -563,5 +644,7 @@ pub(crate) async fn run(codec: &AvroCodec, report: &mut Report) -> anyhow::Resul
     report.ratio("inbox_ids_vs_raw_insert", raw_with_ids / raw);
     report.ratio("inbox_vs_naive", inbox / naive);
     report.ratio("e2e_latency_p99_ms", p99);
+    // Its bound on this broker: the same hop with no outbox, relay or database.
+    report.ratio("broker_latency_p99_ms", broker_p99);
     Ok(())
 }
