@@ -102,7 +102,22 @@ impl Handler for UserEvents {
             .iter()
             .map(|m| CacheWrite::of(m))
             .collect::<Result<Vec<_>, _>>()?;
-        upsert_batch(conn, &writes).await.map(drop)
+        // Each message's spans (its consumer span, with the write of its user inside) are
+        // open while the statement writes them all: a request's trace still reaches the write
+        // its event caused, as with a statement per message.
+        let spans: Vec<(tracing::Span, tracing::Span)> = messages
+            .iter()
+            .zip(&writes)
+            .map(|(message, write)| {
+                let process = message.span();
+                let upsert =
+                    tracing::info_span!(parent: &process, "cache upsert", user_id = %write.id);
+                (process, upsert)
+            })
+            .collect();
+        let written = upsert_batch(conn, &writes).await;
+        drop(spans);
+        written.map(drop)
     }
 }
 
