@@ -4,14 +4,12 @@
 //! stale event (a redrive, a replay, a reconciliation race) never overwrites a newer state.
 
 use diesel::sql_types::{BigInt, Nullable, Text, Uuid as SqlUuid};
-use diesel::{ExpressionMethods, QueryDsl};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use ferrybox::inbox::{Handler, HandlerError, ReceivedMessage};
 use ferrybox::reconcile::{Cache, CachedEntry, Repair, SnapshotEntry};
 use uuid::Uuid;
 
 use crate::events::{UserRef, UserState, UserUpdate, types};
-use crate::schema::sessions;
 
 /// The inbox handler for user events.
 #[derive(Debug, Clone, Copy, Default)]
@@ -79,16 +77,7 @@ impl Handler for UserEvents {
         conn: &mut AsyncPgConnection,
         message: &ReceivedMessage,
     ) -> Result<(), HandlerError> {
-        let write = CacheWrite::of(message)?;
-        upsert(
-            conn,
-            write.id,
-            write.version,
-            &write.status,
-            write.details.as_ref(),
-        )
-        .await
-        .map(drop)
+        upsert(conn, CacheWrite::of(message)?).await.map(drop)
     }
 
     /// The whole batch in one statement ([`upsert_batch`]). A message that does not decode
@@ -200,50 +189,18 @@ const UPSERT_BATCH_SQL: &str = "\
         RETURNING 1) \
     SELECT (SELECT count(*) FROM written) AS written";
 
-/// Writes the user's new state if `version` is newer than the cached one. Without `details`,
+/// Writes the user's new state if its version is newer than the cached one. Without details,
 /// only status and version change; a deleted user's details are cleared. A user who is no
-/// longer active loses their sessions in the same transaction. True when it wrote.
-#[tracing::instrument(name = "cache upsert", skip(conn, details), fields(user_id = %id))]
-async fn upsert(
-    conn: &mut AsyncPgConnection,
-    id: Uuid,
-    version: i64,
-    status: &str,
-    details: Option<&UserState>,
-) -> Result<bool, HandlerError> {
-    let written = diesel::sql_query(
-        "INSERT INTO cached_users (id, email, name, password_hash, status, version) \
-         VALUES ($1, $2, $3, $4, $5, $6) \
-         ON CONFLICT (id) DO UPDATE SET \
-             email = CASE WHEN EXCLUDED.status = 'deleted' THEN NULL \
-                          ELSE COALESCE(EXCLUDED.email, cached_users.email) END, \
-             name = CASE WHEN EXCLUDED.status = 'deleted' THEN NULL \
-                         ELSE COALESCE(EXCLUDED.name, cached_users.name) END, \
-             password_hash = CASE WHEN EXCLUDED.status = 'deleted' THEN NULL \
-                                  ELSE COALESCE(EXCLUDED.password_hash, cached_users.password_hash) END, \
-             status = EXCLUDED.status, \
-             version = EXCLUDED.version, \
-             updated_at = now() \
-         WHERE cached_users.version < EXCLUDED.version",
-    )
-    .bind::<SqlUuid, _>(id)
-    .bind::<Nullable<Text>, _>(details.map(|d| d.email.as_str()))
-    .bind::<Nullable<Text>, _>(details.map(|d| d.name.as_str()))
-    .bind::<Nullable<Text>, _>(details.map(|d| d.password_hash.as_str()))
-    .bind::<Text, _>(status)
-    .bind::<BigInt, _>(version)
-    .execute(conn)
-    .await?;
-    if written == 0 {
+/// longer active loses their sessions in the same transaction. True when it wrote. (The batch
+/// statement, with one write: one statement says what a write does.)
+#[tracing::instrument(name = "cache upsert", skip_all, fields(user_id = %write.id))]
+async fn upsert(conn: &mut AsyncPgConnection, write: CacheWrite) -> Result<bool, HandlerError> {
+    let (id, version) = (write.id, write.version);
+    let written = upsert_batch(conn, std::slice::from_ref(&write)).await? > 0;
+    if !written {
         tracing::debug!(%id, version, "cached user is newer; event skipped");
-        return Ok(false);
     }
-    if status != "active" {
-        diesel::delete(sessions::table.filter(sessions::user_id.eq(id)))
-            .execute(conn)
-            .await?;
-    }
-    Ok(true)
+    Ok(written)
 }
 
 /// The cache as reconciliation sees it: every cached user's version, repaired from user-service's
@@ -291,7 +248,13 @@ impl Cache for UserCache {
     ) -> Result<Repair, HandlerError> {
         let id = user_id(&entry.key)?;
         let written = if entry.deleted {
-            upsert(conn, id, entry.version, "deleted", None).await?
+            let write = CacheWrite {
+                id,
+                version: entry.version,
+                status: "deleted".to_owned(),
+                details: None,
+            };
+            upsert(conn, write).await?
         } else {
             let UserUpdate { state, status } = serde_json::from_value(entry.state.clone())
                 .map_err(|e| {
@@ -308,7 +271,13 @@ impl Cache for UserCache {
                     "unknown user status {status:?}"
                 )));
             }
-            upsert(conn, id, entry.version, &status, Some(&state)).await?
+            let write = CacheWrite {
+                id,
+                version: entry.version,
+                status,
+                details: Some(state),
+            };
+            upsert(conn, write).await?
         };
         Ok(if written {
             Repair::Written

@@ -206,20 +206,26 @@ fn readings_inbox(
     )?)
 }
 
+/// A plain consumer's settings (the inbox's consumer settings, auto commit, from the start),
+/// in a group of its own named after `what`.
+fn bare_consumer(what: &str) -> rdkafka::ClientConfig {
+    let mut config = consumer_kafka().client_config_with_defaults(
+        ferrybox::ClientKind::Consumer,
+        &[
+            ("enable.auto.commit", "true"),
+            ("auto.offset.reset", "earliest"),
+            ("enable.partition.eof", "false"),
+        ],
+    );
+    config.set("group.id", testing::unique(what));
+    config
+}
+
 /// Messages per second a plain consumer (the inbox's consumer settings) reads from `topic`,
 /// doing nothing with them: how fast any Kafka consumer can go here, an upper bound for the
 /// inbox (timed, like the inbox, from its first message: joining the group is left out).
 async fn bare_consume_rate(topic: &str) -> anyhow::Result<f64> {
-    let consumer: StreamConsumer = consumer_kafka()
-        .client_config_with_defaults(
-            ferrybox::ClientKind::Consumer,
-            &[
-                ("enable.auto.commit", "true"),
-                ("auto.offset.reset", "earliest"),
-                ("enable.partition.eof", "false"),
-            ],
-        )
-        .set("group.id", testing::unique("bare"))
+    let consumer: StreamConsumer = bare_consumer("bare")
         .set("enable.auto.offset.store", "false")
         .create()?;
     consumer.subscribe(&[topic])?;
@@ -529,17 +535,7 @@ async fn broker_latency(rate: u32, seconds: u32) -> anyhow::Result<(f64, f64)> {
     let producer: FutureProducer = testing::kafka()
         .client_config(ferrybox::ClientKind::Producer)
         .create()?;
-    let consumer: StreamConsumer = consumer_kafka()
-        .client_config_with_defaults(
-            ferrybox::ClientKind::Consumer,
-            &[
-                ("enable.auto.commit", "true"),
-                ("auto.offset.reset", "earliest"),
-                ("enable.partition.eof", "false"),
-            ],
-        )
-        .set("group.id", testing::unique("broker-latency"))
-        .create()?;
+    let consumer: StreamConsumer = bare_consumer("broker-latency").create()?;
     consumer.subscribe(&[&topic])?;
     let epoch = Instant::now();
     let send = |n: u32| {
