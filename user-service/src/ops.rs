@@ -36,10 +36,12 @@ pub async fn status(settings: &Settings, json: bool) -> anyhow::Result<sent_log:
     let mut conn = connection(settings).await?;
     let status = sent_log::status(&mut conn).await?;
     let vacuum = ferrybox::vacuum::holds(&mut conn).await?;
+    let storage = ferrybox::storage::outbox_storage(&mut conn).await?;
     let retention_seconds = settings.relay.retention.as_secs();
     if json {
         let mut value = serde_json::to_value(&status)?;
         value["retention_seconds"] = retention_seconds.into();
+        value["storage"] = serde_json::to_value(&storage)?;
         value["vacuum"] = serde_json::to_value(&vacuum)?;
         println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
@@ -66,6 +68,15 @@ pub async fn status(settings: &Settings, json: bool) -> anyhow::Result<sent_log:
                 .map_or_else(|| "-".to_owned(), |t| t.to_rfc3339())
         );
         println!("retention:              {retention_seconds}s");
+        for t in &storage {
+            println!(
+                "storage:                {} in {} partitions, {:.1} MB, {} rows outside its ranges",
+                t.table,
+                t.partitions,
+                t.bytes as f64 / 1e6,
+                t.default_rows
+            );
+        }
         println!("log relay messages:     {}", status.log_messages);
         println!("relay shards:           {}", status.relay_shards);
         match &status.slot_name {

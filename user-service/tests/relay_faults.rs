@@ -442,12 +442,25 @@ async fn outbox_status_and_replay_subcommands() {
         status["vacuum"]["prepared_transactions"].is_i64(),
         "{status}"
     );
+    // How the sent log's tables are stored: partitions (the migration's first range and the
+    // DEFAULT one, no relay has made ranges yet), bytes, rows outside the ranges.
+    let outbox_storage = status["storage"]
+        .as_array()
+        .and_then(|tables| tables.iter().find(|t| t["table"] == "ferrybox_outbox"))
+        .unwrap_or_else(|| panic!("{status}"));
+    assert_eq!(outbox_storage["partitions"], 2, "{status}");
+    assert!(outbox_storage["bytes"].as_i64() > Some(0), "{status}");
+    assert!(outbox_storage["default_rows"].is_i64(), "{status}");
 
     let relay = Relay::new(db.config(), &testing::kafka(), RelayConfig::default()).unwrap();
     relay.publish_pending(&mut conn).await.unwrap();
     let (code, out, _) = run_cli(&env, &["outbox", "status"]).await;
     assert_eq!(code, 0);
     assert!(out.contains("sent log rows:          4"), "{out}");
+    assert!(
+        out.contains("storage:                ferrybox_outbox in 2 partitions"),
+        "{out}"
+    );
     assert!(out.contains("prepared transactions:  "), "{out}");
 
     let (code, out, err) = run_cli(
