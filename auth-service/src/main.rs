@@ -73,6 +73,9 @@ enum Command {
         #[command(subcommand)]
         action: Gaps,
     },
+    /// The id inbox's generations, oldest first: how many ids each holds and which consumers
+    /// keep it (one that stopped for good keeps its generations until its ids are removed).
+    Generations,
 }
 
 #[derive(Subcommand)]
@@ -183,6 +186,7 @@ async fn main() -> anyhow::Result<ExitCode> {
         Command::Gaps {
             action: Gaps::List { all },
         } => ops::gaps(&settings, all, cli.json).await?,
+        Command::Generations => ops::generations(&settings, cli.json).await?,
         Command::Gaps {
             action: Gaps::Skip { id, reason },
         } => {

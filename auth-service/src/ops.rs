@@ -1,5 +1,5 @@
-//! Operator commands: the dead-letter queue (`dlq list|show|redrive`), `reconcile` and
-//! `feed position`.
+//! Operator commands: the dead-letter queue (`dlq list|show|redrive`), `reconcile`,
+//! `feed position`, `gaps` and the id inbox's `generations`.
 
 use std::time::Duration;
 
@@ -219,6 +219,36 @@ pub async fn gaps(settings: &Settings, all: bool, json: bool) -> anyhow::Result<
                 .as_deref()
                 .map(|d| format!(": {d}"))
                 .unwrap_or_default(),
+        );
+    }
+    Ok(())
+}
+
+/// `generations`: the id inbox's generations, and what keeps each.
+pub async fn generations(settings: &Settings, json: bool) -> anyhow::Result<()> {
+    let generations = ferrybox::inbox::generations(&db::pool(&settings.database)?).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&generations)?);
+        return Ok(());
+    }
+    for g in &generations {
+        println!(
+            "generation {} opened {} {}",
+            g.generation,
+            g.opened_at.format("%Y-%m-%d %H:%M:%S"),
+            match (&g.closed_at, g.ids) {
+                (None, _) => "(ids go here now)".to_owned(),
+                (Some(_), None) => "closed, not summed up yet".to_owned(),
+                (Some(closed), Some(ids)) => format!(
+                    "closed {}, {ids} ids, {}",
+                    closed.format("%Y-%m-%d %H:%M:%S"),
+                    if g.held_by.is_empty() {
+                        "dropped on the next pass".to_owned()
+                    } else {
+                        format!("kept for {}", g.held_by.join(", "))
+                    }
+                ),
+            }
         );
     }
     Ok(())

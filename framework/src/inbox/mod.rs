@@ -22,4 +22,6 @@ pub use dead_letters::{
 };
 pub use gaps::{GapRecord, Gaps};
 pub use handler::{Handler, HandlerError, ReceivedMessage};
-pub use retention::{Expired, Horizon, expire, generation_span, kafka_horizon};
+pub use retention::{
+    Expired, GenerationStatus, Horizon, expire, generation_span, generations, kafka_horizon,
+};

@@ -297,6 +297,43 @@ async fn drop_expired(conn: &mut AsyncPgConnection) -> Result<Expired> {
     Ok(done)
 }
 
+/// One generation of the id inbox, as an operator sees it (`inbox generations`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, diesel::QueryableByName)]
+pub struct GenerationStatus {
+    /// Its number; the highest is the one ids go into now.
+    #[diesel(sql_type = Integer)]
+    pub generation: i32,
+    /// When it opened.
+    #[diesel(sql_type = diesel::sql_types::Timestamptz)]
+    pub opened_at: chrono::DateTime<chrono::Utc>,
+    /// When the next one opened (nothing is written into it since); none for the newest.
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Timestamptz>)]
+    pub closed_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// The ids it holds, once summed up (a closed generation; none for the newest).
+    #[diesel(sql_type = diesel::sql_types::Nullable<BigInt>)]
+    pub ids: Option<i64>,
+    /// The consumers whose ids in it may still be delivered again: it is dropped once none is
+    /// left. A consumer that stopped for good stays here until its ids are removed by hand.
+    #[diesel(sql_type = Array<Text>)]
+    pub held_by: Vec<String>,
+}
+
+/// Every generation of the id inbox, oldest first, with what holds each.
+pub async fn generations(pool: &PgPool) -> Result<Vec<GenerationStatus>> {
+    let mut conn = db::connection(pool).await?;
+    Ok(diesel::sql_query(
+        "SELECT g.generation, g.opened_at, g.closed_at, \
+                CASE WHEN g.summarized THEN coalesce(sum(b.ids), 0)::bigint END AS ids, \
+                coalesce(array_agg(DISTINCT b.consumer ORDER BY b.consumer) \
+                         FILTER (WHERE NOT b.expired), '{}') AS held_by \
+         FROM ferrybox_inbox_generations AS g \
+         LEFT JOIN ferrybox_inbox_bounds AS b USING (generation) \
+         GROUP BY g.generation ORDER BY g.generation",
+    )
+    .load(&mut conn)
+    .await?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
