@@ -316,7 +316,13 @@ impl<H: Handler> InboxConsumer<H> {
         let mut batch = Vec::with_capacity(config.batch_size);
         batch.push(first);
         while batch.len() < config.batch_size {
-            match tokio::time::timeout(config.batch_linger, self.consumer.recv()).await {
+            // What librdkafka has ready is taken without a timer; only an empty queue waits,
+            // for the linger at most.
+            let next = match futures::FutureExt::now_or_never(self.consumer.recv()) {
+                Some(ready) => Ok(ready),
+                None => tokio::time::timeout(config.batch_linger, self.consumer.recv()).await,
+            };
+            match next {
                 Ok(Ok(m)) => batch.push(Record::from_kafka(&m)),
                 _ => break,
             }
