@@ -252,6 +252,7 @@ mod tests {
         s.vacuum_guard.max_prepared_age = Duration::from_millis(29);
         s.vacuum_guard.max_slot_idle = Duration::from_millis(30);
         s.vacuum_guard.max_slot_retained_bytes = 31;
+        s.vacuum_guard.max_generation_kept = Duration::from_millis(32);
         s.login_limits.per_account_per_minute = 23;
         s.login_limits.per_address_per_minute = 24;
         s.token_secret = Some("a signing secret of at least 32 bytes".into());

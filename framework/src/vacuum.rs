@@ -57,6 +57,13 @@ pub struct VacuumHolds {
     /// The WAL it keeps, in bytes.
     #[diesel(sql_type = Nullable<BigInt>)]
     pub most_retained_bytes: Option<i64>,
+    /// How long ago the oldest id generation of the inbox that is still kept was closed, in
+    /// seconds (see [`crate::inbox::expire`]): its consumers have not all passed its ids.
+    #[diesel(sql_type = Nullable<Double>)]
+    pub oldest_kept_generation_seconds: Option<f64>,
+    /// The consumers that keep it.
+    #[diesel(sql_type = Array<Text>)]
+    pub oldest_kept_generation_consumers: Vec<String>,
 }
 
 /// What holds vacuum back now, as the caller's connection sees it.
@@ -81,7 +88,14 @@ pub async fn holds(conn: &mut AsyncPgConnection) -> Result<VacuumHolds> {
          slots AS (SELECT slot_name, retained FROM every_slot WHERE NOT active), \
          most AS ( \
              SELECT slot_name, retained FROM every_slot WHERE retained IS NOT NULL \
-             ORDER BY retained DESC LIMIT 1) \
+             ORDER BY retained DESC LIMIT 1), \
+         kept AS ( \
+             SELECT g.generation, extract(epoch FROM now() - g.closed_at)::float8 AS seconds \
+             FROM ferrybox_inbox_generations AS g \
+             WHERE g.closed_at IS NOT NULL AND g.summarized \
+               AND EXISTS (SELECT 1 FROM ferrybox_inbox_bounds AS b \
+                           WHERE b.generation = g.generation AND NOT b.expired) \
+             ORDER BY g.generation LIMIT 1) \
          SELECT (SELECT seconds FROM oldest) AS oldest_transaction_seconds, \
                 (SELECT pid FROM oldest) AS oldest_transaction_pid, \
                 (SELECT client FROM oldest) AS oldest_transaction_client, \
@@ -92,7 +106,11 @@ pub async fn holds(conn: &mut AsyncPgConnection) -> Result<VacuumHolds> {
                     FROM slots) AS inactive_slots, \
                 (SELECT max(retained) FROM slots) AS inactive_slot_retained_bytes, \
                 (SELECT slot_name::text FROM most) AS most_retaining_slot, \
-                (SELECT retained FROM most) AS most_retained_bytes",
+                (SELECT retained FROM most) AS most_retained_bytes, \
+                (SELECT seconds FROM kept) AS oldest_kept_generation_seconds, \
+                (SELECT coalesce(array_agg(DISTINCT b.consumer ORDER BY b.consumer), '{}') \
+                    FROM ferrybox_inbox_bounds AS b JOIN kept USING (generation) \
+                    WHERE NOT b.expired) AS oldest_kept_generation_consumers",
     )
     .get_result(conn)
     .await?)
@@ -119,6 +137,11 @@ pub struct VacuumGuardConfig {
     /// consumer (a log relay, say) is that far behind. Set it well below the server's
     /// `max_slot_wal_keep_size`, past which the slot is invalidated.
     pub max_slot_retained_bytes: u64,
+    /// An id generation of the inbox still kept this long after it closed: a consumer with ids
+    /// in it has not passed them (one that stopped for good keeps it forever). Keep it above
+    /// the inbox's and the topics' retention, which a generation outlives by design.
+    #[serde(with = "duration_ms", rename = "max_generation_kept_ms")]
+    pub max_generation_kept: Duration,
 }
 
 impl Default for VacuumGuardConfig {
@@ -129,6 +152,7 @@ impl Default for VacuumGuardConfig {
             max_prepared_age: Duration::from_secs(5 * 60),
             max_slot_idle: Duration::from_secs(10 * 60),
             max_slot_retained_bytes: 1 << 30,
+            max_generation_kept: Duration::from_secs(30 * 24 * 3600),
         }
     }
 }
@@ -148,7 +172,8 @@ impl VacuumGuardConfig {
 /// Something that has held vacuum back past its limit.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VacuumFinding {
-    /// `long_transaction`, `prepared_transaction`, `idle_slot` or `slot_lag`.
+    /// `long_transaction`, `prepared_transaction`, `idle_slot`, `slot_lag` or
+    /// `kept_generation`.
     pub kind: &'static str,
     /// What to look at, and what to do.
     pub summary: String,
@@ -228,6 +253,20 @@ impl Limits {
                      writes (for a Ferrybox log relay: its log and `outbox status`); past the \
                      server's max_slot_wal_keep_size the slot is invalidated, and a Ferrybox \
                      relay then recovers from the table, sending its last messages again"
+                ),
+            });
+        }
+        let limit = self.config.max_generation_kept.as_secs_f64();
+        if let Some(seconds) = holds.oldest_kept_generation_seconds.filter(|s| *s > limit) {
+            found.push(VacuumFinding {
+                kind: "kept_generation",
+                summary: format!(
+                    "an id generation of the inbox closed {:.1} days ago is still kept, by {}: \
+                     their groups have not committed past its ids (a consumer that stopped for \
+                     good keeps it forever: `generations` shows it; delete its ids from \
+                     ferrybox_inbox to let the generation go)",
+                    seconds / 86_400.0,
+                    holds.oldest_kept_generation_consumers.join(", "),
                 ),
             });
         }
@@ -329,7 +368,32 @@ mod tests {
             inactive_slot_retained_bytes: None,
             most_retaining_slot: None,
             most_retained_bytes: None,
+            oldest_kept_generation_seconds: None,
+            oldest_kept_generation_consumers: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_generation_kept_past_its_limit_is_alerted_with_the_consumers_that_keep_it() {
+        let mut guard = Limits::new(VacuumGuardConfig::default());
+        let now = tokio::time::Instant::now();
+        let kept = |days: f64| VacuumHolds {
+            oldest_kept_generation_seconds: Some(days * 86_400.0),
+            oldest_kept_generation_consumers: vec!["gone-consumer".into()],
+            ..nothing()
+        };
+        assert!(
+            guard.findings(&kept(29.0), now).is_empty(),
+            "within 30 days"
+        );
+        let found = guard.findings(&kept(31.0), now);
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].kind, "kept_generation");
+        assert!(
+            found[0].summary.contains("by gone-consumer"),
+            "{}",
+            found[0].summary
+        );
     }
 
     #[test]

@@ -174,6 +174,7 @@ mod tests {
                 max_prepared_age: Duration::from_millis(20),
                 max_slot_idle: Duration::from_millis(21),
                 max_slot_retained_bytes: 22,
+                max_generation_kept: Duration::from_millis(23),
             },
             alert: AlertConfig {
                 webhook_url: Some("https://alerts.example.com/users".into()),

@@ -66,6 +66,7 @@ async fn what_holds_vacuum_back_is_shown_and_alerted_past_its_limit() {
         max_prepared_age: Duration::ZERO,
         max_slot_idle: Duration::from_millis(50),
         max_slot_retained_bytes: u64::MAX,
+        ..VacuumGuardConfig::default()
     };
     let mut guard =
         VacuumGuard::new(limits.clone(), pool.clone(), alerter.clone(), "test").unwrap();
@@ -148,4 +149,59 @@ async fn what_holds_vacuum_back_is_shown_and_alerted_past_its_limit() {
     assert_eq!(gone, quiet);
     assert!(guard.check().await.unwrap().is_empty());
     drop((open, preparing, look, pool, db));
+}
+
+/// An id generation a consumer keeps long after it closed (a consumer that stopped for good)
+/// shows in `holds`, with the consumer, and is alerted past `max_generation_kept`.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_id_generation_kept_long_after_it_closed_is_shown_and_alerted() {
+    let (db, pool) = testing::TestDatabase::with_framework_tables().await;
+    testing::execute(
+        db.url(),
+        "INSERT INTO ferrybox_inbox (consumer, message_id, message_type, topic, kafka_partition, kafka_offset, generation) \
+         SELECT 'gone-consumer', gen_random_uuid(), 't', 't', 0, n, 0 FROM generate_series(1, 3) AS n",
+    )
+    .await;
+    testing::execute(
+        db.url(),
+        "UPDATE ferrybox_inbox_generations SET opened_at = now() - interval '60 days'",
+    )
+    .await;
+    // A retention pass closes the generation and sums it up; nobody is past its ids.
+    ferrybox::inbox::expire(
+        &pool,
+        "another-consumer",
+        &ferrybox::inbox::Horizon::none(),
+        Duration::from_secs(14 * 24 * 3600),
+    )
+    .await
+    .unwrap();
+    let mut look = AsyncPgConnection::establish(db.url()).await.unwrap();
+    let fresh = vacuum::holds(&mut look).await.unwrap();
+    assert!(
+        fresh
+            .oldest_kept_generation_seconds
+            .is_some_and(|s| s < 60.0),
+        "{fresh:?}"
+    );
+    assert_eq!(fresh.oldest_kept_generation_consumers, ["gone-consumer"]);
+    testing::execute(
+        db.url(),
+        "UPDATE ferrybox_inbox_generations SET closed_at = now() - interval '40 days' \
+         WHERE generation = 0",
+    )
+    .await;
+    let alerter = Alerter::new(&AlertConfig { webhook_url: None }).unwrap();
+    let mut guard =
+        VacuumGuard::new(VacuumGuardConfig::default(), pool.clone(), alerter, "test").unwrap();
+    let findings = guard.check().await.unwrap();
+    let kept = findings
+        .iter()
+        .find(|f| f.kind == "kept_generation")
+        .unwrap_or_else(|| panic!("{findings:?}"));
+    assert!(
+        kept.summary.contains("by gone-consumer"),
+        "{}",
+        kept.summary
+    );
 }
