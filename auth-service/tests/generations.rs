@@ -3,7 +3,6 @@
 
 use std::process::Output;
 
-use ferrybox::inbox::Horizon;
 use ferrybox::testing::{self, TestDatabase};
 
 const EXE: &str = env!("CARGO_BIN_EXE_auth-service");
@@ -38,29 +37,9 @@ async fn a_generation_kept_by_a_consumer_that_stopped_is_named_with_its_ids() {
         ..auth_service::Settings::default()
     };
     auth_service::startup::migrate(&settings).await.unwrap();
-    testing::execute(
-        db.url(),
-        "INSERT INTO ferrybox_inbox (consumer, message_id, message_type, topic, kafka_partition, kafka_offset, generation) \
-         SELECT 'stopped-consumer', gen_random_uuid(), 't', 'users', 0, n, 0 FROM generate_series(1, 25) AS n",
-    )
-    .await;
-    testing::execute(
-        db.url(),
-        "UPDATE ferrybox_inbox_generations SET opened_at = now() - interval '30 days'",
-    )
-    .await;
-    // Another consumer's retention pass: it opens the next generation and sums up the first;
+    // Another consumer's retention pass opened the next generation and summed up the first;
     // nothing tells it the stopped consumer is past its ids.
-    let pool = db.pool();
-    let expired = ferrybox::inbox::expire(
-        &pool,
-        "auth-service",
-        &Horizon::none(),
-        std::time::Duration::from_secs(14 * 24 * 3600),
-    )
-    .await
-    .unwrap();
-    assert_eq!(expired.ids, 0);
+    testing::kept_generation(&db.pool(), db.url(), "stopped-consumer", 25).await;
 
     let (code, out, err) = generations(&db, true).await;
     assert_eq!(code, Some(0), "{err}");

@@ -368,6 +368,33 @@ pub async fn execute(database_url: &str, sql: &str) {
         .unwrap_or_else(|e| panic!("{sql}: {e}"));
 }
 
+/// Leaves `ids` ids of `consumer` in an id generation that is closed and summed up but kept:
+/// the ids go into the newest generation, which is aged, and another consumer's retention pass
+/// (with nothing committed) opens the next one. What a consumer that stopped for good leaves.
+pub async fn kept_generation(pool: &PgPool, database_url: &str, consumer: &str, ids: u32) {
+    execute(
+        database_url,
+        &format!(
+            "INSERT INTO ferrybox_inbox (consumer, message_id, message_type, topic, kafka_partition, kafka_offset, generation) \
+             SELECT '{consumer}', gen_random_uuid(), 't', 't', 0, n, \
+                    (SELECT max(generation) FROM ferrybox_inbox_generations) \
+             FROM generate_series(1, {ids}) AS n; \
+             UPDATE ferrybox_inbox_generations SET opened_at = now() - interval '60 days' \
+             WHERE generation = (SELECT max(generation) FROM ferrybox_inbox_generations)"
+        ),
+    )
+    .await;
+    let expired = crate::inbox::expire(
+        pool,
+        &format!("not-{consumer}"),
+        &crate::inbox::Horizon::none(),
+        Duration::from_secs(14 * 24 * 3600),
+    )
+    .await
+    .expect("a retention pass");
+    assert_eq!(expired.ids, 0, "nothing committed: nothing dropped");
+}
+
 /// Opens a transaction that holds vacuum back (it has a transaction id) on a connection of
 /// its own to `database_url`: the connection, and its backend's pid. It stays open until the
 /// connection runs `ROLLBACK` or is dropped.

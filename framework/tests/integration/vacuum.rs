@@ -156,26 +156,7 @@ async fn what_holds_vacuum_back_is_shown_and_alerted_past_its_limit() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_id_generation_kept_long_after_it_closed_is_shown_and_alerted() {
     let (db, pool) = testing::TestDatabase::with_framework_tables().await;
-    testing::execute(
-        db.url(),
-        "INSERT INTO ferrybox_inbox (consumer, message_id, message_type, topic, kafka_partition, kafka_offset, generation) \
-         SELECT 'gone-consumer', gen_random_uuid(), 't', 't', 0, n, 0 FROM generate_series(1, 3) AS n",
-    )
-    .await;
-    testing::execute(
-        db.url(),
-        "UPDATE ferrybox_inbox_generations SET opened_at = now() - interval '60 days'",
-    )
-    .await;
-    // A retention pass closes the generation and sums it up; nobody is past its ids.
-    ferrybox::inbox::expire(
-        &pool,
-        "another-consumer",
-        &ferrybox::inbox::Horizon::none(),
-        Duration::from_secs(14 * 24 * 3600),
-    )
-    .await
-    .unwrap();
+    testing::kept_generation(&pool, db.url(), "gone-consumer", 3).await;
     let mut look = AsyncPgConnection::establish(db.url()).await.unwrap();
     let fresh = vacuum::holds(&mut look).await.unwrap();
     assert!(
