@@ -16,7 +16,8 @@
 //! - drops a range once its upper bound is older than the retention: every row in it is too.
 //!   In the polling table a range goes only once every row in it was published, and published
 //!   longer ago than the retention: an unpublished row is never deleted, however old;
-//! - deletes expired rows, in small batches, from the DEFAULT partition, which takes the rows no
+//! - deletes expired rows, in small batches and at most [`DEFAULT_BATCHES_PER_PASS`] of them
+//!   per pass, from the DEFAULT partition, which takes the rows no
 //!   range covers (written while no relay kept ranges ahead, or with an explicit creation time
 //!   from the past: the relay copies a row's time when it moves it between the tables). It is
 //!   empty in steady state. Rows are never moved out of it: moving them would stream them to
@@ -44,6 +45,11 @@ pub const LOCK_TIMEOUT: &str = "500ms";
 
 /// Rows deleted per statement from a DEFAULT partition.
 pub const DEFAULT_BATCH: i64 = 1_000;
+
+/// Statements of [`DEFAULT_BATCH`] rows a pass deletes from a DEFAULT partition at most: the
+/// log relay runs its pass between its stream's steps, so a full DEFAULT partition (a relay
+/// down for days) is worked off over several passes, never in one long stall.
+pub const DEFAULT_BATCHES_PER_PASS: u32 = 10;
 
 /// A partitioned outbox table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -328,13 +334,13 @@ pub async fn maintain(
         }
     }
 
-    // The DEFAULT partition, row by row.
+    // The DEFAULT partition, row by row, a bounded number of statements per pass.
     let expired = if table.tracks_publication {
         "published_at IS NOT NULL AND published_at < now() - $1"
     } else {
         "created_at < now() - $1"
     };
-    loop {
+    for _ in 0..DEFAULT_BATCHES_PER_PASS {
         let deleted = diesel::sql_query(format!(
             "DELETE FROM {default} WHERE ctid IN ( \
                  SELECT ctid FROM {default} WHERE {expired} LIMIT $2)",

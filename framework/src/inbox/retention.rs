@@ -162,7 +162,7 @@ pub struct Expired {
 ///
 /// An id stays while any consumer with ids in its generation is not past redelivery for them
 /// (a consumer that stopped running for good holds its generations until its rows are
-/// removed by hand; `inbox status` names it).
+/// removed by hand; [`generations`] names it, and the vacuum guard alerts on it).
 ///
 /// Dedup spans the generations: the inbox's insert ([`super::RECORD_IDS_SQL`]) skips an id
 /// present in an older one, and the newest one's key catches the rest. Opening a generation
