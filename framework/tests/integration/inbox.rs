@@ -489,6 +489,60 @@ async fn an_id_in_an_older_generation_is_still_a_duplicate() {
     );
 }
 
+/// The running consumer, in its default configuration (a message without numbers is
+/// deduplicated by id): a message delivered again after a new id generation opened is still a
+/// duplicate, found in the closed generation.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_delivered_again_after_its_generation_closed_is_applied_once() {
+    let fx = Fixture::new(1).await;
+    fx.change("a", 1).await;
+    publish_all(&fx).await;
+    let group = testing::unique("group");
+    let first = start(&fx, &group, Recorder::default());
+    wait_until(TIMEOUT, "the message applied", || async {
+        first.stats.snapshot().applied == 1
+    })
+    .await;
+    first.stop().await;
+    age_newest_generation(&fx).await;
+    ferrybox::inbox::expire(
+        &fx.pool,
+        &group,
+        &Horizon::none(),
+        std::time::Duration::ZERO,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        fx.count("SELECT max(generation)::bigint AS n FROM ferrybox_inbox_generations")
+            .await,
+        1,
+        "a new generation opened"
+    );
+    // The relay sends it again (a crash after the broker's ack, before marking).
+    testing::execute(
+        fx.db.url(),
+        "UPDATE ferrybox_outbox SET published_at = NULL",
+    )
+    .await;
+    publish_all(&fx).await;
+    let second = start(&fx, &group, Recorder::default());
+    wait_until(TIMEOUT, "the second delivery processed", || async {
+        second.stats.snapshot().duplicates == 1
+    })
+    .await;
+    let stats = second.stats.snapshot();
+    second.stop().await;
+    assert_eq!(stats.applied, 0);
+    assert_eq!(fx.count("SELECT count(*) AS n FROM applied").await, 1);
+    assert_eq!(
+        fx.count("SELECT count(*) AS n FROM ferrybox_inbox WHERE generation = 0")
+            .await,
+        1,
+        "recorded once, in the closed generation"
+    );
+}
+
 /// However old, an applied id stays while its group has not committed past its offset (a
 /// consumer killed between its inbox commit and its offset commit, then down for weeks, is
 /// redelivered the message): retention asks the broker for the group's committed offsets, and
