@@ -29,16 +29,88 @@ fn busy_seconds() -> Option<f64> {
     Some(busy as f64 / TICKS_PER_SECOND)
 }
 
+/// A timed window's start: the machine's busy CPU seconds from then on, and this process's.
+pub(crate) struct Window {
+    machine: Option<f64>,
+    own: Option<f64>,
+}
+
+impl Window {
+    pub(crate) fn start() -> Self {
+        Self {
+            machine: busy_seconds(),
+            own: process_seconds(std::process::id()),
+        }
+    }
+
+    /// The machine's busy CPU seconds since the window started (`NaN` where they cannot be
+    /// read).
+    pub(crate) fn busy(&self) -> f64 {
+        match (self.machine, busy_seconds()) {
+            (Some(before), Some(after)) => after - before,
+            _ => f64::NAN,
+        }
+    }
+
+    /// This process's CPU seconds since the window started (`NaN` where they cannot be read).
+    pub(crate) fn own(&self) -> f64 {
+        match (self.own, process_seconds(std::process::id())) {
+            (Some(before), Some(after)) => after - before,
+            _ => f64::NAN,
+        }
+    }
+}
+
 /// Runs `work` and gives its output with the machine's busy CPU seconds meanwhile (`NaN`
 /// where they cannot be read).
 pub(crate) async fn busy_during<T>(work: impl Future<Output = T>) -> (T, f64) {
-    let before = busy_seconds();
+    let window = Window::start();
     let output = work.await;
-    let spent = match (before, busy_seconds()) {
-        (Some(before), Some(after)) => after - before,
-        _ => f64::NAN,
-    };
-    (output, spent)
+    (output, window.busy())
+}
+
+/// A rate and what it cost the machine.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Measured {
+    /// Messages per second.
+    pub(crate) rate: f64,
+    /// Busy CPU seconds per message, every process on every core.
+    pub(crate) cpu: f64,
+    /// For the log relay: the CPU seconds per message of the WAL senders that decoded the log
+    /// for it (every shard's together).
+    pub(crate) sender: Option<f64>,
+}
+
+impl Measured {
+    /// A rate whose `n` messages kept the machine busy for `busy` CPU seconds.
+    pub(crate) fn of(rate: f64, busy: f64, n: usize) -> Self {
+        Self {
+            rate,
+            cpu: busy / n as f64,
+            sender: None,
+        }
+    }
+}
+
+/// The middle of `v` (not empty).
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The median rate and the median CPU of `runs` (not empty).
+pub(crate) fn median_of(runs: &[Measured]) -> Measured {
+    let senders: Vec<f64> = runs.iter().filter_map(|m| m.sender).collect();
+    Measured {
+        rate: median(runs.iter().map(|m| m.rate).collect()),
+        cpu: median(runs.iter().map(|m| m.cpu).collect()),
+        sender: (!senders.is_empty()).then(|| median(senders)),
+    }
+}
+
+/// The machine's cores.
+pub(crate) fn cores() -> f64 {
+    std::thread::available_parallelism().map_or(1, std::num::NonZero::get) as f64
 }
 
 /// CPU seconds (user and system) process `pid` has spent, from `/proc/<pid>/stat`; `None`

@@ -7,7 +7,8 @@
 //! - `bare_consumer_vs_raw_insert` / `raw_insert_with_numbers_vs_raw_insert` /
 //!   `inbox_ids_vs_raw_insert`: what the broker alone and the database alone (the inserts
 //!   plus the inbox's number statements, or plus the ids it records) allow against that
-//!   floor.
+//!   floor; `inbox_machine_cpu_bound_vs_raw_insert`: what the machine's cores allow an inbox
+//!   that costs them what the bare consumer and the inserts with numbers cost together.
 //! - `inbox_vs_naive`: the same inbox rate over a naive consumer doing one transaction and one
 //!   synchronous offset commit per message.
 //! - `e2e_latency_p99_ms`: producer commit to consumer commit, at a fixed moderate rate,
@@ -31,6 +32,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::{Deserialize, Serialize};
 
 use crate::Report;
+use crate::cpu::{self, Measured};
 
 /// Messages for the throughput runs; `FERRYBOX_BENCH_MESSAGES` overrides it.
 const DEFAULT_MESSAGES: usize = 100_000;
@@ -224,7 +226,7 @@ fn bare_consumer(what: &str) -> rdkafka::ClientConfig {
 /// Messages per second a plain consumer (the inbox's consumer settings) reads from `topic`,
 /// doing nothing with them: how fast any Kafka consumer can go here, an upper bound for the
 /// inbox (timed, like the inbox, from its first message: joining the group is left out).
-async fn bare_consume_rate(topic: &str) -> anyhow::Result<f64> {
+async fn bare_consume_rate(topic: &str) -> anyhow::Result<Measured> {
     let consumer: StreamConsumer = bare_consumer("bare")
         .set("enable.auto.offset.store", "false")
         .create()?;
@@ -235,16 +237,22 @@ async fn bare_consume_rate(topic: &str) -> anyhow::Result<f64> {
         let m = tokio::time::timeout(Duration::from_secs(60), consumer.recv())
             .await
             .context("bare consumer stalled")??;
-        started.get_or_insert_with(Instant::now);
+        started.get_or_insert_with(|| (Instant::now(), cpu::Window::start()));
         bytes += rdkafka::message::Message::payload(&m).map_or(0, <[u8]>::len);
     }
     anyhow::ensure!(bytes > 0, "bare consumer read empty messages");
-    let started = started.context("no message")?;
-    Ok((messages() - 1) as f64 / started.elapsed().as_secs_f64())
+    let (started, window) = started.context("no message")?;
+    let n = messages() - 1;
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    eprintln!(
+        "inbox: bare consumer: this process {:.1} us of CPU per message",
+        window.own() / n as f64 * 1e6
+    );
+    Ok(Measured::of(rate, window.busy(), n))
 }
 
 /// A pre-filled topic of numbered messages and a bare consumer's rate on it.
-async fn prefilled(codec: &AvroCodec) -> anyhow::Result<(String, f64)> {
+async fn prefilled(codec: &AvroCodec) -> anyhow::Result<(String, Measured)> {
     let topic = testing::create_topic(i32::try_from(PARTITIONS)?).await;
     prefill(&topic, codec, messages()).await?;
     let bare = bare_consume_rate(&topic).await?;
@@ -253,7 +261,8 @@ async fn prefilled(codec: &AvroCodec) -> anyhow::Result<(String, f64)> {
 
 /// Messages per second the inbox applies from the pre-filled `topic`, deduplicating by
 /// `dedup`.
-async fn inbox_rate(codec: &AvroCodec, topic: &str, dedup: Dedup) -> anyhow::Result<f64> {
+async fn inbox_rate(codec: &AvroCodec, topic: &str, dedup: Dedup) -> anyhow::Result<Measured> {
+    eprintln!("inbox: {dedup:?}: applying");
     let (db, _conn) = database().await?;
     let config = InboxConfig {
         group_id: testing::unique("bench"),
@@ -277,6 +286,7 @@ async fn inbox_rate(codec: &AvroCodec, topic: &str, dedup: Dedup) -> anyhow::Res
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let started = Instant::now();
+    let window = cpu::Window::start();
     let first = stats.snapshot().applied;
     while stats.snapshot().applied < messages() as u64 {
         anyhow::ensure!(
@@ -286,9 +296,15 @@ async fn inbox_rate(codec: &AvroCodec, topic: &str, dedup: Dedup) -> anyhow::Res
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let elapsed = started.elapsed();
+    let (busy, own) = (window.busy(), window.own());
     stop.cancel();
     task.await??;
-    Ok((messages() as u64 - first) as f64 / elapsed.as_secs_f64())
+    let n = messages() - usize::try_from(first)?;
+    eprintln!(
+        "inbox: {dedup:?}: this process {:.1} us of CPU per message",
+        own / n as f64 * 1e6
+    );
+    Ok(Measured::of(n as f64 / elapsed.as_secs_f64(), busy, n))
 }
 
 /// What a raw batch writes besides the business rows.
@@ -301,13 +317,24 @@ enum Extra {
     Numbers,
 }
 
+impl Extra {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Nothing => "alone",
+            Self::Ids => "with ids",
+            Self::Numbers => "with numbers",
+        }
+    }
+}
+
 /// Rows per second inserted straight into PostgreSQL, in batches of the same size; with
 /// `extra`, each batch also writes what the inbox writes (the same statements, in the same
 /// transaction), still without Kafka, decoding or anything else.
-async fn raw_insert_rate(extra: Extra) -> anyhow::Result<f64> {
+async fn raw_insert_rate(extra: Extra) -> anyhow::Result<Measured> {
     let (_db, mut conn) = database().await?;
     let rows = readings(messages());
     let started = Instant::now();
+    let window = cpu::Window::start();
     for (n, chunk) in rows.chunks(BATCH).enumerate() {
         let ids: Vec<uuid::Uuid> = chunk.iter().map(|_| uuid::Uuid::now_v7()).collect();
         conn.transaction::<_, diesel::result::Error, _>(async |tx| {
@@ -320,7 +347,13 @@ async fn raw_insert_rate(extra: Extra) -> anyhow::Result<f64> {
         })
         .await?;
     }
-    Ok(messages() as f64 / started.elapsed().as_secs_f64())
+    let rate = messages() as f64 / started.elapsed().as_secs_f64();
+    eprintln!(
+        "inbox: raw insert, {}: this process {:.1} us of CPU per row",
+        extra.name(),
+        window.own() / messages() as f64 * 1e6
+    );
+    Ok(Measured::of(rate, window.busy(), messages()))
 }
 
 /// The inbox's number statements for a batch over [`PARTITIONS`] partitions: lock each
@@ -598,28 +631,53 @@ pub(crate) async fn run(codec: &AvroCodec, report: &mut Report) -> anyhow::Resul
         messages()
     );
     let (topic, bare) = prefilled(codec).await?;
-    let inbox = inbox_rate(codec, &topic, Dedup::Sequence).await?;
+    // The inbox and its baselines, alternated three times: the medians are reported.
+    let (mut inboxes, mut raws, mut raws_with_numbers) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..3 {
+        inboxes.push(inbox_rate(codec, &topic, Dedup::Sequence).await?);
+        raws.push(raw_insert_rate(Extra::Nothing).await?);
+        raws_with_numbers.push(raw_insert_rate(Extra::Numbers).await?);
+    }
+    let (inbox, raw, raw_with_numbers) = (
+        cpu::median_of(&inboxes),
+        cpu::median_of(&raws),
+        cpu::median_of(&raws_with_numbers),
+    );
     let inbox_id_mode = inbox_rate(codec, &topic, Dedup::Id).await?;
     testing::delete_topic(&topic).await?;
-    let raw = raw_insert_rate(Extra::Nothing).await?;
-    let raw_with_numbers = raw_insert_rate(Extra::Numbers).await?;
     let raw_with_ids = raw_insert_rate(Extra::Ids).await?;
     let naive = naive_rate(codec).await?;
     let (p50, p99) = e2e_latency(codec, 200, 10).await?;
     let (broker_p50, broker_p99) = broker_latency(200, 10).await?;
-    report.row("inbox apply rate, dedup by number (msg/s)", inbox);
-    report.row("inbox apply rate, dedup by id (msg/s)", inbox_id_mode);
-    report.row("raw batched insert rate (rows/s)", raw);
-    report.row("bare consumer, same topic, no database (msg/s)", bare);
+    let raw_rate = raw.rate;
+    report.row("inbox apply rate, dedup by number (msg/s)", inbox.rate);
+    report.row("inbox apply rate, dedup by id (msg/s)", inbox_id_mode.rate);
+    report.row("raw batched insert rate (rows/s)", raw_rate);
+    report.row("bare consumer, same topic, no database (msg/s)", bare.rate);
     report.row(
         "raw batched insert + the inbox's numbers, no Kafka (rows/s)",
-        raw_with_numbers,
+        raw_with_numbers.rate,
     );
     report.row(
         "raw batched insert + inbox ids, no Kafka (rows/s)",
-        raw_with_ids,
+        raw_with_ids.rate,
     );
     report.row("naive consumer rate (msg/s)", naive);
+    // What each costs the whole machine (broker, database, this process), per message.
+    let micros = |m: Measured| m.cpu * 1e6;
+    report.row(
+        "machine CPU per message, inbox by number (us)",
+        micros(inbox),
+    );
+    report.row(
+        "machine CPU per message, inbox by id (us)",
+        micros(inbox_id_mode),
+    );
+    report.row("machine CPU per message, bare consumer (us)", micros(bare));
+    report.row(
+        "machine CPU per message, raw insert + numbers (us)",
+        micros(raw_with_numbers),
+    );
     report.row("e2e latency p50 at 200 msg/s, log relay (ms)", p50);
     report.row("e2e latency p99 at 200 msg/s, log relay (ms)", p99);
     report.row(
@@ -630,19 +688,27 @@ pub(crate) async fn run(codec: &AvroCodec, report: &mut Report) -> anyhow::Resul
         "producer to bare consumer p99 at 200 msg/s, no database (ms)",
         broker_p99,
     );
-    report.ratio("inbox_vs_raw_insert", inbox / raw);
-    report.ratio("inbox_id_mode_vs_raw_insert", inbox_id_mode / raw);
+    report.ratio("inbox_vs_raw_insert", inbox.rate / raw_rate);
+    report.ratio("inbox_id_mode_vs_raw_insert", inbox_id_mode.rate / raw_rate);
     // The bound of inbox_vs_raw_insert the database sets: the inserts plus the numbers.
     report.ratio(
         "raw_insert_with_numbers_vs_raw_insert",
-        raw_with_numbers / raw,
+        raw_with_numbers.rate / raw_rate,
     );
     // What the floor of inbox_vs_raw_insert needs of the broker alone: a consumer that
     // writes nothing, over the raw insert rate.
-    report.ratio("bare_consumer_vs_raw_insert", bare / raw);
+    report.ratio("bare_consumer_vs_raw_insert", bare.rate / raw_rate);
     // ... and of the database alone: the same inserts plus the ids the inbox must record.
-    report.ratio("inbox_ids_vs_raw_insert", raw_with_ids / raw);
-    report.ratio("inbox_vs_naive", inbox / naive);
+    report.ratio("inbox_ids_vs_raw_insert", raw_with_ids.rate / raw_rate);
+    // The machine's bound for any inbox on these cores: per message it reads what the bare
+    // consumer reads and writes what the raw insert with numbers writes, so it costs the
+    // machine at least both; the cores can do no more than that many a second, and neither
+    // half can go faster than it does alone.
+    let machine = (cpu::cores() / (bare.cpu + raw_with_numbers.cpu))
+        .min(bare.rate)
+        .min(raw_with_numbers.rate);
+    report.ratio("inbox_machine_cpu_bound_vs_raw_insert", machine / raw_rate);
+    report.ratio("inbox_vs_naive", inbox.rate / naive);
     report.ratio("e2e_latency_p99_ms", p99);
     // Its bound on this broker: the same hop with no outbox, relay or database.
     report.ratio("broker_latency_p99_ms", broker_p99);

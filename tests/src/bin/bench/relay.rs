@@ -42,8 +42,9 @@ use ferrybox::{
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::FutureRecord;
 
+use crate::Report;
+use crate::cpu::{self, Measured, median, median_of};
 use crate::inbox::messages;
-use crate::{Report, cpu};
 
 const KEYS: i64 = 1_000;
 const PAYLOAD: usize = 200;
@@ -383,29 +384,6 @@ fn senders_seconds(senders: &[u32]) -> Option<f64> {
     senders.iter().map(|pid| cpu::process_seconds(*pid)).sum()
 }
 
-/// A rate and what it cost the machine.
-#[derive(Debug, Clone, Copy)]
-struct Measured {
-    /// Messages per second.
-    rate: f64,
-    /// Busy CPU seconds per message, every process on every core (see [`cpu`]).
-    cpu: f64,
-    /// For the log relay: the CPU seconds per message of the WAL senders that decoded the log
-    /// for it (every shard's together).
-    sender: Option<f64>,
-}
-
-impl Measured {
-    /// A rate whose `n` messages kept the machine busy for `busy` CPU seconds.
-    fn of(rate: f64, busy: f64, n: usize) -> Self {
-        Self {
-            rate,
-            cpu: busy / n as f64,
-            sender: None,
-        }
-    }
-}
-
 /// Messages per second `pg_recvlogical` reads from `slot` up to the current WAL position.
 async fn log_read_rate(
     db: &TestDatabase,
@@ -515,11 +493,6 @@ async fn baseline_rows(n: usize) -> anyhow::Result<Vec<Outgoing>> {
         .collect()
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 /// Drain rates (msg/s) and their CPU, medians of three alternated runs.
 struct DrainRates {
     log: Measured,
@@ -533,16 +506,6 @@ struct DrainRates {
     /// The table mode with nothing to send to (`Relay::feed_only`): polling the table and
     /// marking its rows alone (the bound of the table mode).
     read_and_mark: Measured,
-}
-
-/// The median rate and the median CPU per message of `runs`.
-fn median_of(runs: &[Measured]) -> Measured {
-    let senders: Vec<f64> = runs.iter().filter_map(|m| m.sender).collect();
-    Measured {
-        rate: median(runs.iter().map(|m| m.rate).collect()),
-        cpu: median(runs.iter().map(|m| m.cpu).collect()),
-        sender: (!senders.is_empty()).then(|| median(senders)),
-    }
 }
 
 /// Drain rates of each relay mode (the log one also in three shards) and of the plain
@@ -973,7 +936,7 @@ pub(crate) async fn run(report: &mut Report) -> anyhow::Result<()> {
     // message, at least the WAL sender's CPU (measured during the relay's run) plus what the
     // plain producer costs the machine (its client and the broker); the cores can do no more
     // than that many messages a second.
-    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get) as f64;
+    let cores = cpu::cores();
     let least = sender + raw.cpu;
     report.row(
         "least machine CPU per message of a log relay: WAL sender + plain producer (us)",
