@@ -7,7 +7,12 @@
 use std::collections::BTreeMap;
 
 use apache_avro::types::Value;
-use schema_registry_converter::async_impl::easy_avro::{EasyAvroDecoder, EasyAvroEncoder};
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, RwLock};
+
+use apache_avro::reader::datum::GenericDatumReader;
+use schema_registry_converter::async_impl::avro::AvroDecoder;
+use schema_registry_converter::async_impl::easy_avro::EasyAvroEncoder;
 use schema_registry_converter::async_impl::schema_registry::SrSettings;
 use schema_registry_converter::error::SRCError;
 use schema_registry_converter::schema_registry_common::{
@@ -82,7 +87,69 @@ impl Decoded {
 #[derive(Clone, Debug)]
 pub struct AvroCodec {
     encoder: EasyAvroEncoder,
-    decoder: EasyAvroDecoder,
+    decoder: Arc<AvroDecoder>,
+    /// The writer schemas met so far, by registry id, ready to read a payload with.
+    readers: Arc<RwLock<HashMap<u32, &'static WriterReader>>>,
+}
+
+/// Reads payloads written with one writer schema: built once per schema, not per message.
+struct WriterReader {
+    reader: GenericDatumReader<'static>,
+    /// The writer schema's full name, when it is a named type.
+    name: Option<String>,
+}
+
+impl std::fmt::Debug for WriterReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WriterReader")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Every writer schema this process has read with, by its text: each is parsed, and its reader
+/// built, once, and kept for the life of the process (a reader borrows its schema, so both live
+/// as long as the process; a process meets a bounded number of schemas).
+static WRITER_READERS: LazyLock<RwLock<HashMap<String, &'static WriterReader>>> =
+    LazyLock::new(RwLock::default);
+
+/// The reader for `schema`, built the first time this process meets it.
+fn writer_reader(
+    schema: &apache_avro::Schema,
+    raw: &str,
+) -> Result<&'static WriterReader, CodecError> {
+    if let Some(reader) = WRITER_READERS
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get(raw)
+    {
+        return Ok(reader);
+    }
+    let mut readers = WRITER_READERS
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(reader) = readers.get(raw) {
+        return Ok(reader);
+    }
+    let schema: &'static apache_avro::Schema = Box::leak(Box::new(schema.clone()));
+    let reader = GenericDatumReader::builder(schema)
+        .build()
+        .map_err(|e| CodecError::Avro(format!("writer schema: {e}")))?;
+    let name = match schema {
+        apache_avro::Schema::Record(record) => Some(record.name.fullname(None)),
+        _ => None,
+    };
+    let reader: &'static WriterReader = Box::leak(Box::new(WriterReader { reader, name }));
+    readers.insert(raw.to_owned(), reader);
+    Ok(reader)
+}
+
+/// The Confluent wire format's prefix: a zero byte, then the schema id (4 bytes, big-endian).
+fn schema_id(payload: &[u8]) -> Option<(u32, &[u8])> {
+    match payload {
+        [0, a, b, c, d, datum @ ..] => Some((u32::from_be_bytes([*a, *b, *c, *d]), datum)),
+        _ => None,
+    }
 }
 
 impl AvroCodec {
@@ -91,7 +158,8 @@ impl AvroCodec {
         let settings = SrSettings::new(registry_url.trim_end_matches('/').to_owned());
         Self {
             encoder: EasyAvroEncoder::new(settings.clone()),
-            decoder: EasyAvroDecoder::new(settings),
+            decoder: Arc::new(AvroDecoder::new(settings)),
+            readers: Arc::default(),
         }
     }
 
@@ -149,10 +217,39 @@ impl AvroCodec {
 
     /// Decodes a Confluent wire-format payload with the writer's schema from the registry.
     pub async fn decode(&self, payload: &[u8]) -> Result<Decoded, CodecError> {
-        let decoded = self.decoder.decode(Some(payload)).await?;
+        let Some((id, datum)) = schema_id(payload) else {
+            // Not the wire format: the registry client says why.
+            let decoded = self.decoder.decode(Some(payload)).await?;
+            return Ok(Decoded {
+                name: decoded.name.map(|n| n.fullname(None)),
+                value: decoded.value,
+            });
+        };
+        let known = self
+            .readers
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&id)
+            .copied();
+        let reader = match known {
+            Some(reader) => reader,
+            None => {
+                let schema = self.decoder.get_schema(id).await?;
+                let reader = writer_reader(&schema.parsed, &schema.raw)?;
+                self.readers
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert(id, reader);
+                reader
+            }
+        };
+        let value = reader
+            .reader
+            .read_value(&mut std::io::Cursor::new(datum))
+            .map_err(|e| CodecError::Avro(format!("payload of schema {id}: {e}")))?;
         Ok(Decoded {
-            name: decoded.name.map(|n| n.fullname(None)),
-            value: decoded.value,
+            name: reader.name.clone(),
+            value,
         })
     }
 }

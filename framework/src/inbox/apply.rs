@@ -28,7 +28,7 @@ pub(crate) struct Record {
     /// with [`Record::headers`] and [`Record::payload`].
     headers: BTreeMap<String, String>,
     payload: Option<Vec<u8>>,
-    /// The record decoded ahead of its batch (see [`Applier::decode_ahead`]), if it was.
+    /// The record decoded ahead of its batch (see [`Decoder::decode`]), if it was.
     pub(crate) decoded: Option<Arc<ReceivedMessage>>,
 }
 
@@ -163,6 +163,33 @@ impl Failure {
     }
 }
 
+/// Decodes records ahead of their batch, where they are received (see
+/// [`Applier::decoder`]): the apply takes them as they are.
+pub(crate) struct Decoder {
+    codec: AvroCodec,
+    readers: Option<ReaderSchemas>,
+}
+
+impl Decoder {
+    /// Decodes each of `records` in place. A record that does not decode is left as it is; it
+    /// fails again, with its reason, when applied.
+    pub(crate) async fn decode(&self, records: &mut [Record]) {
+        for record in records {
+            // The headers and the payload move into the envelope (and back when the record
+            // does not decode).
+            let headers = std::mem::take(&mut record.headers);
+            let payload = record.payload.take();
+            match decode_owned(&self.codec, self.readers.as_ref(), record, headers, payload).await {
+                Ok(message) => record.decoded = Some(Arc::new(message)),
+                Err((_, headers, payload)) => {
+                    record.headers = headers;
+                    record.payload = payload;
+                }
+            }
+        }
+    }
+}
+
 /// Everything needed to apply a message.
 pub(crate) struct Applier<H> {
     pub(crate) pool: PgPool,
@@ -252,37 +279,16 @@ impl<H: Handler> Applier<H> {
         }
     }
 
-    /// Decodes `records` ahead of their batch, on another task (another core), while the
-    /// batch before them is applied: the apply takes them as they are. A record that does not
-    /// decode is left as it is; it fails again, with its reason, when applied.
-    /// `Err` when the decoding task panicked.
-    pub(crate) async fn decode_ahead(&self, records: Vec<Record>) -> crate::Result<Vec<Record>> {
-        let codec = self.codec.clone();
-        let readers = self.readers.clone();
-        let decoding = tokio::spawn(async move {
-            let mut records = records;
-            for record in &mut records {
-                // The headers and the payload move into the envelope (and back when the
-                // record does not decode).
-                let headers = std::mem::take(&mut record.headers);
-                let payload = record.payload.take();
-                match decode_owned(&codec, readers.as_ref(), record, headers, payload).await {
-                    Ok(message) => record.decoded = Some(Arc::new(message)),
-                    Err((_, headers, payload)) => {
-                        record.headers = headers;
-                        record.payload = payload;
-                    }
-                }
-            }
-            records
-        });
-        decoding
-            .await
-            .map_err(|e| Error::Task(format!("decoding a batch: {e}")))
+    /// What decodes records ahead of their batch, on the receiving task.
+    pub(crate) fn decoder(&self) -> Decoder {
+        Decoder {
+            codec: self.codec.clone(),
+            readers: self.readers.clone(),
+        }
     }
 
     /// Decodes a record and resolves it into the reader schema (or takes what
-    /// [`Applier::decode_ahead`] made of it).
+    /// [`Decoder::decode`] made of it ahead).
     pub(crate) async fn prepare(&self, record: &Record) -> Result<Arc<ReceivedMessage>, Failure> {
         if let Some(message) = &record.decoded {
             return Ok(Arc::clone(message));

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use tokio_util::sync::CancellationToken;
 
-use super::apply::{Gap, Record};
+use super::apply::{Decoder, Gap, Record};
 use super::config::{InboxConfig, InboxStats};
 use super::handler::Handler;
 use super::pipeline::{Pipeline, Progress, Transport};
@@ -86,7 +86,8 @@ impl rdkafka::consumer::ConsumerContext for LagContext {}
 
 /// Reads topics through the inbox and hands each new message to a [`Handler`].
 pub struct InboxConsumer<H> {
-    consumer: StreamConsumer<LagContext>,
+    /// Shared with the receiving task (see [`receive`]); librdkafka's client is thread-safe.
+    consumer: Arc<StreamConsumer<LagContext>>,
     pipeline: Pipeline<H>,
     /// Partitions halted at a gap in their numbers (see [`super::gaps`]).
     halted: std::sync::Mutex<HashMap<(String, i32), Halt>>,
@@ -174,7 +175,7 @@ impl<H: Handler> InboxConsumer<H> {
             None => None,
         };
         Ok(Self {
-            consumer,
+            consumer: Arc::new(consumer),
             halted: std::sync::Mutex::default(),
             halt_added: tokio::sync::Notify::new(),
             http: reqwest::Client::builder()
@@ -220,21 +221,31 @@ impl<H: Handler> InboxConsumer<H> {
     /// background meanwhile.
     pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
         let cleaner = self.pipeline.spawn_cleaner(&shutdown);
-        let mut receive_failures = 0u32;
+        // Receiving, copying and decoding records is the consumer's own work; applying them
+        // the database's. A task of its own (another core) does the first, a batch or two
+        // ahead, while this one applies.
+        let receiving = shutdown.child_token();
+        let (batches, mut received) = tokio::sync::mpsc::channel(1);
+        let receiver = tokio::spawn(receive(
+            Arc::clone(&self.consumer),
+            self.pipeline.applier.decoder(),
+            Batching {
+                size: self.pipeline.config.batch_size,
+                linger: self.pipeline.config.batch_linger,
+                backoff: self.pipeline.config.backoff,
+            },
+            batches,
+            receiving.clone(),
+        ));
         let mut fatal = None;
-        let mut batch = self
-            .gather(&shutdown, &mut receive_failures, &mut fatal)
-            .await;
+        let mut batch = self.next_batch(&mut received, &shutdown, &mut fatal).await;
         let mut checked = None;
-        // The next batch is gathered, and its keys checked against open dead letters, while
-        // this one is applied: receiving and copying records is the consumer's work, applying
-        // them the database's.
+        // The next batch is taken, and its keys checked against open dead letters, while this
+        // one is applied.
         while let Some(records) = batch.take() {
             self.repair_due(&shutdown).await;
-            let gather_next = async {
-                let next = self
-                    .gather(&shutdown, &mut receive_failures, &mut fatal)
-                    .await;
+            let next_batch = async {
+                let next = self.next_batch(&mut received, &shutdown, &mut fatal).await;
                 let blocked = match &next {
                     Some(records) => self.pipeline.blocked_keys(records).await,
                     None => None,
@@ -243,7 +254,7 @@ impl<H: Handler> InboxConsumer<H> {
             };
             let (applied, (next, blocked)) = tokio::join!(
                 self.apply_and_store(&records, checked.take(), &shutdown),
-                gather_next
+                next_batch
             );
             match applied {
                 Applied::All => checked = blocked,
@@ -254,6 +265,12 @@ impl<H: Handler> InboxConsumer<H> {
             }
             batch = next;
         }
+        // What was received ahead and not applied is received again after the restart.
+        receiving.cancel();
+        drop(received);
+        if let Err(e) = receiver.await {
+            tracing::warn!(error = %e, "the receiving task failed");
+        }
         self.finish(cleaner, &shutdown).await;
         match fatal {
             Some(e) => Err(e),
@@ -261,81 +278,43 @@ impl<H: Handler> InboxConsumer<H> {
         }
     }
 
-    /// Receives the next batch: waits for one record, then takes what is already waiting, up
-    /// to `batch_size`. `None` on shutdown, or when the client failed for good (fenced by
-    /// another instance with its `group.instance.id`, a fatal librdkafka error): then `fatal`
-    /// says why, and the consumer stops, so a supervised service fails readiness and exits.
-    async fn gather(
+    /// The next batch from the receiving task. `None` on shutdown, or when the client failed
+    /// for good (fenced by another instance with its `group.instance.id`, a fatal librdkafka
+    /// error): then `fatal` says why, and the consumer stops, so a supervised service fails
+    /// readiness and exits. An empty batch when a halted partition's repair is due.
+    async fn next_batch(
         &self,
+        received: &mut tokio::sync::mpsc::Receiver<Result<Vec<Record>>>,
         shutdown: &CancellationToken,
-        receive_failures: &mut u32,
         fatal: &mut Option<Error>,
     ) -> Option<Vec<Record>> {
-        let config = &self.pipeline.config;
-        let first = loop {
+        loop {
             // Registered before looking, so a halt added in between still wakes this.
             let halt_added = self.halt_added.notified();
             let mut halt_added = std::pin::pin!(halt_added);
             halt_added.as_mut().enable();
             let repair_due = self.next_repair();
-            let received = tokio::select! {
+            tokio::select! {
                 () = shutdown.cancelled() => return None,
-                r = self.consumer.recv() => r,
-                () = halt_added => continue,
+                batch = received.recv() => return match batch {
+                    Some(Ok(batch)) => Some(batch),
+                    Some(Err(e)) => {
+                        *fatal = Some(e);
+                        None
+                    }
+                    // The receiving task stops with shutdown (and may be seen stopped first);
+                    // without shutdown, it failed.
+                    None if shutdown.is_cancelled() => None,
+                    None => {
+                        *fatal = Some(Error::Task("the receiving task ended".into()));
+                        None
+                    }
+                },
+                () = halt_added => {}
                 // A halted partition's repair is due: an empty batch lets the loop try it.
                 () = tokio::time::sleep_until(repair_due.unwrap_or_else(far_future)), if repair_due.is_some() => {
                     return Some(Vec::new());
                 }
-            };
-            match received {
-                Ok(m) => {
-                    *receive_failures = 0;
-                    break Record::from_kafka(&m);
-                }
-                Err(e) => {
-                    if let Some((code, reason)) = self.consumer.client().fatal_error() {
-                        *fatal = Some(Error::Kafka(
-                            rdkafka::error::KafkaError::MessageConsumptionFatal(code),
-                        ));
-                        tracing::error!(error = %e, reason, "the kafka consumer failed for good");
-                        return None;
-                    }
-                    if !Error::Kafka(e.clone()).is_retryable() {
-                        tracing::error!(error = %e, "kafka receive failed for good");
-                        *fatal = Some(Error::Kafka(e));
-                        return None;
-                    }
-                    *receive_failures += 1;
-                    tracing::warn!(error = %e, "kafka receive failed");
-                    if sleep_or_shutdown(config.backoff.delay(*receive_failures), shutdown).await {
-                        return None;
-                    }
-                }
-            }
-        };
-        let mut batch = Vec::with_capacity(config.batch_size);
-        batch.push(first);
-        while batch.len() < config.batch_size {
-            // What librdkafka has ready is taken without a timer; only an empty queue waits,
-            // for the linger at most.
-            let next = match futures::FutureExt::now_or_never(self.consumer.recv()) {
-                Some(ready) => Ok(ready),
-                None => tokio::time::timeout(config.batch_linger, self.consumer.recv()).await,
-            };
-            match next {
-                Ok(Ok(m)) => batch.push(Record::from_kafka(&m)),
-                _ => break,
-            }
-        }
-        // Decoding is the consumer's own work: done here, while the batch before is applied.
-        match self.pipeline.applier.decode_ahead(batch).await {
-            Ok(batch) => Some(batch),
-            // The batch is gone with the task: stop before anything after it is stored; it is
-            // received again after the restart.
-            Err(e) => {
-                tracing::error!(error = %e, "the consumer stops");
-                *fatal = Some(e);
-                None
             }
         }
     }
@@ -658,6 +637,82 @@ impl<H: Handler> InboxConsumer<H> {
         shutdown.cancel();
         if let Err(e) = cleaner.await {
             tracing::warn!(error = %e, "inbox cleaner task failed");
+        }
+    }
+}
+
+/// How the receiving task makes batches.
+struct Batching {
+    size: usize,
+    linger: std::time::Duration,
+    backoff: crate::config::Backoff,
+}
+
+/// The receiving task: waits for one record, then takes what is already waiting, up to the
+/// batch size, decodes the batch and hands it on; until `stop`, or until the client fails for
+/// good (then the error is handed on and the task ends).
+async fn receive(
+    consumer: Arc<StreamConsumer<LagContext>>,
+    decoder: Decoder,
+    batching: Batching,
+    batches: tokio::sync::mpsc::Sender<Result<Vec<Record>>>,
+    stop: CancellationToken,
+) {
+    let mut failures = 0u32;
+    loop {
+        let received = tokio::select! {
+            () = stop.cancelled() => return,
+            r = consumer.recv() => r,
+        };
+        let first = match received {
+            Ok(m) => {
+                failures = 0;
+                Record::from_kafka(&m)
+            }
+            Err(e) => {
+                let failed = if let Some((code, reason)) = consumer.client().fatal_error() {
+                    tracing::error!(error = %e, reason, "the kafka consumer failed for good");
+                    Some(Error::Kafka(
+                        rdkafka::error::KafkaError::MessageConsumptionFatal(code),
+                    ))
+                } else if !Error::Kafka(e.clone()).is_retryable() {
+                    tracing::error!(error = %e, "kafka receive failed for good");
+                    Some(Error::Kafka(e.clone()))
+                } else {
+                    None
+                };
+                if let Some(failed) = failed {
+                    let _ = batches.send(Err(failed)).await;
+                    return;
+                }
+                failures += 1;
+                tracing::warn!(error = %e, "kafka receive failed");
+                if sleep_or_shutdown(batching.backoff.delay(failures), &stop).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        let mut batch = Vec::with_capacity(batching.size);
+        batch.push(first);
+        while batch.len() < batching.size {
+            // What librdkafka has ready is taken without a timer; only an empty queue waits,
+            // for the linger at most.
+            let next = match futures::FutureExt::now_or_never(consumer.recv()) {
+                Some(ready) => Ok(ready),
+                None => tokio::time::timeout(batching.linger, consumer.recv()).await,
+            };
+            match next {
+                Ok(Ok(m)) => batch.push(Record::from_kafka(&m)),
+                _ => break,
+            }
+        }
+        decoder.decode(&mut batch).await;
+        tokio::select! {
+            () = stop.cancelled() => return,
+            sent = batches.send(Ok(batch)) => if sent.is_err() {
+                return;
+            },
         }
     }
 }
