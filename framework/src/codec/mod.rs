@@ -107,30 +107,35 @@ impl std::fmt::Debug for WriterReader {
     }
 }
 
-/// Every writer schema this process has read with, by its text: each is parsed, and its reader
-/// built, once, and kept for the life of the process (a reader borrows its schema, so both live
-/// as long as the process; a process meets a bounded number of schemas).
+/// Every writer schema this process has read with, by its full parsed form (logical types and
+/// all; not the registered text, which leaves out the schemas it references): each one's
+/// reader is built once and kept for the life of the process (a reader borrows its schema, so
+/// both live as long as the process; a process meets a bounded number of schemas).
 static WRITER_READERS: LazyLock<RwLock<HashMap<String, &'static WriterReader>>> =
     LazyLock::new(RwLock::default);
 
 /// The reader for `schema`, built the first time this process meets it.
-fn writer_reader(
-    schema: &apache_avro::Schema,
-    raw: &str,
-) -> Result<&'static WriterReader, CodecError> {
+fn writer_reader(schema: &apache_avro::Schema) -> Result<&'static WriterReader, CodecError> {
+    let form = serde_json::to_string(schema)
+        .map_err(|e| CodecError::Avro(format!("writer schema: {e}")))?;
     if let Some(reader) = WRITER_READERS
         .read()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .get(raw)
+        .get(&form)
     {
         return Ok(reader);
     }
     let mut readers = WRITER_READERS
         .write()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if let Some(reader) = readers.get(raw) {
+    if let Some(reader) = readers.get(&form) {
         return Ok(reader);
     }
+    // Checked before anything is kept: a schema no reader can be built for is refused each
+    // time, never kept.
+    GenericDatumReader::builder(schema)
+        .build()
+        .map_err(|e| CodecError::Avro(format!("writer schema: {e}")))?;
     let schema: &'static apache_avro::Schema = Box::leak(Box::new(schema.clone()));
     let reader = GenericDatumReader::builder(schema)
         .build()
@@ -140,7 +145,7 @@ fn writer_reader(
         _ => None,
     };
     let reader: &'static WriterReader = Box::leak(Box::new(WriterReader { reader, name }));
-    readers.insert(raw.to_owned(), reader);
+    readers.insert(form, reader);
     Ok(reader)
 }
 
@@ -235,7 +240,7 @@ impl AvroCodec {
             Some(reader) => reader,
             None => {
                 let schema = self.decoder.get_schema(id).await?;
-                let reader = writer_reader(&schema.parsed, &schema.raw)?;
+                let reader = writer_reader(&schema.parsed)?;
                 self.readers
                     .write()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -251,5 +256,68 @@ impl AvroCodec {
             name: reader.name.clone(),
             value,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> apache_avro::Schema {
+        apache_avro::Schema::parse_str(text).expect("a valid schema")
+    }
+
+    #[test]
+    fn a_writer_schema_gets_one_reader_whatever_its_text_looks_like() {
+        let a = parse(
+            r#"{"type":"record","name":"R","namespace":"x.codec1","fields":[{"name":"id","type":"string"}]}"#,
+        );
+        let b = parse(
+            r#"{ "type": "record", "namespace": "x.codec1", "name": "R",
+                 "fields": [ { "name": "id", "type": "string" } ] }"#,
+        );
+        let (a, b) = (writer_reader(&a).unwrap(), writer_reader(&b).unwrap());
+        assert!(std::ptr::eq(a, b));
+        assert_eq!(a.name.as_deref(), Some("x.codec1.R"));
+    }
+
+    #[test]
+    fn schemas_that_read_differently_get_readers_of_their_own() {
+        // The same fields, one with a logical type: the values read differ.
+        let plain = parse(
+            r#"{"type":"record","name":"R","namespace":"x.codec2","fields":[{"name":"id","type":"string"}]}"#,
+        );
+        let uuid = parse(
+            r#"{"type":"record","name":"R","namespace":"x.codec2","fields":[{"name":"id","type":{"type":"string","logicalType":"uuid"}}]}"#,
+        );
+        let (plain, uuid) = (
+            writer_reader(&plain).unwrap(),
+            writer_reader(&uuid).unwrap(),
+        );
+        assert!(!std::ptr::eq(plain, uuid));
+        let id = "67e55044-10b1-426f-9247-bb680e5fe0c8";
+        let mut datum = vec![u8::try_from(id.len() * 2).unwrap()];
+        datum.extend_from_slice(id.as_bytes());
+        let read = |r: &WriterReader| {
+            r.reader
+                .read_value(&mut std::io::Cursor::new(&datum))
+                .unwrap()
+        };
+        assert_eq!(
+            read(plain),
+            Value::Record(vec![("id".into(), Value::String(id.into()))])
+        );
+        assert_eq!(
+            read(uuid),
+            Value::Record(vec![("id".into(), Value::Uuid(id.parse().unwrap()))])
+        );
+    }
+
+    #[test]
+    fn a_payload_not_in_the_wire_format_has_no_schema_id() {
+        assert_eq!(schema_id(&[0, 0, 0, 0, 7, 1]), Some((7, &[1u8][..])));
+        assert_eq!(schema_id(&[0, 0, 0, 0, 7]), Some((7, &[][..])));
+        assert_eq!(schema_id(&[1, 0, 0, 0, 7, 1]), None);
+        assert_eq!(schema_id(&[0, 0, 0]), None);
     }
 }
