@@ -45,10 +45,18 @@ fn far_future() -> tokio::time::Instant {
 /// How often librdkafka reports statistics (and so consumer lag) when metrics are on.
 const LAG_INTERVAL_MS: &str = "5000";
 
+/// Partitions sought back to the message after their gap (see [`InboxConsumer::resume`]), by
+/// the offset sought: records of theirs received before the seek (a batch or more ahead, past
+/// that offset) are still on their way and are dropped, until the first record at or before the
+/// offset arrives, or the partition is revoked.
+type Resuming = Arc<std::sync::Mutex<HashMap<(String, i32), i64>>>;
+
 /// Records each assigned partition's consumer lag (`ferrybox.inbox.lag`) from librdkafka's
-/// statistics.
+/// statistics, and forgets a revoked partition's resume (its next records, whenever they come,
+/// start from the committed offset).
 pub(crate) struct LagContext {
     group: String,
+    resuming: Resuming,
 }
 
 impl rdkafka::ClientContext for LagContext {
@@ -82,7 +90,23 @@ impl rdkafka::ClientContext for LagContext {
     }
 }
 
-impl rdkafka::consumer::ConsumerContext for LagContext {}
+impl rdkafka::consumer::ConsumerContext for LagContext {
+    fn pre_rebalance(
+        &self,
+        _: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &rdkafka::consumer::Rebalance<'_>,
+    ) {
+        if let rdkafka::consumer::Rebalance::Revoke(revoked) = rebalance {
+            let mut resuming = self
+                .resuming
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for p in revoked.elements() {
+                resuming.remove(&(p.topic().to_owned(), p.partition()));
+            }
+        }
+    }
+}
 
 /// Reads topics through the inbox and hands each new message to a [`Handler`].
 pub struct InboxConsumer<H> {
@@ -91,6 +115,8 @@ pub struct InboxConsumer<H> {
     pipeline: Pipeline<H>,
     /// Partitions halted at a gap in their numbers (see [`super::gaps`]).
     halted: std::sync::Mutex<HashMap<(String, i32), Halt>>,
+    /// Partitions resumed after their gap, shared with the client's context.
+    resuming: Resuming,
     /// Woken when a partition halts, so a receive waiting for records also waits for its
     /// repair.
     halt_added: tokio::sync::Notify,
@@ -165,8 +191,10 @@ impl<H: Handler> InboxConsumer<H> {
         {
             client.set("statistics.interval.ms", LAG_INTERVAL_MS);
         }
+        let resuming = Resuming::default();
         let consumer: StreamConsumer<LagContext> = client.create_with_context(LagContext {
             group: config.group_id.clone(),
+            resuming: Arc::clone(&resuming),
         })?;
         let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
@@ -177,6 +205,7 @@ impl<H: Handler> InboxConsumer<H> {
         Ok(Self {
             consumer: Arc::new(consumer),
             halted: std::sync::Mutex::default(),
+            resuming,
             halt_added: tokio::sync::Notify::new(),
             http: reqwest::Client::builder()
                 .timeout(std::time::Duration::from_secs(30))
@@ -229,11 +258,7 @@ impl<H: Handler> InboxConsumer<H> {
         let receiver = tokio::spawn(receive(
             Arc::clone(&self.consumer),
             self.pipeline.applier.decoder(),
-            Batching {
-                size: self.pipeline.config.batch_size,
-                linger: self.pipeline.config.batch_linger,
-                backoff: self.pipeline.config.backoff,
-            },
+            self.pipeline.config.clone(),
             batches,
             receiving.clone(),
         ));
@@ -329,8 +354,8 @@ impl<H: Handler> InboxConsumer<H> {
     ) -> Applied {
         // Records of halted partitions wait: they come again when the partition resumes.
         let mut batch = std::borrow::Cow::Borrowed(batch);
-        if self.halted_any(&batch) {
-            batch = std::borrow::Cow::Owned(self.without_halted(&batch));
+        if self.held_back_any(&batch) {
+            batch = std::borrow::Cow::Owned(self.without_held_back(&batch));
         }
         let mut next = 0;
         let mut outcome = Applied::All;
@@ -344,7 +369,7 @@ impl<H: Handler> InboxConsumer<H> {
                     if !self.halt(gap, shutdown).await {
                         return Applied::Stopped;
                     }
-                    let rest = self.without_halted(&batch[next + 1..]);
+                    let rest = self.without_held_back(&batch[next + 1..]);
                     batch = std::borrow::Cow::Owned(rest);
                     next = 0;
                     continue;
@@ -375,29 +400,40 @@ impl<H: Handler> InboxConsumer<H> {
         outcome
     }
 
-    /// Whether any of `records` is of a halted partition.
-    fn halted_any(&self, records: &[Record]) -> bool {
+    /// Whether any of `records` is of a halted partition or of one being resumed.
+    fn held_back_any(&self, records: &[Record]) -> bool {
         let halted = self
             .halted
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        !halted.is_empty()
-            && records
-                .iter()
-                .any(|r| is_halted(&halted, &r.topic, r.partition))
+        let resuming = self
+            .resuming
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        (!halted.is_empty() || !resuming.is_empty())
+            && records.iter().any(|r| {
+                is_halted(&halted, &r.topic, r.partition)
+                    || resumed_from(&resuming, &r.topic, r.partition).is_some()
+            })
     }
 
-    /// `records` without those of halted partitions.
-    fn without_halted(&self, records: &[Record]) -> Vec<Record> {
+    /// `records` without those of halted partitions, and without those of a resumed partition
+    /// that were received before its seek (past the offset sought, ahead of the first record
+    /// fetched from there, which ends its resume).
+    fn without_held_back(&self, records: &[Record]) -> Vec<Record> {
         let halted = self
             .halted
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        records
-            .iter()
-            .filter(|r| !is_halted(&halted, &r.topic, r.partition))
-            .cloned()
-            .collect()
+        let mut resuming = self
+            .resuming
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        hold_back(
+            records,
+            |topic, partition| is_halted(&halted, topic, partition),
+            &mut resuming,
+        )
     }
 
     /// When the soonest halted partition's repair is due.
@@ -604,6 +640,11 @@ impl<H: Handler> InboxConsumer<H> {
 
     /// Fetches `gap`'s partition again from the message after the gap.
     fn resume(&self, gap: &Gap) {
+        // Set before seeking: a record received ahead, before the seek, is past the offset.
+        self.resuming
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert((gap.topic.clone(), gap.partition), gap.offset);
         let mut tpl = rdkafka::TopicPartitionList::new();
         tpl.add_partition(&gap.topic, gap.partition);
         if let Err(e) = self.consumer.seek(
@@ -615,6 +656,10 @@ impl<H: Handler> InboxConsumer<H> {
             // Not assigned here any more: its new owner starts from the committed offset.
             tracing::warn!(error = %e, topic = gap.topic, partition = gap.partition,
                 "could not seek the resumed partition");
+            self.resuming
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(&(gap.topic.clone(), gap.partition));
         }
         if let Err(e) = self.consumer.resume(&tpl) {
             tracing::warn!(error = %e, topic = gap.topic, partition = gap.partition,
@@ -641,20 +686,13 @@ impl<H: Handler> InboxConsumer<H> {
     }
 }
 
-/// How the receiving task makes batches.
-struct Batching {
-    size: usize,
-    linger: std::time::Duration,
-    backoff: crate::config::Backoff,
-}
-
 /// The receiving task: waits for one record, then takes what is already waiting, up to the
 /// batch size, decodes the batch and hands it on; until `stop`, or until the client fails for
 /// good (then the error is handed on and the task ends).
 async fn receive(
     consumer: Arc<StreamConsumer<LagContext>>,
     decoder: Decoder,
-    batching: Batching,
+    config: InboxConfig,
     batches: tokio::sync::mpsc::Sender<Result<Vec<Record>>>,
     stop: CancellationToken,
 ) {
@@ -687,20 +725,20 @@ async fn receive(
                 }
                 failures += 1;
                 tracing::warn!(error = %e, "kafka receive failed");
-                if sleep_or_shutdown(batching.backoff.delay(failures), &stop).await {
+                if sleep_or_shutdown(config.backoff.delay(failures), &stop).await {
                     return;
                 }
                 continue;
             }
         };
-        let mut batch = Vec::with_capacity(batching.size);
+        let mut batch = Vec::with_capacity(config.batch_size);
         batch.push(first);
-        while batch.len() < batching.size {
+        while batch.len() < config.batch_size {
             // What librdkafka has ready is taken without a timer; only an empty queue waits,
             // for the linger at most.
             let next = match futures::FutureExt::now_or_never(consumer.recv()) {
                 Some(ready) => Ok(ready),
-                None => tokio::time::timeout(batching.linger, consumer.recv()).await,
+                None => tokio::time::timeout(config.batch_linger, consumer.recv()).await,
             };
             match next {
                 Ok(Ok(m)) => batch.push(Record::from_kafka(&m)),
@@ -717,8 +755,121 @@ async fn receive(
     }
 }
 
+/// `records` without those of a partition `halted` says is halted, and without those of a
+/// partition in `resuming` that are past the offset it was sought back to; the first record at
+/// or before that offset ends its resume (it was fetched after the seek, and so are the ones
+/// after it).
+fn hold_back(
+    records: &[Record],
+    halted: impl Fn(&str, i32) -> bool,
+    resuming: &mut HashMap<(String, i32), i64>,
+) -> Vec<Record> {
+    records
+        .iter()
+        .filter(|r| {
+            if halted(&r.topic, r.partition) {
+                return false;
+            }
+            match resumed_from(resuming, &r.topic, r.partition) {
+                Some(from) if r.offset > from => false,
+                Some(_) => {
+                    resuming.remove(&(r.topic.clone(), r.partition));
+                    true
+                }
+                None => true,
+            }
+        })
+        .cloned()
+        .collect()
+}
+
+/// The offset `topic`'s `partition` was sought back to, if it is being resumed (a handful:
+/// looked through, with no key made per record).
+fn resumed_from(
+    resuming: &HashMap<(String, i32), i64>,
+    topic: &str,
+    partition: i32,
+) -> Option<i64> {
+    resuming
+        .iter()
+        .find(|((t, p), _)| t == topic && *p == partition)
+        .map(|(_, from)| *from)
+}
+
 /// Whether `topic`'s `partition` is among the `halted` ones (a handful: looked through, with no
 /// key made per record).
 fn is_halted(halted: &HashMap<(String, i32), Halt>, topic: &str, partition: i32) -> bool {
     halted.keys().any(|(t, p)| t == topic && *p == partition)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(partition: i32, offset: i64) -> Record {
+        Record::new(
+            "t".into(),
+            partition,
+            offset,
+            None,
+            std::collections::BTreeMap::new(),
+            Some(Vec::new()),
+        )
+    }
+
+    fn offsets(records: &[Record]) -> Vec<(i32, i64)> {
+        records.iter().map(|r| (r.partition, r.offset)).collect()
+    }
+
+    #[test]
+    fn records_received_before_a_resume_are_dropped_until_the_refetched_one_arrives() {
+        // Partition 0 was halted at offset 10 and sought back to it: 11 and 12 were received
+        // ahead, before the seek; then 10, 11, 12 come again from the broker.
+        let mut resuming = HashMap::from([(("t".to_owned(), 0), 10)]);
+        let not_halted = |_: &str, _: i32| false;
+        let stale = hold_back(
+            &[record(0, 11), record(1, 5), record(0, 12)],
+            not_halted,
+            &mut resuming,
+        );
+        assert_eq!(
+            offsets(&stale),
+            vec![(1, 5)],
+            "only the other partition's record is kept"
+        );
+        assert!(
+            resumed_from(&resuming, "t", 0).is_some(),
+            "still waiting for offset 10"
+        );
+        let refetched = hold_back(
+            &[record(0, 10), record(0, 11), record(0, 12)],
+            not_halted,
+            &mut resuming,
+        );
+        assert_eq!(offsets(&refetched), vec![(0, 10), (0, 11), (0, 12)]);
+        assert!(
+            resuming.is_empty(),
+            "the resume ended at the refetched record"
+        );
+        // Once ended, nothing of the partition is dropped any more.
+        let later = hold_back(&[record(0, 13)], not_halted, &mut resuming);
+        assert_eq!(offsets(&later), vec![(0, 13)]);
+    }
+
+    #[test]
+    fn a_record_before_the_offset_sought_ends_the_resume_and_is_kept() {
+        // Fetched from an earlier committed offset (the partition was reassigned): applied in
+        // order from there, never dropped.
+        let mut resuming = HashMap::from([(("t".to_owned(), 0), 10)]);
+        let kept = hold_back(&[record(0, 7), record(0, 8)], |_, _| false, &mut resuming);
+        assert_eq!(offsets(&kept), vec![(0, 7), (0, 8)]);
+        assert!(resuming.is_empty());
+    }
+
+    #[test]
+    fn records_of_a_halted_partition_are_dropped() {
+        let mut resuming = HashMap::new();
+        let kept = hold_back(&[record(0, 1), record(1, 1)], |_, p| p == 0, &mut resuming);
+        assert_eq!(offsets(&kept), vec![(1, 1)]);
+    }
 }
