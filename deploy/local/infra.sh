@@ -257,6 +257,33 @@ registry_client() {
     echo "$venv/bin/python"
 }
 
+# --- promtool, from Debian's prometheus package (unpacked here, nothing installed system-wide),
+# --- for the rules under deploy/prometheus/ ------------------------------------------------
+
+promtool_path() {
+    local dir="$DATA/prometheus-deb"
+    # Tests ask for it in parallel: one unpacks, the others wait.
+    exec 9>"$DATA/promtool.lock"
+    flock 9
+    # The directory is moved into place last, so a download cut short is redone, not trusted.
+    if [[ ! -x "$dir/usr/bin/promtool" ]]; then
+        log "unpacking promtool from Debian's prometheus package (once per machine)"
+        local work
+        work="$(mktemp -d "$DATA/prometheus-download.XXXXXX")"
+        chmod 755 "$work"
+        # A machine whose package lists were never fetched has no candidate yet.
+        if ! (cd "$work" && apt-get download -qq prometheus 2>/dev/null); then
+            apt-get update -qq
+            (cd "$work" && apt-get download -qq prometheus)
+        fi
+        rm -rf "$dir.partial"
+        dpkg-deb -x "$work"/prometheus_*.deb "$dir.partial"
+        rm -rf "$work"
+        mv "$dir.partial" "$dir"
+    fi
+    echo "$dir/usr/bin/promtool"
+}
+
 STARTED=()
 run() {
     port_open "$KAFKA_PORT" || STARTED+=(tansu)
@@ -282,5 +309,6 @@ case "${1:-}" in
     run) shift; [[ $# -gt 0 ]] || { echo "usage: $0 run CMD..." >&2; exit 2; }; run "$@" ;;
     validator) validator ;;
     registry-client) registry_client ;;
-    *) echo "usage: $0 up|down|status|run CMD...|validator|registry-client" >&2; exit 2 ;;
+    promtool) promtool_path ;;
+    *) echo "usage: $0 up|down|status|run CMD...|validator|registry-client|promtool" >&2; exit 2 ;;
 esac

@@ -22,6 +22,12 @@
 //! | `ferrybox.reconcile.entities` | `ferrybox_reconcile_entities` | the last reconciliation's counts, by `ferrybox.outcome` |
 //! | `ferrybox.inbox.dead_letters` / `ferrybox.inbox.blocked_keys` | `ferrybox_inbox_dead_letters{ferrybox_status}`, `ferrybox_inbox_blocked_keys` | open dead letters and parked messages, keys held back (every 15 s) |
 //! | `ferrybox.inbox.lag` | `ferrybox_inbox_lag` | Kafka consumer lag per partition (from librdkafka's statistics, every 5 s) |
+//! | `ferrybox.inbox.gaps` | `ferrybox_inbox_gaps_total` | gaps found in producers' numbers |
+//! | `ferrybox.inbox.open_gaps` | `ferrybox_inbox_open_gaps` | gaps not yet repaired or skipped, each halting its partition (every 15 s) |
+//! | `ferrybox.db.oldest_transaction`, `ferrybox.db.prepared_transactions`, `ferrybox.db.inactive_slots` | `ferrybox_db_oldest_transaction_seconds`, `ferrybox_db_prepared_transactions`, `ferrybox_db_inactive_slots` | what holds back vacuum (the [vacuum guard](crate::vacuum), every minute) |
+//!
+//! `deploy/prometheus/` has recording and alerting rules for these, and `deploy/grafana/` a
+//! dashboard.
 
 use std::sync::OnceLock;
 
@@ -119,6 +125,7 @@ pub(crate) struct Instruments {
     pub(crate) consumer_lag: Gauge<i64>,
     pub(crate) dead_letters: Gauge<u64>,
     pub(crate) blocked_keys: Gauge<u64>,
+    pub(crate) open_gaps: Gauge<u64>,
     pub(crate) vacuum_oldest_transaction: Gauge<f64>,
     pub(crate) vacuum_prepared: Gauge<u64>,
     pub(crate) vacuum_inactive_slots: Gauge<u64>,
@@ -220,6 +227,13 @@ impl Instruments {
                 .u64_gauge("ferrybox.inbox.blocked_keys")
                 .with_unit("{key}")
                 .with_description("Keys held back behind a dead letter")
+                .build(),
+            open_gaps: meter
+                .u64_gauge("ferrybox.inbox.open_gaps")
+                .with_unit("{gap}")
+                .with_description(
+                    "Gaps in producers' numbers not yet repaired or skipped (each halts its partition)",
+                )
                 .build(),
             vacuum_oldest_transaction: meter
                 .f64_gauge("ferrybox.db.oldest_transaction")

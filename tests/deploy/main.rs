@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
+use ferrybox_e2e::monitoring;
 use serde_json::Value;
 
 fn root() -> PathBuf {
@@ -297,4 +298,233 @@ fn every_topic_the_services_use_is_created_with_durable_settings() {
             "{broker}: KRaft"
         );
     }
+}
+
+/// promtool, unpacked from Debian's prometheus package by the project's own script (once per
+/// machine).
+fn promtool() -> &'static Path {
+    static PROMTOOL: OnceLock<PathBuf> = OnceLock::new();
+    PROMTOOL.get_or_init(|| monitoring::tool("promtool"))
+}
+
+fn prometheus_dir() -> PathBuf {
+    root().join("deploy/prometheus")
+}
+
+#[test]
+fn the_prometheus_rules_pass_promtool_and_every_alert_has_a_runbook_and_unit_tests() {
+    let dir = prometheus_dir();
+    // The compose demo's configuration, and the rules it loads.
+    run_ok(
+        Command::new(promtool())
+            .args(["check", "config"])
+            .arg(dir.join("prometheus.yml")),
+    );
+    run_ok(
+        Command::new(promtool())
+            .args(["test", "rules"])
+            .arg(dir.join("ferrybox.rules.test.yml")),
+    );
+
+    let rules = monitoring::rules();
+    let alerts: Vec<&Value> = rules.iter().filter(|r| r["alert"].is_string()).collect();
+    let names: Vec<&str> = alerts
+        .iter()
+        .map(|a| a["alert"].as_str().unwrap())
+        .collect();
+    // What the README's "Alert on" paragraph names, each has its alert.
+    for wanted in [
+        "FerryboxOutboxStalled",
+        "FerryboxOutboxRefused",
+        "FerryboxRelaySlotLagGrowing",
+        "FerryboxDeadLetters",
+        "FerryboxParkedMessages",
+        "FerryboxReconcileUnresolved",
+        "FerryboxConsumerLagGrowing",
+        "FerryboxFeedLagGrowing",
+        "FerryboxInboxGap",
+    ] {
+        assert!(names.contains(&wanted), "no alert {wanted}");
+    }
+    for alert in &alerts {
+        let name = alert["alert"].as_str().unwrap();
+        for annotation in ["summary", "description", "runbook"] {
+            assert!(
+                alert["annotations"][annotation]
+                    .as_str()
+                    .is_some_and(|t| !t.trim().is_empty()),
+                "{name} has no {annotation}"
+            );
+        }
+        assert!(
+            ["critical", "warning"].contains(&alert["labels"]["severity"].as_str().unwrap_or("")),
+            "{name} has no severity"
+        );
+    }
+
+    // Every alert has a case where it fires and one where it does not; every recording rule
+    // has its value checked.
+    let tests = monitoring::yaml_as_json(&dir.join("ferrybox.rules.test.yml"));
+    let groups = tests["tests"].as_array().expect("test groups");
+    let cases: Vec<&Value> = groups
+        .iter()
+        .flat_map(|t| t["alert_rule_test"].as_array().into_iter().flatten())
+        .collect();
+    for name in &names {
+        let fired = |fires: bool| {
+            cases.iter().any(|c| {
+                c["alertname"] == *name
+                    && c["exp_alerts"]
+                        .as_array()
+                        .is_some_and(|a| a.is_empty() != fires)
+            })
+        };
+        assert!(fired(true), "no test case where {name} fires");
+        assert!(fired(false), "no test case where {name} stays quiet");
+    }
+    let checked: Vec<&str> = groups
+        .iter()
+        .flat_map(|t| t["promql_expr_test"].as_array().into_iter().flatten())
+        .filter_map(|c| c["expr"].as_str())
+        .collect();
+    for recorded in monitoring::recorded_names() {
+        assert!(
+            checked.contains(&recorded.as_str()),
+            "the recording rule {recorded} has no test"
+        );
+    }
+
+    // The unit tests bite: the rules with one threshold changed fail them.
+    let scratch = std::env::temp_dir().join(format!("ferrybox-rules-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).unwrap();
+    let text = std::fs::read_to_string(monitoring::rules_file()).unwrap();
+    let changed = text.replacen(
+        "ferrybox_outbox_oldest_age_seconds > 60",
+        "ferrybox_outbox_oldest_age_seconds > 600",
+        1,
+    );
+    assert_ne!(changed, text, "the threshold to change is in the rules");
+    std::fs::write(scratch.join("ferrybox.rules.yml"), changed).unwrap();
+    std::fs::copy(
+        dir.join("ferrybox.rules.test.yml"),
+        scratch.join("ferrybox.rules.test.yml"),
+    )
+    .unwrap();
+    let out = Command::new(promtool())
+        .args(["test", "rules"])
+        .arg(scratch.join("ferrybox.rules.test.yml"))
+        .output()
+        .unwrap();
+    std::fs::remove_dir_all(&scratch).unwrap();
+    assert!(
+        !out.status.success(),
+        "the unit tests passed a changed threshold"
+    );
+}
+
+#[test]
+fn every_expression_of_the_rules_and_the_dashboard_is_promql_reading_ferrybox_metrics() {
+    let recorded = monitoring::recorded_names();
+    let expressions = monitoring::expressions();
+    assert!(
+        expressions
+            .iter()
+            .filter(|(w, _)| w.starts_with("panel"))
+            .count()
+            >= 12,
+        "the dashboard has its panels"
+    );
+    for (place, expr) in &expressions {
+        let names = monitoring::metrics_read_by(expr)
+            .unwrap_or_else(|e| panic!("{place}: {expr} is not PromQL: {e}"));
+        assert!(!names.is_empty(), "{place}: {expr} reads no metric");
+        for name in names {
+            if name.contains(':') {
+                assert!(recorded.contains(&name), "{place}: nothing records {name}");
+            } else {
+                assert!(
+                    name.starts_with("ferrybox_") || name.starts_with("messaging_"),
+                    "{place}: {name} is not a Ferrybox metric"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn the_compose_prometheus_scrapes_both_services_and_grafana_shows_the_dashboard() {
+    let compose = compose();
+    let deploy = compose_file().parent().unwrap().to_path_buf();
+    // Every file the compose file mounts is in the repository.
+    for (name, service) in compose["services"].as_object().unwrap() {
+        for volume in service["volumes"].as_array().into_iter().flatten() {
+            let volume = volume.as_str().expect("short volume syntax");
+            if let Some(source) = volume.strip_prefix("./") {
+                let source = source.split(':').next().unwrap();
+                assert!(
+                    deploy.join(source).exists(),
+                    "{name} mounts {source}, which is not in deploy/"
+                );
+            }
+        }
+    }
+
+    // Prometheus scrapes each service where it listens.
+    let prometheus = monitoring::yaml_as_json(&prometheus_dir().join("prometheus.yml"));
+    let targets: Vec<&str> = prometheus["scrape_configs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|c| c["static_configs"].as_array().unwrap())
+        .flat_map(|s| s["targets"].as_array().unwrap())
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    for (service, prefix) in [
+        ("user-service", "USER_SERVICE_"),
+        ("auth-service", "AUTH_SERVICE_"),
+    ] {
+        let listen = &environment(compose, service)[&format!("{prefix}LISTEN")];
+        let port = listen.rsplit(':').next().unwrap();
+        assert!(
+            targets.contains(&format!("{service}:{port}").as_str()),
+            "Prometheus does not scrape {service}:{port} ({targets:?})"
+        );
+    }
+    assert!(
+        compose["services"]["prometheus"]["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v == "./prometheus:/etc/prometheus:ro"),
+        "Prometheus gets deploy/prometheus/ (its configuration and the rules)"
+    );
+
+    // Grafana's data source is the one every panel names, and its home is the dashboard.
+    let datasource =
+        monitoring::yaml_as_json(&deploy.join("grafana/provisioning/datasources/prometheus.yml"));
+    let source = &datasource["datasources"][0];
+    assert_eq!(source["url"], "http://prometheus:9090");
+    let dashboard: Value =
+        serde_json::from_str(&std::fs::read_to_string(monitoring::dashboard_file()).unwrap())
+            .unwrap();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        if panel["type"] != "row" {
+            assert_eq!(
+                panel["datasource"]["uid"], source["uid"],
+                "panel {} names another data source",
+                panel["title"]
+            );
+        }
+    }
+    let grafana = environment(compose, "grafana");
+    assert_eq!(
+        grafana["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"],
+        "/var/lib/grafana/dashboards/ferrybox.json"
+    );
+    let provider =
+        monitoring::yaml_as_json(&deploy.join("grafana/provisioning/dashboards/ferrybox.yml"));
+    assert_eq!(
+        provider["providers"][0]["options"]["path"],
+        "/var/lib/grafana/dashboards"
+    );
 }

@@ -128,3 +128,79 @@ async fn readiness_says_which_dependency_is_down() {
         .await;
     assert_eq!(healthy.status, "ready", "{healthy:?}");
 }
+
+/// The rules under `deploy/prometheus/` and the dashboard under `deploy/grafana/` read only
+/// metrics the services really export: both services run (auth-service from Kafka, and a second
+/// pair with auth-service on the pulled feed), a user flows through, a reconciliation runs, and
+/// the scrapes must name every metric the expressions read. (Every service of this process
+/// shares one registry, so the union of the scrapes is what the code records.)
+#[tokio::test(flavor = "multi_thread")]
+async fn every_metric_the_rules_and_the_dashboard_read_is_one_the_services_export() {
+    use ferrybox_e2e::monitoring;
+    let wanted: std::collections::BTreeSet<String> = monitoring::expressions()
+        .iter()
+        .flat_map(|(place, expr)| {
+            monitoring::metrics_read_by(expr).unwrap_or_else(|e| panic!("{place}: {e}"))
+        })
+        .filter(|name| !name.contains(':'))
+        .collect();
+    assert!(wanted.len() >= 15, "{wanted:?}");
+
+    let kafka = Stack::start().await.unwrap();
+    let feed = Stack::start_with(auth_service::config::Transport::Feed)
+        .await
+        .unwrap();
+    for stack in [&kafka, &feed] {
+        stack
+            .register_cached(
+                &format!("{}@example.com", stack.auth_group),
+                "Ruled",
+                "ruled-password",
+            )
+            .await
+            .unwrap();
+    }
+    let mut settings = ferrybox_e2e::auth_settings(&kafka.auth_db, &kafka.topic);
+    ferrybox_e2e::point_at_user_service(&mut settings, &kafka.user_url);
+    auth_service::ops::reconcile(&settings, None, true)
+        .await
+        .unwrap();
+
+    let http = reqwest::Client::new();
+    let scraped = || async {
+        let mut names = std::collections::BTreeSet::new();
+        for url in [
+            &kafka.user_url,
+            &kafka.auth_url,
+            &feed.user_url,
+            &feed.auth_url,
+        ] {
+            let text = http
+                .get(format!("{url}/metrics"))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            names.extend(monitoring::exported_names(&text));
+        }
+        names
+    };
+    // The gauges are sampled (every 5 to 60 s): wait for every one to be measured once.
+    let deadline = tokio::time::Instant::now() + CONVERGE + CONVERGE;
+    let missing = loop {
+        let exported = scraped().await;
+        let missing: Vec<&String> = wanted.iter().filter(|n| !exported.contains(*n)).collect();
+        if missing.is_empty() || tokio::time::Instant::now() > deadline {
+            break missing.into_iter().cloned().collect::<Vec<String>>();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    };
+    assert!(
+        missing.is_empty(),
+        "the rules or the dashboard read metrics nothing exports: {missing:?}"
+    );
+    kafka.stop().await.unwrap();
+    feed.stop().await.unwrap();
+}

@@ -2,6 +2,8 @@
 //! against the real broker, registry and PostgreSQL, each with its own database and a topic of
 //! its own, and a small HTTP client for their APIs.
 
+pub mod monitoring;
+
 use std::time::Duration;
 
 use ferrybox::CancellationToken;

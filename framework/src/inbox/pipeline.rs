@@ -203,7 +203,7 @@ impl<H: Handler> Pipeline<H> {
     }
 
     /// Deletes expired inbox rows in the background until `shutdown`, and (when metrics are
-    /// on) reports the dead letters.
+    /// on) reports the dead letters and the open gaps.
     pub(crate) fn spawn_cleaner(&self, shutdown: &CancellationToken) -> JoinHandle<()> {
         let cleaning = clean_periodically(
             self.applier.pool.clone(),
@@ -212,8 +212,9 @@ impl<H: Handler> Pipeline<H> {
             Arc::clone(&self.stats),
             shutdown.child_token(),
         );
-        let reporting = report_dead_letters(
+        let reporting = report_gauges(
             super::DeadLetters::new(self.applier.pool.clone(), self.config.consumer_name()),
+            super::Gaps::new(self.applier.pool.clone(), self.config.consumer_name()),
             self.applier.consumer.clone(),
             shutdown.child_token(),
         );
@@ -463,13 +464,14 @@ async fn clean_periodically(
     }
 }
 
-/// How often the dead-letter gauges are measured.
-const DEAD_LETTER_GAUGE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(15);
+/// How often the dead-letter and gap gauges are measured.
+const GAUGE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(15);
 
-/// Records the open dead letters, parked messages and blocked keys every
-/// `DEAD_LETTER_GAUGE_INTERVAL` until `shutdown`; nothing when metrics are off.
-async fn report_dead_letters(
+/// Records the open dead letters, parked messages, blocked keys and open gaps every
+/// `GAUGE_INTERVAL` until `shutdown`; nothing when metrics are off.
+async fn report_gauges(
     letters: super::DeadLetters,
+    gaps: super::Gaps,
     consumer: String,
     shutdown: CancellationToken,
 ) {
@@ -496,7 +498,14 @@ async fn report_dead_letters(
             }
             Err(e) => tracing::debug!(error = %e, "dead letters not counted; trying again"),
         }
-        if sleep_or_shutdown(DEAD_LETTER_GAUGE_INTERVAL, &shutdown).await {
+        match gaps.list(false).await {
+            Ok(open) => m.open_gaps.record(
+                u64::try_from(open.len()).unwrap_or(u64::MAX),
+                std::slice::from_ref(&group),
+            ),
+            Err(e) => tracing::debug!(error = %e, "gaps not counted; trying again"),
+        }
+        if sleep_or_shutdown(GAUGE_INTERVAL, &shutdown).await {
             return;
         }
     }

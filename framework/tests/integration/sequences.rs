@@ -341,9 +341,22 @@ async fn a_gap_halts_only_its_partition_alerts_and_is_repaired_from_the_producer
 /// running consumer goes on after it within its repair interval.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_operator_skipping_a_gap_resumes_its_partition_after_it() {
+    // The open-gaps gauge (what the FerryboxInboxGap alert reads) is checked too.
+    ferrybox::metrics::install().unwrap();
     let fx = Fixture::new(2).await.writing_for(RelayMode::Log);
     let kept_partition_1 = publish_and_lose_4_to_6_of_partition_0(&fx).await;
     let group = testing::unique("group");
+    let open_gaps = |n: u32| {
+        let line = format!("ferrybox_inbox_open_gaps{{messaging_consumer_group_name=\"{group}\"");
+        move || {
+            let line = line.clone();
+            async move {
+                ferrybox::metrics::render()
+                    .lines()
+                    .any(|l| l.starts_with(&line) && l.ends_with(&format!(" {n}")))
+            }
+        }
+    };
     let mut config = inbox_config(&fx, &group);
     config.repair_interval = Duration::from_millis(100);
     let running = start_consumer(&fx, config, None);
@@ -352,6 +365,7 @@ async fn an_operator_skipping_a_gap_resumes_its_partition_after_it() {
         gaps.list(false).await.unwrap().len() == 1
     })
     .await;
+    wait_until(TIMEOUT, "the gauge counts the open gap", open_gaps(1)).await;
     wait_until(TIMEOUT, "partition 1 applied", || async {
         running.stats.snapshot().applied == u64::try_from(kept_partition_1 + 3).unwrap()
     })
@@ -365,6 +379,7 @@ async fn an_operator_skipping_a_gap_resumes_its_partition_after_it() {
         fx.count("SELECT count(*) AS n FROM applied").await == 37
     })
     .await;
+    wait_until(TIMEOUT, "the gauge counts no open gap", open_gaps(0)).await;
     running.stop().await;
     assert_eq!(gaps.list(false).await.unwrap().len(), 0);
     let all = gaps.list(true).await.unwrap();
