@@ -27,9 +27,11 @@ fault-soak:
 		FERRYBOX_FAULT_KILLS=$${KILLS:-100} cargo test --workspace --all-features --test fault -- --nocapture || exit 1; \
 	done'
 
-## make contracts: every consumer can read every version its producers published. No server.
+## make contracts: every consumer can read every version its producers published, and
+## schemas/asyncapi.json is what schemas/ and the contracts say now. No server.
 contracts:
 	cargo run --quiet -p ferrybox --features cli --bin ferrybox-contracts -- check
+	cargo run --quiet -p ferrybox --features cli --bin ferrybox-contracts -- asyncapi --check
 
 lint:
 	cargo fmt --all --check

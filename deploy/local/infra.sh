@@ -284,6 +284,31 @@ promtool_path() {
     echo "$dir/usr/bin/promtool"
 }
 
+# --- the official AsyncAPI parser (@asyncapi/parser and its Avro schema parser, from npm, at
+# --- the versions deploy/local/asyncapi/package-lock.json pins), for schemas/asyncapi.json ----
+
+ASYNCAPI_DIR="$HERE/asyncapi"
+
+asyncapi_validator() {
+    # The install is named after the pinned lock file: changing a pin installs a new one.
+    local pins dir
+    pins="$(cat "$ASYNCAPI_DIR/package.json" "$ASYNCAPI_DIR/package-lock.json" | sha256sum | cut -c1-12)"
+    dir="$DATA/asyncapi-validator-$pins"
+    # Tests ask for it in parallel: one installs, the others wait.
+    exec 9>"$DATA/asyncapi-validator.lock"
+    flock 9
+    # The stamp is written last, so an install that was cut short is redone, not trusted.
+    if [[ ! -f "$dir/.installed" ]]; then
+        log "installing the AsyncAPI parser from npm (once per machine)"
+        rm -rf "$dir"
+        mkdir -p "$dir"
+        cp "$ASYNCAPI_DIR/package.json" "$ASYNCAPI_DIR/package-lock.json" "$dir/"
+        (cd "$dir" && npm ci --silent --no-audit --no-fund --ignore-scripts >&2)
+        touch "$dir/.installed"
+    fi
+    echo "$dir/node_modules"
+}
+
 STARTED=()
 run() {
     port_open "$KAFKA_PORT" || STARTED+=(tansu)
@@ -310,5 +335,6 @@ case "${1:-}" in
     validator) validator ;;
     registry-client) registry_client ;;
     promtool) promtool_path ;;
-    *) echo "usage: $0 up|down|status|run CMD...|validator|registry-client|promtool" >&2; exit 2 ;;
+    asyncapi-validator) asyncapi_validator ;;
+    *) echo "usage: $0 up|down|status|run CMD...|validator|registry-client|promtool|asyncapi-validator" >&2; exit 2 ;;
 esac

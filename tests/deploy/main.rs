@@ -528,3 +528,103 @@ fn the_compose_prometheus_scrapes_both_services_and_grafana_shows_the_dashboard(
         "/var/lib/grafana/dashboards"
     );
 }
+
+/// The official AsyncAPI parser, installed by the project's own script (once per machine).
+fn asyncapi_validator(files: &[&Path]) -> (bool, String) {
+    static MODULES: OnceLock<PathBuf> = OnceLock::new();
+    let modules = MODULES.get_or_init(|| monitoring::tool("asyncapi-validator"));
+    let out = Command::new("node")
+        .arg(root().join("deploy/local/asyncapi/validate.cjs"))
+        .arg(modules)
+        .args(files)
+        .output()
+        .expect("run node");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn the_asyncapi_document_is_current_and_valid_by_the_official_parser() {
+    use ferrybox::contract::{ConsumerContract, ProducerCatalog};
+    let file = root().join("schemas/asyncapi.json");
+    let committed = std::fs::read_to_string(&file).unwrap();
+    // Current: what schemas/ and every consumer's contracts say now (make contracts checks the
+    // same with `ferrybox-contracts asyncapi --check`).
+    let catalog = ProducerCatalog::load(&root().join("schemas")).unwrap();
+    let mut contracts = Vec::new();
+    for service in ["auth-service", "user-service"] {
+        let dir = root().join(service).join("contracts");
+        if dir.is_dir() {
+            contracts.extend(ConsumerContract::load_dir(&dir).unwrap());
+        }
+    }
+    assert!(!contracts.is_empty());
+    // The document shows paths relative to the root, as the CLI run there writes them.
+    for contract in &mut contracts {
+        contract.path = contract.path.strip_prefix(root()).unwrap().to_path_buf();
+    }
+    let mut catalog = catalog;
+    for topic in &mut catalog.topics {
+        for history in &mut topic.messages {
+            for version in &mut history.versions {
+                version.path = version.path.strip_prefix(root()).unwrap().to_path_buf();
+            }
+        }
+    }
+    assert!(
+        ferrybox::contract::asyncapi_text(&catalog, &contracts) == committed,
+        "schemas/asyncapi.json is out of date: run `cargo run -p ferrybox --features cli --bin \
+         ferrybox-contracts -- asyncapi`"
+    );
+
+    // What it says: every published version, and what each consumer reads.
+    let doc: Value = serde_json::from_str(&committed).unwrap();
+    for topic in &catalog.topics {
+        for history in &topic.messages {
+            for version in &history.versions {
+                let id = format!("{}.v{}", history.message_type, version.version);
+                assert!(
+                    doc["channels"][&topic.topic]["messages"][&id].is_object(),
+                    "{id} is not on {}",
+                    topic.topic
+                );
+            }
+        }
+    }
+    for contract in &contracts {
+        let op = &doc["operations"][format!("{}.receive.{}", contract.consumer, contract.topic)];
+        assert_eq!(op["action"], "receive");
+        for message_type in contract.readers.keys() {
+            assert!(
+                op["x-ferrybox-reader-schemas"][message_type].is_object(),
+                "{}: no reader schema for {message_type}",
+                contract.consumer
+            );
+        }
+    }
+
+    let (valid, output) = asyncapi_validator(&[&file]);
+    assert!(valid, "{output}");
+    assert!(output.contains("valid AsyncAPI 3.0.0"), "{output}");
+    // The parser bites: a reference to a message that does not exist is refused.
+    let broken =
+        std::env::temp_dir().join(format!("ferrybox-asyncapi-{}.json", std::process::id()));
+    std::fs::write(
+        &broken,
+        committed.replacen(
+            "\"$ref\": \"#/channels/users/messages/",
+            "\"$ref\": \"#/channels/users/messages/missing.",
+            1,
+        ),
+    )
+    .unwrap();
+    let (valid, output) = asyncapi_validator(&[&broken]);
+    std::fs::remove_file(&broken).unwrap();
+    assert!(!valid, "a broken reference passed: {output}");
+}

@@ -32,6 +32,22 @@ enum Command {
         #[arg(long = "contracts")]
         contracts: Vec<PathBuf>,
     },
+    /// Write the AsyncAPI 3.0 document of schemas/ and the consumers' contracts (or, with
+    /// `--check`, fail when the file is not what they say now).
+    Asyncapi {
+        /// The producers' schema folder.
+        #[arg(long, default_value = "schemas")]
+        schemas: PathBuf,
+        /// Folders of consumer contracts; by default every `*/contracts` folder here.
+        #[arg(long = "contracts")]
+        contracts: Vec<PathBuf>,
+        /// The document.
+        #[arg(long, default_value = "schemas/asyncapi.json")]
+        out: PathBuf,
+        /// Compare with `--out` instead of writing it: exit 1 when it is out of date.
+        #[arg(long)]
+        check: bool,
+    },
     /// Check the consumers' contracts against the versions registered in a schema registry
     /// (subjects named `<topic>-<message type>`).
     CheckRegistry {
@@ -155,10 +171,63 @@ async fn check_registry(url: &str, contracts: &[ConsumerContract]) -> Result<Vec
     Ok(findings)
 }
 
+/// `asyncapi`: writes the document to `out`, or checks that it is current.
+fn asyncapi(schemas: &Path, contracts: Vec<PathBuf>, out: &Path, check: bool) -> ExitCode {
+    let loaded = ProducerCatalog::load(schemas)
+        .and_then(|catalog| load_contracts(&contract_dirs(contracts)).map(|c| (catalog, c)));
+    let text = match loaded {
+        Ok((catalog, contracts)) => contract::asyncapi_text(&catalog, &contracts),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if check {
+        return match std::fs::read_to_string(out) {
+            Ok(committed) if committed == text => {
+                println!("{} is current", out.display());
+                ExitCode::SUCCESS
+            }
+            Ok(_) => {
+                eprintln!(
+                    "{} is out of date with schemas/ or a consumer contract: run \
+                     `cargo run -p ferrybox --features cli --bin ferrybox-contracts -- asyncapi` \
+                     and commit it",
+                    out.display()
+                );
+                ExitCode::from(1)
+            }
+            Err(e) => {
+                eprintln!(
+                    "{}: {e} (write it with `ferrybox-contracts asyncapi`)",
+                    out.display()
+                );
+                ExitCode::from(1)
+            }
+        };
+    }
+    match std::fs::write(out, text) {
+        Ok(()) => {
+            println!("wrote {}", out.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {}: {e}", out.display());
+            ExitCode::from(2)
+        }
+    }
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let (contracts, outcome) = match cli.command {
+        Command::Asyncapi {
+            schemas,
+            contracts,
+            out,
+            check,
+        } => return asyncapi(&schemas, contracts, &out, check),
         Command::Check { schemas, contracts } => {
             let loaded = ProducerCatalog::load(Path::new(&schemas)).and_then(|catalog| {
                 load_contracts(&contract_dirs(contracts)).map(|c| (catalog, c))

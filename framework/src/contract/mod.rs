@@ -15,11 +15,13 @@
 //! has published. At run time a consumer decodes with [`ReaderSchemas`], so a producer adding
 //! an optional field does not affect it.
 
+mod asyncapi;
 mod check;
 mod compat;
 mod load;
 mod reader;
 
+pub use asyncapi::{asyncapi, asyncapi_text};
 pub use check::{Finding, check};
 pub use compat::{Level, can_read, explain};
 pub use load::{ConsumerContract, MessageHistory, ProducerCatalog, SchemaVersion, TopicSchemas};
