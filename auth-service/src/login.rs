@@ -15,12 +15,13 @@ use uuid::Uuid;
 use crate::schema::{cached_users, sessions};
 
 /// `POST /login`.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Credentials {
     /// Email address.
     pub email: String,
     /// Password.
+    #[schema(format = Password)]
     pub password: String,
 }
 
@@ -34,7 +35,7 @@ impl std::fmt::Debug for Credentials {
 }
 
 /// A session issued by a successful login.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Session {
     /// The bearer token. Shown once; only its hash is stored.
     pub token: String,
@@ -47,7 +48,7 @@ pub struct Session {
 }
 
 /// Who a valid token belongs to.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SessionInfo {
     /// The logged-in user.
     pub user_id: Uuid,

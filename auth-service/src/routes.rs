@@ -6,13 +6,15 @@ use axum::Router;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
-use axum::routing::{get, post};
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
-use ferrybox::http::{ApiError, Json};
+use ferrybox::http::{ApiError, ErrorBody, Json};
 use ferrybox::inbox::{InboxStats, InboxStatsSnapshot};
+use ferrybox::openapi;
 use serde::Serialize;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::login::{self, Credentials, Session, SessionInfo};
@@ -45,18 +47,32 @@ pub fn router(
     readiness: &ferrybox::health::Readiness,
     max_body_bytes: usize,
 ) -> Router {
-    let routes = Router::new()
-        .route("/login", post(login))
-        .route("/session", get(session))
-        .route("/users/{id}", get(cached_user))
-        .route("/inbox/stats", get(inbox_stats))
-        .route("/reconcile/last", get(last_reconcile))
-        .route("/health", get(|| async { "ok" }))
+    // Each route is registered with its document (utoipa-axum), so the two cannot differ.
+    let (api, api_doc) = OpenApiRouter::new()
+        .routes(routes!(login))
+        .routes(routes!(session))
+        .routes(routes!(cached_user))
+        .routes(routes!(inbox_stats))
+        .routes(routes!(last_reconcile))
+        .routes(routes!(health))
+        .split_for_parts();
+    let mut doc = openapi::document(
+        "auth-service",
+        "Caches users from user-service's events and logs them in: sessions, the cached users, \
+         and what its consumer and reconciliation did.",
+    );
+    doc.merge(api_doc);
+    let doc = openapi::with_bearer(
+        openapi::finish(doc, [openapi::health(), openapi::metrics()]),
+        "A session token from `POST /login`.",
+    );
+    let routes = api
         .fallback(ferrybox::http::not_found_fallback)
         .layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
         .merge(readiness.router())
         .merge(ferrybox::metrics::router())
+        .merge(openapi::router(doc))
         .layer(
             tower_http::trace::TraceLayer::new_for_http()
                 .make_span_with(ferrybox::telemetry::http_span::<axum::body::Body>),
@@ -64,8 +80,34 @@ pub fn router(
     ferrybox::http::json_errors(routes)
 }
 
+/// The auth-service API's liveness (the same as `/health/live`).
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "health",
+    responses((status = 200, description = "The process is up.", body = String, content_type = "text/plain", example = "ok"))
+)]
+async fn health() -> &'static str {
+    "ok"
+}
+
 /// Rate-limited per account and per client address: `429 too_many_attempts` with
 /// `Retry-After` once either budget is spent.
+#[utoipa::path(
+    post,
+    path = "/login",
+    tag = "sessions",
+    request_body = Credentials,
+    responses(
+        (status = 200, description = "A new session; its token is shown once.", body = Session),
+        (status = 400, description = "`malformed_json`.", body = ErrorBody),
+        (status = 401, description = "`invalid_credentials`: the email or password is wrong, or the account is not active.", body = ErrorBody),
+        (status = 415, description = "Not `application/json`.", body = ErrorBody),
+        (status = 422, description = "`invalid_body`.", body = ErrorBody),
+        (status = 429, description = "`too_many_attempts`, with `Retry-After`.", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait."))),
+    )
+)]
 async fn login(
     State(state): State<AppState>,
     axum::extract::ConnectInfo(client): axum::extract::ConnectInfo<std::net::SocketAddr>,
@@ -91,6 +133,17 @@ async fn login(
         .map_err(IntoResponse::into_response)
 }
 
+/// Who the session token belongs to.
+#[utoipa::path(
+    get,
+    path = "/session",
+    tag = "sessions",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The token is valid.", body = SessionInfo),
+        (status = 401, description = "`missing_token`, or the token is invalid or expired.", body = ErrorBody),
+    )
+)]
 async fn session(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -108,7 +161,7 @@ async fn session(
 }
 
 /// A cached user as this service sees it.
-#[derive(Debug, Clone, Serialize, serde::Deserialize, Queryable)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, Queryable, utoipa::ToSchema)]
 pub struct CachedUser {
     /// The user's id.
     pub id: Uuid,
@@ -124,6 +177,17 @@ pub struct CachedUser {
     pub updated_at: DateTime<Utc>,
 }
 
+/// A user as the cache holds it (deleted users are not found).
+#[utoipa::path(
+    get,
+    path = "/users/{id}",
+    tag = "cache",
+    params(("id" = String, Path, description = "The user's id (a UUID).")),
+    responses(
+        (status = 200, description = "The cached user.", body = CachedUser),
+        (status = 404, description = "Not in the cache (or not a UUID).", body = ErrorBody),
+    )
+)]
 async fn cached_user(
     State(state): State<AppState>,
     id: Result<Path<String>, PathRejection>,
@@ -151,7 +215,7 @@ async fn cached_user(
 }
 
 /// The consumer's counters since start, and the dead letters open in the database.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct InboxStatus {
     /// Counters since this process started.
     #[serde(flatten)]
@@ -161,6 +225,15 @@ pub struct InboxStatus {
 }
 
 /// The last reconciliation's report; 404 before the first run.
+#[utoipa::path(
+    get,
+    path = "/reconcile/last",
+    tag = "consumer",
+    responses(
+        (status = 200, description = "The last run's counts and what it could not repair.", body = ferrybox::reconcile::Report),
+        (status = 404, description = "No reconciliation has run since the service started.", body = ErrorBody),
+    )
+)]
 async fn last_reconcile(
     State(state): State<AppState>,
 ) -> Result<Json<ferrybox::reconcile::Report>, ApiError> {
@@ -173,6 +246,13 @@ async fn last_reconcile(
         .ok_or_else(|| ApiError::not_found("no reconciliation has run yet"))
 }
 
+/// The consumer's counters since start, and its dead letters.
+#[utoipa::path(
+    get,
+    path = "/inbox/stats",
+    tag = "consumer",
+    responses((status = 200, description = "Counters and dead letters.", body = InboxStatus))
+)]
 async fn inbox_stats(State(state): State<AppState>) -> Result<Json<InboxStatus>, ApiError> {
     Ok(Json(InboxStatus {
         counters: state.stats.snapshot(),

@@ -309,6 +309,31 @@ asyncapi_validator() {
     echo "$dir/node_modules"
 }
 
+# --- the OpenAPI checks (openapi-spec-validator and schemathesis from PyPI, pinned in
+# --- deploy/local/openapi/requirements.txt) ---------------------------------------------------
+
+OPENAPI_REQUIREMENTS="$HERE/openapi/requirements.txt"
+
+openapi_tools() {
+    # The venv is named after the pinned requirements: changing a pin installs a new one.
+    local pins venv
+    pins="$(sha256sum "$OPENAPI_REQUIREMENTS" | cut -c1-12)"
+    venv="$DATA/venv-openapi-$pins"
+    # Tests ask for it in parallel: one installs, the others wait.
+    exec 9>"$DATA/openapi-tools.lock"
+    flock 9
+    # The stamp is written last, so an install that was cut short is redone, not trusted.
+    if [[ ! -f "$venv/.installed" ]]; then
+        log "installing openapi-spec-validator and schemathesis (once per machine)"
+        rm -rf "$venv"
+        python3 -m venv "$venv"
+        "$venv/bin/pip" install --quiet --disable-pip-version-check --no-input \
+            -r "$OPENAPI_REQUIREMENTS"
+        touch "$venv/.installed"
+    fi
+    echo "$venv/bin"
+}
+
 STARTED=()
 run() {
     port_open "$KAFKA_PORT" || STARTED+=(tansu)
@@ -336,5 +361,6 @@ case "${1:-}" in
     registry-client) registry_client ;;
     promtool) promtool_path ;;
     asyncapi-validator) asyncapi_validator ;;
-    *) echo "usage: $0 up|down|status|run CMD...|validator|registry-client|promtool|asyncapi-validator" >&2; exit 2 ;;
+    openapi-tools) openapi_tools ;;
+    *) echo "usage: $0 up|down|status|run CMD...|validator|registry-client|promtool|asyncapi-validator|openapi-tools" >&2; exit 2 ;;
 esac

@@ -59,11 +59,14 @@ impl std::fmt::Debug for Readiness {
 }
 
 /// The answer of `/health/ready`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct ReadinessReport {
     /// `ready` or `not_ready`.
+    #[schema(value_type = String, example = "ready")]
     pub status: &'static str,
-    /// Each check: `ok` or what went wrong.
+    /// Each check (`database`, `broker`, `feed`, and each loop that stopped): `ok` or what
+    /// went wrong.
+    #[schema(value_type = BTreeMap<String, String>)]
     pub checks: BTreeMap<&'static str, String>,
 }
 
@@ -113,7 +116,7 @@ impl Readiness {
     /// give the whole router [`crate::http::json_errors`] so that its 405s are JSON too.
     pub fn router(&self) -> Router {
         Router::new()
-            .route("/health/live", get(|| async { "ok" }))
+            .route("/health/live", get(live))
             .route("/health/ready", get(ready))
             .with_state(self.clone())
     }
@@ -187,6 +190,28 @@ fn outcome(result: Result<(), String>) -> String {
     result.map_or_else(|e| e, |()| "ok".to_owned())
 }
 
+/// Liveness: the process answers (it says nothing of its dependencies).
+#[utoipa::path(
+    get,
+    path = "/health/live",
+    tag = "health",
+    responses((status = 200, description = "The process is up.", body = String, content_type = "text/plain", example = "ok"))
+)]
+async fn live() -> &'static str {
+    "ok"
+}
+
+/// Readiness: the database, the broker and the producer's feed (where the service uses them)
+/// answer, and no long-running loop has stopped.
+#[utoipa::path(
+    get,
+    path = "/health/ready",
+    tag = "health",
+    responses(
+        (status = 200, description = "Every check is `ok`.", body = ReadinessReport),
+        (status = 503, description = "A check failed; each says why.", body = ReadinessReport),
+    )
+)]
 async fn ready(State(readiness): State<Readiness>) -> (StatusCode, Json<ReadinessReport>) {
     let report = readiness.check().await;
     let status = if report.status == "ready" {
@@ -196,6 +221,11 @@ async fn ready(State(readiness): State<Readiness>) -> (StatusCode, Json<Readines
     };
     (status, Json(report))
 }
+
+/// The OpenAPI document of [`Readiness::router`] (see [`crate::openapi::health`]).
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(live, ready))]
+pub(crate) struct HealthApi;
 
 /// Runs one of a service's long-running loops (`name`: `consumer`, `relay`, ...) as a task.
 ///

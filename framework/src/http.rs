@@ -10,7 +10,6 @@ use axum::extract::{FromRequest, Request};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
-use serde_json::json;
 
 /// An error answered to an HTTP client: a status, a stable machine-readable code and a message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -65,9 +64,31 @@ impl ApiError {
     }
 }
 
+/// The body of every error a Ferrybox service answers (its OpenAPI schema `ErrorBody`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong.
+    pub error: ErrorDetail,
+}
+
+/// What went wrong: a stable code and a message for people.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// A stable code clients can match on (`not_found`, `invalid_email`, ...).
+    #[schema(example = "not_found")]
+    pub code: String,
+    /// A human-readable explanation; never contains secrets.
+    pub message: String,
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({ "error": { "code": self.code, "message": self.message } });
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code.to_owned(),
+                message: self.message,
+            },
+        };
         (self.status, axum::Json(body)).into_response()
     }
 }
@@ -419,7 +440,7 @@ mod tests {
     use super::*;
     use axum::body::Bytes;
     use axum::routing::get;
-    use serde_json::Value;
+    use serde_json::{Value, json};
 
     /// Serves `router` on a free port; its base URL.
     async fn serve(router: axum::Router) -> String {

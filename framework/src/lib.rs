@@ -30,6 +30,11 @@
 //!   migrations, durable Kafka clients and topic creation, layered configuration, typed errors.
 //! - [`vacuum`]: what holds vacuum back (long and prepared transactions, idle replication
 //!   slots), in `status`, the metrics and alerts.
+//! - [`http`], [`health`], [`metrics`], [`openapi`], [`telemetry`]: what a service serves and
+//!   exports: one JSON error shape, liveness and readiness, Prometheus metrics (with alerting
+//!   rules and a dashboard under `deploy/`), OpenAPI documents generated from the handlers,
+//!   and traces across the hop.
+//! - [`contract::asyncapi`]: the AsyncAPI 3.0 document of the topics, messages and contracts.
 //! - [`shutdown`]: SIGTERM and Ctrl-C as a cancellation token for binaries.
 //! - `testing` (feature `test-util`): isolated databases and topics for tests against the real
 //!   PostgreSQL and broker.
@@ -49,6 +54,7 @@ pub mod inbox;
 pub mod kafka;
 pub mod message;
 pub mod metrics;
+pub mod openapi;
 pub mod outbox;
 pub mod reconcile;
 pub mod shutdown;

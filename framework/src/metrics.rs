@@ -86,20 +86,31 @@ pub fn render() -> String {
 /// `GET /metrics`, for a service's router: merge it in, and give the whole router
 /// [`crate::http::json_errors`] so that its 405s are JSON too.
 pub fn router() -> Router {
-    Router::new().route(
-        "/metrics",
-        get(|| async {
-            (
-                [(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("text/plain; version=0.0.4"),
-                )],
-                render(),
-            )
-                .into_response()
-        }),
-    )
+    Router::new().route("/metrics", get(scrape))
 }
+
+/// The metrics, for Prometheus.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "metrics",
+    responses((status = 200, description = "Every metric in Prometheus' text format (0.0.4).", body = String, content_type = "text/plain"))
+)]
+async fn scrape() -> axum::response::Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4"),
+        )],
+        render(),
+    )
+        .into_response()
+}
+
+/// The OpenAPI document of [`router`] (see [`crate::openapi::metrics`]).
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(scrape))]
+pub(crate) struct MetricsApi;
 
 /// The instruments, when metrics are installed.
 pub(crate) fn instruments() -> Option<&'static Instruments> {

@@ -6,6 +6,7 @@ mod consumer_crash;
 mod evolution;
 mod flow;
 mod observability;
+mod openapi;
 mod reconcile;
 mod replay;
 mod security;

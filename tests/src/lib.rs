@@ -109,10 +109,20 @@ impl Stack {
 
     /// Starts both services in-process, auth-service reading user events through `transport`.
     pub async fn start_with(transport: auth_service::config::Transport) -> anyhow::Result<Self> {
+        Self::start_tuned(transport, |_| {}).await
+    }
+
+    /// [`Stack::start_with`], with user-service's test settings changed by `tune` first.
+    pub async fn start_tuned(
+        transport: auth_service::config::Transport,
+        tune: impl FnOnce(&mut user_service::Settings),
+    ) -> anyhow::Result<Self> {
         let topic = testing::create_topic(3).await;
         let user_db = TestDatabase::create().await;
         let auth_db = TestDatabase::create().await;
-        let user = user_service::Application::build(user_settings(&user_db, &topic)).await?;
+        let mut user_settings = user_settings(&user_db, &topic);
+        tune(&mut user_settings);
+        let user = user_service::Application::build(user_settings).await?;
         let user_url = format!("http://{}", user.local_addr()?);
         let mut settings = auth_settings(&auth_db, &topic);
         settings.transport = transport;

@@ -4,11 +4,13 @@ use axum::Router;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::routing::{get, post};
 use ferrybox::FeedServer;
 use ferrybox::health::Readiness;
-use ferrybox::http::{ApiError, Json};
+use ferrybox::http::{ApiError, ErrorBody, Json};
+use ferrybox::openapi;
 use secrecy::SecretString;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::auth::Caller;
@@ -27,25 +29,50 @@ pub fn router(
     internal_token: Option<&SecretString>,
     max_body_bytes: usize,
 ) -> Router {
+    // Each route is registered with its document (utoipa-axum), so the two cannot differ.
+    let (api, api_doc) = OpenApiRouter::new()
+        .routes(routes!(register))
+        .routes(routes!(get_user, update, delete))
+        .routes(routes!(suspend))
+        .routes(routes!(health))
+        .split_for_parts();
+    let (snapshot_route, snapshot_doc) = OpenApiRouter::new()
+        .routes(routes!(snapshot))
+        .split_for_parts();
     // The repair endpoint serves the sent log by the relay's numbers, with or without a feed.
-    let mut internal = Router::new()
-        .route("/snapshot", get(snapshot))
+    let mut internal = snapshot_route
         .with_state(users.clone())
         .merge(ferrybox::feed::numbered_router(users.pool.clone()));
+    let mut framework = vec![
+        snapshot_doc,
+        openapi::numbered(),
+        openapi::health(),
+        openapi::metrics(),
+    ];
     if let Some(feed) = feed {
         internal = internal.merge(feed.router());
+        framework.push(openapi::events());
     }
-    let routes = Router::new()
-        .route("/users", post(register))
-        .route("/users/{id}", get(get_user).patch(update).delete(delete))
-        .route("/users/{id}/suspend", post(suspend))
-        .route("/health", get(|| async { "ok" }))
+    let mut doc = openapi::document(
+        "user-service",
+        "Owns users: registers, changes, suspends and deletes them, and publishes every change \
+         through its transactional outbox. Other services read the snapshot, the pulled feed \
+         and the repair endpoint with the internal token.",
+    );
+    doc.merge(api_doc);
+    let doc = openapi::with_bearer(
+        openapi::finish(doc, framework),
+        "A session token from auth-service's `POST /login` (the user themselves), or the \
+         service credential (`service_token`).",
+    );
+    let routes = api
         .fallback(ferrybox::http::not_found_fallback)
         .layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))
         .with_state(users)
         .merge(ferrybox::http::require_bearer(internal, internal_token))
         .merge(readiness.router())
         .merge(ferrybox::metrics::router())
+        .merge(openapi::router(doc))
         // Each request starts (or continues) the trace its events carry to consumers.
         .layer(
             tower_http::trace::TraceLayer::new_for_http()
@@ -54,7 +81,28 @@ pub fn router(
     ferrybox::http::json_errors(routes)
 }
 
+/// The user-service API's liveness (the same as `/health/live`).
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "health",
+    responses((status = 200, description = "The process is up.", body = String, content_type = "text/plain", example = "ok"))
+)]
+async fn health() -> &'static str {
+    "ok"
+}
+
 /// Streams the snapshot as NDJSON (see `ferrybox::reconcile`).
+#[utoipa::path(
+    get,
+    path = "/snapshot",
+    tag = "internal",
+    security(("internal_token" = [])),
+    responses(
+        (status = 200, description = "Every user, as NDJSON: a header line (source, when taken, the feed watermark), then one line per user (key, version, state).", body = String, content_type = "application/x-ndjson"),
+        (status = 401, description = "No or the wrong internal token.", body = ErrorBody),
+    )
+)]
 async fn snapshot(State(users): State<Users>) -> axum::response::Response {
     ferrybox::reconcile::snapshot::response(
         users.pool,
@@ -70,6 +118,22 @@ fn user_id(path: Result<Path<String>, PathRejection>) -> Result<Uuid, ApiError> 
 
 /// Open to anyone when `open_registration` is on (self sign-up); the service credential
 /// otherwise.
+#[utoipa::path(
+    post,
+    path = "/users",
+    tag = "users",
+    request_body = NewUser,
+    security((), ("bearer" = [])),
+    responses(
+        (status = 201, description = "Registered; `UserRegistered` is published.", body = User),
+        (status = 400, description = "`malformed_json`.", body = ErrorBody),
+        (status = 401, description = "Registration is closed and no valid token was sent.", body = ErrorBody),
+        (status = 403, description = "The token is not the service credential.", body = ErrorBody),
+        (status = 409, description = "`email_taken`.", body = ErrorBody),
+        (status = 415, description = "Not `application/json`.", body = ErrorBody),
+        (status = 422, description = "`invalid_email`, `invalid_name`, `invalid_password`, `invalid_locale` or `invalid_body`.", body = ErrorBody),
+    )
+)]
 async fn register(
     State(users): State<Users>,
     headers: axum::http::HeaderMap,
@@ -86,6 +150,17 @@ async fn register(
     Ok((StatusCode::CREATED, Json(users.register(input).await?)))
 }
 
+/// One user.
+#[utoipa::path(
+    get,
+    path = "/users/{id}",
+    tag = "users",
+    params(("id" = String, Path, description = "The user's id (a UUID).")),
+    responses(
+        (status = 200, description = "The user.", body = User),
+        (status = 404, description = "No such user (or not a UUID).", body = ErrorBody),
+    )
+)]
 async fn get_user(
     State(users): State<Users>,
     id: Result<Path<String>, PathRejection>,
@@ -94,6 +169,24 @@ async fn get_user(
 }
 
 /// The user themselves, or the service.
+#[utoipa::path(
+    patch,
+    path = "/users/{id}",
+    tag = "users",
+    params(("id" = String, Path, description = "The user's id (a UUID).")),
+    request_body = UserPatch,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Changed; `UserUpdated` is published.", body = User),
+        (status = 400, description = "`malformed_json`.", body = ErrorBody),
+        (status = 401, description = "No valid token.", body = ErrorBody),
+        (status = 403, description = "Neither the user themselves nor the service.", body = ErrorBody),
+        (status = 404, description = "No such user.", body = ErrorBody),
+        (status = 409, description = "`email_taken`.", body = ErrorBody),
+        (status = 415, description = "Not `application/json`.", body = ErrorBody),
+        (status = 422, description = "An invalid field, or `invalid_body`.", body = ErrorBody),
+    )
+)]
 async fn update(
     State(users): State<Users>,
     caller: Caller,
@@ -106,6 +199,22 @@ async fn update(
 }
 
 /// The service only. The body is optional: an empty one means no reason given.
+#[utoipa::path(
+    post,
+    path = "/users/{id}/suspend",
+    tag = "users",
+    params(("id" = String, Path, description = "The user's id (a UUID).")),
+    request_body(content = Option<Suspension>, description = "Why (optional; an empty body gives no reason)."),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Suspended; `UserSuspended` is published.", body = User),
+        (status = 400, description = "`malformed_json`.", body = ErrorBody),
+        (status = 401, description = "No valid token.", body = ErrorBody),
+        (status = 403, description = "Not the service credential.", body = ErrorBody),
+        (status = 404, description = "No such user.", body = ErrorBody),
+        (status = 422, description = "An invalid reason.", body = ErrorBody),
+    )
+)]
 async fn suspend(
     State(users): State<Users>,
     caller: Caller,
@@ -123,6 +232,19 @@ async fn suspend(
 }
 
 /// The user themselves, or the service.
+#[utoipa::path(
+    delete,
+    path = "/users/{id}",
+    tag = "users",
+    params(("id" = String, Path, description = "The user's id (a UUID).")),
+    security(("bearer" = [])),
+    responses(
+        (status = 204, description = "Deleted; `UserDeleted` is published."),
+        (status = 401, description = "No valid token.", body = ErrorBody),
+        (status = 403, description = "Neither the user themselves nor the service.", body = ErrorBody),
+        (status = 404, description = "No such user.", body = ErrorBody),
+    )
+)]
 async fn delete(
     State(users): State<Users>,
     caller: Caller,

@@ -17,7 +17,9 @@ use crate::events::{UserDeleted, UserRegistered, UserSuspended, UserUpdated};
 use crate::schema::{deleted_users, users};
 
 /// A user as the API shows it (never the password hash).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Queryable, Selectable)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Queryable, Selectable, utoipa::ToSchema,
+)]
 #[diesel(table_name = users)]
 pub struct User {
     /// The user's id.
@@ -39,7 +41,7 @@ pub struct User {
 }
 
 /// `POST /users`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewUser {
     /// Email address.
@@ -47,6 +49,7 @@ pub struct NewUser {
     /// Display name.
     pub name: String,
     /// Plain-text password; hashed before it touches the database.
+    #[schema(format = Password)]
     pub password: String,
     /// Preferred locale (BCP 47), optional.
     #[serde(default)]
@@ -54,7 +57,7 @@ pub struct NewUser {
 }
 
 /// `PATCH /users/{id}`: only the fields given change.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UserPatch {
     /// New email address.
@@ -62,11 +65,12 @@ pub struct UserPatch {
     /// New display name.
     pub name: Option<String>,
     /// New password.
+    #[schema(format = Password)]
     pub password: Option<String>,
 }
 
 /// `POST /users/{id}/suspend`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Suspension {
     /// Why, for the record.

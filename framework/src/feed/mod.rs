@@ -43,7 +43,9 @@ use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use serde::{Deserialize, Serialize};
 
 pub use consumer::{FeedConfig, FeedConsumer, OnUndecodable};
+pub(crate) use numbered::NumberedApi;
 pub use numbered::{MAX_NUMBERS, numbered_router};
+pub(crate) use server::EventsApi;
 pub use server::{FeedServer, FeedServerConfig};
 
 use crate::outbox::schema::ferrybox_feed_positions as positions;
@@ -56,7 +58,7 @@ pub const FEED_PARTITION: i32 = -1;
 pub(crate) const NOTIFY_CHANNEL: &str = "ferrybox_feed";
 
 /// One event on the feed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct FeedEvent {
     /// Its feed position.
     pub position: i64,
@@ -76,7 +78,7 @@ pub struct FeedEvent {
 }
 
 /// One page of the feed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct FeedPage {
     /// Events after the requested position, in position order, with no gap.
     pub events: Vec<FeedEvent>,

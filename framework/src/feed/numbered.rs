@@ -34,19 +34,27 @@ use crate::outbox::sequence::rows_numbered;
 pub const MAX_NUMBERS: i64 = 5_000;
 
 /// `GET /events/numbered` parameters.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct NumberedQuery {
+    /// The producer sequence's source (the `ferrybox_source` header).
     source: String,
+    /// The topic.
     topic: String,
+    /// The partition.
     partition: i32,
+    /// The first number wanted (1 or more).
+    #[param(minimum = 1)]
     from: i64,
+    /// The last number wanted (at least `from`, at most 5,000 numbers in all).
     to: i64,
 }
 
 /// The answer: the events numbered `from..=to`, in number order.
-#[derive(Debug, Serialize)]
-struct NumberedPage {
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct NumberedPage {
+    /// The events, `position` being each one's number.
     events: Vec<FeedEvent>,
 }
 
@@ -58,6 +66,21 @@ pub fn numbered_router(pool: PgPool) -> Router {
         .with_state(pool)
 }
 
+/// The messages the log relay numbered `from..=to` in a source, topic and partition, from the
+/// sent log: what a consumer that found a gap asks for.
+#[utoipa::path(
+    get,
+    path = "/events/numbered",
+    tag = "feed",
+    params(NumberedQuery),
+    security(("internal_token" = [])),
+    responses(
+        (status = 200, description = "Every number asked for, in order.", body = NumberedPage),
+        (status = 401, description = "No or the wrong bearer token.", body = crate::http::ErrorBody),
+        (status = 410, description = "`numbers_expired`: the sent log no longer has a number asked for.", body = crate::http::ErrorBody),
+        (status = 422, description = "`invalid_query` or `invalid_range`.", body = crate::http::ErrorBody),
+    )
+)]
 async fn numbered(
     State(pool): State<PgPool>,
     query: std::result::Result<Query<NumberedQuery>, QueryRejection>,
@@ -123,3 +146,8 @@ async fn numbered(
     }
     Ok(Json(NumberedPage { events }))
 }
+
+/// The OpenAPI document of [`numbered_router`] (see [`crate::openapi::numbered`]).
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(numbered))]
+pub(crate) struct NumberedApi;

@@ -87,11 +87,19 @@ impl std::fmt::Debug for FeedServer {
 }
 
 /// `GET /events` parameters.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct EventsQuery {
+    /// The position to read after (0, the default, reads from the start).
+    #[param(minimum = 0)]
     after: Option<i64>,
+    /// At most this many events (the server's `default_limit` when absent, up to its
+    /// `max_limit`).
+    #[param(minimum = 1)]
     limit: Option<i64>,
+    /// How long to wait for the first event when there is none yet, in milliseconds (at most
+    /// the server's `max_wait`).
     wait_ms: Option<u64>,
 }
 
@@ -284,6 +292,22 @@ struct Head {
     last: i64,
 }
 
+/// The pulled event feed: the events after a position, in order and with no gap, long-polling
+/// for the first one.
+#[utoipa::path(
+    get,
+    path = "/events",
+    tag = "feed",
+    params(EventsQuery),
+    security(("internal_token" = [])),
+    responses(
+        (status = 200, description = "The events after `after` (none when the wait ran out).", body = FeedPage),
+        (status = 401, description = "No or the wrong bearer token.", body = crate::http::ErrorBody),
+        (status = 409, description = "`position_ahead`: the position is beyond the newest one.", body = crate::http::ErrorBody),
+        (status = 410, description = "`position_expired`: the sent log no longer has those events.", body = crate::http::ErrorBody),
+        (status = 422, description = "`invalid_query`, `invalid_position` or `invalid_limit`.", body = crate::http::ErrorBody),
+    )
+)]
 async fn events(
     State(feed): State<FeedServer>,
     query: std::result::Result<Query<EventsQuery>, QueryRejection>,
@@ -298,3 +322,8 @@ async fn events(
         .await?;
     Ok(Json(page))
 }
+
+/// The OpenAPI document of [`FeedServer::router`] (see [`crate::openapi::events`]).
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(events))]
+pub(crate) struct EventsApi;

@@ -192,7 +192,7 @@ pub struct InboxStats {
 }
 
 /// A point-in-time copy of [`InboxStats`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct InboxStatsSnapshot {
     /// Messages whose handler ran and committed.
     pub applied: u64,

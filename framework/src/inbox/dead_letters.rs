@@ -336,7 +336,7 @@ impl DeadLetter {
 }
 
 /// How many dead letters are in each state.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct DeadLetterCounts {
     /// Failed, waiting for a fix.
     pub dead: i64,

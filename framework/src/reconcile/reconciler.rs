@@ -110,7 +110,7 @@ impl ReconcileConfig {
 }
 
 /// An entity the reconciler could not bring in line.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Unresolved {
     /// Its key.
     pub key: String,
@@ -119,7 +119,7 @@ pub struct Unresolved {
 }
 
 /// What one run found and did.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Report {
     /// The producer that served the snapshot.
     pub source: String,
