@@ -332,11 +332,26 @@ impl<H: Handler> Applier<H> {
                 };
             }
         };
-        let result = conn
-            .transaction::<_, diesel::result::Error, _>(async |tx| {
-                self.apply_prepared(tx, records, &messages, false).await
+        // Optimistically first: the handler runs on the whole batch straight in the
+        // transaction (no savepoint around it, two round trips fewer). When it fails, that
+        // transaction is rolled back and the batch is applied again the careful way, where a
+        // failing message is isolated under savepoints and the ones before it commit.
+        let optimistic = conn
+            .transaction::<_, Attempt, _>(async |tx| {
+                self.apply_optimistic(tx, records, &messages).await
             })
             .await;
+        let result = match optimistic {
+            Ok(prepared) => Ok(prepared),
+            Err(Attempt::Database(e)) => Err(e),
+            Err(Attempt::Handler(e)) => {
+                tracing::debug!(error = %e, "the batch failed as a whole; applying it message by message");
+                conn.transaction::<_, diesel::result::Error, _>(async |tx| {
+                    self.apply_prepared(tx, records, &messages, false).await
+                })
+                .await
+            }
+        };
         match result {
             Ok(Prepared {
                 outcomes,
@@ -380,50 +395,19 @@ impl<H: Handler> Applier<H> {
         let consumer = self.consumer.as_str();
         // Cancels the handler's statement if it runs over its limit; one per transaction.
         let cancel = tx.cancel_token();
-        let (verdicts, gap) = if redrive {
-            (vec![Verdict::ById; messages.len()], None)
-        } else {
-            self.number(tx, messages).await?
-        };
+        let Admitted {
+            verdicts,
+            gap,
+            fresh,
+        } = self.admit(tx, messages, redrive).await?;
         let messages = &messages[..verdicts.len()];
-        let by_id: Vec<&ReceivedMessage> = messages
-            .iter()
-            .zip(&verdicts)
-            .filter(|(_, v)| **v == Verdict::ById)
-            .map(|(m, _)| &**m)
-            .collect();
-        let mut new = record_ids(tx, consumer, &by_id).await?;
-        // Which messages are new (a second copy of an id within the batch is a duplicate).
-        let fresh: Vec<bool> = messages
-            .iter()
-            .zip(&verdicts)
-            .map(|(m, v)| match v {
-                Verdict::Next => true,
-                Verdict::Duplicate => false,
-                Verdict::ById => new.remove(&m.envelope.id.0),
-            })
-            .collect();
-        let fresh_messages: Vec<&ReceivedMessage> = messages
-            .iter()
-            .zip(&fresh)
-            .filter(|(_, f)| **f)
-            .map(|(m, _)| &**m)
-            .collect();
+        let fresh_messages = fresh_of(messages, &fresh);
         let as_batch = fresh_messages.is_empty()
             || self
                 .handle_in_savepoint(tx, &cancel, Handling::Batch(&fresh_messages))
                 .await
                 .is_ok();
-        let outcomes: Vec<Outcome> = fresh
-            .iter()
-            .map(|f| {
-                if *f {
-                    Outcome::Applied
-                } else {
-                    Outcome::Duplicate
-                }
-            })
-            .collect();
+        let outcomes = outcomes_of(&fresh);
         if as_batch {
             self.store_position(tx, &records[..outcomes.len()]).await?;
             store_numbers(tx, consumer, messages, &verdicts).await?;
@@ -471,6 +455,76 @@ impl<H: Handler> Applier<H> {
             outcomes,
             failure: None,
             gap,
+        })
+    }
+
+    /// [`Applier::apply_prepared`] without its savepoints: the handler runs on the batch's new
+    /// messages straight in `tx`; when it fails, `Err(Attempt::Handler)` asks the caller to
+    /// roll `tx` back (it is aborted anyway when a statement failed).
+    async fn apply_optimistic(
+        &self,
+        tx: &mut AsyncPgConnection,
+        records: &[Record],
+        messages: &[Arc<ReceivedMessage>],
+    ) -> Result<Prepared, Attempt> {
+        let cancel = tx.cancel_token();
+        let Admitted {
+            verdicts,
+            gap,
+            fresh,
+        } = self.admit(tx, messages, false).await?;
+        let messages = &messages[..verdicts.len()];
+        let fresh_messages = fresh_of(messages, &fresh);
+        if !fresh_messages.is_empty() {
+            self.handle_guarded(tx, &cancel, Handling::Batch(&fresh_messages))
+                .await
+                .map_err(Attempt::Handler)?;
+        }
+        let outcomes = outcomes_of(&fresh);
+        self.store_position(tx, &records[..outcomes.len()]).await?;
+        store_numbers(tx, &self.consumer, messages, &verdicts).await?;
+        Ok(Prepared {
+            outcomes,
+            failure: None,
+            gap,
+        })
+    }
+
+    /// Which of `messages` are new: their numbers looked up (the batch ends before a gap) and
+    /// the ids of those without recorded, in `tx`.
+    async fn admit(
+        &self,
+        tx: &mut AsyncPgConnection,
+        messages: &[Arc<ReceivedMessage>],
+        redrive: bool,
+    ) -> Result<Admitted, diesel::result::Error> {
+        let (verdicts, gap) = if redrive {
+            (vec![Verdict::ById; messages.len()], None)
+        } else {
+            self.number(tx, messages).await?
+        };
+        let messages = &messages[..verdicts.len()];
+        let by_id: Vec<&ReceivedMessage> = messages
+            .iter()
+            .zip(&verdicts)
+            .filter(|(_, v)| **v == Verdict::ById)
+            .map(|(m, _)| &**m)
+            .collect();
+        let mut new = record_ids(tx, &self.consumer, &by_id).await?;
+        // Which messages are new (a second copy of an id within the batch is a duplicate).
+        let fresh = messages
+            .iter()
+            .zip(&verdicts)
+            .map(|(m, v)| match v {
+                Verdict::Next => true,
+                Verdict::Duplicate => false,
+                Verdict::ById => new.remove(&m.envelope.id.0),
+            })
+            .collect();
+        Ok(Admitted {
+            verdicts,
+            gap,
+            fresh,
         })
     }
 
@@ -574,49 +628,60 @@ impl<H: Handler> Applier<H> {
         }
     }
 
-    /// Runs the handler on `handling` under a savepoint of `tx`, within the handler time limit,
-    /// and records how long it took. A panic is caught and becomes
-    /// [`HandlerError::Panicked`]; a handler over its limit has its statement cancelled on the
-    /// server (see [`within_limit`]) and the attempt counts as a retryable failure.
+    /// [`Applier::handle_guarded`] under a savepoint of `tx`: a failure rolls back only the
+    /// handler's own writes.
     async fn handle_in_savepoint(
         &self,
         tx: &mut AsyncPgConnection,
         cancel: &tokio_postgres::CancelToken,
         handling: Handling<'_>,
     ) -> Result<(), HandlerError> {
+        tx.transaction::<_, HandlerError, _>(async |savepoint| {
+            self.handle_guarded(savepoint, cancel, handling).await
+        })
+        .await
+    }
+
+    /// Runs the handler on `handling` in `conn` as it is (the caller gives it a savepoint, or
+    /// rolls the whole transaction back when it fails), within the handler time limit, and
+    /// records how long it took. A panic is caught and becomes [`HandlerError::Panicked`]; a
+    /// handler over its limit has its statement cancelled on the server (see
+    /// [`within_limit`]) and the attempt counts as a retryable failure.
+    async fn handle_guarded(
+        &self,
+        conn: &mut AsyncPgConnection,
+        cancel: &tokio_postgres::CancelToken,
+        handling: Handling<'_>,
+    ) -> Result<(), HandlerError> {
         use futures::FutureExt as _;
         let limit = self.handler_timeout;
         let started = std::time::Instant::now();
-        let result = tx
-            .transaction::<_, HandlerError, _>(async |savepoint| {
-                let (what, work) = match handling {
-                    // Calls inside the futures, so a handler that panics before it returns
-                    // its future is caught too.
-                    Handling::Batch(messages) => (
-                        "batch handler",
-                        async move { self.handler.handle_batch(savepoint, messages).await }.boxed(),
-                    ),
-                    Handling::One(message) => (
-                        "handler",
-                        tracing::Instrument::instrument(
-                            async move { self.handler.handle(savepoint, message).await },
-                            message.span(),
-                        )
-                        .boxed(),
-                    ),
-                };
-                let work = std::panic::AssertUnwindSafe(work).catch_unwind();
-                match within_limit(work, limit, cancel).await {
-                    Ok(Ok(handled)) => handled,
-                    Ok(Err(panic)) => Err(HandlerError::Panicked(crate::health::panic_text(
-                        panic.as_ref(),
-                    ))),
-                    Err(stopped) => Err(HandlerError::retryable(format!(
-                        "{what} exceeded its time limit of {limit:?}; {stopped}"
-                    ))),
-                }
-            })
-            .await;
+        let (what, work) = match handling {
+            // Calls inside the futures, so a handler that panics before it returns its future
+            // is caught too.
+            Handling::Batch(messages) => (
+                "batch handler",
+                async move { self.handler.handle_batch(conn, messages).await }.boxed(),
+            ),
+            Handling::One(message) => (
+                "handler",
+                tracing::Instrument::instrument(
+                    async move { self.handler.handle(conn, message).await },
+                    message.span(),
+                )
+                .boxed(),
+            ),
+        };
+        let work = std::panic::AssertUnwindSafe(work).catch_unwind();
+        let result = match within_limit(work, limit, cancel).await {
+            Ok(Ok(handled)) => handled,
+            Ok(Err(panic)) => Err(HandlerError::Panicked(crate::health::panic_text(
+                panic.as_ref(),
+            ))),
+            Err(stopped) => Err(HandlerError::retryable(format!(
+                "{what} exceeded its time limit of {limit:?}; {stopped}"
+            ))),
+        };
         self.record_duration(started, result.is_ok());
         result
     }
@@ -934,6 +999,54 @@ async fn store_numbers(
     .execute(tx)
     .await?;
     Ok(())
+}
+
+/// Why an optimistic attempt at a batch ([`Applier::apply_optimistic`]) was rolled back.
+enum Attempt {
+    /// The database failed.
+    Database(diesel::result::Error),
+    /// The handler failed on the batch: apply it again message by message.
+    Handler(HandlerError),
+}
+
+impl From<diesel::result::Error> for Attempt {
+    fn from(e: diesel::result::Error) -> Self {
+        Self::Database(e)
+    }
+}
+
+/// Which of a batch's messages are new, from [`Applier::admit`].
+struct Admitted {
+    /// How each leading message is deduplicated (up to a gap).
+    verdicts: Vec<Verdict>,
+    /// The gap that ended the batch, if one did.
+    gap: Option<Gap>,
+    /// Whether each of those messages is new.
+    fresh: Vec<bool>,
+}
+
+/// The new ones of `messages`.
+fn fresh_of<'a>(messages: &'a [Arc<ReceivedMessage>], fresh: &[bool]) -> Vec<&'a ReceivedMessage> {
+    messages
+        .iter()
+        .zip(fresh)
+        .filter(|(_, f)| **f)
+        .map(|(m, _)| &**m)
+        .collect()
+}
+
+/// Each message's outcome when the batch commits: applied when new, else a duplicate.
+fn outcomes_of(fresh: &[bool]) -> Vec<Outcome> {
+    fresh
+        .iter()
+        .map(|f| {
+            if *f {
+                Outcome::Applied
+            } else {
+                Outcome::Duplicate
+            }
+        })
+        .collect()
 }
 
 /// What [`Applier::handle_in_savepoint`] hands the handler.

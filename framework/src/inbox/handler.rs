@@ -132,8 +132,9 @@ pub trait Handler: Send + Sync + 'static {
     /// messages one by one). One statement per batch instead of one per message is most of
     /// what a consumer can save on the database.
     ///
-    /// It runs under a savepoint: when it fails, the consumer rolls it back and applies the
-    /// messages one by one, each under its own savepoint, to find and isolate the failing one.
+    /// It runs in the applying transaction: when it fails, the consumer rolls that transaction
+    /// back and applies the batch again, the messages one by one, each under its own
+    /// savepoint, to find and isolate the failing one (the ones before it commit).
     fn handle_batch(
         &self,
         conn: &mut AsyncPgConnection,
