@@ -123,7 +123,7 @@ impl Settings {
         self.vacuum_guard.validate()?;
         self.login_limits.validate()?;
         if let Some(secret) = &self.token_secret {
-            ferrybox::token::TokenKey::new(secret)?;
+            ferrybox::token::TokenKey::new(secret, crate::login::TOKEN_ISSUER)?;
         }
         if self.inbox.topics != [self.users_topic.name.clone()] {
             return Err(ferrybox::Error::Config(

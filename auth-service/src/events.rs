@@ -2,33 +2,17 @@
 //! schemas in `contracts/` (checked by `make contracts`). Values are resolved into those
 //! schemas before the handler sees them, so fields the producer adds never reach this service.
 
-use ferrybox::contract::{ContractError, ReaderSchemas};
+use ferrybox::contract::{ContractError, EmbeddedContract, ReaderSchemas};
 use serde::Deserialize;
 
-/// The reader schemas of `contracts/users.toml`, embedded so the service runs with exactly the
-/// files the contract check reads.
+/// auth-service's contract with user-service, `contracts/users.toml`, embedded with every
+/// reader schema it names, so the service runs with exactly the files `make contracts`
+/// checks.
+pub const CONTRACT: EmbeddedContract = ferrybox::contract!("contracts/users.toml");
+
+/// The contract's reader schemas.
 pub fn reader_schemas() -> Result<ReaderSchemas, ContractError> {
-    ReaderSchemas::embedded(
-        include_str!("../contracts/users.toml"),
-        &[
-            (
-                "UserRegistered.avsc",
-                include_str!("../contracts/UserRegistered.avsc"),
-            ),
-            (
-                "UserUpdated.avsc",
-                include_str!("../contracts/UserUpdated.avsc"),
-            ),
-            (
-                "UserSuspended.avsc",
-                include_str!("../contracts/UserSuspended.avsc"),
-            ),
-            (
-                "UserDeleted.avsc",
-                include_str!("../contracts/UserDeleted.avsc"),
-            ),
-        ],
-    )
+    CONTRACT.reader_schemas()
 }
 
 /// The message types this service understands.
@@ -80,6 +64,18 @@ pub struct UserRef {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each body type the handler reads deserializes from every value its reader schema
+    /// allows: a mismatch fails here, not as dead letters in production.
+    #[test]
+    fn the_handler_types_read_their_reader_schemas() {
+        let contract = CONTRACT.contract().unwrap();
+        use ferrybox::contract::check_reads;
+        check_reads::<UserState>(&contract, types::REGISTERED).unwrap();
+        check_reads::<UserUpdate>(&contract, types::UPDATED).unwrap();
+        check_reads::<UserRef>(&contract, types::SUSPENDED).unwrap();
+        check_reads::<UserRef>(&contract, types::DELETED).unwrap();
+    }
 
     #[test]
     fn the_embedded_contract_covers_every_type_the_handler_applies() {

@@ -14,6 +14,9 @@ use uuid::Uuid;
 
 use crate::schema::{cached_users, sessions};
 
+/// The issuer the session tokens name (`iss`); services that verify them expect it.
+pub const TOKEN_ISSUER: &str = "auth-service";
+
 /// `POST /login`.
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]

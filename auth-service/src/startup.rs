@@ -74,7 +74,10 @@ impl Application {
             Transport::Feed => readiness.with_feed(&settings.feed.url, settings.feed.token.clone()),
         };
         let codec = AvroCodec::new(&settings.schema_registry_url);
-        let readers = crate::events::reader_schemas().context("the service's contract")?;
+        let contract = crate::events::CONTRACT
+            .contract()
+            .context("the service's contract")?;
+        let readers = ferrybox::contract::ReaderSchemas::from_contract(&contract);
         let alerter = Alerter::new(&settings.alert)?;
         let consumer = match settings.transport {
             Transport::Kafka => {
@@ -92,7 +95,8 @@ impl Application {
                         UserEvents,
                         settings.inbox(),
                     )?
-                    .with_reader_schemas(readers)
+                    // The contract's `users` is this deployment's users topic.
+                    .with_contract_as(&contract, &settings.users_topic.name)?
                     .with_alerter(alerter.clone()),
                 )
             }
@@ -128,12 +132,12 @@ impl Application {
             reconcile: reconciler.last_report(),
             limiter: std::sync::Arc::new(crate::limits::LoginLimiter::new(settings.login_limits)),
             tokens: match &settings.token_secret {
-                Some(secret) => ferrybox::token::TokenKey::new(secret)?,
+                Some(secret) => ferrybox::token::TokenKey::new(secret, crate::login::TOKEN_ISSUER)?,
                 None => {
                     tracing::warn!(
                         "token_secret is not set: session tokens use a random key, die with this process, and no other service can verify them"
                     );
-                    ferrybox::token::TokenKey::ephemeral()
+                    ferrybox::token::TokenKey::ephemeral(crate::login::TOKEN_ISSUER)
                 }
             },
             session_ttl: chrono::Duration::seconds(settings.session_ttl_secs),

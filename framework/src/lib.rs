@@ -35,6 +35,8 @@
 //!   rules and a dashboard under `deploy/`), OpenAPI documents generated from the handlers,
 //!   and traces across the hop.
 //! - [`contract::asyncapi`]: the AsyncAPI 3.0 document of the topics, messages and contracts.
+//! - [`token`]: signed, expiring session tokens (JWT) one service issues and others verify.
+//! - [`storage`]: how Ferrybox's tables age: partitions dropped whole, never rows deleted.
 //! - [`shutdown`]: SIGTERM and Ctrl-C as a cancellation token for binaries.
 //! - `testing` (feature `test-util`): isolated databases and topics for tests against the real
 //!   PostgreSQL and broker.
@@ -75,6 +77,19 @@ pub use outbox::{
     Outbox, OutboxStatus, Relay, RelayConfig, RelayMode, ReplayOptions, ReplaySelection,
 };
 pub use tokio_util::sync::CancellationToken;
+
+/// A consumer's contract and every reader schema it names, embedded at compile time from the
+/// contract file (each `.avsc` is named once, there):
+///
+/// ```ignore
+/// let contract = ferrybox::contract!("contracts/users.toml").contract()?;
+/// let consumer = InboxConsumer::new(/* ... */)?.with_contract(contract)?;
+/// ```
+///
+/// The path is relative to the calling crate's `Cargo.toml`; a contract that is not valid TOML
+/// or names a schema file that is not there fails the build. Expands to a
+/// [`contract::EmbeddedContract`].
+pub use ferrybox_macros::contract;
 
 // Re-exported so services use the same versions the framework was built with.
 pub use apache_avro;

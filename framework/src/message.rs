@@ -103,6 +103,44 @@ pub trait Event: Serialize + DeserializeOwned + Send + Sync {
     fn entity_version(&self) -> i64;
 }
 
+/// Implements [`Event`] for a struct: its message type, its schema (written once, usually
+/// `include_str!` of its `.avsc` under `schemas/`) and the fields holding its key and its
+/// entity version.
+///
+/// ```
+/// #[derive(serde::Serialize, serde::Deserialize)]
+/// struct AccountOpened { account_id: String, version: i64 }
+///
+/// ferrybox::event!(AccountOpened {
+///     message_type: "com.example.AccountOpened",
+///     schema: r#"{"type":"record","name":"AccountOpened","namespace":"com.example",
+///         "fields":[{"name":"account_id","type":"string"},{"name":"version","type":"long"}]}"#,
+///     key: account_id,
+///     version: version,
+/// });
+///
+/// use ferrybox::Event;
+/// let opened = AccountOpened { account_id: "a-1".into(), version: 1 };
+/// assert_eq!((opened.key(), opened.entity_version()), ("a-1".to_owned(), 1));
+/// ```
+///
+/// A unit test with [`crate::contract::check_event`] then proves the type and the schema agree.
+#[macro_export]
+macro_rules! event {
+    ($ty:ty { message_type: $message_type:expr, schema: $schema:expr, key: $key:ident, version: $version:ident $(,)? }) => {
+        impl $crate::Event for $ty {
+            const MESSAGE_TYPE: &'static str = $message_type;
+            const SCHEMA: &'static str = $schema;
+            fn key(&self) -> ::std::string::String {
+                ::std::string::ToString::to_string(&self.$key)
+            }
+            fn entity_version(&self) -> i64 {
+                self.$version
+            }
+        }
+    };
+}
+
 /// A message ready for the outbox: encoded payload plus envelope.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OutgoingMessage {

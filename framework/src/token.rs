@@ -13,8 +13,6 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-/// The issuer every Ferrybox reference token names.
-pub const ISSUER: &str = "auth-service";
 /// The audience every Ferrybox reference token names.
 pub const AUDIENCE: &str = "ferrybox";
 /// The shortest secret accepted, in bytes (HS256 wants at least its hash size).
@@ -55,6 +53,7 @@ pub struct TokenKey {
     encoding: EncodingKey,
     decoding: DecodingKey,
     validation: Validation,
+    issuer: String,
 }
 
 impl std::fmt::Debug for TokenKey {
@@ -64,8 +63,10 @@ impl std::fmt::Debug for TokenKey {
 }
 
 impl TokenKey {
-    /// A key from `secret` (at least [`MIN_SECRET_BYTES`] bytes).
-    pub fn new(secret: &SecretString) -> crate::Result<Self> {
+    /// A key from `secret` (at least [`MIN_SECRET_BYTES`] bytes) for the tokens `issuer` (the
+    /// service that logs users in) signs: the tokens it issues name it, and it verifies only
+    /// tokens that name it.
+    pub fn new(secret: &SecretString, issuer: &str) -> crate::Result<Self> {
         let bytes = secret.expose_secret().as_bytes();
         if bytes.len() < MIN_SECRET_BYTES {
             return Err(crate::Error::Config(format!(
@@ -73,7 +74,7 @@ impl TokenKey {
             )));
         }
         let mut validation = Validation::new(Algorithm::HS256);
-        validation.set_issuer(&[ISSUER]);
+        validation.set_issuer(&[issuer]);
         validation.set_audience(&[AUDIENCE]);
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
         validation.leeway = 0;
@@ -83,17 +84,19 @@ impl TokenKey {
             encoding: EncodingKey::from_secret(bytes).map_err(unusable)?,
             decoding: DecodingKey::from_secret(bytes).map_err(unusable)?,
             validation,
+            issuer: issuer.to_owned(),
         })
     }
 
     /// A key with a random secret: tokens it signs die with the process and no other service
     /// can verify them (for a service started without a configured secret).
-    pub fn ephemeral() -> Self {
+    pub fn ephemeral(issuer: &str) -> Self {
         use rand::RngCore;
         let mut bytes = [0u8; 32];
         rand::rng().fill_bytes(&mut bytes);
         let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        Self::new(&SecretString::from(secret)).expect("64 hex characters are a valid secret")
+        Self::new(&SecretString::from(secret), issuer)
+            .expect("64 hex characters are a valid secret")
     }
 
     /// A token for `user` in session `session`, valid until `expires_at`.
@@ -106,7 +109,7 @@ impl TokenKey {
         let claims = Claims {
             sub: user,
             sid: session,
-            iss: ISSUER.to_owned(),
+            iss: self.issuer.clone(),
             aud: AUDIENCE.to_owned(),
             iat: Utc::now().timestamp(),
             exp: expires_at.timestamp(),
@@ -131,7 +134,7 @@ mod tests {
     use super::*;
 
     fn key(secret: &str) -> TokenKey {
-        TokenKey::new(&SecretString::from(secret.to_owned())).unwrap()
+        TokenKey::new(&SecretString::from(secret.to_owned()), "issuer").unwrap()
     }
 
     #[test]
@@ -157,7 +160,23 @@ mod tests {
 
     #[test]
     fn a_short_secret_is_refused() {
-        assert!(TokenKey::new(&SecretString::from("short".to_owned())).is_err());
-        assert!(TokenKey::ephemeral().verify("x").is_err());
+        assert!(TokenKey::new(&SecretString::from("short".to_owned()), "issuer").is_err());
+        assert!(TokenKey::ephemeral("issuer").verify("x").is_err());
+    }
+
+    #[test]
+    fn a_token_of_another_issuer_is_refused() {
+        let secret = SecretString::from("a-test-secret-of-at-least-32-bytes!!".to_owned());
+        let ours = TokenKey::new(&secret, "auth-service").unwrap();
+        let theirs = TokenKey::new(&secret, "someone-else").unwrap();
+        let token = theirs
+            .issue(
+                Uuid::new_v4(),
+                Uuid::new_v4(),
+                Utc::now() + chrono::Duration::minutes(5),
+            )
+            .unwrap();
+        assert_eq!(ours.verify(&token), Err(TokenError::Invalid));
+        assert_eq!(theirs.verify(&token).unwrap().iss, "someone-else");
     }
 }

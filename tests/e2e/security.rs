@@ -242,7 +242,7 @@ async fn session_status(stack: &Stack, token: &str) -> u16 {
 
 /// A token for `user` signed with `secret`, expiring `valid_for` from now (negative: expired).
 fn signed(secret: &str, user: &str, valid_for: chrono::Duration) -> String {
-    ferrybox::token::TokenKey::new(&secret.to_owned().into())
+    ferrybox::token::TokenKey::new(&secret.to_owned().into(), "auth-service")
         .unwrap()
         .issue(
             user.parse().unwrap(),

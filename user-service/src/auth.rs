@@ -15,6 +15,10 @@ use uuid::Uuid;
 use crate::schema::users;
 use crate::users::Users;
 
+/// The service whose session tokens this one accepts (the `iss` they must name): auth-service
+/// logs users in.
+pub const TOKEN_ISSUER: &str = "auth-service";
+
 /// An authenticated caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Caller {
@@ -89,7 +93,9 @@ impl Authenticator {
     ) -> ferrybox::Result<Self> {
         Ok(Self {
             service: service_token.map(TokenDigest::of),
-            tokens: token_secret.map(TokenKey::new).transpose()?,
+            tokens: token_secret
+                .map(|secret| TokenKey::new(secret, TOKEN_ISSUER))
+                .transpose()?,
             open_registration,
         })
     }

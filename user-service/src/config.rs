@@ -97,7 +97,7 @@ impl Settings {
         self.vacuum_guard.validate()?;
         self.alert.validate()?;
         if let Some(secret) = &self.token_secret {
-            ferrybox::token::TokenKey::new(secret)?;
+            ferrybox::token::TokenKey::new(secret, crate::auth::TOKEN_ISSUER)?;
         }
         if self.schema_registry_url.is_empty() {
             return Err(ferrybox::Error::Config(

@@ -1,25 +1,22 @@
 //! The events user-service publishes, each tied to its schema file in `schemas/`.
 
-use ferrybox::Event;
 use serde::{Deserialize, Serialize};
 
+/// `ferrybox::event!` for a user event: its type is `com.ferrybox.user.<Name>`, its schema
+/// `schemas/users/com.ferrybox.user.<Name>/<file>`, its key the user's id.
 macro_rules! user_event {
     ($ty:ident, $file:literal) => {
-        impl Event for $ty {
-            const MESSAGE_TYPE: &'static str = concat!("com.ferrybox.user.", stringify!($ty));
-            const SCHEMA: &'static str = include_str!(concat!(
+        ferrybox::event!($ty {
+            message_type: concat!("com.ferrybox.user.", stringify!($ty)),
+            schema: include_str!(concat!(
                 "../../schemas/users/com.ferrybox.user.",
                 stringify!($ty),
                 "/",
                 $file
-            ));
-            fn key(&self) -> String {
-                self.user_id.clone()
-            }
-            fn entity_version(&self) -> i64 {
-                self.version
-            }
-        }
+            )),
+            key: user_id,
+            version: version,
+        });
     };
 }
 
@@ -84,31 +81,14 @@ user_event!(UserDeleted, "v1.avsc");
 #[cfg(test)]
 mod tests {
     use apache_avro::Schema;
-    use ferrybox::apache_avro;
+    use ferrybox::{Event, apache_avro};
 
     use super::*;
 
     /// Each Rust type round-trips through its schema file, and the schema's record name is the
     /// message type: the two cannot drift apart unnoticed.
     fn round_trip<E: Event + PartialEq + std::fmt::Debug>(event: &E) {
-        let schema = Schema::parse_str(E::SCHEMA).expect("schema parses");
-        match &schema {
-            Schema::Record(r) => assert_eq!(r.name.fullname(None), E::MESSAGE_TYPE),
-            other => panic!("{} is not a record: {other:?}", E::MESSAGE_TYPE),
-        }
-        let value = apache_avro::to_value(event)
-            .unwrap()
-            .resolve(&schema)
-            .expect("value fits schema");
-        let writer = apache_avro::writer::datum::GenericDatumWriter::builder(&schema)
-            .build()
-            .unwrap();
-        let bytes = writer.write_value_to_vec(value).unwrap();
-        let reader = apache_avro::reader::datum::GenericDatumReader::builder(&schema)
-            .build()
-            .unwrap();
-        let back = reader.read_value(&mut bytes.as_slice()).unwrap();
-        assert_eq!(&apache_avro::from_value::<E>(&back).unwrap(), event);
+        ferrybox::contract::check_event(event).unwrap();
     }
 
     /// The schema an event type is written with is the newest version in `schemas/`.

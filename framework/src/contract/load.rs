@@ -201,6 +201,35 @@ fn load_history(type_dir: &Path) -> Result<MessageHistory, ContractError> {
     })
 }
 
+/// A contract and its reader schemas as [`crate::contract!`] embeds them at compile time.
+#[derive(Debug, Clone, Copy)]
+pub struct EmbeddedContract {
+    /// The contract file, relative to the crate that embedded it.
+    pub path: &'static str,
+    /// Its text.
+    pub text: &'static str,
+    /// Each reader schema file it names, with its text.
+    pub files: &'static [(&'static str, &'static str)],
+}
+
+impl EmbeddedContract {
+    /// The contract, parsed (its schemas checked to be records named after their types).
+    pub fn contract(&self) -> Result<ConsumerContract, ContractError> {
+        ConsumerContract::parse(Path::new(self.path), self.text, |name| {
+            self.files
+                .iter()
+                .find(|(file, _)| *file == name)
+                .map(|(_, text)| (*text).to_owned())
+        })
+    }
+
+    /// Its reader schemas, to decode with.
+    pub fn reader_schemas(&self) -> Result<super::ReaderSchemas, ContractError> {
+        self.contract()
+            .map(|c| super::ReaderSchemas::from_contract(&c))
+    }
+}
+
 /// What one consumer reads from one topic: a reader schema per message type.
 #[derive(Debug, Clone)]
 pub struct ConsumerContract {

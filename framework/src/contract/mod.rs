@@ -20,12 +20,17 @@ mod check;
 mod compat;
 mod load;
 mod reader;
+mod types;
 
 pub use asyncapi::{asyncapi, asyncapi_text};
 pub use check::{Finding, check};
 pub use compat::{Level, can_read, explain};
-pub use load::{ConsumerContract, MessageHistory, ProducerCatalog, SchemaVersion, TopicSchemas};
+pub use load::{
+    ConsumerContract, EmbeddedContract, MessageHistory, ProducerCatalog, SchemaVersion,
+    TopicSchemas,
+};
 pub use reader::ReaderSchemas;
+pub use types::{check_event, check_reads};
 
 /// Why contracts or schemas could not be loaded.
 #[derive(Debug, thiserror::Error)]

@@ -29,7 +29,8 @@ impl ReaderSchemas {
     }
 
     /// Parses an embedded contract (`include_str!` of the contract and its reader schemas), so
-    /// a service runs with exactly the files `make contracts` checks.
+    /// a service runs with exactly the files `make contracts` checks. [`crate::contract!`]
+    /// does the embedding from the contract file alone.
     pub fn embedded(contract_toml: &str, files: &[(&str, &str)]) -> Result<Self, ContractError> {
         let contract =
             ConsumerContract::parse(Path::new("embedded contract"), contract_toml, |name| {

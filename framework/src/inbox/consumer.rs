@@ -231,6 +231,49 @@ impl<H: Handler> InboxConsumer<H> {
         self
     }
 
+    /// Decodes with `contract`'s reader schemas (see [`InboxConsumer::with_reader_schemas`]),
+    /// after checking that the contract is about a topic this consumer consumes: a contract of
+    /// another topic is an [`Error::Config`], not a consumer that silently decodes with the
+    /// writer's schemas. Embed the contract with [`crate::contract!`].
+    pub fn with_contract(self, contract: &crate::contract::ConsumerContract) -> Result<Self> {
+        let topic = contract.topic.clone();
+        self.with_contract_as(contract, &topic)
+    }
+
+    /// [`InboxConsumer::with_contract`] for a deployment that names the contract's topic
+    /// `topic` (a per-environment prefix, a test's own topic): `topic` must be one this consumer
+    /// consumes.
+    pub fn with_contract_as(
+        self,
+        contract: &crate::contract::ConsumerContract,
+        topic: &str,
+    ) -> Result<Self> {
+        let topics = &self.pipeline.config.topics;
+        if !topics.iter().any(|t| t == topic) {
+            return Err(Error::Config(format!(
+                "{}'s contract {} reads topic {:?}{}, but this consumer consumes {topics:?}: \
+                 point the contract or inbox.topics at the same topic",
+                contract.consumer,
+                contract.path.display(),
+                contract.topic,
+                if topic == contract.topic {
+                    String::new()
+                } else {
+                    format!(" (deployed as {topic:?})")
+                }
+            )));
+        }
+        if topic != contract.topic {
+            tracing::info!(
+                contract = %contract.path.display(),
+                topic,
+                "the contract's topic {} is deployed as {topic}",
+                contract.topic
+            );
+        }
+        Ok(self.with_reader_schemas(ReaderSchemas::from_contract(contract)))
+    }
+
     /// Raises alerts through `alerter` (for example when dead letters cannot be stored and a
     /// partition waits on it); without it they are only logged.
     #[must_use]

@@ -639,3 +639,48 @@ async fn the_running_consumer_deletes_applied_ids_once_its_offsets_are_committed
     assert_eq!(running.stats.snapshot().cleaned, 5);
     running.stop().await;
 }
+
+/// A consumer given a contract of another topic refuses it (it would decode with the writer's
+/// schemas, not its contract's); one of its own topic, or of the topic it is deployed as, takes
+/// the contract's reader schemas.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_contract_of_another_topic_is_refused() {
+    // The fixture contract reads topic `t` (embedded from its file, as services do).
+    let contract = ferrybox::contract!("tests/fixtures/contracts/consumer/contracts/t.toml")
+        .contract()
+        .unwrap();
+    assert_eq!(contract.topic, "t");
+    assert!(contract.readers.contains_key("x.User"));
+    let fx = Fixture::new(1).await;
+    let consumer = |topics: Vec<String>| {
+        let mut config = inbox_config(&fx, &testing::unique("group"));
+        config.topics = topics;
+        InboxConsumer::new(
+            fx.pool.clone(),
+            &testing::kafka(),
+            fx.codec.clone(),
+            Recorder::default(),
+            config,
+        )
+        .unwrap()
+    };
+    let Err(refused) = consumer(vec![fx.topic.clone()]).with_contract(&contract) else {
+        panic!("a contract of another topic is refused");
+    };
+    let text = refused.to_string();
+    assert!(
+        text.contains("reads topic \"t\"") && text.contains(&fx.topic),
+        "{text}"
+    );
+    assert!(consumer(vec!["t".into()]).with_contract(&contract).is_ok());
+    assert!(
+        consumer(vec![fx.topic.clone()])
+            .with_contract_as(&contract, &fx.topic)
+            .is_ok()
+    );
+    assert!(
+        consumer(vec![fx.topic.clone()])
+            .with_contract_as(&contract, "elsewhere")
+            .is_err()
+    );
+}
