@@ -2,7 +2,7 @@
 //! consumer's database, runs the [`Handler`] for new messages in the same transaction, and
 //! stores offsets only after that transaction commits. Messages that cannot be applied become
 //! [`DeadLetters`], later messages of their key are parked behind them, and an operator
-//! redrives them after a fix.
+//! redrives them after a fix. [`Routes`] routes messages by type to a [`TypedHandler`] each.
 
 pub(crate) mod apply;
 mod config;
@@ -12,6 +12,7 @@ mod gaps;
 mod handler;
 pub(crate) mod pipeline;
 mod retention;
+mod routes;
 pub(crate) mod schema;
 
 pub use apply::{Dedup, LOCK_NUMBERS_SQL, RECORD_IDS_SQL, STORE_NUMBERS_SQL};
@@ -25,3 +26,4 @@ pub use handler::{Handler, HandlerError, ReceivedMessage};
 pub use retention::{
     Expired, GenerationStatus, Horizon, expire, generation_span, generations, kafka_horizon,
 };
+pub use routes::{Routes, TypedHandler, UnknownTypes};

@@ -684,3 +684,104 @@ async fn a_contract_of_another_topic_is_refused() {
             .is_err()
     );
 }
+
+/// Records the things a typed handler was given, in order.
+#[derive(Clone, Default)]
+struct Things(Arc<std::sync::Mutex<Vec<(String, i64)>>>);
+
+impl ferrybox::inbox::TypedHandler<ThingChanged> for Things {
+    async fn handle(
+        &self,
+        _conn: &mut AsyncPgConnection,
+        _message: &ReceivedMessage,
+        body: ThingChanged,
+    ) -> Result<(), HandlerError> {
+        self.0.lock().unwrap().push((body.thing_id, body.version));
+        Ok(())
+    }
+}
+
+/// Typed handlers get their type's messages decoded, in the order published; a type nobody
+/// handles is dead-lettered by default, or ignored (applied as a no-op) when declared so.
+#[tokio::test(flavor = "multi_thread")]
+async fn routes_hand_each_type_to_its_typed_handler_and_declare_what_happens_to_the_rest() {
+    use ferrybox::inbox::{Routes, UnknownTypes};
+    let fx = Fixture::new(1).await;
+    for (thing, version) in [("a", 1), ("b", 1), ("a", 2)] {
+        fx.change(thing, version).await;
+    }
+    publish_all(&fx).await;
+    let run = |handler: Routes| {
+        Running::start(
+            InboxConsumer::new(
+                fx.pool.clone(),
+                &testing::kafka(),
+                fx.codec.clone(),
+                handler,
+                inbox_config(&fx, &testing::unique("group")),
+            )
+            .unwrap(),
+        )
+    };
+
+    let things = Things::default();
+    let running = run(Routes::new().on_event::<ThingChanged, _>(things.clone()));
+    wait_until(TIMEOUT, "every thing applied", || async {
+        running.stats.snapshot().applied == 3
+    })
+    .await;
+    running.stop().await;
+    assert_eq!(
+        *things.0.lock().unwrap(),
+        [
+            ("a".to_owned(), 1),
+            ("b".to_owned(), 1),
+            ("a".to_owned(), 2)
+        ]
+    );
+
+    // No handler for the type: dead-lettered (the first; its key's later message is parked).
+    let running = run(Routes::new());
+    wait_until(TIMEOUT, "dead-lettered, not dropped", || async {
+        let s = running.stats.snapshot();
+        s.dead_lettered >= 1 && s.dead_lettered + s.parked + s.applied == 3 && s.applied == 0
+    })
+    .await;
+    running.stop().await;
+
+    // Declared ignorable: applied as a no-op.
+    let running = run(Routes::new().unknown_types(UnknownTypes::Ignore));
+    wait_until(TIMEOUT, "ignored as applied", || async {
+        running.stats.snapshot().applied == 3
+    })
+    .await;
+    running.stop().await;
+}
+
+/// A consumer's routes and its contract must name the same types.
+#[test]
+fn routes_are_checked_against_the_contract() {
+    use ferrybox::inbox::Routes;
+    let contract = ferrybox::contract!("tests/fixtures/contracts/consumer/contracts/t.toml")
+        .contract()
+        .unwrap();
+    let handled = Routes::new().on("x.User", Things::default());
+    // Things decodes ThingChanged, but the check is about types named, not bodies.
+    assert!(handled.check_contract(&contract).is_ok());
+    let error = Routes::new()
+        .check_contract(&contract)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("read but not handled [\"x.User\"]"),
+        "{error}"
+    );
+    let extra = Routes::new()
+        .on("x.User", Things::default())
+        .on("x.Other", Things::default());
+    let error = extra.check_contract(&contract).unwrap_err().to_string();
+    assert!(
+        error.contains("handled but not read [\"x.Other\"]"),
+        "{error}"
+    );
+}
