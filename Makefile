@@ -36,6 +36,7 @@ contracts:
 lint:
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets --all-features -- -D warnings
+	RUSTDOCFLAGS="-D warnings" cargo doc --quiet -p ferrybox -p ferrybox-macros --no-deps --all-features
 
 infra-up:
 	$(INFRA) up

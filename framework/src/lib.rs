@@ -24,7 +24,7 @@
 //!   pulls it in order through the same inbox, keeping its position in the same transaction.
 //! - [`reconcile`]: the consumer compares its cache with the producer's full snapshot, repairs
 //!   what is missing or older, never overwrites newer data, and [`alert`]s on the rest.
-//! - [`contract`]: consumer-driven contracts: producers' published schemas, consumers' reader
+//! - [`contract`](mod@contract): consumer-driven contracts: producers' published schemas, consumers' reader
 //!   schemas, and the check that an incompatible change breaks the build.
 //! - [`db`], [`kafka`], [`config`], [`error`]: the plumbing: connection pool and embedded
 //!   migrations, durable Kafka clients and topic creation, layered configuration, typed errors.
@@ -42,6 +42,8 @@
 //!   PostgreSQL and broker.
 //!
 //! Every long-running piece takes a [`CancellationToken`] and drains before it returns.
+
+#![warn(missing_docs)]
 
 pub mod alert;
 pub mod codec;

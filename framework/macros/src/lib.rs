@@ -1,5 +1,7 @@
 //! Compile-time helpers of the `ferrybox` crate. Use them through it: `ferrybox::contract!`.
 
+#![warn(missing_docs)]
+
 use std::path::Path;
 
 use proc_macro::TokenStream;
