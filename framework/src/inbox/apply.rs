@@ -877,6 +877,7 @@ pub(crate) struct Prepared {
 /// at 0) and returns their last applied numbers: binds consumer, then arrays of sources,
 /// topics and partitions. The no-op update locks a row that exists. Public for benchmarks
 /// that measure what it costs.
+#[cfg_attr(not(feature = "test-util"), allow(unreachable_pub))]
 pub const LOCK_NUMBERS_SQL: &str = "INSERT INTO ferrybox_inbox_sequences \
        (consumer, source, topic, kafka_partition, last_seq) \
      SELECT $1, s, t, p, 0 FROM unnest($2::text[], $3::text[], $4::int[]) AS u(s, t, p) \
@@ -886,6 +887,7 @@ pub const LOCK_NUMBERS_SQL: &str = "INSERT INTO ferrybox_inbox_sequences \
 
 /// The statement that moves each partition's last applied number: binds consumer, then arrays
 /// of sources, topics, partitions and numbers. Public for benchmarks.
+#[cfg_attr(not(feature = "test-util"), allow(unreachable_pub))]
 pub const STORE_NUMBERS_SQL: &str = "UPDATE ferrybox_inbox_sequences AS s \
      SET last_seq = u.q, updated_at = now() \
      FROM unnest($2::text[], $3::text[], $4::int[], $5::bigint[]) AS u(s, t, p, q) \
@@ -1072,6 +1074,7 @@ enum Handling<'a> {
 /// snapshot is taken), a lock that opening a new generation holds: when it is not the newest
 /// any more, nothing is recorded and one row with a NULL id gives the newest, to try again
 /// with. The transaction runs at READ COMMITTED, as the inbox's do.
+#[cfg_attr(not(feature = "test-util"), allow(unreachable_pub))]
 pub const RECORD_IDS_SQL: &str = "WITH g AS (SELECT max(generation) AS newest FROM ferrybox_inbox_generations), \
      recorded AS ( \
        INSERT INTO ferrybox_inbox \

@@ -105,6 +105,19 @@ impl Default for InboxConfig {
 }
 
 impl InboxConfig {
+    /// The defaults, consuming `topics` as consumer group `group_id` (both are required: the
+    /// [`Default`] leaves them empty, which [`InboxConfig::validate`] refuses).
+    pub fn new<T: Into<String>>(
+        group_id: impl Into<String>,
+        topics: impl IntoIterator<Item = T>,
+    ) -> Self {
+        Self {
+            group_id: group_id.into(),
+            topics: topics.into_iter().map(Into::into).collect(),
+            ..Self::default()
+        }
+    }
+
     /// Checks the settings make sense.
     pub fn validate(&self) -> Result<()> {
         if self.group_id.is_empty() {
@@ -224,5 +237,22 @@ impl InboxStats {
 
     pub(crate) fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_config_needs_its_group_and_topics_and_new_gives_them() {
+        assert!(InboxConfig::default().validate().is_err());
+        let config = InboxConfig::new("billing", ["invoices"]);
+        config.validate().unwrap();
+        assert_eq!(
+            (config.group_id.as_str(), config.topics.as_slice()),
+            ("billing", ["invoices".to_owned()].as_slice())
+        );
+        assert_eq!(config.batch_size, InboxConfig::default().batch_size);
     }
 }

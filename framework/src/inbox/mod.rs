@@ -15,7 +15,11 @@ mod retention;
 mod routes;
 pub(crate) mod schema;
 
-pub use apply::{Dedup, LOCK_NUMBERS_SQL, RECORD_IDS_SQL, STORE_NUMBERS_SQL};
+pub use apply::Dedup;
+/// The inbox's own statements, for benchmarks that measure what they cost (feature
+/// `test-util`).
+#[cfg(feature = "test-util")]
+pub use apply::{LOCK_NUMBERS_SQL, RECORD_IDS_SQL, STORE_NUMBERS_SQL};
 pub use config::{InboxConfig, InboxStats, InboxStatsSnapshot};
 pub use consumer::InboxConsumer;
 pub use dead_letters::{
