@@ -10,6 +10,11 @@
 #   infra.sh registry-client
 #                      install (once) Confluent's Python client for the registry conformance
 #                      check; print the python that has it
+#   infra.sh promtool  unpack (once) promtool from Debian's prometheus package; print its path
+#   infra.sh asyncapi-validator
+#                      install (once) the official AsyncAPI parser; print its node_modules
+#   infra.sh openapi-tools
+#                      install (once) openapi-spec-validator and schemathesis; print their bin
 #
 # Logs and data live in deploy/local/data/ (ignored by git).
 set -euo pipefail
@@ -232,28 +237,36 @@ validator() {
     echo "$venv/bin/check-jsonschema"
 }
 
+# --- a Python venv with a pinned requirements file installed (for the checkers' tools) ----------
+
+# Prints the path of venv NAME with REQUIREMENTS installed (WHAT says what, in the log). It is
+# named after the pins, so changing one installs a new venv. Tests ask in parallel: one
+# installs, the others wait; the stamp is written last, so an install cut short is redone.
+pip_venv() {
+    local name="$1" requirements="$2" what="$3" pins venv
+    pins="$(sha256sum "$requirements" | cut -c1-12)"
+    venv="$DATA/venv-$name-$pins"
+    exec 9>"$DATA/$name.lock"
+    flock 9
+    if [[ ! -f "$venv/.installed" ]]; then
+        log "installing $what (once per machine)"
+        rm -rf "$venv"
+        python3 -m venv "$venv"
+        "$venv/bin/pip" install --quiet --disable-pip-version-check --no-input \
+            -r "$requirements"
+        touch "$venv/.installed"
+    fi
+    echo "$venv"
+}
+
 # --- Confluent's Python client (confluent-kafka + fastavro from PyPI), for the registry's
 # --- conformance check (schema-registry/conformance/) -------------------------------------
 
 REGISTRY_CLIENT_REQUIREMENTS="$HERE/schema-registry/conformance/requirements.txt"
 
 registry_client() {
-    # The venv is named after the pinned requirements: changing a pin installs a new one.
-    local pins venv
-    pins="$(sha256sum "$REGISTRY_CLIENT_REQUIREMENTS" | cut -c1-12)"
-    venv="$DATA/venv-registry-client-$pins"
-    # Tests ask for it in parallel: one installs, the others wait.
-    exec 9>"$DATA/registry-client.lock"
-    flock 9
-    # The stamp is written last, so an install that was cut short is redone, not trusted.
-    if [[ ! -f "$venv/.installed" ]]; then
-        log "installing Confluent's Python client (once per machine)"
-        rm -rf "$venv"
-        python3 -m venv "$venv"
-        "$venv/bin/pip" install --quiet --disable-pip-version-check --no-input \
-            -r "$REGISTRY_CLIENT_REQUIREMENTS"
-        touch "$venv/.installed"
-    fi
+    local venv
+    venv="$(pip_venv registry-client "$REGISTRY_CLIENT_REQUIREMENTS" "Confluent's Python client")"
     echo "$venv/bin/python"
 }
 
@@ -315,22 +328,8 @@ asyncapi_validator() {
 OPENAPI_REQUIREMENTS="$HERE/openapi/requirements.txt"
 
 openapi_tools() {
-    # The venv is named after the pinned requirements: changing a pin installs a new one.
-    local pins venv
-    pins="$(sha256sum "$OPENAPI_REQUIREMENTS" | cut -c1-12)"
-    venv="$DATA/venv-openapi-$pins"
-    # Tests ask for it in parallel: one installs, the others wait.
-    exec 9>"$DATA/openapi-tools.lock"
-    flock 9
-    # The stamp is written last, so an install that was cut short is redone, not trusted.
-    if [[ ! -f "$venv/.installed" ]]; then
-        log "installing openapi-spec-validator and schemathesis (once per machine)"
-        rm -rf "$venv"
-        python3 -m venv "$venv"
-        "$venv/bin/pip" install --quiet --disable-pip-version-check --no-input \
-            -r "$OPENAPI_REQUIREMENTS"
-        touch "$venv/.installed"
-    fi
+    local venv
+    venv="$(pip_venv openapi "$OPENAPI_REQUIREMENTS" "openapi-spec-validator and schemathesis")"
     echo "$venv/bin"
 }
 

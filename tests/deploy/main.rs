@@ -11,15 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-use ferrybox_e2e::monitoring;
+use ferrybox_e2e::monitoring::{self, root};
 use serde_json::Value;
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the workspace root")
-        .to_path_buf()
-}
 
 fn compose_file() -> PathBuf {
     root().join("deploy/docker-compose.yml")
@@ -41,10 +34,7 @@ fn run_ok(command: &mut Command) -> Output {
 /// The validator, installed by the project's own script on first use (once per test run).
 fn validator() -> &'static Path {
     static VALIDATOR: OnceLock<PathBuf> = OnceLock::new();
-    VALIDATOR.get_or_init(|| {
-        let out = run_ok(Command::new(root().join("deploy/local/infra.sh")).arg("validator"));
-        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-    })
+    VALIDATOR.get_or_init(|| monitoring::tool("validator"))
 }
 
 fn validate(file: &Path) -> (bool, String) {
