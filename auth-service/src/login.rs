@@ -19,6 +19,7 @@ pub const TOKEN_ISSUER: &str = "auth-service";
 
 /// `POST /login`.
 #[derive(Deserialize, utoipa::ToSchema)]
+#[schema(example = json!({"email": "ada@example.com", "password": "analytical-engine"}))]
 #[serde(deny_unknown_fields)]
 pub struct Credentials {
     /// Email address.

@@ -69,7 +69,10 @@ fn schemathesis_run(
         .args(filter)
         .arg("--report-dir")
         .arg(dir.join(format!("{name}-{}", filter.len())))
-        .arg("--no-color"))
+        .arg("--no-color")
+        .args(["--generation-database", "none"])
+        // Its caches go to the test's own directory, not the repository.
+        .current_dir(dir))
 }
 
 /// [`schemathesis_run`], which must pass.
@@ -85,25 +88,32 @@ fn schemathesis(document: &Path, url: &str, bearer: &str, filter: &[&str], dir: 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn both_services_document_their_api_and_answer_as_documented() {
-    // A short longest wait on the feed: schemathesis asks for waits of any length.
-    let stack = Stack::start_tuned(auth_service::config::Transport::Kafka, |user| {
-        user.feed.max_wait = Duration::from_millis(300);
-    })
+    // A short longest wait on the feed (schemathesis asks for waits of any length), and a
+    // reconciliation on a schedule, so `/reconcile/last` has a report to answer.
+    let stack = Stack::start_tuned(
+        auth_service::config::Transport::Kafka,
+        |user| user.feed.max_wait = Duration::from_millis(300),
+        |auth| auth.reconcile.interval = Duration::from_millis(500),
+    )
     .await
     .unwrap();
-    // A user to find, and a session for auth-service's routes that need one.
+    // The user of the documents' examples (so the examples phase logs in with it), and a
+    // session for auth-service's routes that need one.
     stack
-        .register_cached("openapi@example.com", "Documented", "documented-password")
+        .register_cached("ada@example.com", "Ada Lovelace", "analytical-engine")
         .await
         .unwrap();
     let session = Api::default()
-        .login(
-            &stack.auth_url,
-            "openapi@example.com",
-            "documented-password",
-        )
+        .login(&stack.auth_url, "ada@example.com", "analytical-engine")
         .await
         .unwrap();
+    ferrybox::testing::wait_until(ferrybox_e2e::CONVERGE, "a reconciliation ran", || async {
+        Api::default()
+            .get(&format!("{}/reconcile/last", stack.auth_url))
+            .await
+            .is_ok_and(|r| r.status == 200)
+    })
+    .await;
     assert_eq!(session.status, 200, "{:?}", session.body);
     let token = session.body["token"].as_str().unwrap().to_owned();
 

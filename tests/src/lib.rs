@@ -109,24 +109,27 @@ impl Stack {
 
     /// Starts both services in-process, auth-service reading user events through `transport`.
     pub async fn start_with(transport: auth_service::config::Transport) -> anyhow::Result<Self> {
-        Self::start_tuned(transport, |_| {}).await
+        Self::start_tuned(transport, |_| {}, |_| {}).await
     }
 
-    /// [`Stack::start_with`], with user-service's test settings changed by `tune` first.
+    /// [`Stack::start_with`], with user-service's and auth-service's test settings changed by
+    /// `tune_user` and `tune_auth` first.
     pub async fn start_tuned(
         transport: auth_service::config::Transport,
-        tune: impl FnOnce(&mut user_service::Settings),
+        tune_user: impl FnOnce(&mut user_service::Settings),
+        tune_auth: impl FnOnce(&mut auth_service::Settings),
     ) -> anyhow::Result<Self> {
         let topic = testing::create_topic(3).await;
         let user_db = TestDatabase::create().await;
         let auth_db = TestDatabase::create().await;
         let mut user_settings = user_settings(&user_db, &topic);
-        tune(&mut user_settings);
+        tune_user(&mut user_settings);
         let user = user_service::Application::build(user_settings).await?;
         let user_url = format!("http://{}", user.local_addr()?);
         let mut settings = auth_settings(&auth_db, &topic);
         settings.transport = transport;
         point_at_user_service(&mut settings, &user_url);
+        tune_auth(&mut settings);
         let auth_group = settings.inbox.group_id.clone();
         let auth = auth_service::Application::build(settings).await?;
         let auth_url = format!("http://{}", auth.local_addr()?);

@@ -42,6 +42,7 @@ pub struct User {
 
 /// `POST /users`.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[schema(example = json!({"email": "ada@example.com", "name": "Ada Lovelace", "password": "analytical-engine"}))]
 #[serde(deny_unknown_fields)]
 pub struct NewUser {
     /// Email address.
