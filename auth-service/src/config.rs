@@ -163,18 +163,19 @@ impl Settings {
         inbox
     }
 
-    /// The topics this service needs: the users topic and, when set, its dead-letter topic
-    /// (one partition: dead letters are rare and read in order).
-    pub fn topics(&self) -> Vec<TopicConfig> {
-        let mut topics = vec![self.users_topic.clone()];
-        if let Some(name) = &self.inbox.dead_letter_topic {
-            topics.push(TopicConfig {
+    /// The topics this service owns and creates: its dead-letter topic, when set (one
+    /// partition: dead letters are rare and read in order; replicated like the users topic).
+    /// The users topic is user-service's: this service only checks it exists.
+    pub fn own_topics(&self) -> Vec<TopicConfig> {
+        self.inbox
+            .dead_letter_topic
+            .iter()
+            .map(|name| TopicConfig {
                 name: name.clone(),
                 partitions: 1,
                 ..self.users_topic.clone()
-            });
-        }
-        topics
+            })
+            .collect()
     }
 }
 

@@ -81,10 +81,19 @@ impl Application {
         let alerter = Alerter::new(&settings.alert)?;
         let consumer = match settings.transport {
             Transport::Kafka => {
-                // The users topic and the dead-letter topic: tansu, like a locked-down Kafka,
-                // does not create topics on first use, and a dead letter that cannot be
-                // published holds the offset.
-                ferrybox::kafka::ensure_topics(&settings.kafka, &settings.topics())
+                // The users topic is user-service's: it must exist (this service never creates
+                // it with its own guess at the partitions). The dead-letter topic is this
+                // service's own: created here (tansu, like a locked-down Kafka, does not create
+                // topics on first use, and a dead letter that cannot be published holds the
+                // offset).
+                ferrybox::kafka::check_consumed(
+                    &settings.kafka,
+                    &[settings.users_topic.name.as_str()],
+                    "user-service",
+                )
+                .await
+                .context("the users topic")?;
+                ferrybox::kafka::ensure_topics(&settings.kafka, &settings.own_topics())
                     .await
                     .context("topics")?;
                 Consumer::Kafka(

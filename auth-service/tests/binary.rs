@@ -370,3 +370,39 @@ fn every_variable_the_readme_shows_sets_exactly_its_setting() {
 fn the_config_variable_names_the_settings_file() {
     testing::assert_config_variable_names_the_file(EXE.as_ref(), "AUTH_SERVICE_");
 }
+
+/// The users topic is user-service's: started before it exists, auth-service refuses to start
+/// and says who creates it, instead of creating it with its own guess at the partitions (and
+/// the topic stays uncreated).
+#[tokio::test(flavor = "multi_thread")]
+async fn refuses_to_start_without_the_users_topic_and_never_creates_it() {
+    let db = TestDatabase::create().await;
+    let topic = testing::unique("never-created");
+    let mut env = testing::service_env("AUTH_SERVICE_", db.url());
+    env.push(("AUTH_SERVICE_USERS_TOPIC__NAME".to_owned(), topic.clone()));
+    env.push((
+        "AUTH_SERVICE_INBOX__GROUP_ID".to_owned(),
+        testing::unique("auth"),
+    ));
+    let run = tokio::process::Command::new(EXE)
+        .arg("serve")
+        .env_clear()
+        .envs(env)
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(90), run)
+        .await
+        .expect("auth-service exits")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "it started without the users topic");
+    assert!(
+        stderr.contains(&topic) && stderr.contains("user-service creates it"),
+        "{stderr}"
+    );
+    let exists = ferrybox::kafka::check_consumed(&testing::kafka(), &[topic.as_str()], "x").await;
+    assert!(
+        exists.is_err(),
+        "the users topic was created by its consumer"
+    );
+}

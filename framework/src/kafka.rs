@@ -106,26 +106,60 @@ pub async fn check_durability(
                 ),
             });
         }
-        let shortcomings = found.shortcomings();
-        if shortcomings.is_empty() {
-            tracing::info!(topic = %found.topic, replication_factor = found.replication_factor,
-                min_insync_replicas = ?found.min_insync_replicas, "topic durability");
-        } else if config.strict_durability {
-            return Err(Error::Topic {
-                topic: topic.name.clone(),
-                reason: format!(
-                    "not durable enough for strict mode: {}",
-                    shortcomings.join("; ")
-                ),
-            });
-        } else {
-            tracing::warn!(topic = %found.topic, replication_factor = found.replication_factor,
-                min_insync_replicas = ?found.min_insync_replicas,
-                "topic is below production durability: {}", shortcomings.join("; "));
-        }
-        report.push(found);
+        report.push(judge_durability(config, found)?);
     }
     Ok(report)
+}
+
+/// A consumer's check of the topics it reads: each must exist, since its producer creates it
+/// (a consumer that started first would otherwise create the producer's topic with its own
+/// guess at the partitions), and its durability is reported as [`check_durability`] does. The
+/// partition count is the producer's to choose: any is accepted. A missing topic is an
+/// [`Error::Topic`] that names `producer`.
+pub async fn check_consumed(
+    config: &KafkaConfig,
+    topics: &[&str],
+    producer: &str,
+) -> Result<Vec<TopicDurability>> {
+    let mut report = Vec::with_capacity(topics.len());
+    for topic in topics {
+        let found = match topic_durability(config, topic).await {
+            Err(Error::Topic { topic, reason }) if reason == "does not exist" => {
+                return Err(Error::Topic {
+                    topic,
+                    reason: format!(
+                        "does not exist: {producer} creates it (a consumer never does); start \
+                         it first, or create the topic"
+                    ),
+                });
+            }
+            other => other?,
+        };
+        report.push(judge_durability(config, found)?);
+    }
+    Ok(report)
+}
+
+/// Logs `found`'s durability, or refuses it when it is below production level in strict mode.
+fn judge_durability(config: &KafkaConfig, found: TopicDurability) -> Result<TopicDurability> {
+    let shortcomings = found.shortcomings();
+    if shortcomings.is_empty() {
+        tracing::info!(topic = %found.topic, replication_factor = found.replication_factor,
+            min_insync_replicas = ?found.min_insync_replicas, "topic durability");
+    } else if config.strict_durability {
+        return Err(Error::Topic {
+            topic: found.topic,
+            reason: format!(
+                "not durable enough for strict mode: {}",
+                shortcomings.join("; ")
+            ),
+        });
+    } else {
+        tracing::warn!(topic = %found.topic, replication_factor = found.replication_factor,
+            min_insync_replicas = ?found.min_insync_replicas,
+            "topic is below production durability: {}", shortcomings.join("; "));
+    }
+    Ok(found)
 }
 
 /// A topic's partitions, replication factor and `min.insync.replicas`, from the broker.
@@ -174,6 +208,9 @@ pub async fn ensure_topics(
     config: &KafkaConfig,
     topics: &[TopicConfig],
 ) -> Result<Vec<TopicDurability>> {
+    if topics.is_empty() {
+        return Ok(Vec::new());
+    }
     for topic in topics {
         topic.validate()?;
     }
