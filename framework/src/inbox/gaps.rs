@@ -95,6 +95,24 @@ impl Gaps {
         .await?)
     }
 
+    /// How many gaps are open (what the `ferrybox_inbox_open_gaps` gauge reports), counted
+    /// by the database rather than by loading them.
+    pub(crate) async fn open_count(&self) -> Result<u64> {
+        #[derive(QueryableByName)]
+        struct Open {
+            #[diesel(sql_type = BigInt)]
+            n: i64,
+        }
+        let mut conn = db::connection(&self.pool).await?;
+        let open: Open = diesel::sql_query(
+            "SELECT count(*) AS n FROM ferrybox_inbox_gaps WHERE consumer = $1 AND status = 'open'",
+        )
+        .bind::<Text, _>(&self.consumer)
+        .get_result(&mut conn)
+        .await?;
+        Ok(u64::try_from(open.n).unwrap_or(0))
+    }
+
     /// Accepts the loss of an open gap's messages: its partition goes on after it (a running
     /// consumer resumes within `inbox.repair_interval`). Returns false when no open gap has
     /// that id.

@@ -498,11 +498,8 @@ async fn report_gauges(
             }
             Err(e) => tracing::debug!(error = %e, "dead letters not counted; trying again"),
         }
-        match gaps.list(false).await {
-            Ok(open) => m.open_gaps.record(
-                u64::try_from(open.len()).unwrap_or(u64::MAX),
-                std::slice::from_ref(&group),
-            ),
+        match gaps.open_count().await {
+            Ok(open) => m.open_gaps.record(open, std::slice::from_ref(&group)),
             Err(e) => tracing::debug!(error = %e, "gaps not counted; trying again"),
         }
         if sleep_or_shutdown(GAUGE_INTERVAL, &shutdown).await {
